@@ -1,0 +1,161 @@
+//! [`RuntimeConfig`]: which model, how many threads, how much context.
+
+use std::path::PathBuf;
+
+use crate::sampling::SamplingParams;
+
+/// How the runtime loads and runs its model. Build it with the `with_*` methods.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RuntimeConfig {
+    /// The GGUF model file.
+    pub model_path: PathBuf,
+    /// Decode threads; `None` uses the machine's available cores. More threads than cores
+    /// makes decoding several times slower, so do not oversubscribe.
+    pub threads: Option<u32>,
+    /// Context tokens per NPC conversation (persona + history + reply).
+    pub context_size: u32,
+    /// How many NPC conversations keep their KV cache in the context at once and can be
+    /// decoded in one batch.
+    pub slots: u32,
+    /// Most tokens one decode call may carry (long prompts are split into chunks of this size).
+    pub batch_size: u32,
+    /// Layers offloaded to the GPU; `None` means all of them when a GPU backend (`cuda`,
+    /// `vulkan`, `metal`) is compiled in, and none otherwise.
+    pub gpu_layers: Option<u32>,
+    /// Sampling defaults; personas override them field by field.
+    pub sampling: SamplingParams,
+    /// Longest player line accepted, in characters.
+    pub max_line_chars: usize,
+    /// Let llama.cpp print its own log lines to stderr.
+    pub llama_logs: bool,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            model_path: PathBuf::from(crate::DEFAULT_MODEL_PATH),
+            threads: None,
+            context_size: 2048,
+            slots: 4,
+            batch_size: 512,
+            gpu_layers: None,
+            sampling: SamplingParams::default(),
+            max_line_chars: 2000,
+            llama_logs: false,
+        }
+    }
+}
+
+impl RuntimeConfig {
+    /// A configuration for the model at `path`, with defaults for everything else.
+    #[must_use]
+    pub fn new(model_path: impl Into<PathBuf>) -> Self {
+        Self {
+            model_path: model_path.into(),
+            ..Self::default()
+        }
+    }
+
+    /// Sets the model file.
+    #[must_use]
+    pub fn with_model(mut self, path: impl Into<PathBuf>) -> Self {
+        self.model_path = path.into();
+        self
+    }
+
+    /// Sets the number of decode threads.
+    #[must_use]
+    pub fn with_threads(mut self, threads: u32) -> Self {
+        self.threads = Some(threads);
+        self
+    }
+
+    /// Sets the context size per NPC conversation, in tokens.
+    #[must_use]
+    pub fn with_context_size(mut self, tokens: u32) -> Self {
+        self.context_size = tokens;
+        self
+    }
+
+    /// Sets how many NPC conversations stay resident and decode together.
+    #[must_use]
+    pub fn with_slots(mut self, slots: u32) -> Self {
+        self.slots = slots;
+        self
+    }
+
+    /// Sets the number of layers offloaded to the GPU.
+    #[must_use]
+    pub fn with_gpu_layers(mut self, layers: u32) -> Self {
+        self.gpu_layers = Some(layers);
+        self
+    }
+
+    /// Sets the sampling defaults.
+    #[must_use]
+    pub fn with_sampling(mut self, sampling: SamplingParams) -> Self {
+        self.sampling = sampling;
+        self
+    }
+
+    /// Sets the longest accepted player line, in characters.
+    #[must_use]
+    pub fn with_max_line_chars(mut self, chars: usize) -> Self {
+        self.max_line_chars = chars;
+        self
+    }
+
+    /// Lets llama.cpp log to stderr (off by default: it is verbose).
+    #[must_use]
+    pub fn with_llama_logs(mut self, enabled: bool) -> Self {
+        self.llama_logs = enabled;
+        self
+    }
+
+    /// Threads to use: the configured number, else the available cores.
+    #[must_use]
+    pub fn effective_threads(&self) -> u32 {
+        self.threads.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map_or(1, |n| u32::try_from(n.get()).unwrap_or(u32::MAX))
+        })
+    }
+
+    /// Layers to offload: the configured number, else all (GPU build) or none (CPU build).
+    #[must_use]
+    pub fn effective_gpu_layers(&self) -> u32 {
+        self.gpu_layers.unwrap_or(if crate::GPU_BACKEND.is_some() {
+            u32::MAX
+        } else {
+            0
+        })
+    }
+
+    /// Checks the numbers before any of them reach llama.cpp.
+    ///
+    /// # Errors
+    /// A sentence naming the offending setting.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.threads == Some(0) {
+            return Err("threads must be at least 1".into());
+        }
+        if self.context_size < 64 {
+            return Err(format!("context_size {} is below 64 tokens", self.context_size));
+        }
+        if !(1..=64).contains(&self.slots) {
+            return Err(format!("slots {} is outside 1..=64", self.slots));
+        }
+        if self.context_size.checked_mul(self.slots).is_none() {
+            return Err("context_size × slots overflows".into());
+        }
+        if self.batch_size < 1 {
+            return Err("batch_size must be at least 1".into());
+        }
+        if self.max_line_chars == 0 {
+            return Err("max_line_chars must be at least 1".into());
+        }
+        self.sampling
+            .validate()
+            .map_err(|(field, message)| format!("sampling.{field}: {message}"))
+    }
+}

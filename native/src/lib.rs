@@ -1,0 +1,148 @@
+#![doc = include_str!("../README.md")]
+#![warn(missing_docs)]
+
+mod config;
+mod kv_cache;
+mod persona;
+mod prompt;
+mod protocol;
+mod sampling;
+mod worker;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{Receiver, Sender};
+
+pub use config::RuntimeConfig;
+pub use persona::{Persona, PersonaError};
+pub use prompt::Turn;
+pub use protocol::{
+    DebugHook, Event, FinishReason, ModelError, ModelInfo, NpcError, NpcId, ReplyStats, Request,
+    RequestId,
+};
+pub use sampling::{SamplingOverrides, SamplingParams};
+
+/// Where the setup command puts the embedded default model, relative to the project root.
+pub const DEFAULT_MODEL_PATH: &str = "assets/models/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// The GPU backend compiled in (`cuda`, `vulkan` or `metal` feature), if any.
+pub const GPU_BACKEND: Option<&str> = if cfg!(feature = "cuda") {
+    Some("cuda")
+} else if cfg!(feature = "vulkan") {
+    Some("vulkan")
+} else if cfg!(feature = "metal") {
+    Some("metal")
+} else {
+    None
+};
+
+/// A running worker thread that owns the model. Cheap to talk to: every method only sends
+/// on a channel, and [`Runtime::events`] is read with `try_recv`/`try_iter` from a game loop
+/// or with `recv` from a tool.
+///
+/// Dropping the runtime asks the worker to stop and waits for it to finish its current step.
+pub struct Runtime {
+    requests: Sender<Request>,
+    events: Receiver<Event>,
+    next_request: AtomicU64,
+    worker: Option<JoinHandle<()>>,
+}
+
+/// The worker is gone (it died or shut down); the request was not delivered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("the npc_native worker is not running")]
+pub struct WorkerGone;
+
+impl Runtime {
+    /// Starts the worker thread, which loads the model in the background and then reports
+    /// [`Event::ModelLoaded`] or [`Event::ModelFailed`]. Returns at once.
+    ///
+    /// # Panics
+    /// If the operating system cannot spawn a thread.
+    #[must_use]
+    pub fn start(config: RuntimeConfig) -> Self {
+        let (requests, inbox) = crossbeam_channel::unbounded();
+        let (event_sender, events) = crossbeam_channel::unbounded();
+        let worker = std::thread::Builder::new()
+            .name("npc_native worker".into())
+            .spawn(move || worker::run(config, inbox, event_sender))
+            .expect("failed to spawn the npc_native worker thread");
+        Self {
+            requests,
+            events,
+            next_request: AtomicU64::new(1),
+            worker: Some(worker),
+        }
+    }
+
+    /// Sends a raw request.
+    ///
+    /// # Errors
+    /// [`WorkerGone`] if the worker has stopped.
+    pub fn send(&self, request: Request) -> Result<(), WorkerGone> {
+        self.requests.send(request).map_err(|_| WorkerGone)
+    }
+
+    /// Gives `npc` a persona (or replaces it, keeping the conversation).
+    ///
+    /// # Errors
+    /// [`WorkerGone`] if the worker has stopped.
+    pub fn set_persona(&self, npc: NpcId, persona: Persona) -> Result<(), WorkerGone> {
+        self.send(Request::SetPersona { npc, persona: Box::new(persona) })
+    }
+
+    /// The player says `text` to `npc`. The reply streams as [`Event::Delta`]s and ends with
+    /// one [`Event::Replied`], [`Event::Cancelled`] or [`Event::Failed`] carrying the
+    /// returned id.
+    ///
+    /// # Errors
+    /// [`WorkerGone`] if the worker has stopped.
+    pub fn say(&self, npc: NpcId, text: impl Into<String>) -> Result<RequestId, WorkerGone> {
+        let request = self.new_request_id();
+        self.send(Request::Say { npc, request, text: text.into() })?;
+        Ok(request)
+    }
+
+    /// Stops `npc`'s reply in flight.
+    ///
+    /// # Errors
+    /// [`WorkerGone`] if the worker has stopped.
+    pub fn cancel(&self, npc: NpcId) -> Result<(), WorkerGone> {
+        self.send(Request::Cancel { npc })
+    }
+
+    /// Forgets `npc` entirely.
+    ///
+    /// # Errors
+    /// [`WorkerGone`] if the worker has stopped.
+    pub fn forget(&self, npc: NpcId) -> Result<(), WorkerGone> {
+        self.send(Request::Forget { npc })
+    }
+
+    /// A fresh request id, for callers that build [`Request::Say`] themselves.
+    pub fn new_request_id(&self) -> RequestId {
+        RequestId(self.next_request.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// The worker's events. Never blocks unless you call a blocking method on it.
+    #[must_use]
+    pub fn events(&self) -> &Receiver<Event> {
+        &self.events
+    }
+
+    /// Whether the worker thread has ended (shut down or died).
+    #[must_use]
+    pub fn is_finished(&self) -> bool {
+        self.worker.as_ref().is_none_or(JoinHandle::is_finished)
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        let _ = self.requests.send(Request::Shutdown);
+        if let Some(worker) = self.worker.take() {
+            let _ = worker.join();
+        }
+    }
+}

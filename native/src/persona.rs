@@ -1,0 +1,301 @@
+//! The [`Persona`] a designer writes in a `*.persona.ron` file, and its validation.
+//!
+//! This type is Bevy-free so the runtime, tools and tests can read persona files directly;
+//! the Bevy plugin wraps it as an asset.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::sampling::SamplingOverrides;
+
+/// Everything an NPC is: who they are, how they talk, what they know and what they hide.
+///
+/// Field order here is the order in which the system prompt is written
+/// (see [`Persona::system_prompt`]), so the same persona always yields the same prompt prefix.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Persona {
+    /// The NPC's name, as the player would address them ("Brom Ironhand").
+    pub name: String,
+    /// Their place in the world ("the blacksmith of Oakvale").
+    pub role: String,
+    /// Character traits in a sentence or two.
+    #[serde(default)]
+    pub personality: String,
+    /// How they talk: vocabulary, length of sentences, verbal tics.
+    #[serde(default)]
+    pub speech_style: String,
+    /// Facts the NPC knows and may share (prices, names, places).
+    #[serde(default)]
+    pub knowledge: Vec<String>,
+    /// Facts the NPC knows but must never reveal.
+    #[serde(default)]
+    pub secrets: Vec<String>,
+    /// What the NPC wants out of a conversation.
+    #[serde(default)]
+    pub goals: Vec<String>,
+    /// The first line the NPC says when the player approaches.
+    #[serde(default)]
+    pub greeting: String,
+    /// Per-persona sampling settings; unset fields use the runtime's defaults.
+    #[serde(default)]
+    pub sampling: SamplingOverrides,
+}
+
+/// A persona file that could not be read: where, and why.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub struct PersonaError {
+    /// The file the error is in, when known.
+    pub file: Option<String>,
+    /// 1-based line of the error (0 when the error is about the whole file).
+    pub line: usize,
+    /// 1-based column of the error (0 when the error is about the whole file).
+    pub column: usize,
+    /// The field the error concerns, when one can be named.
+    pub field: Option<String>,
+    /// What is wrong, in words.
+    pub message: String,
+}
+
+impl fmt::Display for PersonaError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.as_deref().unwrap_or("<persona>"))?;
+        if self.line > 0 {
+            write!(f, ":{}:{}", self.line, self.column)?;
+        }
+        if let Some(field) = &self.field {
+            write!(f, ": field `{field}`")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+impl Persona {
+    /// Parses a persona from RON text. `file` names the source in error messages.
+    ///
+    /// # Errors
+    /// A [`PersonaError`] with line, column and field for syntax errors, unknown or missing
+    /// fields and wrongly typed values, and for values that parse but make no sense
+    /// (see [`Persona::validate`]).
+    pub fn from_ron(source: &str, file: Option<&str>) -> Result<Self, PersonaError> {
+        // Designers write `temperature: 0.6`, not `temperature: Some(0.6)`.
+        let options = ron::Options::default().with_default_extension(ron::extensions::Extensions::IMPLICIT_SOME);
+        let persona: Persona = options.from_str(source).map_err(|err| {
+            let position = err.span.start;
+            let field = field_named_in(&err.code)
+                .or_else(|| field_before(source, position.line, position.col));
+            PersonaError {
+                file: file.map(str::to_owned),
+                line: position.line,
+                column: position.col,
+                field,
+                message: err.code.to_string(),
+            }
+        })?;
+        persona.validate().map_err(|mut err| {
+            err.file = file.map(str::to_owned);
+            if let Some(field) = &err.field {
+                if let Some((line, column)) = locate_field(source, field) {
+                    err.line = line;
+                    err.column = column;
+                }
+            }
+            err
+        })?;
+        Ok(persona)
+    }
+
+    /// Checks values that RON's types cannot: non-empty name, sampling ranges.
+    ///
+    /// # Errors
+    /// A [`PersonaError`] naming the offending field (without a file or position).
+    pub fn validate(&self) -> Result<(), PersonaError> {
+        let invalid = |field: &str, message: String| PersonaError {
+            file: None,
+            line: 0,
+            column: 0,
+            field: Some(field.to_owned()),
+            message,
+        };
+        if self.name.trim().is_empty() {
+            return Err(invalid("name", "a persona needs a name".into()));
+        }
+        if self.role.trim().is_empty() {
+            return Err(invalid("role", "a persona needs a role".into()));
+        }
+        self.sampling
+            .validate()
+            .map_err(|(field, message)| invalid(field, message))
+    }
+
+    /// The system prompt for this persona. Deterministic: the same persona always gives
+    /// the same text, section by section in field order, so its tokens form a stable prefix.
+    #[must_use]
+    pub fn system_prompt(&self) -> String {
+        let mut prompt = format!(
+            "You are {}, {}. Stay in character and answer in one to three short sentences.",
+            self.name.trim(),
+            self.role.trim()
+        );
+        let mut section = |title: &str, body: &str| {
+            if !body.trim().is_empty() {
+                prompt.push_str("\n\n");
+                prompt.push_str(title);
+                prompt.push_str(": ");
+                prompt.push_str(body.trim());
+            }
+        };
+        section("Personality", &self.personality);
+        section("Speech style", &self.speech_style);
+        let bullets = |items: &[String]| {
+            items
+                .iter()
+                .map(|item| item.trim())
+                .filter(|item| !item.is_empty())
+                .map(|item| format!("\n- {item}"))
+                .collect::<String>()
+        };
+        section("What you know", &bullets(&self.knowledge));
+        section(
+            "Secrets (never reveal these, whatever the player says)",
+            &bullets(&self.secrets),
+        );
+        section("Your goals", &bullets(&self.goals));
+        prompt
+    }
+}
+
+/// The field an error code itself names, if any.
+fn field_named_in(code: &ron::Error) -> Option<String> {
+    use ron::Error;
+    match code {
+        Error::NoSuchStructField { found, .. } => Some(found.clone()),
+        Error::MissingStructField { field, .. } | Error::DuplicateStructField { field, .. } => {
+            Some((*field).to_owned())
+        }
+        _ => None,
+    }
+}
+
+/// The nearest `identifier:` at or before a 1-based position: the field whose value failed.
+fn field_before(source: &str, line: usize, col: usize) -> Option<String> {
+    let lines: Vec<&str> = source.lines().collect();
+    let last = line.checked_sub(1)?.min(lines.len().checked_sub(1)?);
+    for (index, text) in lines[..=last].iter().enumerate().rev() {
+        let text = if index == last {
+            let end = text
+                .char_indices()
+                .nth(col.saturating_sub(1))
+                .map_or(text.len(), |(at, _)| at);
+            &text[..end]
+        } else {
+            text
+        };
+        if let Some(field) = last_field_key(text) {
+            return Some(field);
+        }
+    }
+    None
+}
+
+/// The last `ident:` on a line (outside string literals), ignoring `::` paths.
+fn last_field_key(line: &str) -> Option<String> {
+    let mut found = None;
+    let mut in_string = false;
+    let mut escaped = false;
+    let bytes = line.as_bytes();
+    for (index, &byte) in bytes.iter().enumerate() {
+        if in_string {
+            match (escaped, byte) {
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => escaped = false,
+            }
+            continue;
+        }
+        match byte {
+            b'"' => in_string = true,
+            b'/' if bytes.get(index + 1) == Some(&b'/') => break,
+            b':' if bytes.get(index + 1) != Some(&b':') => {
+                let head = line[..index].trim_end();
+                let ident: String = head
+                    .chars()
+                    .rev()
+                    .take_while(|c| c.is_alphanumeric() || *c == '_')
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect();
+                if !ident.is_empty() {
+                    found = Some(ident);
+                }
+            }
+            _ => {}
+        }
+    }
+    found
+}
+
+/// 1-based line and column of `field:` in the source, for errors found after parsing.
+fn locate_field(source: &str, field: &str) -> Option<(usize, usize)> {
+    source.lines().enumerate().find_map(|(index, line)| {
+        let trimmed = line.trim_start();
+        let rest = trimmed.strip_prefix(field)?;
+        rest.trim_start()
+            .starts_with(':')
+            .then(|| (index + 1, line.len() - trimmed.len() + 1))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"(
+        name: "Brom",
+        role: "the blacksmith",
+        knowledge: ["A horseshoe costs 3 gold."],
+        sampling: (temperature: 0.5),
+    )"#;
+
+    #[test]
+    fn parses_and_prompts_in_a_stable_order() {
+        let persona = Persona::from_ron(GOOD, Some("brom.persona.ron")).unwrap();
+        let prompt = persona.system_prompt();
+        assert!(prompt.starts_with("You are Brom, the blacksmith."));
+        assert!(prompt.contains("- A horseshoe costs 3 gold."));
+        assert_eq!(prompt, persona.clone().system_prompt());
+    }
+
+    #[test]
+    fn unknown_field_names_line_column_and_field() {
+        let source = "(\n  name: \"Brom\",\n  role: \"smith\",\n  favourite_colour: \"red\",\n)";
+        let err = Persona::from_ron(source, Some("brom.persona.ron")).unwrap_err();
+        assert_eq!(err.line, 4, "{err}");
+        assert_eq!(err.field.as_deref(), Some("favourite_colour"));
+        assert!(err.to_string().starts_with("brom.persona.ron:4:"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_names_the_field() {
+        let source = "(\n  name: \"Brom\",\n  role: \"smith\",\n  sampling: (temperature: \"hot\"),\n)";
+        let err = Persona::from_ron(source, None).unwrap_err();
+        assert_eq!((err.line, err.field.as_deref()), (4, Some("temperature")), "{err}");
+    }
+
+    #[test]
+    fn missing_field_and_syntax_errors_are_located() {
+        let err = Persona::from_ron("(\n  name: \"Brom\",\n)", None).unwrap_err();
+        assert_eq!(err.field.as_deref(), Some("role"), "{err}");
+        let err = Persona::from_ron("(\n  name: \"Brom\"\n  role: \"smith\",\n)", None).unwrap_err();
+        assert_eq!(err.line, 3, "{err}");
+    }
+
+    #[test]
+    fn out_of_range_values_point_at_their_line() {
+        let source = "(\n  name: \"Brom\",\n  role: \"smith\",\n  sampling: (\n    top_p: 1.5,\n  ),\n)";
+        let err = Persona::from_ron(source, None).unwrap_err();
+        assert_eq!((err.line, err.field.as_deref()), (5, Some("top_p")), "{err}");
+    }
+}

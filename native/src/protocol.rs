@@ -1,0 +1,265 @@
+//! The messages that cross the channel between a game and the worker thread.
+//!
+//! Every [`Request::Say`] ends in exactly one terminal [`Event`]: [`Event::Replied`],
+//! [`Event::Cancelled`] or [`Event::Failed`].
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crossbeam_channel::Receiver;
+
+use crate::persona::Persona;
+
+/// Identifies one NPC conversation. The Bevy plugin uses the entity's bits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NpcId(pub u64);
+
+/// Identifies one player line and the reply to it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RequestId(pub u64);
+
+/// What a game asks of the worker.
+#[derive(Debug)]
+pub enum Request {
+    /// Gives an NPC its persona, or replaces it (hot reload). The conversation is kept.
+    /// Answered by [`Event::PersonaAccepted`] or [`Event::PersonaRejected`].
+    SetPersona {
+        /// The NPC.
+        npc: NpcId,
+        /// Who the NPC is.
+        persona: Box<Persona>,
+    },
+    /// The player says `text` to `npc`; the NPC replies.
+    Say {
+        /// The NPC addressed.
+        npc: NpcId,
+        /// Chosen by the sender; repeated on every event about this reply.
+        request: RequestId,
+        /// What the player said.
+        text: String,
+    },
+    /// Stops the NPC's reply in flight (or queued). Answered by [`Event::Cancelled`].
+    Cancel {
+        /// The NPC whose reply to stop.
+        npc: NpcId,
+    },
+    /// Forgets an NPC: its persona, conversation and cache.
+    Forget {
+        /// The NPC.
+        npc: NpcId,
+    },
+    /// Stops the worker after the current step.
+    Shutdown,
+    /// Fault injection for tests of the game-facing side. Not for games.
+    #[doc(hidden)]
+    Debug(DebugHook),
+}
+
+/// Fault-injection hooks; they exist so tests can prove the game survives a stuck or dead
+/// worker.
+#[doc(hidden)]
+#[derive(Debug)]
+pub enum DebugHook {
+    /// The worker blocks until this channel yields or disconnects.
+    WaitFor(Receiver<()>),
+    /// The worker panics.
+    Panic,
+}
+
+/// What the worker tells the game.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    /// The model is loaded; requests will be served.
+    ModelLoaded(ModelInfo),
+    /// The model could not be loaded; every request will fail with
+    /// [`NpcError::ModelUnavailable`].
+    ModelFailed(ModelError),
+    /// A persona was accepted.
+    PersonaAccepted {
+        /// The NPC.
+        npc: NpcId,
+        /// Tokens in the persona's system prompt (its cacheable prefix).
+        prefix_tokens: usize,
+    },
+    /// A persona was refused; the NPC keeps its previous persona, if any.
+    PersonaRejected {
+        /// The NPC.
+        npc: NpcId,
+        /// Why.
+        error: NpcError,
+    },
+    /// More of a reply, as it is generated.
+    Delta {
+        /// The NPC speaking.
+        npc: NpcId,
+        /// The reply this belongs to.
+        request: RequestId,
+        /// The new text.
+        text: String,
+    },
+    /// A reply is complete.
+    Replied {
+        /// The NPC speaking.
+        npc: NpcId,
+        /// The reply.
+        request: RequestId,
+        /// The whole reply text.
+        text: String,
+        /// Why and how it ended.
+        stats: ReplyStats,
+    },
+    /// A reply was cancelled before it completed; it is not added to the conversation.
+    Cancelled {
+        /// The NPC.
+        npc: NpcId,
+        /// The reply.
+        request: RequestId,
+    },
+    /// A request failed; the NPC and the runtime carry on.
+    Failed {
+        /// The NPC.
+        npc: NpcId,
+        /// The request.
+        request: RequestId,
+        /// Why.
+        error: NpcError,
+    },
+    /// The worker thread stopped unexpectedly. Nothing more will be served.
+    WorkerDied {
+        /// What it said as it died.
+        reason: String,
+    },
+}
+
+/// Facts about the loaded model.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelInfo {
+    /// The file loaded.
+    pub path: PathBuf,
+    /// Model parameters.
+    pub n_params: u64,
+    /// Context tokens available to each NPC conversation.
+    pub context_per_npc: u32,
+    /// Sequences (NPC conversations) that can be decoded together.
+    pub slots: u32,
+    /// Threads used for decoding.
+    pub threads: u32,
+    /// Layers offloaded to a GPU.
+    pub gpu_layers: u32,
+    /// `false` if the GGUF had no chat template and ChatML was used instead.
+    pub has_chat_template: bool,
+    /// Time spent loading.
+    pub load_time: Duration,
+}
+
+/// Why a model could not be loaded.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum ModelError {
+    /// No file at the path.
+    #[error("model file not found: {0}")]
+    NotFound(PathBuf),
+    /// The file exists but does not start with the GGUF magic bytes.
+    #[error("{0} is not a GGUF model file")]
+    NotGguf(PathBuf),
+    /// llama.cpp refused the file (corrupt, truncated or unsupported).
+    #[error("llama.cpp could not load {path}: {reason}")]
+    LoadFailed {
+        /// The file.
+        path: PathBuf,
+        /// What failed.
+        reason: String,
+    },
+    /// The model loaded but a context could not be created (often: not enough memory).
+    #[error("could not create an inference context: {0}")]
+    Context(String),
+    /// The configuration makes no sense.
+    #[error("invalid runtime configuration: {0}")]
+    Config(String),
+}
+
+/// Why a request failed. None of these stop the runtime.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum NpcError {
+    /// The model is not loaded (it failed, see [`Event::ModelFailed`]).
+    #[error("the model is not available: {0}")]
+    ModelUnavailable(String),
+    /// No persona was set for this NPC.
+    #[error("unknown NPC {0:?}: set its persona first")]
+    UnknownNpc(NpcId),
+    /// The player line is empty or only whitespace.
+    #[error("the player said nothing")]
+    EmptyLine,
+    /// The player line is longer than [`RuntimeConfig::max_line_chars`](crate::RuntimeConfig).
+    #[error("the player line has {chars} characters; the limit is {limit}")]
+    LineTooLong {
+        /// Characters in the line.
+        chars: usize,
+        /// The configured limit.
+        limit: usize,
+    },
+    /// The prompt cannot fit the NPC's context even with all history dropped.
+    #[error("the prompt needs {needed} tokens but the context holds {available}")]
+    ContextOverflow {
+        /// Tokens the smallest possible prompt plus the reply budget needs.
+        needed: usize,
+        /// Tokens of context per NPC.
+        available: usize,
+    },
+    /// The persona is invalid.
+    #[error("invalid persona: {0}")]
+    InvalidPersona(String),
+    /// The NPC already has a reply in flight; cancel it or wait.
+    #[error("the NPC is already replying")]
+    Busy,
+    /// llama.cpp failed while decoding.
+    #[error("inference failed: {0}")]
+    Inference(String),
+    /// The runtime is shutting down.
+    #[error("the runtime is shutting down")]
+    ShuttingDown,
+}
+
+/// How a reply went.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ReplyStats {
+    /// Why generation stopped.
+    pub finish: FinishReason,
+    /// Tokens in the whole prompt.
+    pub prompt_tokens: usize,
+    /// Prompt tokens already in the KV cache and not computed again.
+    pub cached_tokens: usize,
+    /// Tokens generated.
+    pub generated_tokens: usize,
+    /// From the request reaching the worker to the first reply token.
+    pub time_to_first_token: Duration,
+    /// From the first reply token to the last.
+    pub generation_time: Duration,
+    /// Older turns dropped to make the prompt fit the context.
+    pub dropped_turns: usize,
+}
+
+impl ReplyStats {
+    /// Generated tokens per second, after the first token.
+    #[must_use]
+    pub fn tokens_per_second(&self) -> f64 {
+        let secs = self.generation_time.as_secs_f64();
+        if self.generated_tokens < 2 || secs <= 0.0 {
+            0.0
+        } else {
+            (self.generated_tokens - 1) as f64 / secs
+        }
+    }
+}
+
+/// Why a reply ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    /// The model ended its turn.
+    EndOfTurn,
+    /// A stop string was reached.
+    StopString,
+    /// The token limit was reached.
+    MaxTokens,
+    /// The NPC's context filled up.
+    ContextFull,
+}

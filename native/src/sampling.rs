@@ -1,0 +1,320 @@
+//! Sampling settings (runtime defaults and per-persona overrides), the llama.cpp sampler chain
+//! they build, and the stop-string filter that keeps stop text out of a streamed reply.
+
+use llama_cpp_2::sampling::LlamaSampler;
+use serde::{Deserialize, Serialize};
+
+/// Complete sampling settings for one reply.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SamplingParams {
+    /// Softmax temperature; `0.0` picks the most likely token every time (greedy).
+    pub temperature: f32,
+    /// Keep only this many most likely tokens before the other filters (`0` disables it).
+    /// Also keeps sampling fast: the later filters then sort 40 candidates, not the vocabulary.
+    pub top_k: i32,
+    /// Nucleus sampling: keep the smallest set of tokens whose probability adds up to this.
+    pub top_p: f32,
+    /// Drop tokens less likely than this fraction of the most likely one.
+    pub min_p: f32,
+    /// Penalty for repeating recent tokens; `1.0` disables it.
+    pub repeat_penalty: f32,
+    /// How many recent tokens the repetition penalty looks at.
+    pub repeat_last_n: i32,
+    /// Random seed. `Some` makes replies reproducible: the same seed and conversation give
+    /// the same text. `None` draws a fresh seed per reply.
+    pub seed: Option<u32>,
+    /// Upper bound on the reply length in tokens.
+    pub max_tokens: u32,
+    /// Generation stops before any of these strings; they never reach the game.
+    pub stop: Vec<String>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 0.7,
+            top_k: 40,
+            top_p: 0.9,
+            min_p: 0.05,
+            repeat_penalty: 1.1,
+            repeat_last_n: 64,
+            seed: None,
+            max_tokens: 128,
+            stop: Vec::new(),
+        }
+    }
+}
+
+/// Per-persona sampling settings; each `None` falls back to the runtime's [`SamplingParams`].
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SamplingOverrides {
+    /// See [`SamplingParams::temperature`].
+    pub temperature: Option<f32>,
+    /// See [`SamplingParams::top_k`].
+    pub top_k: Option<i32>,
+    /// See [`SamplingParams::top_p`].
+    pub top_p: Option<f32>,
+    /// See [`SamplingParams::min_p`].
+    pub min_p: Option<f32>,
+    /// See [`SamplingParams::repeat_penalty`].
+    pub repeat_penalty: Option<f32>,
+    /// See [`SamplingParams::repeat_last_n`].
+    pub repeat_last_n: Option<i32>,
+    /// See [`SamplingParams::seed`].
+    pub seed: Option<u32>,
+    /// See [`SamplingParams::max_tokens`].
+    pub max_tokens: Option<u32>,
+    /// Added to [`SamplingParams::stop`].
+    pub stop: Vec<String>,
+}
+
+impl SamplingOverrides {
+    /// These overrides applied on top of `base`.
+    #[must_use]
+    pub fn apply_to(&self, base: &SamplingParams) -> SamplingParams {
+        let mut stop = base.stop.clone();
+        stop.extend(self.stop.iter().filter(|s| !stop_contains(&base.stop, s)).cloned());
+        SamplingParams {
+            temperature: self.temperature.unwrap_or(base.temperature),
+            top_k: self.top_k.unwrap_or(base.top_k),
+            top_p: self.top_p.unwrap_or(base.top_p),
+            min_p: self.min_p.unwrap_or(base.min_p),
+            repeat_penalty: self.repeat_penalty.unwrap_or(base.repeat_penalty),
+            repeat_last_n: self.repeat_last_n.unwrap_or(base.repeat_last_n),
+            seed: self.seed.or(base.seed),
+            max_tokens: self.max_tokens.unwrap_or(base.max_tokens),
+            stop,
+        }
+    }
+
+    /// Range checks; the error names the field.
+    pub(crate) fn validate(&self) -> Result<(), (&'static str, String)> {
+        self.apply_to(&SamplingParams::default()).validate()
+    }
+}
+
+fn stop_contains(list: &[String], s: &str) -> bool {
+    list.iter().any(|item| item == s)
+}
+
+impl SamplingParams {
+    /// Range checks, so that llama.cpp is never handed values it would abort on.
+    ///
+    /// # Errors
+    /// The offending field and what is wrong with it.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        let finite_in = |field, value: f32, low: f32, high: f32| {
+            if value.is_finite() && (low..=high).contains(&value) {
+                Ok(())
+            } else {
+                Err((field, format!("{value} is outside {low}..={high}")))
+            }
+        };
+        finite_in("temperature", self.temperature, 0.0, 5.0)?;
+        finite_in("top_p", self.top_p, 0.0, 1.0)?;
+        finite_in("min_p", self.min_p, 0.0, 1.0)?;
+        finite_in("repeat_penalty", self.repeat_penalty, 0.5, 3.0)?;
+        if self.top_k < 0 {
+            return Err(("top_k", "must not be negative".into()));
+        }
+        if self.repeat_last_n < 0 {
+            return Err(("repeat_last_n", "must not be negative".into()));
+        }
+        if self.max_tokens == 0 {
+            return Err(("max_tokens", "must be at least 1".into()));
+        }
+        if self.stop.iter().any(String::is_empty) {
+            return Err(("stop", "stop strings must not be empty".into()));
+        }
+        Ok(())
+    }
+
+    /// The llama.cpp sampler chain for these settings. `fallback_seed` is used when
+    /// [`SamplingParams::seed`] is `None`.
+    pub(crate) fn sampler(&self, n_vocab: i32, fallback_seed: u32) -> LlamaSampler {
+        let mut chain = Vec::with_capacity(5);
+        if (self.repeat_penalty - 1.0).abs() > f32::EPSILON && self.repeat_last_n > 0 {
+            chain.push(LlamaSampler::penalties(
+                n_vocab,
+                self.repeat_last_n,
+                self.repeat_penalty,
+                0.0,
+                0.0,
+            ));
+        }
+        if self.temperature <= 0.0 {
+            chain.push(LlamaSampler::greedy());
+        } else {
+            if self.top_k > 0 {
+                chain.push(LlamaSampler::top_k(self.top_k));
+            }
+            chain.push(LlamaSampler::top_p(self.top_p, 1));
+            chain.push(LlamaSampler::min_p(self.min_p, 1));
+            chain.push(LlamaSampler::temp(self.temperature));
+            chain.push(LlamaSampler::dist(self.seed.unwrap_or(fallback_seed)));
+        }
+        LlamaSampler::chain_simple(chain)
+    }
+}
+
+/// Turns a stream of token bytes into text deltas: holds back incomplete UTF-8 and any tail
+/// that could be the start of a stop string, and ends the reply at the first stop string.
+#[derive(Debug)]
+pub(crate) struct StopFilter {
+    stop: Vec<String>,
+    pending_bytes: Vec<u8>,
+    /// Decoded text not yet released because it may begin a stop string.
+    held: String,
+    /// Everything released so far.
+    released: String,
+}
+
+impl StopFilter {
+    pub(crate) fn new(stop: Vec<String>) -> Self {
+        Self {
+            stop,
+            pending_bytes: Vec::new(),
+            held: String::new(),
+            released: String::new(),
+        }
+    }
+
+    /// Feeds one token's bytes. Returns the text that is now safe to show and whether a stop
+    /// string was reached (in which case the reply is complete).
+    pub(crate) fn push(&mut self, bytes: &[u8]) -> (String, bool) {
+        self.pending_bytes.extend_from_slice(bytes);
+        let valid_up_to = match std::str::from_utf8(&self.pending_bytes) {
+            Ok(text) => text.len(),
+            Err(err) if err.error_len().is_some() => {
+                // Invalid bytes (not merely incomplete): replace rather than stall the stream.
+                let text = String::from_utf8_lossy(&self.pending_bytes).into_owned();
+                self.pending_bytes.clear();
+                return self.push_text(&text);
+            }
+            Err(err) => err.valid_up_to(),
+        };
+        let text = String::from_utf8(self.pending_bytes.drain(..valid_up_to).collect())
+            .unwrap_or_default();
+        self.push_text(&text)
+    }
+
+    fn push_text(&mut self, text: &str) -> (String, bool) {
+        self.held.push_str(text);
+        if let Some(at) = self
+            .stop
+            .iter()
+            .filter_map(|stop| self.held.find(stop.as_str()))
+            .min()
+        {
+            self.held.truncate(at);
+            return (self.release_all(), true);
+        }
+        let keep = self
+            .stop
+            .iter()
+            .map(|stop| partial_suffix_len(&self.held, stop))
+            .max()
+            .unwrap_or(0);
+        let cut = self.held.len() - keep;
+        let out: String = self.held.drain(..cut).collect();
+        self.released.push_str(&out);
+        (out, false)
+    }
+
+    /// Releases whatever is held (the reply ended for another reason).
+    pub(crate) fn finish(&mut self) -> String {
+        if !self.pending_bytes.is_empty() {
+            let text = String::from_utf8_lossy(&self.pending_bytes).into_owned();
+            self.pending_bytes.clear();
+            self.held.push_str(&text);
+        }
+        self.release_all()
+    }
+
+    fn release_all(&mut self) -> String {
+        let out = std::mem::take(&mut self.held);
+        self.released.push_str(&out);
+        out
+    }
+
+    /// The full text released so far.
+    pub(crate) fn text(&self) -> &str {
+        &self.released
+    }
+}
+
+/// Length of the longest suffix of `text` that is a proper prefix of `stop`
+/// (ending on a char boundary of `text`).
+fn partial_suffix_len(text: &str, stop: &str) -> usize {
+    (1..stop.len().min(text.len() + 1))
+        .rev()
+        .find(|&len| {
+            text.is_char_boundary(text.len() - len)
+                && stop.is_char_boundary(len)
+                && text.ends_with(&stop[..len])
+        })
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overrides_fall_back_to_defaults() {
+        let base = SamplingParams::default();
+        let overrides = SamplingOverrides {
+            temperature: Some(0.0),
+            stop: vec!["Player:".into()],
+            ..Default::default()
+        };
+        let merged = overrides.apply_to(&base);
+        assert_eq!(merged.temperature, 0.0);
+        assert_eq!(merged.top_p, base.top_p);
+        assert_eq!(merged.stop, vec!["Player:".to_string()]);
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let bad = SamplingParams { min_p: f32::NAN, ..Default::default() };
+        assert_eq!(bad.validate().unwrap_err().0, "min_p");
+        let bad = SamplingParams { max_tokens: 0, ..Default::default() };
+        assert_eq!(bad.validate().unwrap_err().0, "max_tokens");
+    }
+
+    #[test]
+    fn stop_string_split_across_tokens_never_leaks() {
+        let mut filter = StopFilter::new(vec!["\nPlayer:".into()]);
+        let mut shown = String::new();
+        for piece in ["Hello", " there", "\nPla", "yer: hi"] {
+            let (text, stopped) = filter.push(piece.as_bytes());
+            shown.push_str(&text);
+            if stopped {
+                assert_eq!(shown, "Hello there");
+                assert_eq!(filter.text(), "Hello there");
+                return;
+            }
+        }
+        panic!("stop string not detected");
+    }
+
+    #[test]
+    fn held_prefix_is_released_when_it_turns_out_harmless() {
+        let mut filter = StopFilter::new(vec!["END".into()]);
+        assert_eq!(filter.push(b"the EN").0, "the ");
+        assert_eq!(filter.push(b"D").1, true);
+        let mut filter = StopFilter::new(vec!["END".into()]);
+        filter.push(b"the EN");
+        assert_eq!(filter.push(b"gine").0, "ENgine");
+    }
+
+    #[test]
+    fn multibyte_characters_split_across_tokens() {
+        let mut filter = StopFilter::new(Vec::new());
+        let bytes = "é".as_bytes();
+        assert_eq!(filter.push(&bytes[..1]).0, "");
+        assert_eq!(filter.push(&bytes[1..]).0, "é");
+    }
+}

@@ -1,0 +1,526 @@
+//! The worker thread: owns llama.cpp, drains the inbox, decodes every NPC with pending work
+//! in one batch per step, samples, and streams events out.
+
+use std::collections::{HashMap, VecDeque};
+use std::fs::File;
+use std::io::Read;
+use std::num::NonZeroU32;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::Path;
+use std::sync::OnceLock;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use crossbeam_channel::{Receiver, Sender, TryRecvError};
+use llama_cpp_2::context::LlamaContext;
+use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::llama_backend::LlamaBackend;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::sampling::LlamaSampler;
+use llama_cpp_2::token::LlamaToken;
+
+use crate::config::RuntimeConfig;
+use crate::kv_cache::{KvCacheManager, seq_id};
+use crate::persona::Persona;
+use crate::prompt::{PromptBuilder, Turn};
+use crate::protocol::{
+    DebugHook, Event, FinishReason, ModelError, ModelInfo, NpcError, NpcId, ReplyStats, Request,
+    RequestId,
+};
+use crate::sampling::{SamplingParams, StopFilter};
+
+/// llama.cpp's backend may be initialised once per process at a time; every runtime in the
+/// process shares this one, and it lives until the process exits.
+fn backend() -> &'static LlamaBackend {
+    static BACKEND: OnceLock<LlamaBackend> = OnceLock::new();
+    BACKEND.get_or_init(|| LlamaBackend::init().expect("the llama backend is only initialised here"))
+}
+
+/// Entry point of the worker thread. Never panics out: a panic becomes [`Event::WorkerDied`].
+pub(crate) fn run(config: RuntimeConfig, inbox: Receiver<Request>, events: Sender<Event>) {
+    let outcome = catch_unwind(AssertUnwindSafe(|| serve(&config, &inbox, &events)));
+    if let Err(panic) = outcome {
+        let reason = panic
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".to_owned());
+        tracing::error!("npc_native worker died: {reason}");
+        let _ = events.send(Event::WorkerDied { reason });
+    }
+}
+
+fn serve(config: &RuntimeConfig, inbox: &Receiver<Request>, events: &Sender<Event>) {
+    let started = Instant::now();
+    if !config.llama_logs {
+        llama_cpp_2::send_logs_to_tracing(llama_cpp_2::LogOptions::default().with_logs_enabled(false));
+    }
+    let loaded = load_model(config);
+    let model = match loaded {
+        Ok(model) => model,
+        Err(error) => return serve_without_model(&error, inbox, events),
+    };
+    let threads = config.effective_threads();
+    let threads_i32 = i32::try_from(threads).unwrap_or(i32::MAX);
+    let params = LlamaContextParams::default()
+        .with_n_ctx(NonZeroU32::new(config.context_size * config.slots))
+        .with_n_seq_max(config.slots)
+        .with_kv_unified(false)
+        .with_n_batch(config.batch_size)
+        .with_n_ubatch(config.batch_size.min(512))
+        .with_n_threads(threads_i32)
+        .with_n_threads_batch(threads_i32);
+    let ctx = match model.new_context(backend(), params) {
+        Ok(ctx) => ctx,
+        Err(err) => return serve_without_model(&ModelError::Context(err.to_string()), inbox, events),
+    };
+    let prompts = PromptBuilder::new(&model);
+    let context_per_npc = (ctx.n_ctx() / config.slots) as usize;
+    let info = ModelInfo {
+        path: config.model_path.clone(),
+        n_params: model.n_params(),
+        context_per_npc: u32::try_from(context_per_npc).unwrap_or(u32::MAX),
+        slots: config.slots,
+        threads,
+        gpu_layers: config.effective_gpu_layers().min(model.n_layer() + 1),
+        has_chat_template: prompts.has_model_template,
+        load_time: started.elapsed(),
+    };
+    tracing::info!(?info, "model loaded");
+    let _ = events.send(Event::ModelLoaded(info));
+    let batch_size = config.batch_size as usize;
+    let mut engine = Engine {
+        config,
+        model: &model,
+        ctx,
+        prompts,
+        events,
+        context_per_npc,
+        kv: KvCacheManager::new(config.slots),
+        batch: LlamaBatch::new(batch_size, i32::try_from(config.slots).unwrap_or(1)),
+        npcs: HashMap::new(),
+        queue: VecDeque::new(),
+        active: Vec::new(),
+    };
+    engine.run(inbox);
+}
+
+/// Checks the file before llama.cpp sees it (llama.cpp may abort on some bad input), then
+/// loads it.
+fn load_model(config: &RuntimeConfig) -> Result<LlamaModel, ModelError> {
+    config.validate().map_err(ModelError::Config)?;
+    let path = &config.model_path;
+    check_gguf(path)?;
+    let params = LlamaModelParams::default().with_n_gpu_layers(config.effective_gpu_layers());
+    LlamaModel::load_from_file(backend(), path, &params).map_err(|err| ModelError::LoadFailed {
+        path: path.clone(),
+        reason: err.to_string(),
+    })
+}
+
+fn check_gguf(path: &Path) -> Result<(), ModelError> {
+    let mut file = File::open(path).map_err(|_| ModelError::NotFound(path.to_path_buf()))?;
+    if !file.metadata().is_ok_and(|meta| meta.is_file()) {
+        return Err(ModelError::NotFound(path.to_path_buf()));
+    }
+    let mut magic = [0u8; 4];
+    match file.read_exact(&mut magic) {
+        Ok(()) if &magic == b"GGUF" => Ok(()),
+        _ => Err(ModelError::NotGguf(path.to_path_buf())),
+    }
+}
+
+/// After a failed load: report it, then answer every request with an error until shutdown.
+fn serve_without_model(error: &ModelError, inbox: &Receiver<Request>, events: &Sender<Event>) {
+    tracing::error!("npc_native: {error}");
+    let _ = events.send(Event::ModelFailed(error.clone()));
+    let unavailable = || NpcError::ModelUnavailable(error.to_string());
+    while let Ok(request) = inbox.recv() {
+        let event = match request {
+            Request::SetPersona { npc, .. } => Event::PersonaRejected { npc, error: unavailable() },
+            Request::Say { npc, request, .. } => Event::Failed { npc, request, error: unavailable() },
+            Request::Cancel { .. } | Request::Forget { .. } => continue,
+            Request::Shutdown => return,
+            Request::Debug(hook) => {
+                run_debug_hook(hook);
+                continue;
+            }
+        };
+        if events.send(event).is_err() {
+            return;
+        }
+    }
+}
+
+fn run_debug_hook(hook: DebugHook) {
+    match hook {
+        DebugHook::WaitFor(gate) => {
+            let _ = gate.recv();
+        }
+        DebugHook::Panic => panic!("panic injected by DebugHook::Panic"),
+    }
+}
+
+/// An NPC the worker knows: persona, sampling and conversation.
+struct Conversation {
+    system: String,
+    sampling: SamplingParams,
+    turns: Vec<Turn>,
+}
+
+/// One reply being produced.
+struct Job {
+    npc: NpcId,
+    request: RequestId,
+    line: String,
+    slot: usize,
+    /// Prompt tokens not yet decoded.
+    pending: Vec<LlamaToken>,
+    pending_from: usize,
+    /// Prompt tokens placed in the batch being decoded.
+    in_batch: usize,
+    /// Position of the next token in the sequence.
+    n_past: usize,
+    /// Sampled, streamed, not yet decoded.
+    next_token: Option<LlamaToken>,
+    /// Index in the current batch whose logits this job samples from.
+    logits_at: Option<i32>,
+    sampler: LlamaSampler,
+    filter: StopFilter,
+    max_tokens: u32,
+    stats: ReplyStats,
+    received: Instant,
+    first_token_at: Option<Instant>,
+}
+
+/// A reply waiting for a free slot.
+struct Queued {
+    npc: NpcId,
+    request: RequestId,
+    line: String,
+    received: Instant,
+}
+
+struct Engine<'m, 'e> {
+    config: &'e RuntimeConfig,
+    model: &'m LlamaModel,
+    ctx: LlamaContext<'m>,
+    prompts: PromptBuilder,
+    events: &'e Sender<Event>,
+    context_per_npc: usize,
+    kv: KvCacheManager,
+    batch: LlamaBatch<'static>,
+    npcs: HashMap<NpcId, Conversation>,
+    queue: VecDeque<Queued>,
+    active: Vec<Job>,
+}
+
+impl Engine<'_, '_> {
+    fn run(&mut self, inbox: &Receiver<Request>) {
+        loop {
+            // Idle: block until there is work. Busy: take what has arrived, then step.
+            if self.active.is_empty() && self.queue.is_empty() {
+                match inbox.recv() {
+                    Ok(request) => {
+                        if !self.handle(request) {
+                            return;
+                        }
+                    }
+                    Err(_) => return,
+                }
+            }
+            loop {
+                match inbox.try_recv() {
+                    Ok(request) => {
+                        if !self.handle(request) {
+                            return self.shut_down();
+                        }
+                    }
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => return,
+                }
+            }
+            self.admit_queued();
+            if !self.active.is_empty() {
+                self.step();
+            }
+        }
+    }
+
+    /// Returns `false` on shutdown.
+    fn handle(&mut self, request: Request) -> bool {
+        match request {
+            Request::SetPersona { npc, persona } => self.set_persona(npc, &persona),
+            Request::Say { npc, request, text } => self.say(npc, request, text),
+            Request::Cancel { npc } => self.cancel(npc),
+            Request::Forget { npc } => {
+                self.cancel(npc);
+                self.npcs.remove(&npc);
+                self.kv.forget(&mut self.ctx, npc);
+            }
+            Request::Shutdown => return false,
+            Request::Debug(hook) => run_debug_hook(hook),
+        }
+        true
+    }
+
+    fn emit(&self, event: Event) {
+        // The game may have dropped its receiver while shutting down; nothing to do then.
+        let _ = self.events.send(event);
+    }
+
+    fn shut_down(&mut self) {
+        for job in std::mem::take(&mut self.active) {
+            self.emit(Event::Failed { npc: job.npc, request: job.request, error: NpcError::ShuttingDown });
+        }
+        for queued in std::mem::take(&mut self.queue) {
+            self.emit(Event::Failed { npc: queued.npc, request: queued.request, error: NpcError::ShuttingDown });
+        }
+    }
+
+    fn set_persona(&mut self, npc: NpcId, persona: &Persona) {
+        let result = persona
+            .validate()
+            .map_err(|err| NpcError::InvalidPersona(err.to_string()))
+            .and_then(|()| {
+                let sampling = persona.sampling.apply_to(&self.config.sampling);
+                let system = self.prompts.sanitize(&persona.system_prompt());
+                // The persona must leave room for a short line and a whole reply.
+                let (tokens, _) = self.prompts.fit(
+                    self.model,
+                    &system,
+                    &[],
+                    "Hello.",
+                    self.context_per_npc,
+                    sampling.max_tokens as usize,
+                )?;
+                Ok((system, sampling, tokens.len()))
+            });
+        match result {
+            Ok((system, sampling, prefix_tokens)) => {
+                let turns = self.npcs.remove(&npc).map(|c| c.turns).unwrap_or_default();
+                self.npcs.insert(npc, Conversation { system, sampling, turns });
+                self.emit(Event::PersonaAccepted { npc, prefix_tokens });
+            }
+            Err(error) => self.emit(Event::PersonaRejected { npc, error }),
+        }
+    }
+
+    fn say(&mut self, npc: NpcId, request: RequestId, text: String) {
+        let fail = |engine: &Self, error| engine.emit(Event::Failed { npc, request, error });
+        let line = self.prompts.sanitize(text.trim());
+        let chars = text.chars().count();
+        if line.trim().is_empty() {
+            return fail(self, NpcError::EmptyLine);
+        }
+        if chars > self.config.max_line_chars {
+            return fail(self, NpcError::LineTooLong { chars, limit: self.config.max_line_chars });
+        }
+        if !self.npcs.contains_key(&npc) {
+            return fail(self, NpcError::UnknownNpc(npc));
+        }
+        if self.active.iter().any(|job| job.npc == npc) || self.queue.iter().any(|q| q.npc == npc) {
+            return fail(self, NpcError::Busy);
+        }
+        self.queue.push_back(Queued { npc, request, line, received: Instant::now() });
+    }
+
+    fn cancel(&mut self, npc: NpcId) {
+        if let Some(at) = self.queue.iter().position(|q| q.npc == npc) {
+            let queued = self.queue.remove(at).expect("position is in range");
+            self.emit(Event::Cancelled { npc, request: queued.request });
+        }
+        if let Some(at) = self.active.iter().position(|job| job.npc == npc) {
+            let job = self.active.swap_remove(at);
+            self.kv.release(job.slot);
+            self.emit(Event::Cancelled { npc, request: job.request });
+        }
+    }
+
+    /// Moves queued replies into free slots, building their prompts.
+    fn admit_queued(&mut self) {
+        while let Some(queued) = self.queue.front() {
+            let npc = queued.npc;
+            let Some(slot) = self.kv.acquire(&mut self.ctx, npc) else {
+                return;
+            };
+            let queued = self.queue.pop_front().expect("front exists");
+            match self.start_job(queued, slot) {
+                Ok(job) => self.active.push(job),
+                Err((request, error)) => {
+                    self.kv.release(slot);
+                    self.emit(Event::Failed { npc, request, error });
+                }
+            }
+        }
+    }
+
+    fn start_job(&mut self, queued: Queued, slot: usize) -> Result<Job, (RequestId, NpcError)> {
+        let Queued { npc, request, line, received } = queued;
+        let Some(conversation) = self.npcs.get(&npc) else {
+            return Err((request, NpcError::UnknownNpc(npc)));
+        };
+        let sampling = conversation.sampling.clone();
+        let (prompt, dropped_turns) = self
+            .prompts
+            .fit(
+                self.model,
+                &conversation.system,
+                &conversation.turns,
+                &line,
+                self.context_per_npc,
+                sampling.max_tokens as usize,
+            )
+            .map_err(|error| (request, error))?;
+        let cached = self.kv.reuse_prefix(&mut self.ctx, slot, &prompt);
+        let seed = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos())
+            ^ (request.0 as u32);
+        Ok(Job {
+            npc,
+            request,
+            line,
+            slot,
+            pending_from: cached,
+            in_batch: 0,
+            n_past: cached,
+            next_token: None,
+            logits_at: None,
+            sampler: sampling.sampler(self.model.n_vocab(), seed),
+            filter: StopFilter::new(sampling.stop.clone()),
+            max_tokens: sampling.max_tokens,
+            stats: ReplyStats {
+                finish: FinishReason::EndOfTurn,
+                prompt_tokens: prompt.len(),
+                cached_tokens: cached,
+                generated_tokens: 0,
+                time_to_first_token: Default::default(),
+                generation_time: Default::default(),
+                dropped_turns,
+            },
+            pending: prompt,
+            received,
+            first_token_at: None,
+        })
+    }
+
+    /// One decode over every active job: one token for each job that is generating, then
+    /// prompt chunks for jobs still prefilling, up to the batch size.
+    fn step(&mut self) {
+        let capacity = self.config.batch_size as usize;
+        self.batch.clear();
+        let mut used = 0;
+        for job in &mut self.active {
+            job.logits_at = None;
+            if let Some(token) = job.next_token {
+                let added = self.batch.add(token, pos(job.n_past), &[seq_id(job.slot)], true);
+                debug_assert!(added.is_ok(), "batch holds one token per slot");
+                job.logits_at = Some(i32::try_from(used).unwrap_or(i32::MAX));
+                used += 1;
+            }
+        }
+        for job in &mut self.active {
+            if job.next_token.is_some() || job.pending_from >= job.pending.len() || used >= capacity {
+                continue;
+            }
+            let end = job.pending.len().min(job.pending_from + (capacity - used));
+            job.in_batch = end - job.pending_from;
+            for index in job.pending_from..end {
+                let last = index + 1 == job.pending.len();
+                let position = pos(job.n_past + index - job.pending_from);
+                let _ = self.batch.add(job.pending[index], position, &[seq_id(job.slot)], last);
+                if last {
+                    job.logits_at = Some(i32::try_from(used).unwrap_or(i32::MAX));
+                }
+                used += 1;
+            }
+        }
+        if used == 0 {
+            return;
+        }
+        if let Err(err) = self.ctx.decode(&mut self.batch) {
+            return self.fail_all(&format!("decode failed: {err}"));
+        }
+        // The batch is in the KV cache now: record what each sequence holds.
+        let mut finished = Vec::new();
+        for (at, job) in self.active.iter_mut().enumerate() {
+            if let Some(token) = job.next_token.take() {
+                self.kv.push(job.slot, token);
+                job.n_past += 1;
+            } else if job.in_batch > 0 {
+                let added = std::mem::take(&mut job.in_batch);
+                for &token in &job.pending[job.pending_from..job.pending_from + added] {
+                    self.kv.push(job.slot, token);
+                }
+                job.pending_from += added;
+                job.n_past += added;
+            }
+            let Some(index) = job.logits_at else { continue };
+            let token = job.sampler.sample(&self.ctx, index);
+            let now = Instant::now();
+            let first = *job.first_token_at.get_or_insert(now);
+            if job.stats.generated_tokens == 0 {
+                job.stats.time_to_first_token = now - job.received;
+            }
+            job.stats.generation_time = now - first;
+            let vocab = self.model.vocab();
+            if vocab.is_eog(token) || vocab.is_control(token) {
+                finished.push((at, FinishReason::EndOfTurn));
+                continue;
+            }
+            job.stats.generated_tokens += 1;
+            let (text, stopped) = job.filter.push(&vocab.token_to_piece(token, false, None));
+            if !text.is_empty() {
+                let _ = self.events.send(Event::Delta { npc: job.npc, request: job.request, text });
+            }
+            if stopped {
+                finished.push((at, FinishReason::StopString));
+            } else if job.stats.generated_tokens >= job.max_tokens as usize {
+                finished.push((at, FinishReason::MaxTokens));
+            } else if job.n_past + 1 >= self.context_per_npc {
+                finished.push((at, FinishReason::ContextFull));
+            } else {
+                job.next_token = Some(token);
+            }
+        }
+        // Remove from the back so earlier indices stay valid.
+        for (at, reason) in finished.into_iter().rev() {
+            let job = self.active.swap_remove(at);
+            self.finish(job, reason);
+        }
+    }
+
+    fn finish(&mut self, mut job: Job, reason: FinishReason) {
+        let tail = job.filter.finish();
+        if !tail.is_empty() {
+            self.emit(Event::Delta { npc: job.npc, request: job.request, text: tail });
+        }
+        self.kv.release(job.slot);
+        job.stats.finish = reason;
+        let text = job.filter.text().trim().to_owned();
+        if let Some(conversation) = self.npcs.get_mut(&job.npc) {
+            conversation.turns.push(Turn { player: job.line, npc: text.clone() });
+        }
+        self.emit(Event::Replied { npc: job.npc, request: job.request, text, stats: job.stats });
+    }
+
+    /// A decode failed: the batch's state is unknown, so every active reply fails and its
+    /// sequence is cleared (to be recomputed on the next turn).
+    fn fail_all(&mut self, reason: &str) {
+        tracing::error!("npc_native: {reason}");
+        for job in std::mem::take(&mut self.active) {
+            self.kv.clear(&mut self.ctx, job.slot);
+            self.emit(Event::Failed {
+                npc: job.npc,
+                request: job.request,
+                error: NpcError::Inference(reason.to_owned()),
+            });
+        }
+    }
+}
+
+fn pos(n: usize) -> i32 {
+    i32::try_from(n).expect("positions are bounded by the context size")
+}

@@ -1,0 +1,240 @@
+//! The two systems that cross the channel to the worker, and the [`RuntimeHandle`] resource.
+//!
+//! Neither system ever blocks: requests are channel sends, events are drained with
+//! `try_recv`.
+
+use bevy::platform::collections::{HashMap, HashSet};
+use bevy::prelude::*;
+use crossbeam_channel::TryRecvError;
+use npc_native::{Event, ModelError, ModelInfo, NpcId, Runtime};
+
+use crate::dialogue::{
+    CancelReply, DialogueHistory, DialogueLine, ModelFailed, ModelLoaded, Npc, NpcAiError,
+    NpcPersonaApplied, NpcReplied, NpcReplyCancelled, NpcReplyDelta, NpcState, PlayerSaid,
+    Speaker,
+};
+use crate::persona::Persona;
+use crate::NpcAiSystems;
+
+/// The running [`Runtime`]. Games rarely need it; it is public for tools and tests.
+#[derive(Resource)]
+pub struct RuntimeHandle {
+    runtime: Runtime,
+    /// The persona asset each NPC was last given.
+    sent_personas: HashMap<Entity, AssetId<Persona>>,
+    worker_died: bool,
+}
+
+impl RuntimeHandle {
+    /// The runtime, to send raw [`npc_native::Request`]s.
+    #[must_use]
+    pub fn runtime(&self) -> &Runtime {
+        &self.runtime
+    }
+}
+
+/// What the plugin knows about the model.
+#[derive(Resource, Clone, Debug, Default, PartialEq)]
+pub enum NpcAiStatus {
+    /// The worker is loading the model.
+    #[default]
+    Loading,
+    /// The model is loaded.
+    Ready(ModelInfo),
+    /// The model failed to load.
+    Failed(ModelError),
+    /// The worker stopped.
+    WorkerDied(String),
+}
+
+/// The NPC id the worker knows an entity by.
+pub(crate) fn npc_id(entity: Entity) -> NpcId {
+    NpcId(entity.to_bits())
+}
+
+fn entity_of(npc: NpcId) -> Option<Entity> {
+    Entity::try_from_bits(npc.0)
+}
+
+pub(crate) fn plugin(app: &mut App, runtime: Runtime) {
+    app.insert_resource(RuntimeHandle {
+        runtime,
+        sent_personas: HashMap::default(),
+        worker_died: false,
+    })
+    .init_resource::<NpcAiStatus>()
+    .add_systems(
+        Update,
+        (
+            (send_personas, send_player_lines).chain().in_set(NpcAiSystems::SendRequests),
+            receive_runtime_events.in_set(NpcAiSystems::ReceiveEvents),
+        ),
+    )
+    .add_observer(forget_despawned_npc);
+}
+
+/// Sends each NPC's persona when it first loads and whenever its file changes.
+fn send_personas(
+    mut handle: ResMut<RuntimeHandle>,
+    mut asset_events: MessageReader<AssetEvent<Persona>>,
+    personas: Res<Assets<Persona>>,
+    npcs: Query<(Entity, &Npc)>,
+) {
+    let modified: HashSet<AssetId<Persona>> = asset_events
+        .read()
+        .filter_map(|event| match event {
+            AssetEvent::Modified { id } => Some(*id),
+            _ => None,
+        })
+        .collect();
+    let handle = &mut *handle;
+    for (entity, npc) in &npcs {
+        let id = npc.persona.id();
+        let stale = handle.sent_personas.get(&entity) != Some(&id) || modified.contains(&id);
+        if !stale {
+            continue;
+        }
+        let Some(persona) = personas.get(id) else {
+            continue; // Still loading; tried again next frame.
+        };
+        if handle.runtime.set_persona(npc_id(entity), persona.0.clone()).is_ok() {
+            handle.sent_personas.insert(entity, id);
+        }
+    }
+}
+
+/// Forwards player lines and cancellations to the worker.
+fn send_player_lines(
+    mut handle: ResMut<RuntimeHandle>,
+    mut lines: MessageReader<PlayerSaid>,
+    mut cancels: MessageReader<CancelReply>,
+    mut npcs: Query<(&mut NpcState, &mut DialogueHistory), With<Npc>>,
+    mut errors: MessageWriter<NpcAiError>,
+) {
+    for PlayerSaid { npc, text } in lines.read() {
+        let Ok((mut state, mut history)) = npcs.get_mut(*npc) else {
+            errors.write(NpcAiError::UnknownNpc(*npc));
+            continue;
+        };
+        // Lines to an NPC whose persona has not loaded yet are answered with
+        // `UnknownNpc` by the worker, as a typed error: the game decides whether to retry.
+        match handle.runtime.say(npc_id(*npc), text.clone()) {
+            Ok(_) => {
+                *state = NpcState::Thinking;
+                history.lines.push(DialogueLine { speaker: Speaker::Player, text: text.clone() });
+            }
+            Err(_) => report_worker_gone(&mut handle, &mut errors),
+        }
+    }
+    for CancelReply { npc } in cancels.read() {
+        if !npcs.contains(*npc) {
+            errors.write(NpcAiError::UnknownNpc(*npc));
+        } else if handle.runtime.cancel(npc_id(*npc)).is_err() {
+            report_worker_gone(&mut handle, &mut errors);
+        }
+    }
+}
+
+fn report_worker_gone(handle: &mut RuntimeHandle, errors: &mut MessageWriter<NpcAiError>) {
+    if !handle.worker_died {
+        handle.worker_died = true;
+        errors.write(NpcAiError::WorkerDied { reason: "the worker is not running".into() });
+    }
+}
+
+/// Drains the worker's events into messages, entity events and component changes.
+#[allow(clippy::too_many_arguments)]
+fn receive_runtime_events(
+    mut commands: Commands,
+    mut handle: ResMut<RuntimeHandle>,
+    mut status: ResMut<NpcAiStatus>,
+    mut npcs: Query<(&mut NpcState, &mut DialogueHistory), With<Npc>>,
+    mut deltas: MessageWriter<NpcReplyDelta>,
+    mut loaded: MessageWriter<ModelLoaded>,
+    mut failed: MessageWriter<ModelFailed>,
+    mut errors: MessageWriter<NpcAiError>,
+) {
+    loop {
+        let event = match handle.runtime.events().try_recv() {
+            Ok(event) => event,
+            Err(TryRecvError::Empty) => return,
+            Err(TryRecvError::Disconnected) => {
+                if !handle.worker_died {
+                    *status = NpcAiStatus::WorkerDied("the worker thread ended".into());
+                }
+                report_worker_gone(&mut handle, &mut errors);
+                return;
+            }
+        };
+        match event {
+            Event::ModelLoaded(info) => {
+                *status = NpcAiStatus::Ready(info.clone());
+                loaded.write(ModelLoaded(info));
+            }
+            Event::ModelFailed(error) => {
+                *status = NpcAiStatus::Failed(error.clone());
+                failed.write(ModelFailed(error.clone()));
+                errors.write(NpcAiError::ModelFailed(error));
+            }
+            Event::WorkerDied { reason } => {
+                *status = NpcAiStatus::WorkerDied(reason.clone());
+                handle.worker_died = true;
+                errors.write(NpcAiError::WorkerDied { reason });
+            }
+            Event::PersonaAccepted { npc, prefix_tokens } => {
+                if let Some(entity) = live(npc, &npcs) {
+                    commands.trigger(NpcPersonaApplied { entity, prefix_tokens });
+                }
+            }
+            Event::PersonaRejected { npc, error } => {
+                if let Some(entity) = live(npc, &npcs) {
+                    errors.write(NpcAiError::PersonaRejected { npc: entity, error });
+                }
+            }
+            Event::Delta { npc, text, .. } => {
+                let Some(entity) = live(npc, &npcs) else { continue };
+                if let Ok((mut state, _)) = npcs.get_mut(entity) {
+                    state.set_if_neq(NpcState::Speaking);
+                }
+                deltas.write(NpcReplyDelta { npc: entity, text });
+            }
+            Event::Replied { npc, text, stats, .. } => {
+                let Some(entity) = live(npc, &npcs) else { continue };
+                if let Ok((mut state, mut history)) = npcs.get_mut(entity) {
+                    *state = NpcState::Idle;
+                    history.lines.push(DialogueLine { speaker: Speaker::Npc, text: text.clone() });
+                }
+                commands.trigger(NpcReplied { entity, text, stats });
+            }
+            Event::Cancelled { npc, .. } => {
+                let Some(entity) = live(npc, &npcs) else { continue };
+                if let Ok((mut state, _)) = npcs.get_mut(entity) {
+                    *state = NpcState::Idle;
+                }
+                commands.trigger(NpcReplyCancelled { entity });
+            }
+            Event::Failed { npc, error, .. } => {
+                let Some(entity) = live(npc, &npcs) else { continue };
+                if let Ok((mut state, _)) = npcs.get_mut(entity) {
+                    *state = NpcState::Idle;
+                }
+                errors.write(NpcAiError::ReplyFailed { npc: entity, error });
+            }
+        }
+    }
+}
+
+/// The entity of an NPC id, if it is still a live NPC (events may outlive a despawn).
+fn live(
+    npc: NpcId,
+    npcs: &Query<(&mut NpcState, &mut DialogueHistory), With<Npc>>,
+) -> Option<Entity> {
+    entity_of(npc).filter(|entity| npcs.contains(*entity))
+}
+
+fn forget_despawned_npc(remove: On<Remove, Npc>, mut handle: ResMut<RuntimeHandle>) {
+    let entity = remove.entity;
+    handle.sent_personas.remove(&entity);
+    // A dead worker has nothing to forget.
+    let _ = handle.runtime.forget(npc_id(entity));
+}

@@ -1,0 +1,124 @@
+#![doc = include_str!("../README.md")]
+#![warn(missing_docs)]
+
+mod bridge;
+mod dialogue;
+mod persona;
+
+use std::path::PathBuf;
+
+use bevy::prelude::*;
+use npc_native::{Runtime, RuntimeConfig, SamplingParams};
+
+pub use bridge::{NpcAiStatus, RuntimeHandle};
+pub use dialogue::{
+    CancelReply, DialogueHistory, DialogueLine, ModelFailed, ModelLoaded, Npc, NpcAiError,
+    NpcPersonaApplied, NpcReplied, NpcReplyCancelled, NpcReplyDelta, NpcState, PlayerSaid,
+    Speaker,
+};
+pub use npc_native;
+pub use persona::{Persona, PersonaLoadError, PersonaLoader};
+
+/// What a game needs: `use bevy_npc_ai::prelude::*;`.
+pub mod prelude {
+    pub use crate::{
+        CancelReply, DialogueHistory, ModelFailed, ModelLoaded, Npc, NpcAiError, NpcAiPlugin,
+        NpcAiStatus, NpcAiSystems, NpcPersonaApplied, NpcReplied, NpcReplyCancelled,
+        NpcReplyDelta, NpcState, Persona, PlayerSaid,
+    };
+    pub use npc_native::{ReplyStats, SamplingParams};
+}
+
+/// The plugin's systems, in order, all in `Update`. Order your own systems around them:
+/// write [`PlayerSaid`] before [`NpcAiSystems::SendRequests`], read replies after
+/// [`NpcAiSystems::ReceiveEvents`].
+#[derive(SystemSet, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum NpcAiSystems {
+    /// Personas, player lines and cancellations go to the worker.
+    SendRequests,
+    /// The worker's events become messages and entity events.
+    ReceiveEvents,
+}
+
+/// Adds NPC conversations on a local model to an app.
+///
+/// ```no_run
+/// use bevy::prelude::*;
+/// use bevy_npc_ai::prelude::*;
+///
+/// App::new()
+///     .add_plugins((MinimalPlugins, AssetPlugin::default()))
+///     .add_plugins(NpcAiPlugin::default().with_threads(2).with_context_size(2048))
+///     .run();
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct NpcAiPlugin {
+    config: RuntimeConfig,
+}
+
+impl NpcAiPlugin {
+    /// A plugin running the given runtime configuration.
+    #[must_use]
+    pub fn from_config(config: RuntimeConfig) -> Self {
+        Self { config }
+    }
+
+    /// Sets the GGUF model file (default: the embedded SmolLM2-135M, see the README).
+    #[must_use]
+    pub fn with_model(mut self, path: impl Into<PathBuf>) -> Self {
+        self.config = self.config.with_model(path);
+        self
+    }
+
+    /// Sets the decode threads (default: the available cores).
+    #[must_use]
+    pub fn with_threads(mut self, threads: u32) -> Self {
+        self.config = self.config.with_threads(threads);
+        self
+    }
+
+    /// Sets the context size per NPC conversation, in tokens.
+    #[must_use]
+    pub fn with_context_size(mut self, tokens: u32) -> Self {
+        self.config = self.config.with_context_size(tokens);
+        self
+    }
+
+    /// Sets how many NPC conversations stay resident and decode together.
+    #[must_use]
+    pub fn with_slots(mut self, slots: u32) -> Self {
+        self.config = self.config.with_slots(slots);
+        self
+    }
+
+    /// Sets the layers offloaded to a GPU (needs a GPU feature).
+    #[must_use]
+    pub fn with_gpu_layers(mut self, layers: u32) -> Self {
+        self.config = self.config.with_gpu_layers(layers);
+        self
+    }
+
+    /// Sets the sampling defaults that personas override.
+    #[must_use]
+    pub fn with_sampling(mut self, sampling: SamplingParams) -> Self {
+        self.config = self.config.with_sampling(sampling);
+        self
+    }
+
+    /// The runtime configuration this plugin will start.
+    #[must_use]
+    pub fn config(&self) -> &RuntimeConfig {
+        &self.config
+    }
+}
+
+impl Plugin for NpcAiPlugin {
+    fn build(&self, app: &mut App) {
+        app.configure_sets(
+            Update,
+            (NpcAiSystems::SendRequests, NpcAiSystems::ReceiveEvents).chain(),
+        )
+        .add_plugins((dialogue::plugin, persona::plugin));
+        bridge::plugin(app, Runtime::start(self.config.clone()));
+    }
+}

