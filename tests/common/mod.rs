@@ -1,0 +1,48 @@
+//! Helpers shared by the integration tests. Every test runs the real default model
+//! (fetched by `cargo xtask setup`).
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::sync::{Mutex, MutexGuard};
+
+/// The project root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The default model, or a clear panic telling how to fetch it.
+pub fn model_path() -> PathBuf {
+    let path = root().join(npc_native::DEFAULT_MODEL_PATH);
+    assert!(
+        path.is_file(),
+        "{} is missing: run `cargo xtask setup` (the README's test command does)",
+        path.display()
+    );
+    path
+}
+
+/// A shipped persona file's text.
+pub fn persona_source(name: &str) -> String {
+    let path = root().join(format!("assets/personas/{name}.persona.ron"));
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// A shipped persona.
+pub fn persona(name: &str) -> npc_native::Persona {
+    npc_native::Persona::from_ron(&persona_source(name), Some(name)).expect("shipped persona parses")
+}
+
+/// Tests that run the model take this lock: each runtime uses every core, so running two at
+/// once only makes both slow.
+pub fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A fresh scratch directory under the target dir.
+pub fn scratch_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("bevy_npc_ai-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create scratch dir");
+    dir
+}
