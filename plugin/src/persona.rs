@@ -3,7 +3,7 @@
 //! [`NpcAiError::PersonaLoad`](crate::dialogue::NpcAiError::PersonaLoad).
 
 use bevy::asset::io::Reader;
-use bevy::asset::{AssetLoadFailedEvent, AssetLoader, LoadContext};
+use bevy::asset::{AssetLoadError, AssetLoadFailedEvent, AssetLoader, LoadContext};
 use bevy::prelude::*;
 
 use crate::dialogue::NpcAiError;
@@ -76,7 +76,14 @@ fn report_persona_load_failures(
     mut errors: MessageWriter<NpcAiError>,
 ) {
     for failure in failures.read() {
-        let message = failure.error.to_string();
+        // Our own error says file, line, column and field; Bevy's wrapper adds a backtrace.
+        let message = match &failure.error {
+            AssetLoadError::AssetLoaderError(err) => err
+                .error()
+                .downcast_ref::<PersonaLoadError>()
+                .map_or_else(|| err.error().to_string(), ToString::to_string),
+            other => other.to_string(),
+        };
         warn!("persona {} failed to load: {message}", failure.path);
         errors.write(NpcAiError::PersonaLoad {
             path: failure.path.to_string(),
