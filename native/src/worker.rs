@@ -71,10 +71,11 @@ fn serve(config: &RuntimeConfig, inbox: &Receiver<Request>, events: &Sender<Even
         .with_n_ubatch(config.batch_size.min(512))
         .with_n_threads(threads_i32)
         .with_n_threads_batch(threads_i32);
-    let ctx = match model.new_context(backend(), params) {
+    let mut ctx = match model.new_context(backend(), params) {
         Ok(ctx) => ctx,
         Err(err) => return serve_without_model(&ModelError::Context(err.to_string()), inbox, events),
     };
+    warm_up(&model, &mut ctx);
     let prompts = PromptBuilder::new(&model);
     let context_per_npc = (ctx.n_ctx() / config.slots) as usize;
     let info = ModelInfo {
@@ -104,6 +105,16 @@ fn serve(config: &RuntimeConfig, inbox: &Receiver<Request>, events: &Sender<Even
         active: Vec::new(),
     };
     engine.run(inbox);
+}
+
+/// One throwaway decode at load time, so the first player line does not pay for llama.cpp's
+/// first-run costs (buffer allocation, cold caches).
+fn warm_up(model: &LlamaModel, ctx: &mut LlamaContext<'_>) {
+    let mut batch = LlamaBatch::new(1, 1);
+    if batch.add(model.vocab().bos(), 0, &[0], true).is_ok() {
+        let _ = ctx.decode(&mut batch);
+    }
+    ctx.clear_kv_cache();
 }
 
 /// Checks the file before llama.cpp sees it (llama.cpp may abort on some bad input), then

@@ -1,0 +1,210 @@
+//! Single-NPC speed of the runtime on the default model, measured through the public API as a
+//! game sees it, beside a bare `llama-cpp-2` decode loop on the same model, threads and
+//! machine in the same run (the ratio is the runtime's overhead).
+//!
+//! ```text
+//! cargo xtask bench            # or: cargo bench -p npc_native --bench speed
+//! ```
+//! Prints a markdown table. Threads default to the machine's cores (`NPC_BENCH_THREADS`
+//! overrides).
+
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::llama_backend::LlamaBackend;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::sampling::LlamaSampler;
+use npc_native::{Event, NpcId, Persona, ReplyStats, Runtime, RuntimeConfig};
+
+const RUNS: usize = 5;
+const CONTEXT: u32 = 2048;
+const GENERATE: usize = 128;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn model() -> PathBuf {
+    let path = root().join(npc_native::DEFAULT_MODEL_PATH);
+    assert!(path.is_file(), "run `cargo xtask setup` first: {} is missing", path.display());
+    path
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// The peer: llama-cpp-2 used directly, as its examples do. Prompt processing of `prompt`
+/// tokens in one batch; then, from `context` tokens, generation of [`GENERATE`] tokens with
+/// the same sampler chain the runtime builds for temperature 0.7.
+fn bare_loop(threads: u32, prompt: usize, context: usize) -> (f64, f64) {
+    let backend = LlamaBackend::init().expect("no other backend is alive yet");
+    llama_cpp_2::send_logs_to_tracing(llama_cpp_2::LogOptions::default().with_logs_enabled(false));
+    let model = LlamaModel::load_from_file(&backend, model(), &LlamaModelParams::default()).expect("model");
+    let threads = i32::try_from(threads).unwrap_or(1);
+    let params = LlamaContextParams::default()
+        .with_n_ctx(NonZeroU32::new(CONTEXT))
+        .with_n_batch(1024)
+        .with_n_threads(threads)
+        .with_n_threads_batch(threads);
+    let mut ctx = model.new_context(&backend, params).expect("context");
+    let tokens = model.vocab().tokenize(
+        "The caravan from Riverford brought news of wolves and rain. ".repeat(64).as_bytes(),
+        true,
+        false,
+    );
+    let tokens = &tokens[..prompt.min(tokens.len())];
+    let mut batch = LlamaBatch::new(1024, 1);
+    // Warm-up, as the runtime does at load.
+    batch.add(tokens[0], 0, &[0], true).unwrap();
+    ctx.decode(&mut batch).unwrap();
+    let (mut pp, mut tg) = (Vec::new(), Vec::new());
+    for _ in 0..RUNS {
+        ctx.clear_kv_cache();
+        batch.clear();
+        batch.add_sequence(tokens, 0, false).unwrap();
+        let started = Instant::now();
+        ctx.decode(&mut batch).unwrap();
+        pp.push(tokens.len() as f64 / started.elapsed().as_secs_f64());
+        ctx.clear_kv_cache();
+        batch.clear();
+        batch.add_sequence(&tokens[..context], 0, false).unwrap();
+        ctx.decode(&mut batch).unwrap();
+        let mut sampler = LlamaSampler::chain_simple([
+            LlamaSampler::penalties(model.n_vocab(), 64, 1.1, 0.0, 0.0),
+            LlamaSampler::top_k(40),
+            LlamaSampler::top_p(0.9, 1),
+            LlamaSampler::min_p(0.05, 1),
+            LlamaSampler::temp(0.7),
+            LlamaSampler::dist(1),
+        ]);
+        let mut position = context;
+        let mut last = batch.n_tokens() - 1;
+        let started = Instant::now();
+        for _ in 0..GENERATE {
+            let token = sampler.sample(&ctx, last);
+            batch.clear();
+            batch.add(token, i32::try_from(position).unwrap(), &[0], true).unwrap();
+            ctx.decode(&mut batch).unwrap();
+            position += 1;
+            last = 0;
+        }
+        tg.push(GENERATE as f64 / started.elapsed().as_secs_f64());
+    }
+    (median(pp), median(tg))
+}
+
+fn peer_in_child(threads: u32, prompt: usize, context: usize) -> (f64, f64) {
+    let output = std::process::Command::new(std::env::current_exe().expect("own path"))
+        .args(["--peer", &threads.to_string(), &prompt.to_string(), &context.to_string()])
+        .output()
+        .expect("run the peer");
+    assert!(output.status.success(), "peer failed: {}", String::from_utf8_lossy(&output.stderr));
+    let text = String::from_utf8_lossy(&output.stdout);
+    let numbers: Vec<f64> = text
+        .lines()
+        .find_map(|line| line.strip_prefix("PEER "))
+        .expect("the peer prints its numbers")
+        .split_whitespace()
+        .map(|n| n.parse().expect("a number"))
+        .collect();
+    (numbers[0], numbers[1])
+}
+
+fn persona(max_tokens: u32, temperature: f32) -> Persona {
+    let source = std::fs::read_to_string(root().join("assets/personas/innkeeper.persona.ron")).expect("persona");
+    let mut persona = Persona::from_ron(&source, None).expect("persona parses");
+    persona.sampling.max_tokens = Some(max_tokens);
+    persona.sampling.temperature = Some(temperature);
+    persona.sampling.seed = Some(1);
+    persona
+}
+
+/// Waits for the reply the way a game does: draining the channel once per 60 Hz frame
+/// (the worker measures its own timings, so the polling does not blur them).
+fn reply(runtime: &Runtime, npc: NpcId, line: &str) -> ReplyStats {
+    let request = runtime.say(npc, line).expect("worker running");
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(16));
+        for event in runtime.events().try_iter() {
+            match event {
+                Event::Replied { request: r, stats, .. } if r == request => return stats,
+                Event::Failed { error, .. } => panic!("{error}"),
+                _ => {}
+            }
+        }
+    }
+    panic!("no reply within 300 s");
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(at) = args.iter().position(|a| a == "--peer") {
+        let number = |k: usize| args[at + k].parse::<usize>().expect("peer argument");
+        let (pp, tg) = bare_loop(number(1) as u32, number(2), number(3));
+        println!("PEER {pp} {tg}");
+        return;
+    }
+    let mut config = RuntimeConfig::new(model())
+        .with_slots(1)
+        .with_context_size(CONTEXT)
+        .with_max_line_chars(10_000);
+    if let Some(threads) = std::env::var("NPC_BENCH_THREADS").ok().and_then(|t| t.parse().ok()) {
+        config = config.with_threads(threads);
+    }
+    let threads = config.effective_threads();
+
+    // A ~700-token player line: prompt processing dominates its time to first token.
+    let long_line = "The caravan from Riverford brought news of wolves, of rain, and of a merchant who sells blue glass. ".repeat(22);
+    let count = "Count slowly from one to one hundred, one number per line.";
+    // The peer runs in a child process of this bench: llama.cpp's backend is one per process,
+    // and an idle OpenMP thread team left behind by one user slows the next one down.
+    let (peer_prompt, peer_context) = (708, 256);
+    let (bare_pp, bare_tg) = peer_in_child(threads, peer_prompt, peer_context);
+    let runtime = Runtime::start(config);
+    match runtime.events().recv().expect("worker") {
+        Event::ModelLoaded(_) => {}
+        other => panic!("model did not load: {other:?}"),
+    }
+    let (mut prefill, mut sampled) = (Vec::new(), Vec::new());
+    let (mut prompt_tokens, mut context_at_generation, mut generated) = (0, 0, 0);
+    for run in 0..RUNS {
+        // A fresh NPC each time, so nothing is cached.
+        let npc = |k: u64| NpcId(run as u64 * 3 + k);
+        runtime.set_persona(npc(0), persona(1, 0.0)).unwrap();
+        let stats = reply(&runtime, npc(0), &long_line);
+        prompt_tokens = stats.prompt_tokens;
+        prefill.push(stats.prompt_tokens as f64 / stats.time_to_first_token.as_secs_f64());
+        runtime.set_persona(npc(1), persona(GENERATE as u32, 0.7)).unwrap();
+        let stats = reply(&runtime, npc(1), count);
+        context_at_generation = stats.prompt_tokens;
+        generated = stats.generated_tokens;
+        sampled.push(stats.tokens_per_second());
+    }
+    drop(runtime);
+    assert_eq!(prompt_tokens, peer_prompt, "the peer processed a prompt of the same length");
+    let (pp, tg) = (median(prefill), median(sampled));
+
+    println!("Default model (SmolLM2-135M Q4_1), {threads} threads, {CONTEXT}-token context, median of {RUNS} runs\n");
+    println!("| measure | bevy_npc_ai runtime | bare llama-cpp-2 loop | ratio |");
+    println!("|---|---|---|---|");
+    println!(
+        "| prompt processing, {prompt_tokens} tokens, cold (tok/s) | {pp:.0} | {bare_pp:.0} | {:.2} |",
+        pp / bare_pp
+    );
+    println!(
+        "| generation, temperature 0.7, top-k 40, top-p, min-p, repeat penalty (tok/s) | {tg:.0} | {bare_tg:.0} | {:.2} |",
+        tg / bare_tg
+    );
+    println!(
+        "\nRuntime: prompt processing is prompt tokens over time to first token (rendering, tokenizing \
+         and scheduling included); generation is from {context_at_generation} tokens of context, {generated} tokens \
+         (last run), while a 60 Hz loop drains the events. Peer: from {peer_context} tokens, {GENERATE} tokens."
+    );
+}
