@@ -122,6 +122,34 @@ fn an_npc_replies_in_a_headless_app_while_frames_run() {
 }
 
 #[test]
+fn a_line_sent_before_the_persona_loads_waits_for_it() {
+    let _serial = common::serial();
+    let mut app = default_app();
+    let handle = app.world().resource::<AssetServer>().load("personas/healer.persona.ron");
+    let npc = app.world_mut().spawn(Npc::new(handle)).id();
+    say(&mut app, npc, "Good morning, sister.");
+    let replied = wait_for_reply(&mut app, 1);
+    assert_eq!(replied.entity, npc);
+    assert!(seen(&app).errors.is_empty(), "{:?}", seen(&app).errors);
+}
+
+#[test]
+fn a_line_to_an_npc_whose_persona_fails_to_load_is_an_error() {
+    let _serial = common::serial();
+    let dir = common::scratch_dir("broken-persona");
+    std::fs::write(dir.join("broken.persona.ron"), "(name: \"A\"").unwrap();
+    let mut app = app_with(&dir, NpcAiPlugin::default().with_model(common::model_path()));
+    let handle = app.world().resource::<AssetServer>().load("broken.persona.ron");
+    let npc = app.world_mut().spawn(Npc::new(handle)).id();
+    say(&mut app, npc, "Hello?");
+    update_until(&mut app, "the failure", |app| {
+        seen(app).errors.iter().any(|e| {
+            matches!(e, NpcAiError::ReplyFailed { npc: n, error: NpcError::InvalidPersona(_) } if *n == npc)
+        })
+    });
+}
+
+#[test]
 fn the_frame_never_waits_on_a_blocked_worker() {
     let _serial = common::serial();
     let mut app = default_app();
@@ -205,7 +233,7 @@ fn a_missing_model_is_reported_and_the_game_keeps_running() {
     say(&mut app, npc, "Hello?");
     update_until(&mut app, "the reply to fail", |app| {
         seen(app).errors.iter().any(|e| {
-            matches!(e, NpcAiError::ReplyFailed { error: NpcError::ModelUnavailable(_) | NpcError::UnknownNpc(_), .. })
+            matches!(e, NpcAiError::ReplyFailed { error: NpcError::ModelUnavailable(_), .. })
         })
     });
     assert!(seen(&app).errors.iter().any(|e| matches!(e, NpcAiError::ModelFailed(_))));

@@ -148,8 +148,9 @@ impl RuntimeConfig {
         if self.context_size.checked_mul(self.slots).is_none() {
             return Err("context_size × slots overflows".into());
         }
-        if self.batch_size < 1 {
-            return Err("batch_size must be at least 1".into());
+        if self.batch_size < self.slots {
+            // Every generating NPC puts one token in each batch.
+            return Err(format!("batch_size {} is below slots {}", self.batch_size, self.slots));
         }
         if self.max_line_chars == 0 {
             return Err("max_line_chars must be at least 1".into());

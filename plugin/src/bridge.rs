@@ -6,7 +6,8 @@
 use bevy::platform::collections::{HashMap, HashSet};
 use bevy::prelude::*;
 use crossbeam_channel::TryRecvError;
-use npc_native::{Event, ModelError, ModelInfo, NpcId, Runtime};
+use bevy::asset::LoadState;
+use npc_native::{Event, ModelError, ModelInfo, NpcError, NpcId, Runtime};
 
 use crate::dialogue::{
     CancelReply, DialogueHistory, DialogueLine, ModelFailed, ModelLoaded, Npc, NpcAiError,
@@ -22,6 +23,8 @@ pub struct RuntimeHandle {
     runtime: Runtime,
     /// The persona asset each NPC was last given.
     sent_personas: HashMap<Entity, AssetId<Persona>>,
+    /// Lines to NPCs whose persona is still loading, sent once it has been.
+    waiting_lines: Vec<PlayerSaid>,
     worker_died: bool,
 }
 
@@ -60,6 +63,7 @@ pub(crate) fn plugin(app: &mut App, runtime: Runtime) {
     app.insert_resource(RuntimeHandle {
         runtime,
         sent_personas: HashMap::default(),
+        waiting_lines: Vec::new(),
         worker_died: false,
     })
     .init_resource::<NpcAiStatus>()
@@ -103,34 +107,47 @@ fn send_personas(
     }
 }
 
-/// Forwards player lines and cancellations to the worker.
+/// Forwards player lines and cancellations to the worker. A line to an NPC whose persona is
+/// still loading waits (in order) until the persona has been sent.
 fn send_player_lines(
     mut handle: ResMut<RuntimeHandle>,
     mut lines: MessageReader<PlayerSaid>,
     mut cancels: MessageReader<CancelReply>,
-    mut npcs: Query<(&mut NpcState, &mut DialogueHistory), With<Npc>>,
+    asset_server: Res<AssetServer>,
+    mut npcs: Query<(&Npc, &mut NpcState, &mut DialogueHistory)>,
     mut errors: MessageWriter<NpcAiError>,
 ) {
-    for PlayerSaid { npc, text } in lines.read() {
-        let Ok((mut state, mut history)) = npcs.get_mut(*npc) else {
-            errors.write(NpcAiError::UnknownNpc(*npc));
+    let handle = &mut *handle;
+    let waiting = std::mem::take(&mut handle.waiting_lines);
+    for line in waiting.into_iter().chain(lines.read().cloned()) {
+        let Ok((npc, mut state, mut history)) = npcs.get_mut(line.npc) else {
+            errors.write(NpcAiError::UnknownNpc(line.npc));
             continue;
         };
-        // Lines to an NPC whose persona has not loaded yet are answered with
-        // `UnknownNpc` by the worker, as a typed error: the game decides whether to retry.
-        match handle.runtime.say(npc_id(*npc), text.clone()) {
+        if !handle.sent_personas.contains_key(&line.npc) {
+            if let LoadState::Failed(error) = asset_server.load_state(npc.persona.id()) {
+                errors.write(NpcAiError::ReplyFailed {
+                    npc: line.npc,
+                    error: NpcError::InvalidPersona(error.to_string()),
+                });
+            } else {
+                handle.waiting_lines.push(line);
+            }
+            continue;
+        }
+        match handle.runtime.say(npc_id(line.npc), line.text.clone()) {
             Ok(_) => {
                 *state = NpcState::Thinking;
-                history.lines.push(DialogueLine { speaker: Speaker::Player, text: text.clone() });
+                history.lines.push(DialogueLine { speaker: Speaker::Player, text: line.text });
             }
-            Err(_) => report_worker_gone(&mut handle, &mut errors),
+            Err(_) => report_worker_gone(handle, &mut errors),
         }
     }
     for CancelReply { npc } in cancels.read() {
         if !npcs.contains(*npc) {
             errors.write(NpcAiError::UnknownNpc(*npc));
         } else if handle.runtime.cancel(npc_id(*npc)).is_err() {
-            report_worker_gone(&mut handle, &mut errors);
+            report_worker_gone(handle, &mut errors);
         }
     }
 }
