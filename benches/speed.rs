@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
-use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::sampling::LlamaSampler;
 use npc_native::{Event, NpcId, Persona, ReplyStats, Runtime, RuntimeConfig};
 
@@ -30,7 +30,11 @@ fn root() -> PathBuf {
 
 fn model() -> PathBuf {
     let path = root().join(npc_native::DEFAULT_MODEL_PATH);
-    assert!(path.is_file(), "run `cargo xtask setup` first: {} is missing", path.display());
+    assert!(
+        path.is_file(),
+        "run `cargo xtask setup` first: {} is missing",
+        path.display()
+    );
     path
 }
 
@@ -45,7 +49,8 @@ fn median(mut values: Vec<f64>) -> f64 {
 fn bare_loop(threads: u32, prompt: usize, context: usize) -> (f64, f64) {
     let backend = LlamaBackend::init().expect("no other backend is alive yet");
     llama_cpp_2::send_logs_to_tracing(llama_cpp_2::LogOptions::default().with_logs_enabled(false));
-    let model = LlamaModel::load_from_file(&backend, model(), &LlamaModelParams::default()).expect("model");
+    let model =
+        LlamaModel::load_from_file(&backend, model(), &LlamaModelParams::default()).expect("model");
     let threads = i32::try_from(threads).unwrap_or(1);
     let params = LlamaContextParams::default()
         .with_n_ctx(NonZeroU32::new(CONTEXT))
@@ -54,7 +59,9 @@ fn bare_loop(threads: u32, prompt: usize, context: usize) -> (f64, f64) {
         .with_n_threads_batch(threads);
     let mut ctx = model.new_context(&backend, params).expect("context");
     let tokens = model.vocab().tokenize(
-        "The caravan from Riverford brought news of wolves and rain. ".repeat(64).as_bytes(),
+        "The caravan from Riverford brought news of wolves and rain. "
+            .repeat(64)
+            .as_bytes(),
         true,
         false,
     );
@@ -83,15 +90,15 @@ fn bare_loop(threads: u32, prompt: usize, context: usize) -> (f64, f64) {
             LlamaSampler::temp(0.7),
             LlamaSampler::dist(1),
         ]);
-        let mut position = context;
         let mut last = batch.n_tokens() - 1;
         let started = Instant::now();
-        for _ in 0..GENERATE {
+        for position in context..context + GENERATE {
             let token = sampler.sample(&ctx, last);
             batch.clear();
-            batch.add(token, i32::try_from(position).unwrap(), &[0], true).unwrap();
+            batch
+                .add(token, i32::try_from(position).unwrap(), &[0], true)
+                .unwrap();
             ctx.decode(&mut batch).unwrap();
-            position += 1;
             last = 0;
         }
         tg.push(GENERATE as f64 / started.elapsed().as_secs_f64());
@@ -101,10 +108,19 @@ fn bare_loop(threads: u32, prompt: usize, context: usize) -> (f64, f64) {
 
 fn peer_in_child(threads: u32, prompt: usize, context: usize) -> (f64, f64) {
     let output = std::process::Command::new(std::env::current_exe().expect("own path"))
-        .args(["--peer", &threads.to_string(), &prompt.to_string(), &context.to_string()])
+        .args([
+            "--peer",
+            &threads.to_string(),
+            &prompt.to_string(),
+            &context.to_string(),
+        ])
         .output()
         .expect("run the peer");
-    assert!(output.status.success(), "peer failed: {}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "peer failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let text = String::from_utf8_lossy(&output.stdout);
     let numbers: Vec<f64> = text
         .lines()
@@ -117,7 +133,8 @@ fn peer_in_child(threads: u32, prompt: usize, context: usize) -> (f64, f64) {
 }
 
 fn persona(max_tokens: u32, temperature: f32) -> Persona {
-    let source = std::fs::read_to_string(root().join("assets/personas/innkeeper.persona.ron")).expect("persona");
+    let source = std::fs::read_to_string(root().join("assets/personas/innkeeper.persona.ron"))
+        .expect("persona");
     let mut persona = Persona::from_ron(&source, None).expect("persona parses");
     persona.sampling.max_tokens = Some(max_tokens);
     persona.sampling.temperature = Some(temperature);
@@ -134,7 +151,9 @@ fn reply(runtime: &Runtime, npc: NpcId, line: &str) -> ReplyStats {
         std::thread::sleep(Duration::from_millis(16));
         for event in runtime.events().try_iter() {
             match event {
-                Event::Replied { request: r, stats, .. } if r == request => return stats,
+                Event::Replied {
+                    request: r, stats, ..
+                } if r == request => return stats,
                 Event::Failed { error, .. } => panic!("{error}"),
                 _ => {}
             }
@@ -155,7 +174,10 @@ fn main() {
         .with_slots(1)
         .with_context_size(CONTEXT)
         .with_max_line_chars(10_000);
-    if let Some(threads) = std::env::var("NPC_BENCH_THREADS").ok().and_then(|t| t.parse().ok()) {
+    if let Some(threads) = std::env::var("NPC_BENCH_THREADS")
+        .ok()
+        .and_then(|t| t.parse().ok())
+    {
         config = config.with_threads(threads);
     }
     let threads = config.effective_threads();
@@ -181,17 +203,24 @@ fn main() {
         let stats = reply(&runtime, npc(0), &long_line);
         prompt_tokens = stats.prompt_tokens;
         prefill.push(stats.prompt_tokens as f64 / stats.time_to_first_token.as_secs_f64());
-        runtime.set_persona(npc(1), persona(GENERATE as u32, 0.7)).unwrap();
+        runtime
+            .set_persona(npc(1), persona(GENERATE as u32, 0.7))
+            .unwrap();
         let stats = reply(&runtime, npc(1), count);
         context_at_generation = stats.prompt_tokens;
         generated = stats.generated_tokens;
         sampled.push(stats.tokens_per_second());
     }
     drop(runtime);
-    assert_eq!(prompt_tokens, peer_prompt, "the peer processed a prompt of the same length");
+    assert_eq!(
+        prompt_tokens, peer_prompt,
+        "the peer processed a prompt of the same length"
+    );
     let (pp, tg) = (median(prefill), median(sampled));
 
-    println!("Default model (SmolLM2-135M Q4_1), {threads} threads, {CONTEXT}-token context, median of {RUNS} runs\n");
+    println!(
+        "Default model (SmolLM2-135M Q4_1), {threads} threads, {CONTEXT}-token context, median of {RUNS} runs\n"
+    );
     println!("| measure | bevy_npc_ai runtime | bare llama-cpp-2 loop | ratio |");
     println!("|---|---|---|---|");
     println!(

@@ -21,12 +21,24 @@ fn main() -> AppExit {
     // This example lives in the workspace: point Bevy and the plugin at the project's assets.
     let assets = concat!(env!("CARGO_MANIFEST_DIR"), "/../assets");
     App::new()
-        .add_plugins((MinimalPlugins, AssetPlugin { file_path: assets.into(), ..default() }))
-        .add_plugins(NpcAiPlugin::default().with_model(format!("{assets}/models/SmolLM2-135M-Instruct.Q4_1.gguf")))
+        .add_plugins((
+            MinimalPlugins,
+            AssetPlugin {
+                file_path: assets.into(),
+                ..default()
+            },
+        ))
+        .add_plugins(
+            NpcAiPlugin::default()
+                .with_model(format!("{assets}/models/SmolLM2-135M-Instruct.Q4_1.gguf")),
+        )
         .insert_resource(Question(question))
         .add_systems(Startup, spawn_blacksmith)
         .add_systems(Update, ask.before(NpcAiSystems::SendRequests))
-        .add_systems(Update, (print_reply, quit_on_error).after(NpcAiSystems::ReceiveEvents))
+        .add_systems(
+            Update,
+            (print_reply, quit_on_error).after(NpcAiSystems::ReceiveEvents),
+        )
         .add_observer(finish)
         .run()
 }
@@ -35,10 +47,17 @@ fn spawn_blacksmith(mut commands: Commands, assets: Res<AssetServer>) {
     commands.spawn(Npc::new(assets.load("personas/blacksmith.persona.ron")));
 }
 
-fn ask(npcs: Query<Entity, Added<Npc>>, question: Res<Question>, mut say: MessageWriter<PlayerSaid>) {
+fn ask(
+    npcs: Query<Entity, Added<Npc>>,
+    question: Res<Question>,
+    mut say: MessageWriter<PlayerSaid>,
+) {
     for npc in &npcs {
         println!("> {}", question.0);
-        say.write(PlayerSaid { npc, text: question.0.clone() });
+        say.write(PlayerSaid {
+            npc,
+            text: question.0.clone(),
+        });
     }
 }
 

@@ -38,7 +38,10 @@ fn parse_args() -> Result<Args, String> {
         }
     }
     let persona = persona.ok_or("--persona FILE is required")?;
-    Ok(Args { persona, config: config.with_slots(1) })
+    Ok(Args {
+        persona,
+        config: config.with_slots(1),
+    })
 }
 
 fn main() -> ExitCode {
@@ -48,14 +51,17 @@ fn main() -> ExitCode {
             if !err.is_empty() {
                 eprintln!("chat: {err}");
             }
-            eprintln!("usage: chat --persona FILE [--model GGUF] [--threads N] [--context N] [--seed N]");
+            eprintln!(
+                "usage: chat --persona FILE [--model GGUF] [--threads N] [--context N] [--seed N]"
+            );
             return ExitCode::from(2);
         }
     };
     let persona = match std::fs::read_to_string(&args.persona)
         .map_err(|e| format!("{}: {e}", args.persona))
-        .and_then(|source| Persona::from_ron(&source, Some(&args.persona)).map_err(|e| e.to_string()))
-    {
+        .and_then(|source| {
+            Persona::from_ron(&source, Some(&args.persona)).map_err(|e| e.to_string())
+        }) {
         Ok(persona) => persona,
         Err(err) => {
             eprintln!("chat: {err}");
@@ -115,11 +121,15 @@ fn main() -> ExitCode {
         let _ = stdout.flush();
         for event in runtime.events() {
             match event {
-                Event::Delta { request: r, text, .. } if r == request => {
+                Event::Delta {
+                    request: r, text, ..
+                } if r == request => {
                     print!("{text}");
                     let _ = stdout.flush();
                 }
-                Event::Replied { request: r, stats, .. } if r == request => {
+                Event::Replied {
+                    request: r, stats, ..
+                } if r == request => {
                     println!(
                         "\n  [{} tokens, {:.1} tok/s, first token after {} ms, {} of {} prompt tokens cached]",
                         stats.generated_tokens,
@@ -130,7 +140,9 @@ fn main() -> ExitCode {
                     );
                     break;
                 }
-                Event::Failed { request: r, error, .. } if r == request => {
+                Event::Failed {
+                    request: r, error, ..
+                } if r == request => {
                     println!("\n  [{error}]");
                     break;
                 }

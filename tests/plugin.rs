@@ -6,9 +6,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use bevy::prelude::*;
+use bevy_npc_ai::NpcAiStatus;
 use bevy_npc_ai::npc_native::{DebugHook, FinishReason, NpcError, Request};
 use bevy_npc_ai::prelude::*;
-use bevy_npc_ai::NpcAiStatus;
 
 /// Upper bound on frames a test waits for anything (with a 5 ms pause per frame: ~2 min).
 const MAX_FRAMES: usize = 24_000;
@@ -83,7 +83,10 @@ fn seen(app: &App) -> &Seen {
 }
 
 fn spawn_npc(app: &mut App, persona: &str) -> Entity {
-    let handle = app.world().resource::<AssetServer>().load(persona.to_owned());
+    let handle = app
+        .world()
+        .resource::<AssetServer>()
+        .load(persona.to_owned());
     let npc = app.world_mut().spawn(Npc::new(handle)).id();
     update_until(app, "the persona to be applied", |app| {
         seen(app).personas_applied.contains(&npc)
@@ -92,7 +95,10 @@ fn spawn_npc(app: &mut App, persona: &str) -> Entity {
 }
 
 fn say(app: &mut App, npc: Entity, text: &str) {
-    app.world_mut().write_message(PlayerSaid { npc, text: text.into() });
+    app.world_mut().write_message(PlayerSaid {
+        npc,
+        text: text.into(),
+    });
 }
 
 fn wait_for_reply(app: &mut App, count: usize) -> NpcReplied {
@@ -105,14 +111,24 @@ fn an_npc_replies_in_a_headless_app_while_frames_run() {
     let _serial = common::serial();
     let mut app = default_app();
     let npc = spawn_npc(&mut app, "personas/blacksmith.persona.ron");
-    assert!(matches!(app.world().resource::<NpcAiStatus>(), NpcAiStatus::Ready(_)));
+    assert!(matches!(
+        app.world().resource::<NpcAiStatus>(),
+        NpcAiStatus::Ready(_)
+    ));
     say(&mut app, npc, "How much does an iron sword cost?");
     app.update();
-    assert_eq!(*app.world().get::<NpcState>(npc).unwrap(), NpcState::Thinking);
+    assert_eq!(
+        *app.world().get::<NpcState>(npc).unwrap(),
+        NpcState::Thinking
+    );
     let replied = wait_for_reply(&mut app, 1);
     assert_eq!(replied.entity, npc);
     assert!(!replied.text.is_empty());
-    assert_eq!(seen(&app).deltas.trim(), replied.text, "deltas stream the whole reply");
+    assert_eq!(
+        seen(&app).deltas.trim(),
+        replied.text,
+        "deltas stream the whole reply"
+    );
     assert_eq!(*app.world().get::<NpcState>(npc).unwrap(), NpcState::Idle);
     let history = &app.world().get::<DialogueHistory>(npc).unwrap().lines;
     assert_eq!(history.len(), 2);
@@ -125,7 +141,10 @@ fn an_npc_replies_in_a_headless_app_while_frames_run() {
 fn a_line_sent_before_the_persona_loads_waits_for_it() {
     let _serial = common::serial();
     let mut app = default_app();
-    let handle = app.world().resource::<AssetServer>().load("personas/healer.persona.ron");
+    let handle = app
+        .world()
+        .resource::<AssetServer>()
+        .load("personas/healer.persona.ron");
     let npc = app.world_mut().spawn(Npc::new(handle)).id();
     say(&mut app, npc, "Good morning, sister.");
     let replied = wait_for_reply(&mut app, 1);
@@ -138,8 +157,14 @@ fn a_line_to_an_npc_whose_persona_fails_to_load_is_an_error() {
     let _serial = common::serial();
     let dir = common::scratch_dir("broken-persona");
     std::fs::write(dir.join("broken.persona.ron"), "(name: \"A\"").unwrap();
-    let mut app = app_with(&dir, NpcAiPlugin::default().with_model(common::model_path()));
-    let handle = app.world().resource::<AssetServer>().load("broken.persona.ron");
+    let mut app = app_with(
+        &dir,
+        NpcAiPlugin::default().with_model(common::model_path()),
+    );
+    let handle = app
+        .world()
+        .resource::<AssetServer>()
+        .load("broken.persona.ron");
     let npc = app.world_mut().spawn(Npc::new(handle)).id();
     say(&mut app, npc, "Hello?");
     update_until(&mut app, "the failure", |app| {
@@ -167,7 +192,10 @@ fn the_frame_never_waits_on_a_blocked_worker() {
         app.update();
     }
     assert!(seen(&app).replies.is_empty());
-    assert_eq!(*app.world().get::<NpcState>(npc).unwrap(), NpcState::Thinking);
+    assert_eq!(
+        *app.world().get::<NpcState>(npc).unwrap(),
+        NpcState::Thinking
+    );
     open.send(()).unwrap();
     let replied = wait_for_reply(&mut app, 1);
     assert_eq!(replied.entity, npc);
@@ -178,12 +206,18 @@ fn cancel_reply_stops_the_npc() {
     let _serial = common::serial();
     let mut app = default_app();
     let npc = spawn_npc(&mut app, "personas/innkeeper.persona.ron");
-    say(&mut app, npc, "Tell me a very long story about the village.");
+    say(
+        &mut app,
+        npc,
+        "Tell me a very long story about the village.",
+    );
     update_until(&mut app, "the NPC to start speaking", |app| {
         *app.world().get::<NpcState>(npc).unwrap() == NpcState::Speaking
     });
     app.world_mut().write_message(CancelReply { npc });
-    update_until(&mut app, "the cancellation", |app| seen(app).cancelled.contains(&npc));
+    update_until(&mut app, "the cancellation", |app| {
+        seen(app).cancelled.contains(&npc)
+    });
     assert_eq!(*app.world().get::<NpcState>(npc).unwrap(), NpcState::Idle);
     assert!(seen(&app).replies.is_empty());
 }
@@ -207,14 +241,26 @@ fn bad_player_lines_are_typed_errors() {
     say(&mut app, npc, &"x".repeat(10_000));
     update_until(&mut app, "two errors", |app| seen(app).errors.len() >= 2);
     let errors: Vec<_> = seen(&app).errors.iter().map(ToString::to_string).collect();
-    assert!(matches!(
-        &seen(&app).errors[0],
-        NpcAiError::ReplyFailed { error: NpcError::EmptyLine, .. }
-    ), "{errors:?}");
-    assert!(matches!(
-        &seen(&app).errors[1],
-        NpcAiError::ReplyFailed { error: NpcError::LineTooLong { chars: 10_000, .. }, .. }
-    ), "{errors:?}");
+    assert!(
+        matches!(
+            &seen(&app).errors[0],
+            NpcAiError::ReplyFailed {
+                error: NpcError::EmptyLine,
+                ..
+            }
+        ),
+        "{errors:?}"
+    );
+    assert!(
+        matches!(
+            &seen(&app).errors[1],
+            NpcAiError::ReplyFailed {
+                error: NpcError::LineTooLong { chars: 10_000, .. },
+                ..
+            }
+        ),
+        "{errors:?}"
+    );
     assert_eq!(*app.world().get::<NpcState>(npc).unwrap(), NpcState::Idle);
 }
 
@@ -226,17 +272,34 @@ fn a_missing_model_is_reported_and_the_game_keeps_running() {
         NpcAiPlugin::default().with_model("/nonexistent/model.gguf"),
     );
     update_until(&mut app, "the model failure", |app| {
-        matches!(app.world().resource::<NpcAiStatus>(), NpcAiStatus::Failed(_))
+        matches!(
+            app.world().resource::<NpcAiStatus>(),
+            NpcAiStatus::Failed(_)
+        )
     });
-    let handle = app.world().resource::<AssetServer>().load("personas/guard.persona.ron");
+    let handle = app
+        .world()
+        .resource::<AssetServer>()
+        .load("personas/guard.persona.ron");
     let npc = app.world_mut().spawn(Npc::new(handle)).id();
     say(&mut app, npc, "Hello?");
     update_until(&mut app, "the reply to fail", |app| {
         seen(app).errors.iter().any(|e| {
-            matches!(e, NpcAiError::ReplyFailed { error: NpcError::ModelUnavailable(_), .. })
+            matches!(
+                e,
+                NpcAiError::ReplyFailed {
+                    error: NpcError::ModelUnavailable(_),
+                    ..
+                }
+            )
         })
     });
-    assert!(seen(&app).errors.iter().any(|e| matches!(e, NpcAiError::ModelFailed(_))));
+    assert!(
+        seen(&app)
+            .errors
+            .iter()
+            .any(|e| matches!(e, NpcAiError::ModelFailed(_)))
+    );
 }
 
 #[test]
@@ -250,7 +313,10 @@ fn a_dead_worker_is_reported_once_and_the_game_keeps_running() {
         .send(Request::Debug(DebugHook::Panic))
         .unwrap();
     update_until(&mut app, "the worker's death", |app| {
-        matches!(app.world().resource::<NpcAiStatus>(), NpcAiStatus::WorkerDied(_))
+        matches!(
+            app.world().resource::<NpcAiStatus>(),
+            NpcAiStatus::WorkerDied(_)
+        )
     });
     // Talking to the dead worker is an error, not a panic or a hang.
     say(&mut app, npc, "Are you there?");
@@ -276,7 +342,10 @@ fn despawning_an_npc_is_harmless_mid_reply() {
     app.world_mut().despawn(npc);
     say(&mut app, other, "Good day.");
     let replied = wait_for_reply(&mut app, 1);
-    assert_eq!(replied.entity, other, "the despawned NPC's reply is dropped");
+    assert_eq!(
+        replied.entity, other,
+        "the despawned NPC's reply is dropped"
+    );
 }
 
 // ---- Persona files ----
@@ -304,27 +373,58 @@ fn each_kind_of_persona_mistake_names_line_column_and_field() {
     let _serial = common::serial();
     let dir = common::scratch_dir("persona-errors");
     let cases = [
-        ("unknown_field", "(\n  name: \"A\",\n  role: \"b\",\n  mood: \"grim\",\n)", "4:", "mood"),
-        ("wrong_type", "(\n  name: \"A\",\n  role: \"b\",\n  knowledge: \"one fact\",\n)", "4:", "knowledge"),
+        (
+            "unknown_field",
+            "(\n  name: \"A\",\n  role: \"b\",\n  mood: \"grim\",\n)",
+            "4:",
+            "mood",
+        ),
+        (
+            "wrong_type",
+            "(\n  name: \"A\",\n  role: \"b\",\n  knowledge: \"one fact\",\n)",
+            "4:",
+            "knowledge",
+        ),
         ("missing_field", "(\n  name: \"A\",\n)", "3:", "role"),
-        ("syntax", "(\n  name: \"A\"\n  role: \"b\",\n)", "3:", "name"),
-        ("bad_value", "(\n  name: \"A\",\n  role: \"b\",\n  sampling: (\n    temperature: -1.0,\n  ),\n)", "5:", "temperature"),
+        (
+            "syntax",
+            "(\n  name: \"A\"\n  role: \"b\",\n)",
+            "3:",
+            "name",
+        ),
+        (
+            "bad_value",
+            "(\n  name: \"A\",\n  role: \"b\",\n  sampling: (\n    temperature: -1.0,\n  ),\n)",
+            "5:",
+            "temperature",
+        ),
     ];
     for (name, source, _, _) in &cases {
         std::fs::write(dir.join(format!("{name}.persona.ron")), source).unwrap();
     }
-    let mut app = app_with(&dir, NpcAiPlugin::default().with_model(common::model_path()));
+    let mut app = app_with(
+        &dir,
+        NpcAiPlugin::default().with_model(common::model_path()),
+    );
     let handles: Vec<Handle<Persona>> = cases
         .iter()
-        .map(|(name, ..)| app.world().resource::<AssetServer>().load(format!("{name}.persona.ron")))
+        .map(|(name, ..)| {
+            app.world()
+                .resource::<AssetServer>()
+                .load(format!("{name}.persona.ron"))
+        })
         .collect();
-    update_until(&mut app, "every load error", |app| seen(app).errors.len() >= cases.len());
+    update_until(&mut app, "every load error", |app| {
+        seen(app).errors.len() >= cases.len()
+    });
     for (name, _, line, field) in cases {
         let message = seen(&app)
             .errors
             .iter()
             .find_map(|e| match e {
-                NpcAiError::PersonaLoad { path, message } if path.starts_with(name) => Some(message.clone()),
+                NpcAiError::PersonaLoad { path, message } if path.starts_with(name) => {
+                    Some(message.clone())
+                }
                 _ => None,
             })
             .unwrap_or_else(|| panic!("no error for {name}"));
@@ -341,29 +441,53 @@ fn hot_reload_changes_the_next_reply_and_a_broken_edit_keeps_the_last_good_one()
     let dir = common::scratch_dir("hot-reload");
     let file = dir.join("smith.persona.ron");
     std::fs::write(&file, GOOD_PERSONA).unwrap();
-    let mut app = app_with(&dir, NpcAiPlugin::default().with_model(common::model_path()));
+    let mut app = app_with(
+        &dir,
+        NpcAiPlugin::default().with_model(common::model_path()),
+    );
     let npc = spawn_npc(&mut app, "smith.persona.ron");
     say(&mut app, npc, "What do you sell?");
     let first = wait_for_reply(&mut app, 1);
     assert!(first.stats.generated_tokens > 1);
 
     // The designer caps replies at one token: the next reply obeys.
-    std::fs::write(&file, GOOD_PERSONA.replace("max_tokens: 48", "max_tokens: 1")).unwrap();
+    std::fs::write(
+        &file,
+        GOOD_PERSONA.replace("max_tokens: 48", "max_tokens: 1"),
+    )
+    .unwrap();
     update_until(&mut app, "the reload", |app| {
-        seen(app).personas_applied.iter().filter(|e| **e == npc).count() >= 2
+        seen(app)
+            .personas_applied
+            .iter()
+            .filter(|e| **e == npc)
+            .count()
+            >= 2
     });
     say(&mut app, npc, "What do you sell?");
     let second = wait_for_reply(&mut app, 2);
-    assert_eq!((second.stats.generated_tokens, second.stats.finish), (1, FinishReason::MaxTokens));
+    assert_eq!(
+        (second.stats.generated_tokens, second.stats.finish),
+        (1, FinishReason::MaxTokens)
+    );
 
     // A broken edit is reported with its position, and the last good persona stays live.
     std::fs::write(&file, GOOD_PERSONA.replace("name:", "nme:")).unwrap();
     update_until(&mut app, "the reload error", |app| {
-        seen(app).errors.iter().any(|e| matches!(e, NpcAiError::PersonaLoad { .. }))
+        seen(app)
+            .errors
+            .iter()
+            .any(|e| matches!(e, NpcAiError::PersonaLoad { .. }))
     });
     let error = seen(&app).errors[0].to_string();
-    assert!(error.contains("smith.persona.ron:2:") && error.contains("`nme`"), "{error}");
+    assert!(
+        error.contains("smith.persona.ron:2:") && error.contains("`nme`"),
+        "{error}"
+    );
     say(&mut app, npc, "What do you sell?");
     let third = wait_for_reply(&mut app, 3);
-    assert_eq!(third.stats.generated_tokens, 1, "still the last good persona");
+    assert_eq!(
+        third.stats.generated_tokens, 1,
+        "still the last good persona"
+    );
 }

@@ -33,19 +33,29 @@ fn greedy(name: &str) -> Persona {
 fn accept(runtime: &Runtime, npc: NpcId, persona: Persona) -> usize {
     runtime.set_persona(npc, persona).unwrap();
     match next_event(runtime) {
-        Event::PersonaAccepted { npc: got, prefix_tokens } if got == npc => prefix_tokens,
+        Event::PersonaAccepted {
+            npc: got,
+            prefix_tokens,
+        } if got == npc => prefix_tokens,
         other => panic!("persona not accepted: {other:?}"),
     }
 }
 
 fn next_event(runtime: &Runtime) -> Event {
-    runtime.events().recv_timeout(WAIT).expect("the worker answers within two minutes")
+    runtime
+        .events()
+        .recv_timeout(WAIT)
+        .expect("the worker answers within two minutes")
 }
 
 /// How a request ended, with the streamed text.
 #[derive(Debug)]
 enum Outcome {
-    Replied { text: String, streamed: String, stats: ReplyStats },
+    Replied {
+        text: String,
+        streamed: String,
+        stats: ReplyStats,
+    },
     Cancelled,
     Failed(NpcError),
 }
@@ -54,12 +64,25 @@ fn outcome_of(runtime: &Runtime, request: RequestId) -> Outcome {
     let mut streamed = String::new();
     loop {
         match next_event(runtime) {
-            Event::Delta { request: r, text, .. } if r == request => streamed.push_str(&text),
-            Event::Replied { request: r, text, stats, .. } if r == request => {
-                return Outcome::Replied { text, streamed, stats };
+            Event::Delta {
+                request: r, text, ..
+            } if r == request => streamed.push_str(&text),
+            Event::Replied {
+                request: r,
+                text,
+                stats,
+                ..
+            } if r == request => {
+                return Outcome::Replied {
+                    text,
+                    streamed,
+                    stats,
+                };
             }
             Event::Cancelled { request: r, .. } if r == request => return Outcome::Cancelled,
-            Event::Failed { request: r, error, .. } if r == request => return Outcome::Failed(error),
+            Event::Failed {
+                request: r, error, ..
+            } if r == request => return Outcome::Failed(error),
             Event::WorkerDied { reason } => panic!("worker died: {reason}"),
             _ => {}
         }
@@ -69,8 +92,16 @@ fn outcome_of(runtime: &Runtime, request: RequestId) -> Outcome {
 fn reply(runtime: &Runtime, npc: NpcId, line: &str) -> (String, ReplyStats) {
     let request = runtime.say(npc, line).unwrap();
     match outcome_of(runtime, request) {
-        Outcome::Replied { text, streamed, stats } => {
-            assert_eq!(text, streamed.trim(), "the streamed deltas add up to the reply");
+        Outcome::Replied {
+            text,
+            streamed,
+            stats,
+        } => {
+            assert_eq!(
+                text,
+                streamed.trim(),
+                "the streamed deltas add up to the reply"
+            );
             (text, stats)
         }
         other => panic!("no reply to {line:?}: {other:?}"),
@@ -92,7 +123,10 @@ fn answers_a_persona_question_from_its_knowledge() {
     let brom = NpcId(1);
     accept(&runtime, brom, greedy("blacksmith"));
     let (text, stats) = reply(&runtime, brom, "How much does an iron sword cost?");
-    assert!(text.contains("40"), "the blacksmith knows an iron sword costs 40 gold: {text:?}");
+    assert!(
+        text.contains("40"),
+        "the blacksmith knows an iron sword costs 40 gold: {text:?}"
+    );
     assert!(stats.generated_tokens > 0);
 }
 
@@ -107,7 +141,10 @@ fn replies_end_at_the_end_of_turn_without_template_tokens() {
     let (text, stats) = reply(&runtime, npc, "Hello! What is your name?");
     assert_eq!(stats.finish, FinishReason::EndOfTurn, "{text:?}");
     assert!(stats.generated_tokens < 400);
-    assert!(!text.contains("<|im_"), "no chat-template tokens leak into a reply: {text:?}");
+    assert!(
+        !text.contains("<|im_"),
+        "no chat-template tokens leak into a reply: {text:?}"
+    );
     assert!(!text.is_empty());
 }
 
@@ -119,7 +156,11 @@ fn max_tokens_is_honoured() {
     let mut persona = greedy("guard");
     persona.sampling.max_tokens = Some(5);
     accept(&runtime, npc, persona);
-    let (_, stats) = reply(&runtime, npc, "Tell me everything about the village, in great detail.");
+    let (_, stats) = reply(
+        &runtime,
+        npc,
+        "Tell me everything about the village, in great detail.",
+    );
     assert_eq!(stats.generated_tokens, 5);
     assert_eq!(stats.finish, FinishReason::MaxTokens);
 }
@@ -140,7 +181,11 @@ fn stop_strings_end_the_reply_and_never_reach_the_game() {
     let other = NpcId(2);
     accept(&runtime, other, persona);
     let (stopped, stats) = reply(&runtime, other, "Describe your forge.");
-    assert_eq!(stats.finish, FinishReason::StopString, "{free:?} → {stopped:?}");
+    assert_eq!(
+        stats.finish,
+        FinishReason::StopString,
+        "{free:?} → {stopped:?}"
+    );
     assert_eq!(stopped, expected);
 }
 
@@ -192,7 +237,9 @@ fn cancellation_stops_generation_and_the_npc_can_talk_again() {
     let mut persona = common::persona("innkeeper");
     persona.sampling.max_tokens = Some(1000);
     accept(&runtime, npc, persona);
-    let request = runtime.say(npc, "Tell me a very long story about the village.").unwrap();
+    let request = runtime
+        .say(npc, "Tell me a very long story about the village.")
+        .unwrap();
     let mut deltas = 0;
     loop {
         match next_event(&runtime) {
@@ -208,7 +255,10 @@ fn cancellation_stops_generation_and_the_npc_can_talk_again() {
     }
     // Cancellation is a terminal event: nothing more arrives for that request.
     assert!(
-        runtime.events().recv_timeout(Duration::from_millis(500)).is_err(),
+        runtime
+            .events()
+            .recv_timeout(Duration::from_millis(500))
+            .is_err(),
         "no events after Cancelled"
     );
     let (text, _) = reply(&runtime, npc, "Hello again.");
@@ -249,7 +299,10 @@ fn threads_default_to_the_available_cores() {
     let cores = std::thread::available_parallelism().unwrap().get() as u32;
     assert_eq!(info.threads, cores);
     assert_eq!(info.gpu_layers, 0, "a CPU build offloads nothing");
-    assert!(info.has_chat_template, "SmolLM2 carries its ChatML template");
+    assert!(
+        info.has_chat_template,
+        "SmolLM2 carries its ChatML template"
+    );
     let runtime = start(RuntimeConfig::new(common::model_path()).with_threads(1));
     drop(runtime);
 }
@@ -263,8 +316,13 @@ fn model_failure(config: RuntimeConfig) -> ModelError {
         other => panic!("expected ModelFailed, got {other:?}"),
     };
     // Requests are answered, not dropped.
-    runtime.set_persona(NpcId(1), common::persona("guard")).unwrap();
-    assert!(matches!(next_event(&runtime), Event::PersonaRejected { .. }));
+    runtime
+        .set_persona(NpcId(1), common::persona("guard"))
+        .unwrap();
+    assert!(matches!(
+        next_event(&runtime),
+        Event::PersonaRejected { .. }
+    ));
     let request = runtime.say(NpcId(1), "Hello").unwrap();
     match outcome_of(&runtime, request) {
         Outcome::Failed(NpcError::ModelUnavailable(_)) => {}
@@ -316,7 +374,10 @@ fn empty_and_oversized_player_lines_are_refused() {
     let long = "a".repeat(10_000);
     assert!(matches!(
         failure(&runtime, npc, &long),
-        NpcError::LineTooLong { chars: 10_000, limit: 2000 }
+        NpcError::LineTooLong {
+            chars: 10_000,
+            limit: 2000
+        }
     ));
     // The NPC still talks.
     assert!(!reply(&runtime, npc, "Good day.").0.is_empty());
@@ -335,7 +396,10 @@ fn a_line_that_overflows_the_context_is_refused() {
     persona.sampling.max_tokens = Some(32);
     accept(&runtime, npc, persona);
     let long = "Tell me about the wolves. ".repeat(100);
-    assert!(matches!(failure(&runtime, npc, &long), NpcError::ContextOverflow { available: 256, .. }));
+    assert!(matches!(
+        failure(&runtime, npc, &long),
+        NpcError::ContextOverflow { available: 256, .. }
+    ));
     assert!(!reply(&runtime, npc, "Good day.").0.is_empty());
 }
 
@@ -344,24 +408,35 @@ fn a_persona_that_overflows_the_context_is_rejected() {
     let _serial = common::serial();
     let runtime = start(RuntimeConfig::new(common::model_path()).with_context_size(512));
     let mut persona = common::persona("healer");
-    persona.knowledge = (0..300).map(|i| format!("Herb number {i} grows by the river.")).collect();
+    persona.knowledge = (0..300)
+        .map(|i| format!("Herb number {i} grows by the river."))
+        .collect();
     runtime.set_persona(NpcId(1), persona).unwrap();
     match next_event(&runtime) {
-        Event::PersonaRejected { error: NpcError::ContextOverflow { needed, available }, .. } => {
+        Event::PersonaRejected {
+            error: NpcError::ContextOverflow { needed, available },
+            ..
+        } => {
             assert_eq!(available, 512);
             assert!(needed > 512);
         }
         other => panic!("expected a context overflow, got {other:?}"),
     }
     // The NPC has no persona, so lines to it fail cleanly.
-    assert_eq!(failure(&runtime, NpcId(1), "Hello"), NpcError::UnknownNpc(NpcId(1)));
+    assert_eq!(
+        failure(&runtime, NpcId(1), "Hello"),
+        NpcError::UnknownNpc(NpcId(1))
+    );
 }
 
 #[test]
 fn an_unknown_npc_is_an_error() {
     let _serial = common::serial();
     let runtime = default_runtime();
-    assert_eq!(failure(&runtime, NpcId(99), "Hello?"), NpcError::UnknownNpc(NpcId(99)));
+    assert_eq!(
+        failure(&runtime, NpcId(99), "Hello?"),
+        NpcError::UnknownNpc(NpcId(99))
+    );
 }
 
 #[test]

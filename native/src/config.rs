@@ -140,7 +140,10 @@ impl RuntimeConfig {
             return Err("threads must be at least 1".into());
         }
         if self.context_size < 64 {
-            return Err(format!("context_size {} is below 64 tokens", self.context_size));
+            return Err(format!(
+                "context_size {} is below 64 tokens",
+                self.context_size
+            ));
         }
         if !(1..=64).contains(&self.slots) {
             return Err(format!("slots {} is outside 1..=64", self.slots));
@@ -150,7 +153,10 @@ impl RuntimeConfig {
         }
         if self.batch_size < self.slots {
             // Every generating NPC puts one token in each batch.
-            return Err(format!("batch_size {} is below slots {}", self.batch_size, self.slots));
+            return Err(format!(
+                "batch_size {} is below slots {}",
+                self.batch_size, self.slots
+            ));
         }
         if self.max_line_chars == 0 {
             return Err("max_line_chars must be at least 1".into());

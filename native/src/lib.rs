@@ -89,7 +89,10 @@ impl Runtime {
     /// # Errors
     /// [`WorkerGone`] if the worker has stopped.
     pub fn set_persona(&self, npc: NpcId, persona: Persona) -> Result<(), WorkerGone> {
-        self.send(Request::SetPersona { npc, persona: Box::new(persona) })
+        self.send(Request::SetPersona {
+            npc,
+            persona: Box::new(persona),
+        })
     }
 
     /// The player says `text` to `npc`. The reply streams as [`Event::Delta`]s and ends with
@@ -100,7 +103,11 @@ impl Runtime {
     /// [`WorkerGone`] if the worker has stopped.
     pub fn say(&self, npc: NpcId, text: impl Into<String>) -> Result<RequestId, WorkerGone> {
         let request = self.new_request_id();
-        self.send(Request::Say { npc, request, text: text.into() })?;
+        self.send(Request::Say {
+            npc,
+            request,
+            text: text.into(),
+        })?;
         Ok(request)
     }
 

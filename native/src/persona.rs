@@ -80,7 +80,8 @@ impl Persona {
     /// (see [`Persona::validate`]).
     pub fn from_ron(source: &str, file: Option<&str>) -> Result<Self, PersonaError> {
         // Designers write `temperature: 0.6`, not `temperature: Some(0.6)`.
-        let options = ron::Options::default().with_default_extension(ron::extensions::Extensions::IMPLICIT_SOME);
+        let options = ron::Options::default()
+            .with_default_extension(ron::extensions::Extensions::IMPLICIT_SOME);
         let persona: Persona = options.from_str(source).map_err(|err| {
             let position = err.span.start;
             let field = field_named_in(&err.code)
@@ -95,11 +96,10 @@ impl Persona {
         })?;
         persona.validate().map_err(|mut err| {
             err.file = file.map(str::to_owned);
-            if let Some(field) = &err.field {
-                if let Some((line, column)) = locate_field(source, field) {
-                    err.line = line;
-                    err.column = column;
-                }
+            if let Some((line, column)) = err.field.as_deref().and_then(|f| locate_field(source, f))
+            {
+                err.line = line;
+                err.column = column;
             }
             err
         })?;
@@ -279,23 +279,34 @@ mod tests {
 
     #[test]
     fn wrong_type_names_the_field() {
-        let source = "(\n  name: \"Brom\",\n  role: \"smith\",\n  sampling: (temperature: \"hot\"),\n)";
+        let source =
+            "(\n  name: \"Brom\",\n  role: \"smith\",\n  sampling: (temperature: \"hot\"),\n)";
         let err = Persona::from_ron(source, None).unwrap_err();
-        assert_eq!((err.line, err.field.as_deref()), (4, Some("temperature")), "{err}");
+        assert_eq!(
+            (err.line, err.field.as_deref()),
+            (4, Some("temperature")),
+            "{err}"
+        );
     }
 
     #[test]
     fn missing_field_and_syntax_errors_are_located() {
         let err = Persona::from_ron("(\n  name: \"Brom\",\n)", None).unwrap_err();
         assert_eq!(err.field.as_deref(), Some("role"), "{err}");
-        let err = Persona::from_ron("(\n  name: \"Brom\"\n  role: \"smith\",\n)", None).unwrap_err();
+        let err =
+            Persona::from_ron("(\n  name: \"Brom\"\n  role: \"smith\",\n)", None).unwrap_err();
         assert_eq!(err.line, 3, "{err}");
     }
 
     #[test]
     fn out_of_range_values_point_at_their_line() {
-        let source = "(\n  name: \"Brom\",\n  role: \"smith\",\n  sampling: (\n    top_p: 1.5,\n  ),\n)";
+        let source =
+            "(\n  name: \"Brom\",\n  role: \"smith\",\n  sampling: (\n    top_p: 1.5,\n  ),\n)";
         let err = Persona::from_ron(source, None).unwrap_err();
-        assert_eq!((err.line, err.field.as_deref()), (5, Some("top_p")), "{err}");
+        assert_eq!(
+            (err.line, err.field.as_deref()),
+            (5, Some("top_p")),
+            "{err}"
+        );
     }
 }

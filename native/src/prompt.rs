@@ -41,7 +41,9 @@ impl PromptBuilder {
         let mut control_texts: Vec<String> = vocab
             .tokens()
             .filter(|&token| vocab.is_control(token) || vocab.is_eog(token))
-            .map(|token| String::from_utf8_lossy(&vocab.token_to_piece(token, true, None)).into_owned())
+            .map(|token| {
+                String::from_utf8_lossy(&vocab.token_to_piece(token, true, None)).into_owned()
+            })
             .filter(|text| text.chars().count() >= 2)
             .collect();
         control_texts.sort_by_key(|text| std::cmp::Reverse(text.len()));
@@ -111,7 +113,8 @@ impl PromptBuilder {
         // Cheap first guess from the full prompt, then drop turns one by one.
         let mut dropped = 0;
         loop {
-            let tokens = Self::tokenize(model, &self.render(model, system, &turns[dropped..], line)?);
+            let tokens =
+                Self::tokenize(model, &self.render(model, system, &turns[dropped..], line)?);
             if tokens.len() <= limit {
                 return Ok((tokens, dropped));
             }

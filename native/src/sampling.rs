@@ -75,7 +75,12 @@ impl SamplingOverrides {
     #[must_use]
     pub fn apply_to(&self, base: &SamplingParams) -> SamplingParams {
         let mut stop = base.stop.clone();
-        stop.extend(self.stop.iter().filter(|s| !stop_contains(&base.stop, s)).cloned());
+        stop.extend(
+            self.stop
+                .iter()
+                .filter(|s| !stop_contains(&base.stop, s))
+                .cloned(),
+        );
         SamplingParams {
             temperature: self.temperature.unwrap_or(base.temperature),
             top_k: self.top_k.unwrap_or(base.top_k),
@@ -278,9 +283,15 @@ mod tests {
 
     #[test]
     fn validation_names_the_field() {
-        let bad = SamplingParams { min_p: f32::NAN, ..Default::default() };
+        let bad = SamplingParams {
+            min_p: f32::NAN,
+            ..Default::default()
+        };
         assert_eq!(bad.validate().unwrap_err().0, "min_p");
-        let bad = SamplingParams { max_tokens: 0, ..Default::default() };
+        let bad = SamplingParams {
+            max_tokens: 0,
+            ..Default::default()
+        };
         assert_eq!(bad.validate().unwrap_err().0, "max_tokens");
     }
 
@@ -304,7 +315,7 @@ mod tests {
     fn held_prefix_is_released_when_it_turns_out_harmless() {
         let mut filter = StopFilter::new(vec!["END".into()]);
         assert_eq!(filter.push(b"the EN").0, "the ");
-        assert_eq!(filter.push(b"D").1, true);
+        assert!(filter.push(b"D").1);
         let mut filter = StopFilter::new(vec!["END".into()]);
         filter.push(b"the EN");
         assert_eq!(filter.push(b"gine").0, "ENgine");

@@ -34,7 +34,8 @@ use crate::sampling::{SamplingParams, StopFilter};
 /// process shares this one, and it lives until the process exits.
 fn backend() -> &'static LlamaBackend {
     static BACKEND: OnceLock<LlamaBackend> = OnceLock::new();
-    BACKEND.get_or_init(|| LlamaBackend::init().expect("the llama backend is only initialised here"))
+    BACKEND
+        .get_or_init(|| LlamaBackend::init().expect("the llama backend is only initialised here"))
 }
 
 /// Entry point of the worker thread. Never panics out: a panic becomes [`Event::WorkerDied`].
@@ -54,7 +55,9 @@ pub(crate) fn run(config: RuntimeConfig, inbox: Receiver<Request>, events: Sende
 fn serve(config: &RuntimeConfig, inbox: &Receiver<Request>, events: &Sender<Event>) {
     let started = Instant::now();
     if !config.llama_logs {
-        llama_cpp_2::send_logs_to_tracing(llama_cpp_2::LogOptions::default().with_logs_enabled(false));
+        llama_cpp_2::send_logs_to_tracing(
+            llama_cpp_2::LogOptions::default().with_logs_enabled(false),
+        );
     }
     let loaded = load_model(config);
     let model = match loaded {
@@ -73,7 +76,9 @@ fn serve(config: &RuntimeConfig, inbox: &Receiver<Request>, events: &Sender<Even
         .with_n_threads_batch(threads_i32);
     let mut ctx = match model.new_context(backend(), params) {
         Ok(ctx) => ctx,
-        Err(err) => return serve_without_model(&ModelError::Context(err.to_string()), inbox, events),
+        Err(err) => {
+            return serve_without_model(&ModelError::Context(err.to_string()), inbox, events);
+        }
     };
     warm_up(&model, &mut ctx);
     let prompts = PromptBuilder::new(&model);
@@ -149,8 +154,15 @@ fn serve_without_model(error: &ModelError, inbox: &Receiver<Request>, events: &S
     let unavailable = || NpcError::ModelUnavailable(error.to_string());
     while let Ok(request) = inbox.recv() {
         let event = match request {
-            Request::SetPersona { npc, .. } => Event::PersonaRejected { npc, error: unavailable() },
-            Request::Say { npc, request, .. } => Event::Failed { npc, request, error: unavailable() },
+            Request::SetPersona { npc, .. } => Event::PersonaRejected {
+                npc,
+                error: unavailable(),
+            },
+            Request::Say { npc, request, .. } => Event::Failed {
+                npc,
+                request,
+                error: unavailable(),
+            },
             Request::Cancel { .. } | Request::Forget { .. } => continue,
             Request::Shutdown => return,
             Request::Debug(hook) => {
@@ -283,10 +295,18 @@ impl Engine<'_, '_> {
 
     fn shut_down(&mut self) {
         for job in std::mem::take(&mut self.active) {
-            self.emit(Event::Failed { npc: job.npc, request: job.request, error: NpcError::ShuttingDown });
+            self.emit(Event::Failed {
+                npc: job.npc,
+                request: job.request,
+                error: NpcError::ShuttingDown,
+            });
         }
         for queued in std::mem::take(&mut self.queue) {
-            self.emit(Event::Failed { npc: queued.npc, request: queued.request, error: NpcError::ShuttingDown });
+            self.emit(Event::Failed {
+                npc: queued.npc,
+                request: queued.request,
+                error: NpcError::ShuttingDown,
+            });
         }
     }
 
@@ -311,7 +331,14 @@ impl Engine<'_, '_> {
         match result {
             Ok((system, sampling, prefix_tokens)) => {
                 let turns = self.npcs.remove(&npc).map(|c| c.turns).unwrap_or_default();
-                self.npcs.insert(npc, Conversation { system, sampling, turns });
+                self.npcs.insert(
+                    npc,
+                    Conversation {
+                        system,
+                        sampling,
+                        turns,
+                    },
+                );
                 self.emit(Event::PersonaAccepted { npc, prefix_tokens });
             }
             Err(error) => self.emit(Event::PersonaRejected { npc, error }),
@@ -319,14 +346,26 @@ impl Engine<'_, '_> {
     }
 
     fn say(&mut self, npc: NpcId, request: RequestId, text: String) {
-        let fail = |engine: &Self, error| engine.emit(Event::Failed { npc, request, error });
+        let fail = |engine: &Self, error| {
+            engine.emit(Event::Failed {
+                npc,
+                request,
+                error,
+            })
+        };
         let line = self.prompts.sanitize(text.trim());
         let chars = text.chars().count();
         if line.trim().is_empty() {
             return fail(self, NpcError::EmptyLine);
         }
         if chars > self.config.max_line_chars {
-            return fail(self, NpcError::LineTooLong { chars, limit: self.config.max_line_chars });
+            return fail(
+                self,
+                NpcError::LineTooLong {
+                    chars,
+                    limit: self.config.max_line_chars,
+                },
+            );
         }
         if !self.npcs.contains_key(&npc) {
             return fail(self, NpcError::UnknownNpc(npc));
@@ -334,18 +373,29 @@ impl Engine<'_, '_> {
         if self.active.iter().any(|job| job.npc == npc) || self.queue.iter().any(|q| q.npc == npc) {
             return fail(self, NpcError::Busy);
         }
-        self.queue.push_back(Queued { npc, request, line, received: Instant::now() });
+        self.queue.push_back(Queued {
+            npc,
+            request,
+            line,
+            received: Instant::now(),
+        });
     }
 
     fn cancel(&mut self, npc: NpcId) {
         if let Some(at) = self.queue.iter().position(|q| q.npc == npc) {
             let queued = self.queue.remove(at).expect("position is in range");
-            self.emit(Event::Cancelled { npc, request: queued.request });
+            self.emit(Event::Cancelled {
+                npc,
+                request: queued.request,
+            });
         }
         if let Some(at) = self.active.iter().position(|job| job.npc == npc) {
             let job = self.active.swap_remove(at);
             self.kv.release(job.slot);
-            self.emit(Event::Cancelled { npc, request: job.request });
+            self.emit(Event::Cancelled {
+                npc,
+                request: job.request,
+            });
         }
     }
 
@@ -361,14 +411,23 @@ impl Engine<'_, '_> {
                 Ok(job) => self.active.push(job),
                 Err((request, error)) => {
                     self.kv.release(slot);
-                    self.emit(Event::Failed { npc, request, error });
+                    self.emit(Event::Failed {
+                        npc,
+                        request,
+                        error,
+                    });
                 }
             }
         }
     }
 
     fn start_job(&mut self, queued: Queued, slot: usize) -> Result<Job, (RequestId, NpcError)> {
-        let Queued { npc, request, line, received } = queued;
+        let Queued {
+            npc,
+            request,
+            line,
+            received,
+        } = queued;
         let Some(conversation) = self.npcs.get(&npc) else {
             return Err((request, NpcError::UnknownNpc(npc)));
         };
@@ -426,14 +485,17 @@ impl Engine<'_, '_> {
         for job in &mut self.active {
             job.logits_at = None;
             if let Some(token) = job.next_token {
-                let added = self.batch.add(token, pos(job.n_past), &[seq_id(job.slot)], true);
+                let added = self
+                    .batch
+                    .add(token, pos(job.n_past), &[seq_id(job.slot)], true);
                 debug_assert!(added.is_ok(), "batch holds one token per slot");
                 job.logits_at = Some(i32::try_from(used).unwrap_or(i32::MAX));
                 used += 1;
             }
         }
         for job in &mut self.active {
-            if job.next_token.is_some() || job.pending_from >= job.pending.len() || used >= capacity {
+            if job.next_token.is_some() || job.pending_from >= job.pending.len() || used >= capacity
+            {
                 continue;
             }
             let end = job.pending.len().min(job.pending_from + (capacity - used));
@@ -441,7 +503,9 @@ impl Engine<'_, '_> {
             for index in job.pending_from..end {
                 let last = index + 1 == job.pending.len();
                 let position = pos(job.n_past + index - job.pending_from);
-                let _ = self.batch.add(job.pending[index], position, &[seq_id(job.slot)], last);
+                let _ = self
+                    .batch
+                    .add(job.pending[index], position, &[seq_id(job.slot)], last);
                 if last {
                     job.logits_at = Some(i32::try_from(used).unwrap_or(i32::MAX));
                 }
@@ -484,7 +548,11 @@ impl Engine<'_, '_> {
             job.stats.generated_tokens += 1;
             let (text, stopped) = job.filter.push(&vocab.token_to_piece(token, false, None));
             if !text.is_empty() {
-                let _ = self.events.send(Event::Delta { npc: job.npc, request: job.request, text });
+                let _ = self.events.send(Event::Delta {
+                    npc: job.npc,
+                    request: job.request,
+                    text,
+                });
             }
             if stopped {
                 finished.push((at, FinishReason::StopString));
@@ -506,15 +574,27 @@ impl Engine<'_, '_> {
     fn finish(&mut self, mut job: Job, reason: FinishReason) {
         let tail = job.filter.finish();
         if !tail.is_empty() {
-            self.emit(Event::Delta { npc: job.npc, request: job.request, text: tail });
+            self.emit(Event::Delta {
+                npc: job.npc,
+                request: job.request,
+                text: tail,
+            });
         }
         self.kv.release(job.slot);
         job.stats.finish = reason;
         let text = job.filter.text().trim().to_owned();
         if let Some(conversation) = self.npcs.get_mut(&job.npc) {
-            conversation.turns.push(Turn { player: job.line, npc: text.clone() });
+            conversation.turns.push(Turn {
+                player: job.line,
+                npc: text.clone(),
+            });
         }
-        self.emit(Event::Replied { npc: job.npc, request: job.request, text, stats: job.stats });
+        self.emit(Event::Replied {
+            npc: job.npc,
+            request: job.request,
+            text,
+            stats: job.stats,
+        });
     }
 
     /// A decode failed: the batch's state is unknown, so every active reply fails and its

@@ -3,19 +3,18 @@
 //! Neither system ever blocks: requests are channel sends, events are drained with
 //! `try_recv`.
 
+use bevy::asset::LoadState;
 use bevy::platform::collections::{HashMap, HashSet};
 use bevy::prelude::*;
 use crossbeam_channel::TryRecvError;
-use bevy::asset::LoadState;
 use npc_native::{Event, ModelError, ModelInfo, NpcError, NpcId, Runtime};
 
+use crate::NpcAiSystems;
 use crate::dialogue::{
     CancelReply, DialogueHistory, DialogueLine, ModelFailed, ModelLoaded, Npc, NpcAiError,
-    NpcPersonaApplied, NpcReplied, NpcReplyCancelled, NpcReplyDelta, NpcState, PlayerSaid,
-    Speaker,
+    NpcPersonaApplied, NpcReplied, NpcReplyCancelled, NpcReplyDelta, NpcState, PlayerSaid, Speaker,
 };
 use crate::persona::Persona;
-use crate::NpcAiSystems;
 
 /// The running [`Runtime`]. Games rarely need it; it is public for tools and tests.
 #[derive(Resource)]
@@ -70,7 +69,9 @@ pub(crate) fn plugin(app: &mut App, runtime: Runtime) {
     .add_systems(
         Update,
         (
-            (send_personas, send_player_lines).chain().in_set(NpcAiSystems::SendRequests),
+            (send_personas, send_player_lines)
+                .chain()
+                .in_set(NpcAiSystems::SendRequests),
             receive_runtime_events.in_set(NpcAiSystems::ReceiveEvents),
         ),
     )
@@ -101,7 +102,11 @@ fn send_personas(
         let Some(persona) = personas.get(id) else {
             continue; // Still loading; tried again next frame.
         };
-        if handle.runtime.set_persona(npc_id(entity), persona.0.clone()).is_ok() {
+        if handle
+            .runtime
+            .set_persona(npc_id(entity), persona.0.clone())
+            .is_ok()
+        {
             handle.sent_personas.insert(entity, id);
         }
     }
@@ -138,7 +143,10 @@ fn send_player_lines(
         match handle.runtime.say(npc_id(line.npc), line.text.clone()) {
             Ok(_) => {
                 *state = NpcState::Thinking;
-                history.lines.push(DialogueLine { speaker: Speaker::Player, text: line.text });
+                history.lines.push(DialogueLine {
+                    speaker: Speaker::Player,
+                    text: line.text,
+                });
             }
             Err(_) => report_worker_gone(handle, &mut errors),
         }
@@ -155,7 +163,9 @@ fn send_player_lines(
 fn report_worker_gone(handle: &mut RuntimeHandle, errors: &mut MessageWriter<NpcAiError>) {
     if !handle.worker_died {
         handle.worker_died = true;
-        errors.write(NpcAiError::WorkerDied { reason: "the worker is not running".into() });
+        errors.write(NpcAiError::WorkerDied {
+            reason: "the worker is not running".into(),
+        });
     }
 }
 
@@ -200,7 +210,10 @@ fn receive_runtime_events(
             }
             Event::PersonaAccepted { npc, prefix_tokens } => {
                 if let Some(entity) = live(npc, &npcs) {
-                    commands.trigger(NpcPersonaApplied { entity, prefix_tokens });
+                    commands.trigger(NpcPersonaApplied {
+                        entity,
+                        prefix_tokens,
+                    });
                 }
             }
             Event::PersonaRejected { npc, error } => {
@@ -209,29 +222,46 @@ fn receive_runtime_events(
                 }
             }
             Event::Delta { npc, text, .. } => {
-                let Some(entity) = live(npc, &npcs) else { continue };
+                let Some(entity) = live(npc, &npcs) else {
+                    continue;
+                };
                 if let Ok((mut state, _)) = npcs.get_mut(entity) {
                     state.set_if_neq(NpcState::Speaking);
                 }
                 deltas.write(NpcReplyDelta { npc: entity, text });
             }
-            Event::Replied { npc, text, stats, .. } => {
-                let Some(entity) = live(npc, &npcs) else { continue };
+            Event::Replied {
+                npc, text, stats, ..
+            } => {
+                let Some(entity) = live(npc, &npcs) else {
+                    continue;
+                };
                 if let Ok((mut state, mut history)) = npcs.get_mut(entity) {
                     *state = NpcState::Idle;
-                    history.lines.push(DialogueLine { speaker: Speaker::Npc, text: text.clone() });
+                    history.lines.push(DialogueLine {
+                        speaker: Speaker::Npc,
+                        text: text.clone(),
+                    });
                 }
-                commands.trigger(NpcReplied { entity, text, stats });
+                commands.trigger(NpcReplied {
+                    entity,
+                    text,
+                    stats,
+                });
             }
             Event::Cancelled { npc, .. } => {
-                let Some(entity) = live(npc, &npcs) else { continue };
+                let Some(entity) = live(npc, &npcs) else {
+                    continue;
+                };
                 if let Ok((mut state, _)) = npcs.get_mut(entity) {
                     *state = NpcState::Idle;
                 }
                 commands.trigger(NpcReplyCancelled { entity });
             }
             Event::Failed { npc, error, .. } => {
-                let Some(entity) = live(npc, &npcs) else { continue };
+                let Some(entity) = live(npc, &npcs) else {
+                    continue;
+                };
                 if let Ok((mut state, _)) = npcs.get_mut(entity) {
                     *state = NpcState::Idle;
                 }

@@ -13,8 +13,7 @@ use npc_native::{Runtime, RuntimeConfig, SamplingParams};
 pub use bridge::{NpcAiStatus, RuntimeHandle};
 pub use dialogue::{
     CancelReply, DialogueHistory, DialogueLine, ModelFailed, ModelLoaded, Npc, NpcAiError,
-    NpcPersonaApplied, NpcReplied, NpcReplyCancelled, NpcReplyDelta, NpcState, PlayerSaid,
-    Speaker,
+    NpcPersonaApplied, NpcReplied, NpcReplyCancelled, NpcReplyDelta, NpcState, PlayerSaid, Speaker,
 };
 pub use npc_native;
 pub use persona::{Persona, PersonaLoadError, PersonaLoader};
@@ -23,8 +22,8 @@ pub use persona::{Persona, PersonaLoadError, PersonaLoader};
 pub mod prelude {
     pub use crate::{
         CancelReply, DialogueHistory, ModelFailed, ModelLoaded, Npc, NpcAiError, NpcAiPlugin,
-        NpcAiStatus, NpcAiSystems, NpcPersonaApplied, NpcReplied, NpcReplyCancelled,
-        NpcReplyDelta, NpcState, Persona, PlayerSaid,
+        NpcAiStatus, NpcAiSystems, NpcPersonaApplied, NpcReplied, NpcReplyCancelled, NpcReplyDelta,
+        NpcState, Persona, PlayerSaid,
     };
     pub use npc_native::{ReplyStats, SamplingParams};
 }

@@ -49,9 +49,15 @@ impl AssetLoader for PersonaLoader {
         reader
             .read_to_end(&mut bytes)
             .await
-            .map_err(|source| PersonaLoadError::Io { path: path.clone(), source })?;
+            .map_err(|source| PersonaLoadError::Io {
+                path: path.clone(),
+                source,
+            })?;
         let source = String::from_utf8_lossy(&bytes);
-        Ok(Persona(npc_native::Persona::from_ron(&source, Some(&path))?))
+        Ok(Persona(npc_native::Persona::from_ron(
+            &source,
+            Some(&path),
+        )?))
     }
 
     fn extensions(&self) -> &[&str] {

@@ -29,14 +29,16 @@ pub fn persona_source(name: &str) -> String {
 
 /// A shipped persona.
 pub fn persona(name: &str) -> npc_native::Persona {
-    npc_native::Persona::from_ron(&persona_source(name), Some(name)).expect("shipped persona parses")
+    npc_native::Persona::from_ron(&persona_source(name), Some(name))
+        .expect("shipped persona parses")
 }
 
 /// Tests that run the model take this lock: each runtime uses every core, so running two at
 /// once only makes both slow.
 pub fn serial() -> MutexGuard<'static, ()> {
     static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    LOCK.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// A fresh scratch directory under the target dir.

