@@ -3,6 +3,7 @@
 mod common;
 
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bevy::prelude::*;
@@ -490,4 +491,54 @@ fn hot_reload_changes_the_next_reply_and_a_broken_edit_keeps_the_last_good_one()
         third.stats.generated_tokens, 1,
         "still the last good persona"
     );
+}
+
+// ---- Save and load with the game ----
+
+#[test]
+fn npc_state_survives_save_and_load_and_the_first_reply_costs_only_new_tokens() {
+    let _serial = common::serial();
+    let path = common::scratch_dir("plugin-save").join("saves/brom.state");
+    let mut app = default_app();
+    let saved = Arc::new(Mutex::new(None));
+    let saved_in = saved.clone();
+    app.add_observer(move |event: On<NpcStateSaved>| {
+        *saved_in.lock().unwrap() = Some(event.bytes);
+    });
+    let npc = spawn_npc(&mut app, "personas/blacksmith.persona.ron");
+    say(&mut app, npc, "Good morning, Brom.");
+    let first = wait_for_reply(&mut app, 1);
+    app.world_mut().write_message(SaveNpcState {
+        npc,
+        path: path.clone(),
+    });
+    update_until(&mut app, "the save", |_| saved.lock().unwrap().is_some());
+    assert!(path.is_file());
+    drop(app);
+
+    // A new game session: spawn the NPC and load its state in the same frame.
+    let mut app = default_app();
+    let loaded = Arc::new(Mutex::new(None));
+    let loaded_in = loaded.clone();
+    app.add_observer(move |event: On<NpcStateLoaded>| {
+        *loaded_in.lock().unwrap() = Some(event.event().clone());
+    });
+    let handle = app
+        .world()
+        .resource::<AssetServer>()
+        .load("personas/blacksmith.persona.ron");
+    let npc = app.world_mut().spawn(Npc::new(handle)).id();
+    app.world_mut().write_message(LoadNpcState { npc, path });
+    update_until(&mut app, "the load", |_| loaded.lock().unwrap().is_some());
+    let event = loaded.lock().unwrap().clone().unwrap();
+    assert_eq!((event.turns, event.kv_note), (1, None));
+    assert!(event.kv_tokens >= first.stats.prompt_tokens);
+    say(&mut app, npc, "What do you sell?");
+    let reply = wait_for_reply(&mut app, 1);
+    assert!(
+        reply.stats.cached_tokens >= event.kv_tokens - 1,
+        "after a load only the new turn is computed: {:?}",
+        reply.stats
+    );
+    assert!(seen(&app).errors.is_empty(), "{:?}", seen(&app).errors);
 }

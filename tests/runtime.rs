@@ -473,3 +473,155 @@ fn a_dead_worker_is_reported_and_refuses_requests() {
     assert!(runtime.is_finished());
     assert!(runtime.say(NpcId(1), "Hello?").is_err());
 }
+
+// ---- Saving and loading NPC state ----
+
+fn saved(runtime: &Runtime) -> usize {
+    match next_event(runtime) {
+        Event::NpcSaved { kv_tokens, .. } => kv_tokens,
+        other => panic!("expected NpcSaved, got {other:?}"),
+    }
+}
+
+fn loaded(runtime: &Runtime) -> (usize, usize, Option<String>) {
+    match next_event(runtime) {
+        Event::NpcLoaded {
+            turns,
+            kv_tokens,
+            kv_note,
+            ..
+        } => (turns, kv_tokens, kv_note),
+        other => panic!("expected NpcLoaded, got {other:?}"),
+    }
+}
+
+/// A blacksmith with a two-turn conversation, saved to `path`. Returns the live runtime.
+fn converse_and_save(path: &std::path::Path) -> (Runtime, usize) {
+    let runtime = default_runtime();
+    let npc = NpcId(1);
+    accept(&runtime, npc, greedy("blacksmith"));
+    reply(&runtime, npc, "Good morning, Brom.");
+    reply(&runtime, npc, "What do you sell?");
+    runtime.save_npc(npc, path).unwrap();
+    let kv_tokens = saved(&runtime);
+    assert!(
+        kv_tokens > 100,
+        "the KV state was saved with the conversation"
+    );
+    (runtime, kv_tokens)
+}
+
+#[test]
+fn a_restored_state_replies_exactly_like_the_live_one_and_reuses_its_tokens() {
+    let _serial = common::serial();
+    let path = common::scratch_dir("restore").join("brom.state");
+    let (live, kv_tokens) = converse_and_save(&path);
+    let question = "And how much is a horseshoe?";
+    let (live_text, live_stats) = reply(&live, NpcId(1), question);
+    drop(live);
+
+    let runtime = default_runtime();
+    let npc = NpcId(7);
+    accept(&runtime, npc, greedy("blacksmith"));
+    runtime.load_npc(npc, &path).unwrap();
+    assert_eq!(loaded(&runtime), (2, kv_tokens, None));
+    let (text, stats) = reply(&runtime, npc, question);
+    // The KV bytes are the live ones, so greedy decoding continues identically.
+    assert_eq!(text, live_text);
+    assert_eq!(stats.prompt_tokens, live_stats.prompt_tokens);
+    assert!(
+        stats.cached_tokens >= kv_tokens - 1,
+        "only the new turn is computed after a load: {stats:?}"
+    );
+}
+
+#[test]
+fn a_mismatched_or_corrupt_state_falls_back_to_recompute_and_keeps_the_conversation() {
+    let _serial = common::serial();
+    let dir = common::scratch_dir("fallback");
+    let path = dir.join("brom.state");
+    let (live, _) = converse_and_save(&path);
+    let question = "And how much is a horseshoe?";
+    let (_, live_stats) = reply(&live, NpcId(1), question);
+    drop(live);
+
+    // A different context shape: the KV is not loaded, the conversation is.
+    let runtime = start(RuntimeConfig::new(common::model_path()).with_context_size(1024));
+    accept(&runtime, NpcId(1), greedy("blacksmith"));
+    runtime.load_npc(NpcId(1), &path).unwrap();
+    let (turns, kv_tokens, note) = loaded(&runtime);
+    assert_eq!((turns, kv_tokens), (2, 0));
+    assert!(note.unwrap().contains("context tokens"));
+    let (_, stats) = reply(&runtime, NpcId(1), question);
+    assert_eq!(
+        stats.prompt_tokens, live_stats.prompt_tokens,
+        "the whole conversation is in the prompt"
+    );
+    assert_eq!(stats.cached_tokens, 0, "recomputed");
+    drop(runtime);
+
+    // A flipped byte in the KV section: caught by its checksum before llama.cpp sees it.
+    let mut bytes = std::fs::read(&path).unwrap();
+    let last = bytes.len() - 10;
+    bytes[last] ^= 0x55;
+    let corrupt = dir.join("corrupt.state");
+    std::fs::write(&corrupt, &bytes).unwrap();
+    let runtime = default_runtime();
+    accept(&runtime, NpcId(1), greedy("blacksmith"));
+    runtime.load_npc(NpcId(1), &corrupt).unwrap();
+    let (turns, kv_tokens, note) = loaded(&runtime);
+    assert_eq!(
+        (turns, kv_tokens, note.as_deref()),
+        (2, 0, Some("checksum mismatch"))
+    );
+    let (_, stats) = reply(&runtime, NpcId(1), question);
+    assert_eq!(stats.prompt_tokens, live_stats.prompt_tokens);
+
+    // Not a state file at all: an error, and the NPC keeps what it had.
+    std::fs::write(dir.join("junk.state"), "junk").unwrap();
+    runtime.load_npc(NpcId(1), dir.join("junk.state")).unwrap();
+    assert!(matches!(next_event(&runtime), Event::NpcLoadFailed { .. }));
+    let (_, after) = reply(&runtime, NpcId(1), "Thank you.");
+    assert_eq!(after.dropped_turns, 0);
+    assert!(
+        after.prompt_tokens > stats.prompt_tokens,
+        "the conversation is still there"
+    );
+}
+
+#[test]
+fn a_failed_save_is_reported_and_keeps_the_previous_file() {
+    let _serial = common::serial();
+    let path = common::scratch_dir("failed-save").join("brom.state");
+    let (runtime, _) = converse_and_save(&path);
+    let before = std::fs::read(&path).unwrap();
+    // Stand in for a full disk: the temporary file cannot be created.
+    std::fs::create_dir_all(path.with_extension("partial")).unwrap();
+    reply(&runtime, NpcId(1), "One more thing.");
+    runtime.save_npc(NpcId(1), &path).unwrap();
+    assert!(matches!(next_event(&runtime), Event::NpcSaveFailed { .. }));
+    assert_eq!(std::fs::read(&path).unwrap(), before);
+}
+
+#[test]
+fn more_npcs_than_slots_lose_no_conversation_and_restore_from_ram() {
+    let _serial = common::serial();
+    let runtime = start(RuntimeConfig::new(common::model_path()).with_slots(2));
+    let names = ["blacksmith", "innkeeper", "guard", "healer"];
+    for (index, name) in names.iter().enumerate() {
+        accept(&runtime, NpcId(index as u64), greedy(name));
+    }
+    let mut first = Vec::new();
+    for index in 0..names.len() {
+        first.push(reply(&runtime, NpcId(index as u64), "Hello there.").1);
+    }
+    // Four NPCs, two slots: every NPC was evicted at least once, to RAM.
+    for index in 0..names.len() {
+        let (_, stats) = reply(&runtime, NpcId(index as u64), "What else?");
+        assert_eq!(stats.dropped_turns, 0);
+        assert!(
+            stats.cached_tokens >= first[index].prompt_tokens,
+            "NPC {index} resumed from its RAM snapshot: {stats:?}"
+        );
+    }
+}

@@ -28,6 +28,12 @@ pub struct RuntimeConfig {
     pub max_line_chars: usize,
     /// Let llama.cpp print its own log lines to stderr.
     pub llama_logs: bool,
+    /// Reuse each NPC's cached tokens across turns (the default). `false` recomputes every
+    /// prompt from scratch: only useful as a benchmark baseline.
+    pub kv_reuse: bool,
+    /// RAM for KV state of NPCs evicted from their slot, in bytes. Past it, the least
+    /// recently evicted state is dropped (and recomputed when that NPC speaks again).
+    pub evicted_kv_bytes: usize,
 }
 
 impl Default for RuntimeConfig {
@@ -42,6 +48,8 @@ impl Default for RuntimeConfig {
             sampling: SamplingParams::default(),
             max_line_chars: 2000,
             llama_logs: false,
+            kv_reuse: true,
+            evicted_kv_bytes: 256 << 20,
         }
     }
 }
@@ -109,6 +117,20 @@ impl RuntimeConfig {
     #[must_use]
     pub fn with_llama_logs(mut self, enabled: bool) -> Self {
         self.llama_logs = enabled;
+        self
+    }
+
+    /// Turns KV reuse across turns on (default) or off (a benchmark baseline).
+    #[must_use]
+    pub fn with_kv_reuse(mut self, enabled: bool) -> Self {
+        self.kv_reuse = enabled;
+        self
+    }
+
+    /// Sets the RAM budget for evicted NPCs' KV state, in bytes.
+    #[must_use]
+    pub fn with_evicted_kv_bytes(mut self, bytes: usize) -> Self {
+        self.evicted_kv_bytes = bytes;
         self
     }
 

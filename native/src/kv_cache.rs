@@ -4,12 +4,24 @@
 //! A new turn computes only the tokens past the longest common prefix with what the
 //! sequence already holds: the persona and earlier turns are never computed twice while
 //! the NPC keeps its slot. When every slot is taken, the least recently used idle
-//! conversation loses its slot (its text is kept; its KV is recomputed when it speaks again).
+//! conversation loses its slot: its KV state moves to RAM (up to a byte budget, least
+//! recently evicted dropped first) and is restored when it speaks again; past the budget its
+//! text is kept and its KV recomputed.
+
+use std::collections::VecDeque;
 
 use llama_cpp_2::context::LlamaContext;
+use llama_cpp_2::context::session::LlamaStateSeqFlags;
 use llama_cpp_2::token::LlamaToken;
 
 use crate::protocol::NpcId;
+
+/// A sequence's KV state outside the context: the tokens it holds and llama.cpp's bytes.
+#[derive(Debug, Default)]
+pub(crate) struct SeqSnapshot {
+    pub(crate) tokens: Vec<LlamaToken>,
+    pub(crate) bytes: Vec<u8>,
+}
 
 #[derive(Debug, Default)]
 struct Slot {
@@ -20,18 +32,28 @@ struct Slot {
     busy: bool,
 }
 
-/// Sequence slots of one context.
+/// Sequence slots of one context, and the snapshots of evicted ones.
 #[derive(Debug)]
 pub(crate) struct KvCacheManager {
     slots: Vec<Slot>,
     clock: u64,
+    /// `false` disables prefix reuse (every turn recomputes its whole prompt): the baseline
+    /// that benchmarks compare against.
+    reuse: bool,
+    evicted: VecDeque<(NpcId, SeqSnapshot)>,
+    evicted_bytes: usize,
+    ram_budget: usize,
 }
 
 impl KvCacheManager {
-    pub(crate) fn new(slots: u32) -> Self {
+    pub(crate) fn new(slots: u32, reuse: bool, ram_budget: usize) -> Self {
         Self {
             slots: (0..slots).map(|_| Slot::default()).collect(),
             clock: 0,
+            reuse,
+            evicted: VecDeque::new(),
+            evicted_bytes: 0,
+            ram_budget,
         }
     }
 
@@ -52,8 +74,13 @@ impl KvCacheManager {
                     .map(|(index, _)| index)
             })?;
         if self.slots[index].owner != Some(npc) {
-            self.clear(ctx, index);
+            self.evict(ctx, index);
             self.slots[index].owner = Some(npc);
+            if let Some(at) = self.evicted.iter().position(|(owner, _)| *owner == npc) {
+                let (_, snapshot) = self.evicted.remove(at).expect("position is in range");
+                self.evicted_bytes -= snapshot.bytes.len();
+                self.restore(ctx, index, snapshot);
+            }
         }
         self.clock += 1;
         let slot = &mut self.slots[index];
@@ -71,6 +98,10 @@ impl KvCacheManager {
         index: usize,
         prompt: &[LlamaToken],
     ) -> usize {
+        if !self.reuse {
+            self.clear_tokens(ctx, index);
+            return 0;
+        }
         let slot = &self.slots[index];
         let common = slot
             .tokens
@@ -84,7 +115,7 @@ impl KvCacheManager {
                 .ok()
                 .and_then(|p0| ctx.kv_cache_seq_rm(seq_id(index), Some(p0), None).ok());
             if removed.is_none() {
-                self.clear(ctx, index);
+                self.clear_tokens(ctx, index);
                 return 0;
             }
             self.slots[index].tokens.truncate(common);
@@ -104,14 +135,40 @@ impl KvCacheManager {
 
     /// Empties slot `index` and its sequence (after a failed decode, or to evict it).
     pub(crate) fn clear(&mut self, ctx: &mut LlamaContext<'_>, index: usize) {
+        self.clear_tokens(ctx, index);
+        let slot = &mut self.slots[index];
+        slot.owner = None;
+        slot.busy = false;
+    }
+
+    /// Empties the sequence of slot `index`, keeping its owner.
+    fn clear_tokens(&mut self, ctx: &mut LlamaContext<'_>, index: usize) {
         let slot = &mut self.slots[index];
         if !slot.tokens.is_empty() {
             // Removing a whole sequence cannot fail for a valid id.
             let _ = ctx.clear_kv_cache_seq(u32::try_from(index).ok(), None, None);
         }
         slot.tokens.clear();
-        slot.owner = None;
-        slot.busy = false;
+    }
+
+    /// Moves slot `index`'s state to RAM (if it has an owner and fits the budget), then
+    /// empties the slot.
+    fn evict(&mut self, ctx: &mut LlamaContext<'_>, index: usize) {
+        if let Some(owner) = self.slots[index].owner {
+            if self.ram_budget > 0 {
+                if let Some(snapshot) = self.snapshot_slot(ctx, index) {
+                    self.evicted_bytes += snapshot.bytes.len();
+                    self.evicted.push_back((owner, snapshot));
+                    while self.evicted_bytes > self.ram_budget {
+                        let Some((_, dropped)) = self.evicted.pop_front() else {
+                            break;
+                        };
+                        self.evicted_bytes -= dropped.bytes.len();
+                    }
+                }
+            }
+        }
+        self.clear(ctx, index);
     }
 
     /// Drops everything an NPC has cached.
@@ -119,6 +176,74 @@ impl KvCacheManager {
         if let Some(index) = self.slots.iter().position(|slot| slot.owner == Some(npc)) {
             self.clear(ctx, index);
         }
+        if let Some(at) = self.evicted.iter().position(|(owner, _)| *owner == npc) {
+            let (_, dropped) = self.evicted.remove(at).expect("position is in range");
+            self.evicted_bytes -= dropped.bytes.len();
+        }
+    }
+
+    /// The KV state `npc` has, wherever it is (a slot or RAM), without disturbing it.
+    pub(crate) fn snapshot(&self, ctx: &LlamaContext<'_>, npc: NpcId) -> Option<SeqSnapshot> {
+        if let Some(index) = self.slots.iter().position(|slot| slot.owner == Some(npc)) {
+            return self.snapshot_slot(ctx, index);
+        }
+        self.evicted
+            .iter()
+            .find(|(owner, _)| *owner == npc)
+            .map(|(_, s)| SeqSnapshot {
+                tokens: s.tokens.clone(),
+                bytes: s.bytes.clone(),
+            })
+    }
+
+    fn snapshot_slot(&self, ctx: &LlamaContext<'_>, index: usize) -> Option<SeqSnapshot> {
+        let tokens = &self.slots[index].tokens;
+        if tokens.is_empty() {
+            return None;
+        }
+        let flags = LlamaStateSeqFlags::empty();
+        let size = ctx.state_seq_get_size_ext(seq_id(index), flags);
+        let mut bytes = vec![0u8; size];
+        // SAFETY: `bytes` holds exactly the size llama.cpp reported for this sequence.
+        let written =
+            unsafe { ctx.state_seq_get_data_ext(bytes.as_mut_ptr(), seq_id(index), flags) };
+        (written == size).then(|| SeqSnapshot {
+            tokens: tokens.clone(),
+            bytes,
+        })
+    }
+
+    /// Puts a snapshot into the (empty) sequence of slot `index`. Returns `false`, leaving
+    /// the slot empty, if llama.cpp refuses it.
+    fn restore(&mut self, ctx: &mut LlamaContext<'_>, index: usize, snapshot: SeqSnapshot) -> bool {
+        // SAFETY: snapshots come from `snapshot_slot` of this context, or from a state file
+        // whose checksum and identity (model, template, context shape) were verified.
+        let restored = unsafe {
+            ctx.state_seq_set_data_ext(&snapshot.bytes, seq_id(index), LlamaStateSeqFlags::empty())
+        };
+        if restored {
+            self.slots[index].tokens = snapshot.tokens;
+        } else {
+            let _ = ctx.clear_kv_cache_seq(u32::try_from(index).ok(), None, None);
+        }
+        restored
+    }
+
+    /// Gives `npc` the state in `snapshot` (from a save file), replacing what it had.
+    /// `false` if no slot is free right now or llama.cpp refused the bytes.
+    pub(crate) fn load(
+        &mut self,
+        ctx: &mut LlamaContext<'_>,
+        npc: NpcId,
+        snapshot: SeqSnapshot,
+    ) -> bool {
+        self.forget(ctx, npc);
+        let Some(index) = self.acquire(ctx, npc) else {
+            return false;
+        };
+        let restored = self.restore(ctx, index, snapshot);
+        self.release(index);
+        restored
     }
 }
 

@@ -3,6 +3,7 @@
 
 mod config;
 mod kv_cache;
+mod persist;
 mod persona;
 mod prompt;
 mod protocol;
@@ -117,6 +118,38 @@ impl Runtime {
     /// [`WorkerGone`] if the worker has stopped.
     pub fn cancel(&self, npc: NpcId) -> Result<(), WorkerGone> {
         self.send(Request::Cancel { npc })
+    }
+
+    /// Saves `npc`'s conversation and KV state to `path` (written atomically). Answered by
+    /// [`Event::NpcSaved`] or [`Event::NpcSaveFailed`].
+    ///
+    /// # Errors
+    /// [`WorkerGone`] if the worker has stopped.
+    pub fn save_npc(
+        &self,
+        npc: NpcId,
+        path: impl Into<std::path::PathBuf>,
+    ) -> Result<(), WorkerGone> {
+        self.send(Request::SaveNpc {
+            npc,
+            path: path.into(),
+        })
+    }
+
+    /// Restores `npc`'s conversation and KV state from `path`; set its persona first.
+    /// Answered by [`Event::NpcLoaded`] or [`Event::NpcLoadFailed`].
+    ///
+    /// # Errors
+    /// [`WorkerGone`] if the worker has stopped.
+    pub fn load_npc(
+        &self,
+        npc: NpcId,
+        path: impl Into<std::path::PathBuf>,
+    ) -> Result<(), WorkerGone> {
+        self.send(Request::LoadNpc {
+            npc,
+            path: path.into(),
+        })
     }
 
     /// Forgets `npc` entirely.

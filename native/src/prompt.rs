@@ -20,6 +20,8 @@ pub(crate) struct PromptBuilder {
     template: LlamaChatTemplate,
     /// `false` when the GGUF carried no template and ChatML is used instead.
     pub(crate) has_model_template: bool,
+    /// The template text (or `chatml`), which saved states are keyed by.
+    pub(crate) template_text: String,
     /// Texts of control tokens (`<|im_start|>` …); stripped from player lines so a player
     /// cannot forge conversation structure.
     control_texts: Vec<String>,
@@ -49,6 +51,7 @@ impl PromptBuilder {
         control_texts.sort_by_key(|text| std::cmp::Reverse(text.len()));
         control_texts.dedup();
         Self {
+            template_text: template.to_string().unwrap_or_default(),
             template,
             has_model_template,
             control_texts,

@@ -43,6 +43,22 @@ pub enum Request {
         /// The NPC whose reply to stop.
         npc: NpcId,
     },
+    /// Writes the NPC's conversation and KV state to `path` (atomically). Answered by
+    /// [`Event::NpcSaved`] or [`Event::NpcSaveFailed`].
+    SaveNpc {
+        /// The NPC.
+        npc: NpcId,
+        /// The file to write.
+        path: PathBuf,
+    },
+    /// Restores the NPC's conversation and KV state from `path`. The NPC must have its persona.
+    /// Answered by [`Event::NpcLoaded`] or [`Event::NpcLoadFailed`].
+    LoadNpc {
+        /// The NPC.
+        npc: NpcId,
+        /// The file to read.
+        path: PathBuf,
+    },
     /// Forgets an NPC: its persona, conversation and cache.
     Forget {
         /// The NPC.
@@ -123,6 +139,46 @@ pub enum Event {
         request: RequestId,
         /// Why.
         error: NpcError,
+    },
+    /// An NPC's state was saved.
+    NpcSaved {
+        /// The NPC.
+        npc: NpcId,
+        /// The file written.
+        path: PathBuf,
+        /// Its size.
+        bytes: u64,
+        /// Tokens of KV state included (0 if the NPC had none resident).
+        kv_tokens: usize,
+    },
+    /// An NPC's state could not be saved; any previous file at `path` is intact.
+    NpcSaveFailed {
+        /// The NPC.
+        npc: NpcId,
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        error: String,
+    },
+    /// An NPC's state was loaded. Its conversation is always restored; its KV state only
+    /// when the file matches this model, template and context shape, otherwise it is
+    /// recomputed on the next turn and `kv_note` says why.
+    NpcLoaded {
+        /// The NPC.
+        npc: NpcId,
+        /// Turns of conversation restored.
+        turns: usize,
+        /// Tokens of KV state restored (0 when recomputing).
+        kv_tokens: usize,
+        /// Why the KV state was not restored, if it was not.
+        kv_note: Option<String>,
+    },
+    /// An NPC's state could not be loaded; the NPC keeps what it had.
+    NpcLoadFailed {
+        /// The NPC.
+        npc: NpcId,
+        /// Why.
+        error: String,
     },
     /// The worker thread stopped unexpectedly. Nothing more will be served.
     WorkerDied {

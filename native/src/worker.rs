@@ -21,7 +21,8 @@ use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 
 use crate::config::RuntimeConfig;
-use crate::kv_cache::{KvCacheManager, seq_id};
+use crate::kv_cache::{KvCacheManager, SeqSnapshot, seq_id};
+use crate::persist::{self, StateIdentity};
 use crate::persona::Persona;
 use crate::prompt::{PromptBuilder, Turn};
 use crate::protocol::{
@@ -93,6 +94,13 @@ fn serve(config: &RuntimeConfig, inbox: &Receiver<Request>, events: &Sender<Even
         has_chat_template: prompts.has_model_template,
         load_time: started.elapsed(),
     };
+    let identity = StateIdentity {
+        format: persist::FORMAT_VERSION,
+        // The file was readable a moment ago; if that changed, saved KV just never matches.
+        model: persist::model_fingerprint(&config.model_path).unwrap_or_default(),
+        template: persist::text_hash(&prompts.template_text),
+        context_per_npc: info.context_per_npc,
+    };
     tracing::info!(?info, "model loaded");
     let _ = events.send(Event::ModelLoaded(info));
     let batch_size = config.batch_size as usize;
@@ -103,7 +111,8 @@ fn serve(config: &RuntimeConfig, inbox: &Receiver<Request>, events: &Sender<Even
         prompts,
         events,
         context_per_npc,
-        kv: KvCacheManager::new(config.slots),
+        kv: KvCacheManager::new(config.slots, config.kv_reuse, config.evicted_kv_bytes),
+        identity,
         batch: LlamaBatch::new(batch_size, i32::try_from(config.slots).unwrap_or(1)),
         npcs: HashMap::new(),
         queue: VecDeque::new(),
@@ -157,6 +166,15 @@ fn serve_without_model(error: &ModelError, inbox: &Receiver<Request>, events: &S
             Request::SetPersona { npc, .. } => Event::PersonaRejected {
                 npc,
                 error: unavailable(),
+            },
+            Request::SaveNpc { npc, path } => Event::NpcSaveFailed {
+                npc,
+                path,
+                error: unavailable().to_string(),
+            },
+            Request::LoadNpc { npc, .. } => Event::NpcLoadFailed {
+                npc,
+                error: unavailable().to_string(),
             },
             Request::Say { npc, request, .. } => Event::Failed {
                 npc,
@@ -233,6 +251,7 @@ struct Engine<'m, 'e> {
     events: &'e Sender<Event>,
     context_per_npc: usize,
     kv: KvCacheManager,
+    identity: StateIdentity,
     batch: LlamaBatch<'static>,
     npcs: HashMap<NpcId, Conversation>,
     queue: VecDeque<Queued>,
@@ -277,6 +296,8 @@ impl Engine<'_, '_> {
             Request::SetPersona { npc, persona } => self.set_persona(npc, &persona),
             Request::Say { npc, request, text } => self.say(npc, request, text),
             Request::Cancel { npc } => self.cancel(npc),
+            Request::SaveNpc { npc, path } => self.save_npc(npc, path),
+            Request::LoadNpc { npc, path } => self.load_npc(npc, &path),
             Request::Forget { npc } => {
                 self.cancel(npc);
                 self.npcs.remove(&npc);
@@ -343,6 +364,95 @@ impl Engine<'_, '_> {
             }
             Err(error) => self.emit(Event::PersonaRejected { npc, error }),
         }
+    }
+
+    fn save_npc(&mut self, npc: NpcId, path: std::path::PathBuf) {
+        let Some(conversation) = self.npcs.get(&npc) else {
+            let error = NpcError::UnknownNpc(npc).to_string();
+            return self.emit(Event::NpcSaveFailed { npc, path, error });
+        };
+        let snapshot = self.kv.snapshot(&self.ctx, npc).unwrap_or_default();
+        let tokens: Vec<i32> = snapshot.tokens.iter().map(|t| t.0).collect();
+        match persist::save(
+            &path,
+            &self.identity,
+            &conversation.turns,
+            &tokens,
+            &snapshot.bytes,
+        ) {
+            Ok(bytes) => self.emit(Event::NpcSaved {
+                npc,
+                path,
+                bytes,
+                kv_tokens: tokens.len(),
+            }),
+            Err(err) => {
+                tracing::warn!("saving NPC {npc:?} to {} failed: {err}", path.display());
+                self.emit(Event::NpcSaveFailed {
+                    npc,
+                    path,
+                    error: err.to_string(),
+                });
+            }
+        }
+    }
+
+    fn load_npc(&mut self, npc: NpcId, path: &Path) {
+        let fail = |engine: &Self, error: String| engine.emit(Event::NpcLoadFailed { npc, error });
+        if !self.npcs.contains_key(&npc) {
+            return fail(self, NpcError::UnknownNpc(npc).to_string());
+        }
+        if self.active.iter().any(|job| job.npc == npc) || self.queue.iter().any(|q| q.npc == npc) {
+            return fail(self, NpcError::Busy.to_string());
+        }
+        let loaded = match persist::load(path, &self.identity) {
+            Ok(loaded) => loaded,
+            Err(error) => return fail(self, error),
+        };
+        let mut kv_note = None;
+        let mut kv_tokens = 0;
+        match loaded.kv {
+            Ok((tokens, bytes)) if !tokens.is_empty() => {
+                let n_vocab = self.model.n_vocab();
+                if tokens.len() >= self.context_per_npc
+                    || tokens.iter().any(|&t| t < 0 || t >= n_vocab)
+                {
+                    kv_note = Some("saved tokens do not fit this model or context".to_owned());
+                    self.kv.forget(&mut self.ctx, npc);
+                } else {
+                    kv_tokens = tokens.len();
+                    let tokens = tokens.into_iter().map(LlamaToken).collect();
+                    if !self
+                        .kv
+                        .load(&mut self.ctx, npc, SeqSnapshot { tokens, bytes })
+                    {
+                        kv_tokens = 0;
+                        kv_note = Some("llama.cpp refused the saved KV state".to_owned());
+                    }
+                }
+            }
+            Ok(_) => self.kv.forget(&mut self.ctx, npc),
+            Err(reason) => {
+                self.kv.forget(&mut self.ctx, npc);
+                kv_note = Some(reason);
+            }
+        }
+        if let Some(note) = &kv_note {
+            tracing::warn!(
+                "NPC {npc:?}: KV state in {} not restored ({note}); it will be recomputed",
+                path.display()
+            );
+        }
+        let turns = loaded.turns.len();
+        if let Some(conversation) = self.npcs.get_mut(&npc) {
+            conversation.turns = loaded.turns;
+        }
+        self.emit(Event::NpcLoaded {
+            npc,
+            turns,
+            kv_tokens,
+            kv_note,
+        });
     }
 
     fn say(&mut self, npc: NpcId, request: RequestId, text: String) {

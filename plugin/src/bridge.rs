@@ -11,8 +11,9 @@ use npc_native::{Event, ModelError, ModelInfo, NpcError, NpcId, Runtime};
 
 use crate::NpcAiSystems;
 use crate::dialogue::{
-    CancelReply, DialogueHistory, DialogueLine, ModelFailed, ModelLoaded, Npc, NpcAiError,
-    NpcPersonaApplied, NpcReplied, NpcReplyCancelled, NpcReplyDelta, NpcState, PlayerSaid, Speaker,
+    CancelReply, DialogueHistory, DialogueLine, LoadNpcState, ModelFailed, ModelLoaded, Npc,
+    NpcAiError, NpcPersonaApplied, NpcReplied, NpcReplyCancelled, NpcReplyDelta, NpcState,
+    NpcStateLoaded, NpcStateSaved, PlayerSaid, SaveNpcState, Speaker,
 };
 use crate::persona::Persona;
 
@@ -22,8 +23,8 @@ pub struct RuntimeHandle {
     runtime: Runtime,
     /// The persona asset each NPC was last given.
     sent_personas: HashMap<Entity, AssetId<Persona>>,
-    /// Lines to NPCs whose persona is still loading, sent once it has been.
-    waiting_lines: Vec<PlayerSaid>,
+    /// Lines and loads for NPCs whose persona is still loading, sent once it has been.
+    waiting: Vec<Waiting>,
     worker_died: bool,
 }
 
@@ -62,7 +63,7 @@ pub(crate) fn plugin(app: &mut App, runtime: Runtime) {
     app.insert_resource(RuntimeHandle {
         runtime,
         sent_personas: HashMap::default(),
-        waiting_lines: Vec::new(),
+        waiting: Vec::new(),
         worker_died: false,
     })
     .init_resource::<NpcAiStatus>()
@@ -112,43 +113,86 @@ fn send_personas(
     }
 }
 
-/// Forwards player lines and cancellations to the worker. A line to an NPC whose persona is
-/// still loading waits (in order) until the persona has been sent.
+/// A request that needs the NPC's persona in the worker first.
+enum Waiting {
+    Line(PlayerSaid),
+    Load(LoadNpcState),
+}
+
+impl Waiting {
+    fn npc(&self) -> Entity {
+        match self {
+            Waiting::Line(line) => line.npc,
+            Waiting::Load(load) => load.npc,
+        }
+    }
+}
+
+/// Forwards player lines, state loads and saves, and cancellations to the worker. A line or
+/// load for an NPC whose persona is still loading waits (in order) until it has been sent.
+#[allow(clippy::too_many_arguments)]
 fn send_player_lines(
     mut handle: ResMut<RuntimeHandle>,
     mut lines: MessageReader<PlayerSaid>,
+    mut loads: MessageReader<LoadNpcState>,
+    mut saves: MessageReader<SaveNpcState>,
     mut cancels: MessageReader<CancelReply>,
     asset_server: Res<AssetServer>,
     mut npcs: Query<(&Npc, &mut NpcState, &mut DialogueHistory)>,
     mut errors: MessageWriter<NpcAiError>,
 ) {
     let handle = &mut *handle;
-    let waiting = std::mem::take(&mut handle.waiting_lines);
-    for line in waiting.into_iter().chain(lines.read().cloned()) {
-        let Ok((npc, mut state, mut history)) = npcs.get_mut(line.npc) else {
-            errors.write(NpcAiError::UnknownNpc(line.npc));
+    let waiting = std::mem::take(&mut handle.waiting);
+    let arrived = loads
+        .read()
+        .cloned()
+        .map(Waiting::Load)
+        .chain(lines.read().cloned().map(Waiting::Line));
+    for request in waiting.into_iter().chain(arrived) {
+        let entity = request.npc();
+        let Ok((npc, mut state, mut history)) = npcs.get_mut(entity) else {
+            errors.write(NpcAiError::UnknownNpc(entity));
             continue;
         };
-        if !handle.sent_personas.contains_key(&line.npc) {
+        if !handle.sent_personas.contains_key(&entity) {
             if let LoadState::Failed(error) = asset_server.load_state(npc.persona.id()) {
-                errors.write(NpcAiError::ReplyFailed {
-                    npc: line.npc,
-                    error: NpcError::InvalidPersona(error.to_string()),
+                let error = NpcError::InvalidPersona(error.to_string());
+                errors.write(match request {
+                    Waiting::Line(_) => NpcAiError::ReplyFailed { npc: entity, error },
+                    Waiting::Load(_) => NpcAiError::LoadFailed {
+                        npc: entity,
+                        message: error.to_string(),
+                    },
                 });
             } else {
-                handle.waiting_lines.push(line);
+                handle.waiting.push(request);
             }
             continue;
         }
-        match handle.runtime.say(npc_id(line.npc), line.text.clone()) {
-            Ok(_) => {
-                *state = NpcState::Thinking;
-                history.lines.push(DialogueLine {
-                    speaker: Speaker::Player,
-                    text: line.text,
-                });
+        let sent = match request {
+            Waiting::Line(line) => {
+                handle
+                    .runtime
+                    .say(npc_id(entity), line.text.clone())
+                    .map(|_| {
+                        *state = NpcState::Thinking;
+                        history.lines.push(DialogueLine {
+                            speaker: Speaker::Player,
+                            text: line.text,
+                        });
+                    })
             }
-            Err(_) => report_worker_gone(handle, &mut errors),
+            Waiting::Load(load) => handle.runtime.load_npc(npc_id(entity), load.path),
+        };
+        if sent.is_err() {
+            report_worker_gone(handle, &mut errors);
+        }
+    }
+    for SaveNpcState { npc, path } in saves.read() {
+        if !npcs.contains(*npc) {
+            errors.write(NpcAiError::UnknownNpc(*npc));
+        } else if handle.runtime.save_npc(npc_id(*npc), path.clone()).is_err() {
+            report_worker_gone(handle, &mut errors);
         }
     }
     for CancelReply { npc } in cancels.read() {
@@ -202,6 +246,48 @@ fn receive_runtime_events(
                 *status = NpcAiStatus::Failed(error.clone());
                 failed.write(ModelFailed(error.clone()));
                 errors.write(NpcAiError::ModelFailed(error));
+            }
+            Event::NpcSaved {
+                npc, path, bytes, ..
+            } => {
+                if let Some(entity) = live(npc, &npcs) {
+                    commands.trigger(NpcStateSaved {
+                        entity,
+                        path,
+                        bytes,
+                    });
+                }
+            }
+            Event::NpcSaveFailed { npc, error, .. } => {
+                if let Some(entity) = live(npc, &npcs) {
+                    errors.write(NpcAiError::SaveFailed {
+                        npc: entity,
+                        message: error,
+                    });
+                }
+            }
+            Event::NpcLoaded {
+                npc,
+                turns,
+                kv_tokens,
+                kv_note,
+            } => {
+                if let Some(entity) = live(npc, &npcs) {
+                    commands.trigger(NpcStateLoaded {
+                        entity,
+                        turns,
+                        kv_tokens,
+                        kv_note,
+                    });
+                }
+            }
+            Event::NpcLoadFailed { npc, error } => {
+                if let Some(entity) = live(npc, &npcs) {
+                    errors.write(NpcAiError::LoadFailed {
+                        npc: entity,
+                        message: error,
+                    });
+                }
             }
             Event::WorkerDied { reason } => {
                 *status = NpcAiStatus::WorkerDied(reason.clone());

@@ -117,6 +117,52 @@ pub struct NpcPersonaApplied {
     pub prefix_tokens: usize,
 }
 
+/// Save an NPC's conversation and KV state to `path` (for example from the game's own save
+/// system, one file per NPC). Answered by [`NpcStateSaved`] or [`NpcAiError::SaveFailed`].
+#[derive(Message, Clone, Debug)]
+pub struct SaveNpcState {
+    /// The NPC.
+    pub npc: Entity,
+    /// The file to write (atomically: a failed save keeps the previous file).
+    pub path: std::path::PathBuf,
+}
+
+/// Restore an NPC's conversation and KV state from `path`, so its first reply after a
+/// reload costs only the new tokens. Waits for the NPC's persona if it is still loading.
+/// Answered by [`NpcStateLoaded`] or [`NpcAiError::LoadFailed`].
+#[derive(Message, Clone, Debug)]
+pub struct LoadNpcState {
+    /// The NPC.
+    pub npc: Entity,
+    /// The file to read.
+    pub path: std::path::PathBuf,
+}
+
+/// An NPC's state was saved.
+#[derive(EntityEvent, Clone, Debug)]
+pub struct NpcStateSaved {
+    /// The NPC.
+    pub entity: Entity,
+    /// The file written.
+    pub path: std::path::PathBuf,
+    /// Its size in bytes.
+    pub bytes: u64,
+}
+
+/// An NPC's state was loaded. The conversation always is; the KV state only when the file
+/// matches the running model, template and context (else it is recomputed, see `kv_note`).
+#[derive(EntityEvent, Clone, Debug)]
+pub struct NpcStateLoaded {
+    /// The NPC.
+    pub entity: Entity,
+    /// Turns of conversation restored.
+    pub turns: usize,
+    /// Tokens of KV state restored.
+    pub kv_tokens: usize,
+    /// Why the KV state was recomputed instead, if it was.
+    pub kv_note: Option<String>,
+}
+
 /// The model is loaded and NPCs can talk.
 #[derive(Message, Clone, Debug)]
 pub struct ModelLoaded(pub ModelInfo);
@@ -155,6 +201,22 @@ pub enum NpcAiError {
         /// Why.
         error: NpcError,
     },
+    /// Saving an NPC's state failed; the previous file is intact.
+    #[error("saving NPC {npc} failed: {message}")]
+    SaveFailed {
+        /// The NPC.
+        npc: Entity,
+        /// Why.
+        message: String,
+    },
+    /// Loading an NPC's state failed; the NPC keeps what it had.
+    #[error("loading NPC {npc} failed: {message}")]
+    LoadFailed {
+        /// The NPC.
+        npc: Entity,
+        /// Why.
+        message: String,
+    },
     /// The model failed to load (also sent as [`ModelFailed`]).
     #[error("{0}")]
     ModelFailed(ModelError),
@@ -169,6 +231,8 @@ pub enum NpcAiError {
 pub(crate) fn plugin(app: &mut App) {
     app.add_message::<PlayerSaid>()
         .add_message::<CancelReply>()
+        .add_message::<SaveNpcState>()
+        .add_message::<LoadNpcState>()
         .add_message::<NpcReplyDelta>()
         .add_message::<ModelLoaded>()
         .add_message::<ModelFailed>()

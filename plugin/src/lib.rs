@@ -12,8 +12,9 @@ use npc_native::{Runtime, RuntimeConfig, SamplingParams};
 
 pub use bridge::{NpcAiStatus, RuntimeHandle};
 pub use dialogue::{
-    CancelReply, DialogueHistory, DialogueLine, ModelFailed, ModelLoaded, Npc, NpcAiError,
-    NpcPersonaApplied, NpcReplied, NpcReplyCancelled, NpcReplyDelta, NpcState, PlayerSaid, Speaker,
+    CancelReply, DialogueHistory, DialogueLine, LoadNpcState, ModelFailed, ModelLoaded, Npc,
+    NpcAiError, NpcPersonaApplied, NpcReplied, NpcReplyCancelled, NpcReplyDelta, NpcState,
+    NpcStateLoaded, NpcStateSaved, PlayerSaid, SaveNpcState, Speaker,
 };
 pub use npc_native;
 pub use persona::{Persona, PersonaLoadError, PersonaLoader};
@@ -21,9 +22,9 @@ pub use persona::{Persona, PersonaLoadError, PersonaLoader};
 /// What a game needs: `use bevy_npc_ai::prelude::*;`.
 pub mod prelude {
     pub use crate::{
-        CancelReply, DialogueHistory, ModelFailed, ModelLoaded, Npc, NpcAiError, NpcAiPlugin,
-        NpcAiStatus, NpcAiSystems, NpcPersonaApplied, NpcReplied, NpcReplyCancelled, NpcReplyDelta,
-        NpcState, Persona, PlayerSaid,
+        CancelReply, DialogueHistory, LoadNpcState, ModelFailed, ModelLoaded, Npc, NpcAiError,
+        NpcAiPlugin, NpcAiStatus, NpcAiSystems, NpcPersonaApplied, NpcReplied, NpcReplyCancelled,
+        NpcReplyDelta, NpcState, NpcStateLoaded, NpcStateSaved, Persona, PlayerSaid, SaveNpcState,
     };
     pub use npc_native::{ReplyStats, SamplingParams};
 }

@@ -1,0 +1,337 @@
+//! NPC state on disk: the conversation, the tokens in its KV sequence, and the KV bytes.
+//!
+//! A file is trusted only as far as it proves itself. Its header names the format version,
+//! the model (a fingerprint of the GGUF file), the chat template and the context shape; the
+//! conversation and the KV bytes each carry their own sha256. A KV section whose header does
+//! not match the running model, or whose checksum fails, is never handed to llama.cpp: the
+//! conversation is restored and its KV recomputed on the next turn. A corrupt conversation
+//! section is an error (there is nothing safe to restore).
+//!
+//! Files are written to a temporary name and renamed, so a failed save (full disk) leaves the
+//! previous save intact.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::prompt::Turn;
+
+const MAGIC: &[u8; 8] = b"NPCSTATE";
+/// Bumped whenever the layout changes; older files are then recomputed, not misread.
+pub(crate) const FORMAT_VERSION: u32 = 1;
+
+/// What a KV section depends on. Two runtimes with equal identities can exchange KV bytes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct StateIdentity {
+    pub(crate) format: u32,
+    /// sha256 over the model file's size, first MiB and last MiB.
+    pub(crate) model: String,
+    /// sha256 of the chat template text.
+    pub(crate) template: String,
+    /// Context tokens per sequence.
+    pub(crate) context_per_npc: u32,
+}
+
+/// The conversation section: always restorable when its checksum holds.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct SavedConversation {
+    turns: Vec<(String, String)>,
+}
+
+/// What a state file holds once read.
+#[derive(Debug)]
+pub(crate) struct LoadedState {
+    pub(crate) turns: Vec<Turn>,
+    /// Tokens and KV bytes, when the file's identity matches and its checksum holds;
+    /// otherwise why not.
+    pub(crate) kv: Result<(Vec<i32>, Vec<u8>), String>,
+}
+
+/// Writes `path` atomically (temporary file, then rename).
+pub(crate) fn save(
+    path: &Path,
+    identity: &StateIdentity,
+    turns: &[Turn],
+    tokens: &[i32],
+    kv: &[u8],
+) -> std::io::Result<u64> {
+    let conversation = SavedConversation {
+        turns: turns
+            .iter()
+            .map(|t| (t.player.clone(), t.npc.clone()))
+            .collect(),
+    };
+    let header = ron::to_string(identity).map_err(std::io::Error::other)?;
+    let conversation = ron::to_string(&conversation).map_err(std::io::Error::other)?;
+    let mut kv_section = Vec::with_capacity(8 + tokens.len() * 4 + kv.len());
+    kv_section.extend_from_slice(&(tokens.len() as u64).to_le_bytes());
+    for token in tokens {
+        kv_section.extend_from_slice(&token.to_le_bytes());
+    }
+    kv_section.extend_from_slice(kv);
+
+    let mut bytes = Vec::with_capacity(kv_section.len() + conversation.len() + header.len() + 128);
+    bytes.extend_from_slice(MAGIC);
+    bytes.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    for section in [header.as_bytes(), conversation.as_bytes(), &kv_section] {
+        bytes.extend_from_slice(&(section.len() as u64).to_le_bytes());
+        bytes.extend_from_slice(&Sha256::digest(section));
+        bytes.extend_from_slice(section);
+    }
+
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let temporary = path.with_extension("partial");
+    let written = (|| {
+        let mut file = File::create(&temporary)?;
+        file.write_all(&bytes)?;
+        file.sync_all()
+    })();
+    if let Err(err) = written {
+        let _ = std::fs::remove_file(&temporary);
+        return Err(err);
+    }
+    std::fs::rename(&temporary, path)?;
+    Ok(bytes.len() as u64)
+}
+
+/// Reads `path`, checking everything before anything is trusted.
+pub(crate) fn load(path: &Path, expected: &StateIdentity) -> Result<LoadedState, String> {
+    let mut bytes = Vec::new();
+    File::open(path)
+        .and_then(|mut f| f.read_to_end(&mut bytes))
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let mut reader = Sections {
+        bytes: &bytes,
+        at: 0,
+    };
+    if reader.take(8) != Some(MAGIC.as_slice()) {
+        return Err(format!("{} is not an NPC state file", path.display()));
+    }
+    let version = reader
+        .take(4)
+        .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
+        .ok_or("truncated file")?;
+    let header = reader.section();
+    let conversation = reader.section();
+    let kv = reader.section();
+
+    let conversation: SavedConversation = conversation
+        .and_then(|b| std::str::from_utf8(b).map_err(|e| e.to_string()))
+        .and_then(|text| ron::from_str(text).map_err(|e| e.to_string()))
+        .map_err(|e| format!("the conversation in {} is damaged: {e}", path.display()))?;
+    let turns = conversation
+        .turns
+        .into_iter()
+        .map(|(player, npc)| Turn { player, npc })
+        .collect();
+
+    let kv = (|| {
+        if version != FORMAT_VERSION {
+            return Err(format!(
+                "format version {version}, this build reads {FORMAT_VERSION}"
+            ));
+        }
+        let header: StateIdentity = header
+            .and_then(|b| std::str::from_utf8(b).map_err(|e| e.to_string()))
+            .and_then(|text| ron::from_str(text).map_err(|e| e.to_string()))
+            .map_err(|e| format!("unreadable header: {e}"))?;
+        if header != *expected {
+            return Err(describe_mismatch(&header, expected));
+        }
+        let kv = kv?;
+        let count = kv
+            .get(..8)
+            .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+            .ok_or("truncated KV section")?;
+        let count = usize::try_from(count).map_err(|_| "token count too large")?;
+        let end = count
+            .checked_mul(4)
+            .and_then(|n| n.checked_add(8))
+            .filter(|&end| end <= kv.len())
+            .ok_or("truncated token list")?;
+        let tokens = kv[8..end]
+            .chunks_exact(4)
+            .map(|b| i32::from_le_bytes(b.try_into().expect("4 bytes")))
+            .collect();
+        Ok((tokens, kv[end..].to_vec()))
+    })();
+    Ok(LoadedState { turns, kv })
+}
+
+fn describe_mismatch(found: &StateIdentity, expected: &StateIdentity) -> String {
+    if found.model != expected.model {
+        "saved with a different model".into()
+    } else if found.template != expected.template {
+        "saved with a different chat template".into()
+    } else if found.context_per_npc != expected.context_per_npc {
+        format!(
+            "saved with {} context tokens per NPC, running with {}",
+            found.context_per_npc, expected.context_per_npc
+        )
+    } else {
+        "saved with a different format".into()
+    }
+}
+
+/// Reads length-prefixed, checksummed sections.
+struct Sections<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Sections<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let end = self.at.checked_add(n)?;
+        let slice = self.bytes.get(self.at..end)?;
+        self.at = end;
+        Some(slice)
+    }
+
+    /// One section, verified against its sha256.
+    fn section(&mut self) -> Result<&'a [u8], String> {
+        let len = self
+            .take(8)
+            .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+            .ok_or("truncated file")?;
+        let digest = self.take(32).ok_or("truncated file")?;
+        let body = usize::try_from(len)
+            .ok()
+            .and_then(|len| self.take(len))
+            .ok_or("truncated file")?;
+        if Sha256::digest(body).as_slice() != digest {
+            return Err("checksum mismatch".into());
+        }
+        Ok(body)
+    }
+}
+
+/// sha256 over the model file's size, first MiB and last MiB: identifies a model without
+/// reading gigabytes.
+pub(crate) fn model_fingerprint(path: &Path) -> std::io::Result<String> {
+    use std::io::{Seek, SeekFrom};
+    const MIB: u64 = 1 << 20;
+    let mut file = File::open(path)?;
+    let size = file.metadata()?.len();
+    let mut hasher = Sha256::new();
+    hasher.update(size.to_le_bytes());
+    let mut buffer = vec![0u8; MIB.min(size) as usize];
+    file.read_exact(&mut buffer)?;
+    hasher.update(&buffer);
+    file.seek(SeekFrom::Start(size.saturating_sub(MIB)))?;
+    file.read_exact(&mut buffer)?;
+    hasher.update(&buffer);
+    Ok(hex(&hasher.finalize()))
+}
+
+/// sha256 of a text, in hex.
+pub(crate) fn text_hash(text: &str) -> String {
+    hex(&Sha256::digest(text.as_bytes()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn identity() -> StateIdentity {
+        StateIdentity {
+            format: FORMAT_VERSION,
+            model: "m".into(),
+            template: "t".into(),
+            context_per_npc: 2048,
+        }
+    }
+
+    fn turns() -> Vec<Turn> {
+        vec![Turn {
+            player: "Hi".into(),
+            npc: "Hello, friend.".into(),
+        }]
+    }
+
+    fn scratch(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("npc-persist-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir.join("npc.state")
+    }
+
+    #[test]
+    fn round_trips() {
+        let path = scratch("round-trip");
+        save(&path, &identity(), &turns(), &[1, 2, 3], b"kv bytes").unwrap();
+        let loaded = load(&path, &identity()).unwrap();
+        assert_eq!(loaded.turns, turns());
+        assert_eq!(loaded.kv.unwrap(), (vec![1, 2, 3], b"kv bytes".to_vec()));
+    }
+
+    #[test]
+    fn a_mismatched_header_keeps_the_conversation_but_not_the_kv() {
+        let path = scratch("mismatch");
+        save(&path, &identity(), &turns(), &[1], b"kv").unwrap();
+        let other = StateIdentity {
+            context_per_npc: 1024,
+            ..identity()
+        };
+        let loaded = load(&path, &other).unwrap();
+        assert_eq!(loaded.turns, turns());
+        assert!(loaded.kv.unwrap_err().contains("1024"));
+        let other = StateIdentity {
+            model: "other".into(),
+            ..identity()
+        };
+        assert!(
+            load(&path, &other)
+                .unwrap()
+                .kv
+                .unwrap_err()
+                .contains("different model")
+        );
+    }
+
+    #[test]
+    fn a_flipped_kv_byte_is_caught_by_its_checksum() {
+        let path = scratch("corrupt-kv");
+        save(&path, &identity(), &turns(), &[1, 2], &[7u8; 64]).unwrap();
+        let mut bytes = std::fs::read(&path).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xff;
+        std::fs::write(&path, &bytes).unwrap();
+        let loaded = load(&path, &identity()).unwrap();
+        assert_eq!(loaded.turns, turns());
+        assert_eq!(loaded.kv.unwrap_err(), "checksum mismatch");
+    }
+
+    #[test]
+    fn a_damaged_conversation_or_foreign_file_is_an_error() {
+        let path = scratch("corrupt-conversation");
+        save(&path, &identity(), &turns(), &[1], b"kv").unwrap();
+        let mut bytes = std::fs::read(&path).unwrap();
+        let at = bytes.windows(5).position(|w| w == b"Hello").unwrap();
+        bytes[at] = b'J';
+        std::fs::write(&path, &bytes).unwrap();
+        assert!(load(&path, &identity()).unwrap_err().contains("damaged"));
+        std::fs::write(&path, b"not a state file").unwrap();
+        assert!(load(&path, &identity()).is_err());
+    }
+
+    #[test]
+    fn a_failed_write_keeps_the_previous_save() {
+        let path = scratch("failed-write");
+        save(&path, &identity(), &turns(), &[1], b"first").unwrap();
+        // Make the temporary file impossible to create (root ignores permissions, so use a
+        // directory in its place).
+        std::fs::create_dir_all(path.with_extension("partial")).unwrap();
+        assert!(save(&path, &identity(), &[], &[2], b"second").is_err());
+        let loaded = load(&path, &identity()).unwrap();
+        assert_eq!(loaded.kv.unwrap().1, b"first");
+    }
+}
