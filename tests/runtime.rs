@@ -616,11 +616,11 @@ fn more_npcs_than_slots_lose_no_conversation_and_restore_from_ram() {
         first.push(reply(&runtime, NpcId(index as u64), "Hello there.").1);
     }
     // Four NPCs, two slots: every NPC was evicted at least once, to RAM.
-    for index in 0..names.len() {
+    for (index, first) in first.iter().enumerate() {
         let (_, stats) = reply(&runtime, NpcId(index as u64), "What else?");
         assert_eq!(stats.dropped_turns, 0);
         assert!(
-            stats.cached_tokens >= first[index].prompt_tokens,
+            stats.cached_tokens >= first.prompt_tokens,
             "NPC {index} resumed from its RAM snapshot: {stats:?}"
         );
     }

@@ -154,18 +154,16 @@ impl KvCacheManager {
     /// Moves slot `index`'s state to RAM (if it has an owner and fits the budget), then
     /// empties the slot.
     fn evict(&mut self, ctx: &mut LlamaContext<'_>, index: usize) {
-        if let Some(owner) = self.slots[index].owner {
-            if self.ram_budget > 0 {
-                if let Some(snapshot) = self.snapshot_slot(ctx, index) {
-                    self.evicted_bytes += snapshot.bytes.len();
-                    self.evicted.push_back((owner, snapshot));
-                    while self.evicted_bytes > self.ram_budget {
-                        let Some((_, dropped)) = self.evicted.pop_front() else {
-                            break;
-                        };
-                        self.evicted_bytes -= dropped.bytes.len();
-                    }
-                }
+        let owner = self.slots[index].owner.filter(|_| self.ram_budget > 0);
+        let snapshot = owner.and_then(|owner| Some((owner, self.snapshot_slot(ctx, index)?)));
+        if let Some((owner, snapshot)) = snapshot {
+            self.evicted_bytes += snapshot.bytes.len();
+            self.evicted.push_back((owner, snapshot));
+            while self.evicted_bytes > self.ram_budget {
+                let Some((_, dropped)) = self.evicted.pop_front() else {
+                    break;
+                };
+                self.evicted_bytes -= dropped.bytes.len();
             }
         }
         self.clear(ctx, index);
