@@ -1,0 +1,222 @@
+//! What the per-NPC KV cache buys, on the default model:
+//!
+//! 1. **Turn cost over a long conversation**: time to first token of each of 20 turns with one
+//!    NPC, with KV reuse vs the same engine with it disabled (full prompt every turn).
+//! 2. **Resume after reload**: an NPC with a ~2,000-token history; time to first token after
+//!    loading its saved state vs after recomputing it (the same file with its KV section
+//!    damaged, which the runtime detects and recomputes), and the state size per 1,000 tokens.
+//!
+//! ```text
+//! cargo bench -p npc_native --bench kv_cache
+//! ```
+//! Each configuration runs in a child process of this bench, one after the other (llama.cpp
+//! keeps per-thread state that would otherwise leak from one measurement into the next).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use npc_native::{Event, NpcId, Persona, ReplyStats, Runtime, RuntimeConfig};
+
+const QUESTIONS: [&str; 20] = [
+    "Good morning!",
+    "What is your name?",
+    "What do you sell?",
+    "How much is an iron sword?",
+    "And a horseshoe?",
+    "Where does your iron come from?",
+    "Is the mine dangerous?",
+    "Who is your apprentice?",
+    "When is the forge open?",
+    "Do you make shields?",
+    "How much is a steel shield?",
+    "Can you repair my armour?",
+    "What do you think of the innkeeper?",
+    "Have you seen any wolves?",
+    "What is the best weapon for a traveller?",
+    "Do you need help with anything?",
+    "Could I bring you some ore?",
+    "What would you pay for it?",
+    "Thank you, friend.",
+    "Farewell, Brom.",
+];
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn blacksmith(max_tokens: u32) -> Persona {
+    let source = std::fs::read_to_string(root().join("assets/personas/blacksmith.persona.ron")).expect("persona");
+    let mut persona = Persona::from_ron(&source, None).expect("persona parses");
+    persona.sampling.temperature = Some(0.0);
+    persona.sampling.max_tokens = Some(max_tokens);
+    persona
+}
+
+fn start(config: RuntimeConfig) -> Runtime {
+    let runtime = Runtime::start(config);
+    match runtime.events().recv().expect("worker") {
+        Event::ModelLoaded(_) => runtime,
+        other => panic!("model did not load: {other:?}"),
+    }
+}
+
+fn next(runtime: &Runtime) -> Event {
+    runtime.events().recv_timeout(Duration::from_secs(600)).expect("worker answers")
+}
+
+fn reply(runtime: &Runtime, npc: NpcId, line: &str) -> ReplyStats {
+    let request = runtime.say(npc, line).expect("worker running");
+    loop {
+        match next(runtime) {
+            Event::Replied { request: r, stats, .. } if r == request => return stats,
+            Event::Failed { error, .. } => panic!("{error}"),
+            _ => {}
+        }
+    }
+}
+
+fn config(context: u32) -> RuntimeConfig {
+    RuntimeConfig::new(root().join(npc_native::DEFAULT_MODEL_PATH))
+        .with_slots(1)
+        .with_context_size(context)
+}
+
+/// Child: 20 turns; prints `TURN prompt_tokens cached_tokens ttft_ms` per turn.
+fn turns(reuse: bool) {
+    let runtime = start(config(4096).with_kv_reuse(reuse));
+    let npc = NpcId(1);
+    runtime.set_persona(npc, blacksmith(48)).unwrap();
+    for question in QUESTIONS {
+        let stats = reply(&runtime, npc, question);
+        println!(
+            "TURN {} {} {:.1}",
+            stats.prompt_tokens,
+            stats.cached_tokens,
+            stats.time_to_first_token.as_secs_f64() * 1e3
+        );
+    }
+}
+
+/// Child: builds a ~2,000-token history, saves it, then measures the first reply after a
+/// load that restores the KV state and after one that must recompute it.
+fn resume() {
+    let dir = std::env::temp_dir().join(format!("npc-kv-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let runtime = start(config(4096));
+    let npc = NpcId(1);
+    runtime.set_persona(npc, blacksmith(96)).unwrap();
+    let mut history = 0;
+    for question in QUESTIONS.iter().cycle() {
+        let stats = reply(&runtime, npc, question);
+        history = stats.prompt_tokens + stats.generated_tokens;
+        if history >= 2000 {
+            break;
+        }
+    }
+    let saved = dir.join("npc.state");
+    runtime.save_npc(npc, &saved).unwrap();
+    let (bytes, kv_tokens) = match next(&runtime) {
+        Event::NpcSaved { bytes, kv_tokens, .. } => (bytes, kv_tokens),
+        other => panic!("{other:?}"),
+    };
+    // The same file with one byte of its KV section flipped: the checksum catches it and
+    // the runtime recomputes the conversation from its text.
+    let mut damaged = std::fs::read(&saved).unwrap();
+    let last = damaged.len() - 1;
+    damaged[last] ^= 1;
+    let recompute = dir.join("recompute.state");
+    std::fs::write(&recompute, damaged).unwrap();
+
+    let line = "Tell me one more thing about the mine.";
+    let (mut restored_ms, mut recomputed_ms) = (Vec::new(), Vec::new());
+    for run in 0..3u64 {
+        for (file, times) in [(&saved, &mut restored_ms), (&recompute, &mut recomputed_ms)] {
+            let other = NpcId(100 + run * 2 + u64::from(file == &recompute));
+            runtime.set_persona(other, blacksmith(8)).unwrap();
+            runtime.load_npc(other, file).unwrap();
+            let _ = next(&runtime); // PersonaAccepted
+            match next(&runtime) {
+                Event::NpcLoaded { .. } => {}
+                other => panic!("{other:?}"),
+            }
+            let stats = reply(&runtime, other, line);
+            times.push(stats.time_to_first_token.as_secs_f64() * 1e3);
+            runtime.forget(other).unwrap();
+        }
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    println!(
+        "RESUME {history} {kv_tokens} {bytes} {:.1} {:.1}",
+        median(restored_ms),
+        median(recomputed_ms)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn child(args: &[&str]) -> Vec<Vec<f64>> {
+    let output = Command::new(std::env::current_exe().unwrap())
+        .args(args)
+        .output()
+        .expect("run child");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter(|l| l.starts_with("TURN ") || l.starts_with("RESUME "))
+        .map(|l| l.split_whitespace().skip(1).map(|n| n.parse().unwrap()).collect())
+        .collect()
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    match args.get(1).map(String::as_str) {
+        Some("--turns") => return turns(args[2] == "on"),
+        Some("--resume") => return resume(),
+        _ => {}
+    }
+    let model = root().join(npc_native::DEFAULT_MODEL_PATH);
+    assert!(model.is_file(), "run `cargo xtask setup` first");
+    let threads = config(4096).effective_threads();
+    let cached = child(&["--turns", "on"]);
+    let full = child(&["--turns", "off"]);
+    println!("## Turn cost over a long conversation\n");
+    println!("Default model, {threads} threads, greedy, one NPC, 20 turns (replies up to 48 tokens).\n");
+    println!("| turn | prompt tokens | computed with KV reuse | TTFT with reuse (ms) | TTFT, full prompt each turn (ms) | full / reuse |");
+    println!("|---|---|---|---|---|---|");
+    for (turn, (c, f)) in cached.iter().zip(&full).enumerate() {
+        if turn == 0 || turn == 4 || turn == 9 || turn == 14 || turn == 19 {
+            println!(
+                "| {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.1}× |",
+                turn + 1,
+                c[0],
+                c[0] - c[1],
+                c[2],
+                f[2],
+                f[2] / c[2]
+            );
+        }
+    }
+    let (first, last) = (&cached[0], &cached[cached.len() - 1]);
+    println!(
+        "\nWith reuse, TTFT(turn 20) / TTFT(turn 1) = {:.2}; at turn 20 the full prompt takes {:.1}× longer.\n",
+        last[2] / first[2],
+        full[full.len() - 1][2] / last[2]
+    );
+    let resume = &child(&["--resume"])[0];
+    println!("## Resume after reload\n");
+    println!("| history tokens | KV tokens saved | file size | per 1,000 tokens | TTFT after load (ms) | TTFT recomputing (ms) | recompute / load |");
+    println!("|---|---|---|---|---|---|---|");
+    println!(
+        "| {:.0} | {:.0} | {:.1} MB | {:.1} MB | {:.0} | {:.0} | {:.1}× |",
+        resume[0],
+        resume[1],
+        resume[2] / 1e6,
+        resume[2] / 1e6 / resume[1] * 1000.0,
+        resume[3],
+        resume[4],
+        resume[4] / resume[3]
+    );
+}
