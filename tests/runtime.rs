@@ -5,8 +5,8 @@ mod common;
 use std::time::Duration;
 
 use npc_native::{
-    DebugHook, Event, FinishReason, ModelError, NpcError, NpcId, Persona, ReplyStats, Request,
-    RequestId, Runtime, RuntimeConfig,
+    DebugHook, Event, FinishReason, ModelError, NpcError, NpcId, Persona, Priority, ReplyStats,
+    Request, RequestId, Runtime, RuntimeConfig, SayOptions,
 };
 
 const WAIT: Duration = Duration::from_secs(120);
@@ -624,4 +624,103 @@ fn more_npcs_than_slots_lose_no_conversation_and_restore_from_ram() {
             "NPC {index} resumed from its RAM snapshot: {stats:?}"
         );
     }
+}
+
+// ---- Scheduling: priority, deadlines, chunked prompts ----
+
+/// Holds the worker until the returned sender is used (or dropped).
+fn hold(runtime: &Runtime) -> crossbeam_channel::Sender<()> {
+    let (open, gate) = crossbeam_channel::bounded(1);
+    runtime.send(Request::Debug(DebugHook::WaitFor(gate))).unwrap();
+    open
+}
+
+#[test]
+fn the_player_goes_first_and_background_chatter_last() {
+    let _serial = common::serial();
+    let runtime = start(RuntimeConfig::new(common::model_path()).with_slots(1));
+    for npc in 1..=3 {
+        accept(&runtime, NpcId(npc), greedy("guard"));
+    }
+    let gate = hold(&runtime);
+    let with = |priority| SayOptions { priority, deadline: None };
+    let background = runtime.say_with(NpcId(1), "Nice weather.", with(Priority::Background)).unwrap();
+    let normal = runtime.say_with(NpcId(2), "Good day.", with(Priority::Normal)).unwrap();
+    let player = runtime.say_with(NpcId(3), "Open the gate!", with(Priority::Player)).unwrap();
+    gate.send(()).unwrap();
+    let mut order = Vec::new();
+    while order.len() < 3 {
+        if let Event::Replied { request, .. } = next_event(&runtime) {
+            order.push(request);
+        }
+    }
+    assert_eq!(order, vec![player, normal, background]);
+}
+
+#[test]
+fn deadlines_fail_queued_replies_and_cut_running_ones_short() {
+    let _serial = common::serial();
+    let runtime = default_runtime();
+    let npc = NpcId(1);
+    let mut persona = greedy("guard");
+    persona.sampling.max_tokens = Some(1000);
+    persona.sampling.repeat_penalty = Some(1.0);
+    accept(&runtime, npc, persona);
+
+    // Not started in time: fails.
+    let gate = hold(&runtime);
+    let options = SayOptions { priority: Priority::Normal, deadline: Some(Duration::from_millis(1)) };
+    let request = runtime.say_with(npc, "Hello.", options).unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    gate.send(()).unwrap();
+    assert!(matches!(outcome_of(&runtime, request), Outcome::Failed(NpcError::DeadlineExceeded)));
+
+    // Started in time, not finished: ends with what it has.
+    let options = SayOptions { priority: Priority::Normal, deadline: Some(Duration::from_millis(2500)) };
+    let request = runtime
+        .say_with(npc, "Count from one to one thousand: 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, ...", options)
+        .unwrap();
+    match outcome_of(&runtime, request) {
+        Outcome::Replied { stats, text, .. } => {
+            assert_eq!(stats.finish, FinishReason::Deadline, "{text:?}");
+            assert!(stats.generated_tokens > 0 && stats.generated_tokens < 1000);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_long_prompt_does_not_stall_an_npc_mid_sentence() {
+    let _serial = common::serial();
+    let runtime = start(RuntimeConfig::new(common::model_path()).with_max_line_chars(20_000));
+    let (talker, listener) = (NpcId(1), NpcId(2));
+    let mut persona = greedy("innkeeper");
+    persona.sampling.max_tokens = Some(1000);
+    persona.sampling.repeat_penalty = Some(1.0);
+    accept(&runtime, talker, persona);
+    accept(&runtime, listener, greedy("guard"));
+    let counting = runtime
+        .say(talker, "Count from one to one thousand: 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, ...")
+        .unwrap();
+    // Once the talker is speaking, another NPC gets a ~1,400-token prompt.
+    while !matches!(next_event(&runtime), Event::Delta { request, .. } if request == counting) {}
+    let long = "The caravan from Riverford brought news of wolves and rain. ".repeat(110);
+    let listening = runtime.say(listener, long).unwrap();
+    let mut talker_tokens_meanwhile = 0;
+    loop {
+        match next_event(&runtime) {
+            Event::Delta { request, .. } if request == counting => talker_tokens_meanwhile += 1,
+            Event::Delta { request, .. } if request == listening => break,
+            Event::Replied { request, .. } if request == listening => break,
+            Event::Replied { request, .. } if request == counting => {
+                panic!("the talker finished before the long prompt was processed")
+            }
+            Event::Failed { error, .. } => panic!("{error}"),
+            _ => {}
+        }
+    }
+    // With 512-token steps the talker would get ~3 tokens while 1,400 prompt tokens are
+    // processed; with 128-token chunks between its tokens it keeps talking (~11 steps).
+    assert!(talker_tokens_meanwhile >= 8, "the talker said {talker_tokens_meanwhile} tokens");
+    runtime.cancel(talker).unwrap();
 }

@@ -26,6 +26,9 @@ pub struct RuntimeConfig {
     pub sampling: SamplingParams,
     /// Longest player line accepted, in characters.
     pub max_line_chars: usize,
+    /// Most prompt tokens processed per step while another NPC is generating: a long prompt
+    /// then advances in chunks between that NPC's tokens instead of freezing its speech.
+    pub prefill_chunk: u32,
     /// Let llama.cpp print its own log lines to stderr.
     pub llama_logs: bool,
     /// Reuse each NPC's cached tokens across turns (the default). `false` recomputes every
@@ -47,6 +50,7 @@ impl Default for RuntimeConfig {
             gpu_layers: None,
             sampling: SamplingParams::default(),
             max_line_chars: 2000,
+            prefill_chunk: 128,
             llama_logs: false,
             kv_reuse: true,
             evicted_kv_bytes: 256 << 20,

@@ -19,8 +19,8 @@ pub use config::RuntimeConfig;
 pub use persona::{Persona, PersonaError};
 pub use prompt::Turn;
 pub use protocol::{
-    DebugHook, Event, FinishReason, ModelError, ModelInfo, NpcError, NpcId, ReplyStats, Request,
-    RequestId,
+    DebugHook, Event, FinishReason, ModelError, ModelInfo, NpcError, NpcId, Priority, ReplyStats,
+    Request, RequestId, SayOptions,
 };
 pub use sampling::{SamplingOverrides, SamplingParams};
 
@@ -103,11 +103,25 @@ impl Runtime {
     /// # Errors
     /// [`WorkerGone`] if the worker has stopped.
     pub fn say(&self, npc: NpcId, text: impl Into<String>) -> Result<RequestId, WorkerGone> {
+        self.say_with(npc, text, SayOptions::default())
+    }
+
+    /// [`Runtime::say`] with a priority and a deadline.
+    ///
+    /// # Errors
+    /// [`WorkerGone`] if the worker has stopped.
+    pub fn say_with(
+        &self,
+        npc: NpcId,
+        text: impl Into<String>,
+        options: SayOptions,
+    ) -> Result<RequestId, WorkerGone> {
         let request = self.new_request_id();
         self.send(Request::Say {
             npc,
             request,
             text: text.into(),
+            options,
         })?;
         Ok(request)
     }

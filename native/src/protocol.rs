@@ -37,6 +37,8 @@ pub enum Request {
         request: RequestId,
         /// What the player said.
         text: String,
+        /// Scheduling: priority and deadline.
+        options: SayOptions,
     },
     /// Stops the NPC's reply in flight (or queued). Answered by [`Event::Cancelled`].
     Cancel {
@@ -69,6 +71,29 @@ pub enum Request {
     /// Fault injection for tests of the game-facing side. Not for games.
     #[doc(hidden)]
     Debug(DebugHook),
+}
+
+/// Who goes first when several NPCs have work.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Priority {
+    /// NPC-to-NPC chatter and other work nobody is waiting for: yields to everything else.
+    Background,
+    /// The default.
+    #[default]
+    Normal,
+    /// The NPC the player is talking to: its prompt is processed first.
+    Player,
+}
+
+/// How a reply is scheduled.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SayOptions {
+    /// Who goes first.
+    pub priority: Priority,
+    /// Time allowed from the request reaching the worker. A reply not started by then fails
+    /// with [`NpcError::DeadlineExceeded`]; one in progress ends with
+    /// [`FinishReason::Deadline`] and the text so far.
+    pub deadline: Option<Duration>,
 }
 
 /// Fault-injection hooks; they exist so tests can prove the game survives a stuck or dead
@@ -270,6 +295,9 @@ pub enum NpcError {
     /// llama.cpp failed while decoding.
     #[error("inference failed: {0}")]
     Inference(String),
+    /// The reply's deadline passed before it could start.
+    #[error("the deadline passed before the reply could start")]
+    DeadlineExceeded,
     /// The runtime is shutting down.
     #[error("the runtime is shutting down")]
     ShuttingDown,
@@ -318,4 +346,6 @@ pub enum FinishReason {
     MaxTokens,
     /// The NPC's context filled up.
     ContextFull,
+    /// The request's deadline passed; the text so far is the reply.
+    Deadline,
 }

@@ -26,8 +26,8 @@ use crate::persist::{self, StateIdentity};
 use crate::persona::Persona;
 use crate::prompt::{PromptBuilder, Turn};
 use crate::protocol::{
-    DebugHook, Event, FinishReason, ModelError, ModelInfo, NpcError, NpcId, ReplyStats, Request,
-    RequestId,
+    DebugHook, Event, FinishReason, ModelError, ModelInfo, NpcError, NpcId, Priority, ReplyStats,
+    Request, RequestId, SayOptions,
 };
 use crate::sampling::{SamplingParams, StopFilter};
 
@@ -233,6 +233,8 @@ struct Job {
     stats: ReplyStats,
     received: Instant,
     first_token_at: Option<Instant>,
+    priority: Priority,
+    deadline: Option<Instant>,
 }
 
 /// A reply waiting for a free slot.
@@ -240,6 +242,7 @@ struct Queued {
     npc: NpcId,
     request: RequestId,
     line: String,
+    options: SayOptions,
     received: Instant,
 }
 
@@ -294,7 +297,12 @@ impl Engine<'_, '_> {
     fn handle(&mut self, request: Request) -> bool {
         match request {
             Request::SetPersona { npc, persona } => self.set_persona(npc, &persona),
-            Request::Say { npc, request, text } => self.say(npc, request, text),
+            Request::Say {
+                npc,
+                request,
+                text,
+                options,
+            } => self.say(npc, request, text, options),
             Request::Cancel { npc } => self.cancel(npc),
             Request::SaveNpc { npc, path } => self.save_npc(npc, path),
             Request::LoadNpc { npc, path } => self.load_npc(npc, &path),
@@ -455,7 +463,7 @@ impl Engine<'_, '_> {
         });
     }
 
-    fn say(&mut self, npc: NpcId, request: RequestId, text: String) {
+    fn say(&mut self, npc: NpcId, request: RequestId, text: String, options: SayOptions) {
         let fail = |engine: &Self, error| {
             engine.emit(Event::Failed {
                 npc,
@@ -483,12 +491,22 @@ impl Engine<'_, '_> {
         if self.active.iter().any(|job| job.npc == npc) || self.queue.iter().any(|q| q.npc == npc) {
             return fail(self, NpcError::Busy);
         }
-        self.queue.push_back(Queued {
-            npc,
-            request,
-            line,
-            received: Instant::now(),
-        });
+        // Highest priority first, first come first served within a priority.
+        let at = self
+            .queue
+            .iter()
+            .position(|q| q.options.priority < options.priority)
+            .unwrap_or(self.queue.len());
+        self.queue.insert(
+            at,
+            Queued {
+                npc,
+                request,
+                line,
+                options,
+                received: Instant::now(),
+            },
+        );
     }
 
     fn cancel(&mut self, npc: NpcId) {
@@ -536,6 +554,7 @@ impl Engine<'_, '_> {
             npc,
             request,
             line,
+            options,
             received,
         } = queued;
         let Some(conversation) = self.npcs.get(&npc) else {
@@ -583,13 +602,29 @@ impl Engine<'_, '_> {
             pending: prompt,
             received,
             first_token_at: None,
+            priority: options.priority,
+            deadline: options.deadline.map(|d| received + d),
         })
     }
 
     /// One decode over every active job: one token for each job that is generating, then
     /// prompt chunks for jobs still prefilling, up to the batch size.
     fn step(&mut self) {
+        self.enforce_deadlines();
+        if self.active.is_empty() {
+            return;
+        }
+        // Prompt chunks go to the most important NPC first.
+        self.active.sort_by_key(|job| std::cmp::Reverse(job.priority));
         let capacity = self.config.batch_size as usize;
+        // While any NPC is mid-sentence, prompts advance in small chunks, so a long prompt
+        // does not freeze its speech for seconds.
+        let generating = self.active.iter().filter(|job| job.next_token.is_some()).count();
+        let prefill_capacity = if generating > 0 {
+            capacity.min(generating + self.config.prefill_chunk as usize)
+        } else {
+            capacity
+        };
         self.batch.clear();
         let mut used = 0;
         for job in &mut self.active {
@@ -604,11 +639,13 @@ impl Engine<'_, '_> {
             }
         }
         for job in &mut self.active {
-            if job.next_token.is_some() || job.pending_from >= job.pending.len() || used >= capacity
+            if job.next_token.is_some()
+                || job.pending_from >= job.pending.len()
+                || used >= prefill_capacity
             {
                 continue;
             }
-            let end = job.pending.len().min(job.pending_from + (capacity - used));
+            let end = job.pending.len().min(job.pending_from + (prefill_capacity - used));
             job.in_batch = end - job.pending_from;
             for index in job.pending_from..end {
                 let last = index + 1 == job.pending.len();
@@ -678,6 +715,40 @@ impl Engine<'_, '_> {
         for (at, reason) in finished.into_iter().rev() {
             let job = self.active.swap_remove(at);
             self.finish(job, reason);
+        }
+    }
+
+    /// Queued replies past their deadline fail; replies in progress end with what they have.
+    fn enforce_deadlines(&mut self) {
+        let now = Instant::now();
+        let expired = |received: Instant, options: &SayOptions| {
+            options.deadline.is_some_and(|d| now >= received + d)
+        };
+        while let Some(at) = self.queue.iter().position(|q| expired(q.received, &q.options)) {
+            let queued = self.queue.remove(at).expect("position is in range");
+            self.emit(Event::Failed {
+                npc: queued.npc,
+                request: queued.request,
+                error: NpcError::DeadlineExceeded,
+            });
+        }
+        while let Some(at) = self
+            .active
+            .iter()
+            .position(|job| job.deadline.is_some_and(|d| now >= d))
+        {
+            let job = self.active.swap_remove(at);
+            if job.stats.generated_tokens == 0 {
+                // Nothing said yet: no reply to keep.
+                self.kv.release(job.slot);
+                self.emit(Event::Failed {
+                    npc: job.npc,
+                    request: job.request,
+                    error: NpcError::DeadlineExceeded,
+                });
+            } else {
+                self.finish(job, FinishReason::Deadline);
+            }
         }
     }
 
