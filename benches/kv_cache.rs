@@ -46,7 +46,8 @@ fn root() -> PathBuf {
 }
 
 fn blacksmith(max_tokens: u32) -> Persona {
-    let source = std::fs::read_to_string(root().join("assets/personas/blacksmith.persona.ron")).expect("persona");
+    let source = std::fs::read_to_string(root().join("assets/personas/blacksmith.persona.ron"))
+        .expect("persona");
     let mut persona = Persona::from_ron(&source, None).expect("persona parses");
     persona.sampling.temperature = Some(0.0);
     persona.sampling.max_tokens = Some(max_tokens);
@@ -62,14 +63,19 @@ fn start(config: RuntimeConfig) -> Runtime {
 }
 
 fn next(runtime: &Runtime) -> Event {
-    runtime.events().recv_timeout(Duration::from_secs(600)).expect("worker answers")
+    runtime
+        .events()
+        .recv_timeout(Duration::from_secs(600))
+        .expect("worker answers")
 }
 
 fn reply(runtime: &Runtime, npc: NpcId, line: &str) -> ReplyStats {
     let request = runtime.say(npc, line).expect("worker running");
     loop {
         match next(runtime) {
-            Event::Replied { request: r, stats, .. } if r == request => return stats,
+            Event::Replied {
+                request: r, stats, ..
+            } if r == request => return stats,
             Event::Failed { error, .. } => panic!("{error}"),
             _ => {}
         }
@@ -117,7 +123,9 @@ fn resume() {
     let saved = dir.join("npc.state");
     runtime.save_npc(npc, &saved).unwrap();
     let (bytes, kv_tokens) = match next(&runtime) {
-        Event::NpcSaved { bytes, kv_tokens, .. } => (bytes, kv_tokens),
+        Event::NpcSaved {
+            bytes, kv_tokens, ..
+        } => (bytes, kv_tokens),
         other => panic!("{other:?}"),
     };
     // The same file with one byte of its KV section flipped: the checksum catches it and
@@ -162,11 +170,20 @@ fn child(args: &[&str]) -> Vec<Vec<f64>> {
         .args(args)
         .output()
         .expect("run child");
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     String::from_utf8_lossy(&output.stdout)
         .lines()
         .filter(|l| l.starts_with("TURN ") || l.starts_with("RESUME "))
-        .map(|l| l.split_whitespace().skip(1).map(|n| n.parse().unwrap()).collect())
+        .map(|l| {
+            l.split_whitespace()
+                .skip(1)
+                .map(|n| n.parse().unwrap())
+                .collect()
+        })
         .collect()
 }
 
@@ -183,8 +200,12 @@ fn main() {
     let cached = child(&["--turns", "on"]);
     let full = child(&["--turns", "off"]);
     println!("## Turn cost over a long conversation\n");
-    println!("Default model, {threads} threads, greedy, one NPC, 20 turns (replies up to 48 tokens).\n");
-    println!("| turn | prompt tokens | computed with KV reuse | TTFT with reuse (ms) | TTFT, full prompt each turn (ms) | full / reuse |");
+    println!(
+        "Default model, {threads} threads, greedy, one NPC, 20 turns (replies up to 48 tokens).\n"
+    );
+    println!(
+        "| turn | prompt tokens | computed with KV reuse | TTFT with reuse (ms) | TTFT, full prompt each turn (ms) | full / reuse |"
+    );
     println!("|---|---|---|---|---|---|");
     for (turn, (c, f)) in cached.iter().zip(&full).enumerate() {
         if turn == 0 || turn == 4 || turn == 9 || turn == 14 || turn == 19 {
@@ -207,7 +228,9 @@ fn main() {
     );
     let resume = &child(&["--resume"])[0];
     println!("## Resume after reload\n");
-    println!("| history tokens | KV tokens saved | file size | per 1,000 tokens | TTFT after load (ms) | TTFT recomputing (ms) | recompute / load |");
+    println!(
+        "| history tokens | KV tokens saved | file size | per 1,000 tokens | TTFT after load (ms) | TTFT recomputing (ms) | recompute / load |"
+    );
     println!("|---|---|---|---|---|---|---|");
     println!(
         "| {:.0} | {:.0} | {:.1} MB | {:.1} MB | {:.0} | {:.0} | {:.1}× |",

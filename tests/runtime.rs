@@ -631,7 +631,9 @@ fn more_npcs_than_slots_lose_no_conversation_and_restore_from_ram() {
 /// Holds the worker until the returned sender is used (or dropped).
 fn hold(runtime: &Runtime) -> crossbeam_channel::Sender<()> {
     let (open, gate) = crossbeam_channel::bounded(1);
-    runtime.send(Request::Debug(DebugHook::WaitFor(gate))).unwrap();
+    runtime
+        .send(Request::Debug(DebugHook::WaitFor(gate)))
+        .unwrap();
     open
 }
 
@@ -643,10 +645,19 @@ fn the_player_goes_first_and_background_chatter_last() {
         accept(&runtime, NpcId(npc), greedy("guard"));
     }
     let gate = hold(&runtime);
-    let with = |priority| SayOptions { priority, deadline: None };
-    let background = runtime.say_with(NpcId(1), "Nice weather.", with(Priority::Background)).unwrap();
-    let normal = runtime.say_with(NpcId(2), "Good day.", with(Priority::Normal)).unwrap();
-    let player = runtime.say_with(NpcId(3), "Open the gate!", with(Priority::Player)).unwrap();
+    let with = |priority| SayOptions {
+        priority,
+        deadline: None,
+    };
+    let background = runtime
+        .say_with(NpcId(1), "Nice weather.", with(Priority::Background))
+        .unwrap();
+    let normal = runtime
+        .say_with(NpcId(2), "Good day.", with(Priority::Normal))
+        .unwrap();
+    let player = runtime
+        .say_with(NpcId(3), "Open the gate!", with(Priority::Player))
+        .unwrap();
     gate.send(()).unwrap();
     let mut order = Vec::new();
     while order.len() < 3 {
@@ -669,16 +680,29 @@ fn deadlines_fail_queued_replies_and_cut_running_ones_short() {
 
     // Not started in time: fails.
     let gate = hold(&runtime);
-    let options = SayOptions { priority: Priority::Normal, deadline: Some(Duration::from_millis(1)) };
+    let options = SayOptions {
+        priority: Priority::Normal,
+        deadline: Some(Duration::from_millis(1)),
+    };
     let request = runtime.say_with(npc, "Hello.", options).unwrap();
     std::thread::sleep(Duration::from_millis(20));
     gate.send(()).unwrap();
-    assert!(matches!(outcome_of(&runtime, request), Outcome::Failed(NpcError::DeadlineExceeded)));
+    assert!(matches!(
+        outcome_of(&runtime, request),
+        Outcome::Failed(NpcError::DeadlineExceeded)
+    ));
 
     // Started in time, not finished: ends with what it has.
-    let options = SayOptions { priority: Priority::Normal, deadline: Some(Duration::from_millis(2500)) };
+    let options = SayOptions {
+        priority: Priority::Normal,
+        deadline: Some(Duration::from_millis(2500)),
+    };
     let request = runtime
-        .say_with(npc, "Count from one to one thousand: 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, ...", options)
+        .say_with(
+            npc,
+            "Count from one to one thousand: 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, ...",
+            options,
+        )
         .unwrap();
     match outcome_of(&runtime, request) {
         Outcome::Replied { stats, text, .. } => {
@@ -700,7 +724,10 @@ fn a_long_prompt_does_not_stall_an_npc_mid_sentence() {
     accept(&runtime, talker, persona);
     accept(&runtime, listener, greedy("guard"));
     let counting = runtime
-        .say(talker, "Count from one to one thousand: 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, ...")
+        .say(
+            talker,
+            "Count from one to one thousand: 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, ...",
+        )
         .unwrap();
     // Once the talker is speaking, another NPC gets a ~1,400-token prompt.
     while !matches!(next_event(&runtime), Event::Delta { request, .. } if request == counting) {}
@@ -721,6 +748,9 @@ fn a_long_prompt_does_not_stall_an_npc_mid_sentence() {
     }
     // With 512-token steps the talker would get ~3 tokens while 1,400 prompt tokens are
     // processed; with 128-token chunks between its tokens it keeps talking (~11 steps).
-    assert!(talker_tokens_meanwhile >= 8, "the talker said {talker_tokens_meanwhile} tokens");
+    assert!(
+        talker_tokens_meanwhile >= 8,
+        "the talker said {talker_tokens_meanwhile} tokens"
+    );
     runtime.cancel(talker).unwrap();
 }

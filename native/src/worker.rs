@@ -614,12 +614,18 @@ impl Engine<'_, '_> {
         if self.active.is_empty() {
             return;
         }
-        // Prompt chunks go to the most important NPC first.
-        self.active.sort_by_key(|job| std::cmp::Reverse(job.priority));
+        // Generated tokens enter the batch in sequence order: llama.cpp splits a
+        // multi-sequence batch into one micro-batch per run of consecutive sequence ids, so an
+        // unordered batch would decode one NPC at a time.
+        self.active.sort_by_key(|job| job.slot);
         let capacity = self.config.batch_size as usize;
         // While any NPC is mid-sentence, prompts advance in small chunks, so a long prompt
         // does not freeze its speech for seconds.
-        let generating = self.active.iter().filter(|job| job.next_token.is_some()).count();
+        let generating = self
+            .active
+            .iter()
+            .filter(|job| job.next_token.is_some())
+            .count();
         let prefill_capacity = if generating > 0 {
             capacity.min(generating + self.config.prefill_chunk as usize)
         } else {
@@ -638,14 +644,21 @@ impl Engine<'_, '_> {
                 used += 1;
             }
         }
-        for job in &mut self.active {
+        // Prompt chunks go to the most important NPC first.
+        let mut by_priority: Vec<usize> = (0..self.active.len()).collect();
+        by_priority.sort_by_key(|&at| std::cmp::Reverse(self.active[at].priority));
+        for at in by_priority {
+            let job = &mut self.active[at];
             if job.next_token.is_some()
                 || job.pending_from >= job.pending.len()
                 || used >= prefill_capacity
             {
                 continue;
             }
-            let end = job.pending.len().min(job.pending_from + (prefill_capacity - used));
+            let end = job
+                .pending
+                .len()
+                .min(job.pending_from + (prefill_capacity - used));
             job.in_batch = end - job.pending_from;
             for index in job.pending_from..end {
                 let last = index + 1 == job.pending.len();
@@ -724,7 +737,11 @@ impl Engine<'_, '_> {
         let expired = |received: Instant, options: &SayOptions| {
             options.deadline.is_some_and(|d| now >= received + d)
         };
-        while let Some(at) = self.queue.iter().position(|q| expired(q.received, &q.options)) {
+        while let Some(at) = self
+            .queue
+            .iter()
+            .position(|q| expired(q.received, &q.options))
+        {
             let queued = self.queue.remove(at).expect("position is in range");
             self.emit(Event::Failed {
                 npc: queued.npc,
