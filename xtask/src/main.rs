@@ -68,11 +68,19 @@ fn main() -> ExitCode {
 
 type Result<T = ()> = std::result::Result<T, String>;
 
+/// The workspace root: the nearest ancestor of the current directory whose `Cargo.toml`
+/// declares the workspace. Found at run time: a compile-time path would point at whichever
+/// clone last built this binary when several clones share one target directory.
 fn project_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask lives one level below the root")
-        .to_path_buf()
+    let start = env::current_dir().expect("a current directory");
+    start
+        .ancestors()
+        .find(|dir| {
+            fs::read_to_string(dir.join("Cargo.toml")).is_ok_and(|manifest| {
+                manifest.contains("[workspace]") && dir.join("xtask").is_dir()
+            })
+        })
+        .map_or(start.clone(), Path::to_path_buf)
 }
 
 /// The cache outside the clone: `$NPC_AI_CACHE`, else `~/.cache/bevy_npc_ai`.
