@@ -228,20 +228,27 @@ impl KvCacheManager {
     }
 
     /// Gives `npc` the state in `snapshot` (from a save file), replacing what it had.
-    /// `false` if no slot is free right now or llama.cpp refused the bytes.
+    ///
+    /// # Errors
+    /// Why the state could not be put in place: every slot is busy replying, or llama.cpp
+    /// refused the bytes. The NPC then has no KV state and recomputes on its next turn.
     pub(crate) fn load(
         &mut self,
         ctx: &mut LlamaContext<'_>,
         npc: NpcId,
         snapshot: SeqSnapshot,
-    ) -> bool {
+    ) -> Result<(), &'static str> {
         self.forget(ctx, npc);
         let Some(index) = self.acquire(ctx, npc) else {
-            return false;
+            return Err("every KV slot is busy replying");
         };
         let restored = self.restore(ctx, index, snapshot);
         self.release(index);
-        restored
+        if restored {
+            Ok(())
+        } else {
+            Err("llama.cpp refused the saved KV state")
+        }
     }
 }
 

@@ -122,6 +122,7 @@ impl Runtime {
             request,
             text: text.into(),
             options,
+            sent: std::time::Instant::now(),
         })?;
         Ok(request)
     }

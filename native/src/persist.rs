@@ -85,7 +85,7 @@ pub(crate) fn save(
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
     }
-    let temporary = path.with_extension("partial");
+    let temporary = temporary_path(path);
     let written = (|| {
         let mut file = File::create(&temporary)?;
         file.write_all(&bytes)?;
@@ -97,6 +97,13 @@ pub(crate) fn save(
     }
     std::fs::rename(&temporary, path)?;
     Ok(bytes.len() as u64)
+}
+
+/// Where a save is written before it replaces `path`: `path` with `.partial` appended.
+pub(crate) fn temporary_path(path: &Path) -> std::path::PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".partial");
+    name.into()
 }
 
 /// Reads `path`, checking everything before anything is trusted.
@@ -329,7 +336,7 @@ mod tests {
         save(&path, &identity(), &turns(), &[1], b"first").unwrap();
         // Make the temporary file impossible to create (root ignores permissions, so use a
         // directory in its place).
-        std::fs::create_dir_all(path.with_extension("partial")).unwrap();
+        std::fs::create_dir_all(temporary_path(&path)).unwrap();
         assert!(save(&path, &identity(), &[], &[2], b"second").is_err());
         let loaded = load(&path, &identity()).unwrap();
         assert_eq!(loaded.kv.unwrap().1, b"first");

@@ -4,7 +4,7 @@
 //! [`Event::Cancelled`] or [`Event::Failed`].
 
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
 
@@ -39,6 +39,8 @@ pub enum Request {
         text: String,
         /// Scheduling: priority and deadline.
         options: SayOptions,
+        /// When the game sent it; the deadline counts from here.
+        sent: Instant,
     },
     /// Stops the NPC's reply in flight (or queued). Answered by [`Event::Cancelled`].
     Cancel {
@@ -90,7 +92,7 @@ pub enum Priority {
 pub struct SayOptions {
     /// Who goes first.
     pub priority: Priority,
-    /// Time allowed from the request reaching the worker. A reply not started by then fails
+    /// Time allowed from the moment the game sends the request. A reply not started by then fails
     /// with [`NpcError::DeadlineExceeded`]; one in progress ends with
     /// [`FinishReason::Deadline`] and the text so far.
     pub deadline: Option<Duration>,

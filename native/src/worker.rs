@@ -243,6 +243,8 @@ struct Queued {
     request: RequestId,
     line: String,
     options: SayOptions,
+    /// When the reply must have started, counted from when the game sent the line.
+    deadline: Option<Instant>,
     received: Instant,
 }
 
@@ -302,7 +304,8 @@ impl Engine<'_, '_> {
                 request,
                 text,
                 options,
-            } => self.say(npc, request, text, options),
+                sent,
+            } => self.say(npc, request, text, options, sent),
             Request::Cancel { npc } => self.cancel(npc),
             Request::SaveNpc { npc, path } => self.save_npc(npc, path),
             Request::LoadNpc { npc, path } => self.load_npc(npc, &path),
@@ -430,12 +433,10 @@ impl Engine<'_, '_> {
                 } else {
                     kv_tokens = tokens.len();
                     let tokens = tokens.into_iter().map(LlamaToken).collect();
-                    if !self
-                        .kv
-                        .load(&mut self.ctx, npc, SeqSnapshot { tokens, bytes })
-                    {
+                    let snapshot = SeqSnapshot { tokens, bytes };
+                    if let Err(reason) = self.kv.load(&mut self.ctx, npc, snapshot) {
                         kv_tokens = 0;
-                        kv_note = Some("llama.cpp refused the saved KV state".to_owned());
+                        kv_note = Some(reason.to_owned());
                     }
                 }
             }
@@ -463,7 +464,14 @@ impl Engine<'_, '_> {
         });
     }
 
-    fn say(&mut self, npc: NpcId, request: RequestId, text: String, options: SayOptions) {
+    fn say(
+        &mut self,
+        npc: NpcId,
+        request: RequestId,
+        text: String,
+        options: SayOptions,
+        sent: Instant,
+    ) {
         let fail = |engine: &Self, error| {
             engine.emit(Event::Failed {
                 npc,
@@ -504,6 +512,7 @@ impl Engine<'_, '_> {
                 request,
                 line,
                 options,
+                deadline: options.deadline.map(|d| sent + d),
                 received: Instant::now(),
             },
         );
@@ -555,6 +564,7 @@ impl Engine<'_, '_> {
             request,
             line,
             options,
+            deadline,
             received,
         } = queued;
         let Some(conversation) = self.npcs.get(&npc) else {
@@ -603,7 +613,7 @@ impl Engine<'_, '_> {
             received,
             first_token_at: None,
             priority: options.priority,
-            deadline: options.deadline.map(|d| received + d),
+            deadline,
         })
     }
 
