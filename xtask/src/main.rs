@@ -308,6 +308,7 @@ fn peers() -> Result {
             ]))?;
         run(Command::new("cmake").arg("--build").arg(&build).args([
             "-j",
+            &threads,
             "--target",
             "llama-bench",
             "llama-batched-bench",
@@ -316,9 +317,6 @@ fn peers() -> Result {
     let model = project_root()
         .join("assets/models")
         .join(DEFAULT_MODEL.file_name);
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .to_string();
     println!("\n[peers] llama-bench -p 512 -n 128 -t {threads}");
     run(Command::new(&bench_bin)
         .arg("-m")
