@@ -7,7 +7,7 @@
 //! ```
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use npc_native::{Event, NpcId, Persona, Runtime, RuntimeConfig};
 
@@ -38,7 +38,6 @@ fn next(runtime: &Runtime) -> Event {
 /// Sends one line to each NPC at once and waits for every reply. Returns generated tokens
 /// and the seconds from the first reply token to the last.
 fn round(runtime: &Runtime, npcs: &[NpcId], line: &str) -> (usize, f64) {
-    let sent = Instant::now();
     let requests: Vec<_> = npcs
         .iter()
         .map(|&npc| runtime.say(npc, line).unwrap())
@@ -58,7 +57,6 @@ fn round(runtime: &Runtime, npcs: &[NpcId], line: &str) -> (usize, f64) {
             _ => {}
         }
     }
-    let _ = sent;
     (tokens, last - first)
 }
 
@@ -90,7 +88,7 @@ fn main() {
     );
     println!("|---|---|---|---|---|");
     let line = "Count from one to one hundred: 1, 2, 3, 4, 5, ...";
-    for (round_index, &n) in SIZES.iter().enumerate() {
+    for &n in &SIZES {
         let group = &npcs[..n];
         let (tokens, seconds) = round(&runtime, group, line);
         let batched = tokens as f64 / seconds;
@@ -106,6 +104,5 @@ fn main() {
             batched / n as f64,
             batched / sequential
         );
-        let _ = round_index;
     }
 }

@@ -41,7 +41,7 @@ pub fn serial() -> MutexGuard<'static, ()> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// A fresh scratch directory under the target dir.
+/// A fresh scratch directory under the system's temporary directory.
 pub fn scratch_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("bevy_npc_ai-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
