@@ -756,3 +756,150 @@ fn a_long_prompt_does_not_stall_an_npc_mid_sentence() {
     );
     runtime.cancel(talker).unwrap();
 }
+
+/// The world preamble the shipped examples use.
+fn preamble() -> String {
+    std::fs::read_to_string(common::root().join("assets/world/oakvale.preamble.txt"))
+        .expect("shipped preamble")
+}
+
+#[test]
+fn the_shared_preamble_is_computed_once_and_copied_into_new_npcs() {
+    let _serial = common::serial();
+    let config = || {
+        RuntimeConfig::new(common::model_path())
+            .with_slots(2)
+            .with_preamble(preamble())
+    };
+    let mut guard = greedy("guard");
+    guard.sampling.max_tokens = Some(12);
+    let mut smith = greedy("blacksmith");
+    smith.sampling.max_tokens = Some(12);
+    let line = "Good morning. What news is there today?";
+
+    let runtime = start(config());
+    accept(&runtime, NpcId(1), guard.clone());
+    let smith_prefix = accept(&runtime, NpcId(2), smith.clone());
+    let (_, first) = reply(&runtime, NpcId(1), line);
+    assert_eq!(first.shared_tokens, 0, "nothing to share yet: {first:?}");
+    let (shared_text, second) = reply(&runtime, NpcId(2), line);
+    // The preamble is well over 150 tokens; everything before the persona's own text is copied.
+    assert!(
+        second.shared_tokens >= 150 && second.shared_tokens < smith_prefix,
+        "{second:?}"
+    );
+    assert_eq!(second.cached_tokens, second.shared_tokens);
+    // A third NPC may copy from either resident sequence; the guard's own next turn keeps
+    // using its own cache.
+    let (_, again) = reply(&runtime, NpcId(1), "And who keeps the gate at night?");
+    assert_eq!(again.shared_tokens, 0);
+    assert!(again.cached_tokens > first.prompt_tokens - 1, "{again:?}");
+    drop(runtime);
+
+    // The blacksmith computed from scratch says the same: the copied keys and values are
+    // the ones it would have computed itself.
+    let runtime = start(config());
+    accept(&runtime, NpcId(2), smith);
+    let (alone_text, alone) = reply(&runtime, NpcId(2), line);
+    assert_eq!(alone.shared_tokens, 0);
+    assert_eq!(alone.prompt_tokens, second.prompt_tokens);
+    assert_eq!(shared_text, alone_text);
+}
+
+fn kv_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(dir)
+        .map(|entries| entries.map(|e| e.unwrap().path()).collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn evicted_state_past_the_ram_budget_moves_to_disk_and_comes_back() {
+    let _serial = common::serial();
+    let dir = common::scratch_dir("disk-eviction");
+    // One slot and no RAM budget: every eviction goes straight to a file.
+    let runtime = start(
+        RuntimeConfig::new(common::model_path())
+            .with_slots(1)
+            .with_evicted_kv_bytes(0)
+            .with_eviction_dir(&dir),
+    );
+    for (npc, name) in [(1, "blacksmith"), (2, "innkeeper"), (3, "guard")] {
+        let mut persona = greedy(name);
+        persona.sampling.max_tokens = Some(8);
+        accept(&runtime, NpcId(npc), persona);
+    }
+    let (_, smith) = reply(&runtime, NpcId(1), "Hello there.");
+    let (_, inn) = reply(&runtime, NpcId(2), "Hello there.");
+    let files = kv_files(&dir);
+    assert_eq!(files.len(), 1, "the blacksmith's state is on disk: {files:?}");
+
+    // Back from disk: the blacksmith's persona and first turn are not computed again.
+    let (_, again) = reply(&runtime, NpcId(1), "What else?");
+    assert!(again.cached_tokens >= smith.prompt_tokens, "{again:?}");
+    let files = kv_files(&dir);
+    assert_eq!(files.len(), 1, "the innkeeper went to disk in turn: {files:?}");
+
+    // A damaged file is never loaded: the innkeeper's KV is recomputed from its text.
+    let mut bytes = std::fs::read(&files[0]).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    std::fs::write(&files[0], bytes).unwrap();
+    let (text, recomputed) = reply(&runtime, NpcId(2), "What else?");
+    assert!(!text.is_empty());
+    assert_eq!(recomputed.cached_tokens, 0, "{recomputed:?}");
+    assert!(recomputed.prompt_tokens > inn.prompt_tokens);
+
+    // Forgetting an NPC deletes its file; shutting down deletes the rest.
+    let _ = reply(&runtime, NpcId(3), "Halt?");
+    assert_eq!(kv_files(&dir).len(), 2, "blacksmith and innkeeper");
+    runtime.forget(NpcId(2)).unwrap();
+    let (_, back) = reply(&runtime, NpcId(1), "Goodbye.");
+    assert!(back.cached_tokens >= again.prompt_tokens, "{back:?}");
+    assert_eq!(kv_files(&dir).len(), 1, "only the guard's");
+    drop(runtime);
+    assert_eq!(kv_files(&dir), Vec::<std::path::PathBuf>::new());
+}
+
+#[test]
+fn a_quantized_kv_cache_replies_saves_smaller_and_refuses_f16_state() {
+    let _serial = common::serial();
+    let dir = common::scratch_dir("kv-precision");
+    let f16_path = dir.join("f16.state");
+    let (f16_runtime, f16_tokens) = converse_and_save(&f16_path);
+    drop(f16_runtime);
+
+    let runtime = start(
+        RuntimeConfig::new(common::model_path()).with_kv_precision(npc_native::KvPrecision::Q8_0),
+    );
+    let npc = NpcId(1);
+    accept(&runtime, npc, greedy("blacksmith"));
+    let (text, _) = reply(&runtime, npc, "Good morning, Brom.");
+    assert!(!text.is_empty());
+    let (_, second) = reply(&runtime, npc, "What do you sell?");
+    assert!(second.cached_tokens > 0, "prefix reuse works on q8_0: {second:?}");
+    let q8_path = dir.join("q8.state");
+    runtime.save_npc(npc, &q8_path).unwrap();
+    let q8_tokens = saved(&runtime);
+    assert!(q8_tokens > 100);
+    let per_token = |path: &std::path::Path, tokens: usize| {
+        std::fs::metadata(path).unwrap().len() as f64 / tokens as f64
+    };
+    let (f16_size, q8_size) = (per_token(&f16_path, f16_tokens), per_token(&q8_path, q8_tokens));
+    // q8_0 stores 34 bytes per 32 values where f16 stores 64.
+    assert!(
+        q8_size < 0.6 * f16_size,
+        "q8_0 state {q8_size:.0} bytes per token vs f16 {f16_size:.0}"
+    );
+
+    // State saved with f16 KV keeps its conversation but its KV is recomputed.
+    let other = NpcId(2);
+    accept(&runtime, other, greedy("blacksmith"));
+    runtime.load_npc(other, &f16_path).unwrap();
+    let (turns, kv_tokens, note) = loaded(&runtime);
+    assert_eq!((turns, kv_tokens), (2, 0));
+    assert!(note.is_some_and(|n| n.contains("f16")));
+    let (text, stats) = reply(&runtime, other, "And how much is a horseshoe?");
+    assert!(!text.is_empty());
+    // Nothing of its own was cached; only the persona prefix the first blacksmith shares.
+    assert_eq!(stats.cached_tokens, stats.shared_tokens, "{stats:?}");
+}

@@ -2,7 +2,37 @@
 
 use std::path::PathBuf;
 
+use serde::{Deserialize, Serialize};
+
 use crate::sampling::SamplingParams;
+
+/// Number format of the keys and values in the KV cache.
+///
+/// Smaller formats hold more NPCs in the same memory and make saved NPC state (and RAM or
+/// disk eviction) proportionally smaller, at a small cost in reply quality. Quantized values
+/// need llama.cpp's flash attention, which the runtime enables for them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum KvPrecision {
+    /// 16-bit floats: llama.cpp's default, exact.
+    #[default]
+    F16,
+    /// 8-bit blocks: about half the bytes of `F16`, nearly lossless.
+    Q8_0,
+    /// 4-bit blocks: about a quarter of the bytes of `F16`, noticeably lossy on small models.
+    Q4_0,
+}
+
+impl KvPrecision {
+    /// Short lowercase name, as used in benchmark tables and state-file headers.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F16 => "f16",
+            Self::Q8_0 => "q8_0",
+            Self::Q4_0 => "q4_0",
+        }
+    }
+}
 
 /// How the runtime loads and runs its model. Build it with the `with_*` methods.
 #[derive(Clone, Debug, PartialEq)]
@@ -37,6 +67,20 @@ pub struct RuntimeConfig {
     /// RAM for KV state of NPCs evicted from their slot, in bytes. Past it, the least
     /// recently evicted state is dropped (and recomputed when that NPC speaks again).
     pub evicted_kv_bytes: usize,
+    /// Disk for KV state evicted past [`evicted_kv_bytes`](Self::evicted_kv_bytes), in bytes:
+    /// the least recently evicted state moves from RAM to a file in
+    /// [`eviction_dir`](Self::eviction_dir) instead of being dropped. `0` disables it.
+    pub evicted_kv_disk_bytes: u64,
+    /// Directory for KV state evicted to disk; `None` uses a per-process directory in the
+    /// system's temporary directory. Files are deleted when restored, forgotten or at shutdown.
+    pub eviction_dir: Option<PathBuf>,
+    /// Number format of the KV cache (see [`KvPrecision`]).
+    pub kv_precision: KvPrecision,
+    /// Text every NPC's system prompt starts with: the world, its rules, how NPCs speak.
+    ///
+    /// Being the same for every NPC, its tokens are computed once and copied into each new
+    /// NPC's sequence instead of being computed again.
+    pub preamble: String,
 }
 
 impl Default for RuntimeConfig {
@@ -54,6 +98,10 @@ impl Default for RuntimeConfig {
             llama_logs: false,
             kv_reuse: true,
             evicted_kv_bytes: 256 << 20,
+            evicted_kv_disk_bytes: 4 << 30,
+            eviction_dir: None,
+            kv_precision: KvPrecision::F16,
+            preamble: String::new(),
         }
     }
 }
@@ -135,6 +183,34 @@ impl RuntimeConfig {
     #[must_use]
     pub fn with_evicted_kv_bytes(mut self, bytes: usize) -> Self {
         self.evicted_kv_bytes = bytes;
+        self
+    }
+
+    /// Sets the disk budget for evicted KV state (see [`Self::evicted_kv_disk_bytes`]).
+    #[must_use]
+    pub fn with_evicted_kv_disk_bytes(mut self, bytes: u64) -> Self {
+        self.evicted_kv_disk_bytes = bytes;
+        self
+    }
+
+    /// Sets the directory for KV state evicted to disk.
+    #[must_use]
+    pub fn with_eviction_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.eviction_dir = Some(dir.into());
+        self
+    }
+
+    /// Sets the KV cache's number format.
+    #[must_use]
+    pub fn with_kv_precision(mut self, precision: KvPrecision) -> Self {
+        self.kv_precision = precision;
+        self
+    }
+
+    /// Sets the world preamble every NPC's system prompt starts with.
+    #[must_use]
+    pub fn with_preamble(mut self, preamble: impl Into<String>) -> Self {
+        self.preamble = preamble.into();
         self
     }
 

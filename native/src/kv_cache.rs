@@ -4,14 +4,20 @@
 //! A new turn computes only the tokens past the longest common prefix with what the
 //! sequence already holds: the persona and earlier turns are never computed twice while
 //! the NPC keeps its slot. When every slot is taken, the least recently used idle
-//! conversation loses its slot: its KV state moves to RAM (up to a byte budget, least
-//! recently evicted dropped first) and is restored when it speaks again; past the budget its
-//! text is kept and its KV recomputed.
+//! conversation loses its slot: its KV state moves to RAM (up to a byte budget), past that
+//! the least recently evicted states move on to files on disk (up to a second budget), and
+//! a state is restored when its NPC speaks again. Past both budgets the oldest state is
+//! dropped: the conversation text is kept and its KV recomputed.
 
 use std::collections::VecDeque;
+use std::fs;
+use std::path::PathBuf;
+
+use sha2::{Digest, Sha256};
 
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::context::session::LlamaStateSeqFlags;
+use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::token::LlamaToken;
 
 use crate::protocol::NpcId;
@@ -30,6 +36,22 @@ struct Slot {
     tokens: Vec<LlamaToken>,
     last_used: u64,
     busy: bool,
+    /// Keys and values were copied from another sequence; llama.cpp moves the bytes at the
+    /// start of the next decode, so until then the sequence cannot be snapshotted.
+    copy_pending: bool,
+}
+
+/// Fewest extra prompt tokens another NPC's sequence must offer before its whole KV buffer
+/// is copied (cheaper than computing them only past a few dozen tokens).
+const MIN_SHARED_GAIN: usize = 32;
+
+/// How a prompt's start was found in the cache.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct PrefixReuse {
+    /// Prompt tokens already in the sequence: not computed again.
+    pub(crate) cached: usize,
+    /// Of those, tokens copied from another NPC's sequence (the shared preamble).
+    pub(crate) copied: usize,
 }
 
 /// Sequence slots of one context, and the snapshots of evicted ones.
@@ -43,10 +65,161 @@ pub(crate) struct KvCacheManager {
     evicted: VecDeque<(NpcId, SeqSnapshot)>,
     evicted_bytes: usize,
     ram_budget: usize,
+    disk: DiskTier,
+}
+
+/// Where evicted KV state goes when RAM is full.
+#[derive(Debug, Clone)]
+pub(crate) struct DiskConfig {
+    /// Bytes of files allowed; 0 disables the disk tier.
+    pub(crate) budget: u64,
+    /// The directory, created on first use; `None` picks one under the temporary directory.
+    pub(crate) dir: Option<PathBuf>,
+}
+
+/// Evicted states on disk: the tokens stay in RAM (4 bytes each), the KV bytes in a file.
+#[derive(Debug)]
+struct DiskTier {
+    config: DiskConfig,
+    dir: Option<PathBuf>,
+    files: VecDeque<DiskState>,
+    bytes: u64,
+    next_file: u64,
+}
+
+#[derive(Debug)]
+struct DiskState {
+    owner: NpcId,
+    tokens: Vec<LlamaToken>,
+    path: PathBuf,
+    len: u64,
+    sha256: [u8; 32],
+}
+
+impl DiskTier {
+    fn new(config: DiskConfig) -> Self {
+        Self {
+            config,
+            dir: None,
+            files: VecDeque::new(),
+            bytes: 0,
+            next_file: 0,
+        }
+    }
+
+    /// Writes `snapshot` to a file, dropping the oldest files past the budget. Returns
+    /// `false` (the state is then dropped) when it does not fit or cannot be written.
+    fn store(&mut self, owner: NpcId, snapshot: SeqSnapshot) -> bool {
+        let len = snapshot.bytes.len() as u64;
+        if len > self.config.budget {
+            return false;
+        }
+        let dir = match &self.dir {
+            Some(dir) => dir.clone(),
+            None => {
+                let dir = self.config.dir.clone().unwrap_or_else(|| {
+                    std::env::temp_dir().join(format!("bevy_npc_ai-kv-{}", std::process::id()))
+                });
+                if let Err(err) = fs::create_dir_all(&dir) {
+                    tracing::warn!("cannot create {} for evicted KV: {err}", dir.display());
+                    return false;
+                }
+                self.dir = Some(dir.clone());
+                dir
+            }
+        };
+        while self.bytes + len > self.config.budget {
+            let Some(dropped) = self.files.pop_front() else {
+                break;
+            };
+            self.remove(&dropped);
+        }
+        self.next_file += 1;
+        let path = dir.join(format!("npc-{}-{}.kv", owner.0, self.next_file));
+        if let Err(err) = fs::write(&path, &snapshot.bytes) {
+            tracing::warn!("cannot write evicted KV to {}: {err}", path.display());
+            let _ = fs::remove_file(&path);
+            return false;
+        }
+        self.bytes += len;
+        self.files.push_back(DiskState {
+            owner,
+            tokens: snapshot.tokens,
+            path,
+            len,
+            sha256: Sha256::digest(&snapshot.bytes).into(),
+        });
+        true
+    }
+
+    /// Takes `owner`'s state off disk: `None` if it has none there or the file no longer
+    /// holds what was written (it is then dropped and the KV recomputed).
+    fn take(&mut self, owner: NpcId) -> Option<SeqSnapshot> {
+        let at = self.files.iter().position(|state| state.owner == owner)?;
+        let state = self.files.remove(at).expect("position is in range");
+        let bytes = fs::read(&state.path);
+        self.remove(&state);
+        match bytes {
+            Ok(bytes) if Sha256::digest(&bytes).as_slice() == state.sha256 => Some(SeqSnapshot {
+                tokens: state.tokens,
+                bytes,
+            }),
+            Ok(_) => {
+                tracing::warn!(
+                    "evicted KV in {} changed on disk; recomputing",
+                    state.path.display()
+                );
+                None
+            }
+            Err(err) => {
+                tracing::warn!(
+                    "cannot read evicted KV {}: {err}; recomputing",
+                    state.path.display()
+                );
+                None
+            }
+        }
+    }
+
+    /// A copy of `owner`'s state on disk, left in place.
+    fn peek(&self, owner: NpcId) -> Option<SeqSnapshot> {
+        let state = self.files.iter().find(|state| state.owner == owner)?;
+        let bytes = fs::read(&state.path).ok()?;
+        (Sha256::digest(&bytes).as_slice() == state.sha256).then(|| SeqSnapshot {
+            tokens: state.tokens.clone(),
+            bytes,
+        })
+    }
+
+    fn forget(&mut self, owner: NpcId) {
+        if let Some(at) = self.files.iter().position(|state| state.owner == owner) {
+            let state = self.files.remove(at).expect("position is in range");
+            self.remove(&state);
+        }
+    }
+
+    fn remove(&mut self, state: &DiskState) {
+        self.bytes -= state.len;
+        let _ = fs::remove_file(&state.path);
+    }
+}
+
+impl Drop for DiskTier {
+    fn drop(&mut self) {
+        for state in std::mem::take(&mut self.files) {
+            let _ = fs::remove_file(&state.path);
+        }
+        // Only a directory this runtime made for itself is removed (and only if empty).
+        if self.config.dir.is_none() {
+            if let Some(dir) = &self.dir {
+                let _ = fs::remove_dir(dir);
+            }
+        }
+    }
 }
 
 impl KvCacheManager {
-    pub(crate) fn new(slots: u32, reuse: bool, ram_budget: usize) -> Self {
+    pub(crate) fn new(slots: u32, reuse: bool, ram_budget: usize, disk: DiskConfig) -> Self {
         Self {
             slots: (0..slots).map(|_| Slot::default()).collect(),
             clock: 0,
@@ -54,6 +227,7 @@ impl KvCacheManager {
             evicted: VecDeque::new(),
             evicted_bytes: 0,
             ram_budget,
+            disk: DiskTier::new(disk),
         }
     }
 
@@ -80,6 +254,8 @@ impl KvCacheManager {
                 let (_, snapshot) = self.evicted.remove(at).expect("position is in range");
                 self.evicted_bytes -= snapshot.bytes.len();
                 self.restore(ctx, index, snapshot);
+            } else if let Some(snapshot) = self.disk.take(npc) {
+                self.restore(ctx, index, snapshot);
             }
         }
         self.clock += 1;
@@ -90,37 +266,122 @@ impl KvCacheManager {
     }
 
     /// Prepares slot `index` to continue into `prompt`: keeps the longest common prefix,
-    /// drops the rest. Returns how many prompt tokens are already cached. At least the
+    /// drops the rest. When another slot shares a longer start with `prompt` (the world
+    /// preamble every NPC begins with), that sequence is copied in instead. At least the
     /// last prompt token is always left to compute, since its logits start the reply.
     pub(crate) fn reuse_prefix(
         &mut self,
         ctx: &mut LlamaContext<'_>,
         index: usize,
         prompt: &[LlamaToken],
-    ) -> usize {
+    ) -> PrefixReuse {
         if !self.reuse {
             self.clear_tokens(ctx, index);
-            return 0;
+            return PrefixReuse::default();
+        }
+        let usable = prompt.len().saturating_sub(1);
+        let common_with = |tokens: &[LlamaToken]| {
+            tokens
+                .iter()
+                .zip(prompt)
+                .take_while(|(a, b)| a == b)
+                .count()
+                .min(usable)
+        };
+        let common = common_with(&self.slots[index].tokens);
+        let donor = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(other, slot)| *other != index && !slot.copy_pending)
+            .map(|(other, slot)| (other, common_with(&slot.tokens)))
+            .max_by_key(|&(_, shared)| shared)
+            .filter(|&(_, shared)| shared >= common + MIN_SHARED_GAIN);
+        if let Some((donor, shared)) = donor {
+            if self.copy_from(ctx, donor, index, shared) {
+                return PrefixReuse {
+                    cached: shared,
+                    copied: shared,
+                };
+            }
         }
         let slot = &self.slots[index];
-        let common = slot
-            .tokens
-            .iter()
-            .zip(prompt)
-            .take_while(|(a, b)| a == b)
-            .count()
-            .min(prompt.len().saturating_sub(1));
         if common < slot.tokens.len() {
             let removed = u32::try_from(common)
                 .ok()
                 .and_then(|p0| ctx.kv_cache_seq_rm(seq_id(index), Some(p0), None).ok());
             if removed.is_none() {
                 self.clear_tokens(ctx, index);
-                return 0;
+                return PrefixReuse::default();
             }
             self.slots[index].tokens.truncate(common);
         }
-        common
+        PrefixReuse {
+            cached: common,
+            copied: 0,
+        }
+    }
+
+    /// Replaces slot `to`'s sequence with the first `keep` tokens of slot `from`'s.
+    ///
+    /// With one KV stream per sequence, llama.cpp copies only whole sequences across streams
+    /// (a partial range aborts the process), so the whole sequence is copied and its tail
+    /// then removed. Returns `false`, leaving `to` empty, if llama.cpp refuses.
+    fn copy_from(
+        &mut self,
+        ctx: &mut LlamaContext<'_>,
+        from: usize,
+        to: usize,
+        keep: usize,
+    ) -> bool {
+        self.clear_tokens(ctx, to);
+        let Ok(p0) = u32::try_from(keep) else {
+            return false;
+        };
+        let copied = ctx
+            .copy_kv_cache_seq(seq_id(from), seq_id(to), None, None)
+            .is_ok()
+            && ctx.kv_cache_seq_rm(seq_id(to), Some(p0), None).is_ok();
+        if !copied {
+            let _ = ctx.clear_kv_cache_seq(u32::try_from(to).ok(), None, None);
+            return false;
+        }
+        let tokens = self.slots[from].tokens[..keep].to_vec();
+        let slot = &mut self.slots[to];
+        slot.tokens = tokens;
+        slot.copy_pending = true;
+        true
+    }
+
+    /// Makes llama.cpp carry out pending sequence copies now, with a one-token decode into
+    /// the empty slot `scratch` (then emptied again). Needed before bytes are written into a
+    /// sequence directly: a copy carried out later would overwrite them.
+    fn flush_copies(&mut self, ctx: &mut LlamaContext<'_>, scratch: usize) {
+        if !self.slots.iter().any(|slot| slot.copy_pending) {
+            return;
+        }
+        let mut batch = LlamaBatch::new(1, 1);
+        let flushed = batch.add(LlamaToken(0), 0, &[seq_id(scratch)], false).is_ok()
+            && ctx.decode(&mut batch).is_ok();
+        let _ = ctx.clear_kv_cache_seq(u32::try_from(scratch).ok(), None, None);
+        if flushed {
+            self.decoded();
+        } else {
+            // The copies did not happen: forget what those slots were to receive.
+            for index in 0..self.slots.len() {
+                if self.slots[index].copy_pending {
+                    self.clear_tokens(ctx, index);
+                    self.slots[index].copy_pending = false;
+                }
+            }
+        }
+    }
+
+    /// A decode has run: llama.cpp has carried out every pending sequence copy.
+    pub(crate) fn decoded(&mut self) {
+        for slot in &mut self.slots {
+            slot.copy_pending = false;
+        }
     }
 
     /// Records tokens just decoded into slot `index`.
@@ -144,7 +405,7 @@ impl KvCacheManager {
     /// Empties the sequence of slot `index`, keeping its owner.
     fn clear_tokens(&mut self, ctx: &mut LlamaContext<'_>, index: usize) {
         let slot = &mut self.slots[index];
-        if !slot.tokens.is_empty() {
+        if !slot.tokens.is_empty() || slot.copy_pending {
             // Removing a whole sequence cannot fail for a valid id.
             let _ = ctx.clear_kv_cache_seq(u32::try_from(index).ok(), None, None);
         }
@@ -154,16 +415,18 @@ impl KvCacheManager {
     /// Moves slot `index`'s state to RAM (if it has an owner and fits the budget), then
     /// empties the slot.
     fn evict(&mut self, ctx: &mut LlamaContext<'_>, index: usize) {
-        let owner = self.slots[index].owner.filter(|_| self.ram_budget > 0);
+        let keep = self.ram_budget > 0 || self.disk.config.budget > 0;
+        let owner = self.slots[index].owner.filter(|_| keep);
         let snapshot = owner.and_then(|owner| Some((owner, self.snapshot_slot(ctx, index)?)));
         if let Some((owner, snapshot)) = snapshot {
             self.evicted_bytes += snapshot.bytes.len();
             self.evicted.push_back((owner, snapshot));
             while self.evicted_bytes > self.ram_budget {
-                let Some((_, dropped)) = self.evicted.pop_front() else {
+                let Some((owner, oldest)) = self.evicted.pop_front() else {
                     break;
                 };
-                self.evicted_bytes -= dropped.bytes.len();
+                self.evicted_bytes -= oldest.bytes.len();
+                self.disk.store(owner, oldest);
             }
         }
         self.clear(ctx, index);
@@ -178,6 +441,7 @@ impl KvCacheManager {
             let (_, dropped) = self.evicted.remove(at).expect("position is in range");
             self.evicted_bytes -= dropped.bytes.len();
         }
+        self.disk.forget(npc);
     }
 
     /// The KV state `npc` has, wherever it is (a slot or RAM), without disturbing it.
@@ -192,11 +456,12 @@ impl KvCacheManager {
                 tokens: s.tokens.clone(),
                 bytes: s.bytes.clone(),
             })
+            .or_else(|| self.disk.peek(npc))
     }
 
     fn snapshot_slot(&self, ctx: &LlamaContext<'_>, index: usize) -> Option<SeqSnapshot> {
         let tokens = &self.slots[index].tokens;
-        if tokens.is_empty() {
+        if tokens.is_empty() || self.slots[index].copy_pending {
             return None;
         }
         let flags = LlamaStateSeqFlags::empty();
@@ -214,6 +479,7 @@ impl KvCacheManager {
     /// Puts a snapshot into the (empty) sequence of slot `index`. Returns `false`, leaving
     /// the slot empty, if llama.cpp refuses it.
     fn restore(&mut self, ctx: &mut LlamaContext<'_>, index: usize, snapshot: SeqSnapshot) -> bool {
+        self.flush_copies(ctx, index);
         // SAFETY: snapshots come from `snapshot_slot` of this context, or from a state file
         // whose checksum and identity (model, template, context shape) were verified.
         let restored = unsafe {

@@ -15,7 +15,7 @@ use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender};
 
-pub use config::RuntimeConfig;
+pub use config::{KvPrecision, RuntimeConfig};
 pub use persona::{Persona, PersonaError};
 pub use prompt::Turn;
 pub use protocol::{

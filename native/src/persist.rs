@@ -33,6 +33,14 @@ pub(crate) struct StateIdentity {
     pub(crate) template: String,
     /// Context tokens per sequence.
     pub(crate) context_per_npc: u32,
+    /// Number format of the saved keys and values ("f16", "q8_0", ...). Files written before
+    /// the field existed were all f16.
+    #[serde(default = "f16_name")]
+    pub(crate) kv_precision: String,
+}
+
+fn f16_name() -> String {
+    crate::config::KvPrecision::F16.name().to_owned()
 }
 
 /// The conversation section: always restorable when its checksum holds.
@@ -180,6 +188,11 @@ fn describe_mismatch(found: &StateIdentity, expected: &StateIdentity) -> String 
             "saved with {} context tokens per NPC, running with {}",
             found.context_per_npc, expected.context_per_npc
         )
+    } else if found.kv_precision != expected.kv_precision {
+        format!(
+            "saved with {} KV values, running with {}",
+            found.kv_precision, expected.kv_precision
+        )
     } else {
         "saved with a different format".into()
     }
@@ -254,6 +267,7 @@ mod tests {
             model: "m".into(),
             template: "t".into(),
             context_per_npc: 2048,
+            kv_precision: "f16".into(),
         }
     }
 
@@ -291,6 +305,11 @@ mod tests {
         let loaded = load(&path, &other).unwrap();
         assert_eq!(loaded.turns, turns());
         assert!(loaded.kv.unwrap_err().contains("1024"));
+        let other = StateIdentity {
+            kv_precision: "q8_0".into(),
+            ..identity()
+        };
+        assert!(load(&path, &other).unwrap().kv.unwrap_err().contains("q8_0"));
         let other = StateIdentity {
             model: "other".into(),
             ..identity()

@@ -314,6 +314,9 @@ pub struct ReplyStats {
     pub prompt_tokens: usize,
     /// Prompt tokens already in the KV cache and not computed again.
     pub cached_tokens: usize,
+    /// Of `cached_tokens`, those copied from another NPC's sequence rather than kept from
+    /// this NPC's own earlier turns: the world preamble every NPC shares, computed once.
+    pub shared_tokens: usize,
     /// Tokens generated.
     pub generated_tokens: usize,
     /// From the request reaching the worker to the first reply token.

@@ -12,7 +12,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use llama_cpp_2::context::LlamaContext;
-use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::context::params::{KvCacheType, LlamaContextParams};
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::LlamaModel;
@@ -20,8 +20,8 @@ use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 
-use crate::config::RuntimeConfig;
-use crate::kv_cache::{KvCacheManager, SeqSnapshot, seq_id};
+use crate::config::{KvPrecision, RuntimeConfig};
+use crate::kv_cache::{DiskConfig, KvCacheManager, SeqSnapshot, seq_id};
 use crate::persist::{self, StateIdentity};
 use crate::persona::Persona;
 use crate::prompt::{PromptBuilder, Turn};
@@ -30,6 +30,9 @@ use crate::protocol::{
     Request, RequestId, SayOptions,
 };
 use crate::sampling::{SamplingParams, StopFilter};
+
+/// llama.cpp's `LLAMA_FLASH_ATTN_TYPE_ENABLED`.
+const FLASH_ATTENTION_ENABLED: i32 = 1;
 
 /// llama.cpp's backend may be initialised once per process at a time; every runtime in the
 /// process shares this one, and it lives until the process exits.
@@ -75,6 +78,20 @@ fn serve(config: &RuntimeConfig, inbox: &Receiver<Request>, events: &Sender<Even
         .with_n_ubatch(config.batch_size.min(512))
         .with_n_threads(threads_i32)
         .with_n_threads_batch(threads_i32);
+    let params = match config.kv_precision {
+        KvPrecision::F16 => params,
+        // Quantized V needs flash attention; K follows V so both halves shrink alike.
+        precision => {
+            let kind = match precision {
+                KvPrecision::Q4_0 => KvCacheType::Q4_0,
+                _ => KvCacheType::Q8_0,
+            };
+            params
+                .with_flash_attention_policy(FLASH_ATTENTION_ENABLED)
+                .with_type_k(kind)
+                .with_type_v(kind)
+        }
+    };
     let mut ctx = match model.new_context(backend(), params) {
         Ok(ctx) => ctx,
         Err(err) => {
@@ -100,6 +117,7 @@ fn serve(config: &RuntimeConfig, inbox: &Receiver<Request>, events: &Sender<Even
         model: persist::model_fingerprint(&config.model_path).unwrap_or_default(),
         template: persist::text_hash(&prompts.template_text),
         context_per_npc: info.context_per_npc,
+        kv_precision: config.kv_precision.name().to_owned(),
     };
     tracing::info!(?info, "model loaded");
     let _ = events.send(Event::ModelLoaded(info));
@@ -111,7 +129,15 @@ fn serve(config: &RuntimeConfig, inbox: &Receiver<Request>, events: &Sender<Even
         prompts,
         events,
         context_per_npc,
-        kv: KvCacheManager::new(config.slots, config.kv_reuse, config.evicted_kv_bytes),
+        kv: KvCacheManager::new(
+            config.slots,
+            config.kv_reuse,
+            config.evicted_kv_bytes,
+            DiskConfig {
+                budget: config.evicted_kv_disk_bytes,
+                dir: config.eviction_dir.clone(),
+            },
+        ),
         identity,
         batch: LlamaBatch::new(batch_size, i32::try_from(config.slots).unwrap_or(1)),
         npcs: HashMap::new(),
@@ -348,7 +374,10 @@ impl Engine<'_, '_> {
             .map_err(|err| NpcError::InvalidPersona(err.to_string()))
             .and_then(|()| {
                 let sampling = persona.sampling.apply_to(&self.config.sampling);
-                let system = self.prompts.sanitize(&persona.system_prompt());
+                let system = self.prompts.sanitize(&with_preamble(
+                    &self.config.preamble,
+                    &persona.system_prompt(),
+                ));
                 // The persona must leave room for a short line and a whole reply.
                 let (tokens, _) = self.prompts.fit(
                     self.model,
@@ -582,7 +611,8 @@ impl Engine<'_, '_> {
                 sampling.max_tokens as usize,
             )
             .map_err(|error| (request, error))?;
-        let cached = self.kv.reuse_prefix(&mut self.ctx, slot, &prompt);
+        let reuse = self.kv.reuse_prefix(&mut self.ctx, slot, &prompt);
+        let cached = reuse.cached;
         let seed = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.subsec_nanos())
@@ -604,6 +634,7 @@ impl Engine<'_, '_> {
                 finish: FinishReason::EndOfTurn,
                 prompt_tokens: prompt.len(),
                 cached_tokens: cached,
+                shared_tokens: reuse.copied,
                 generated_tokens: 0,
                 time_to_first_token: Default::default(),
                 generation_time: Default::default(),
@@ -685,7 +716,10 @@ impl Engine<'_, '_> {
         if used == 0 {
             return;
         }
-        if let Err(err) = self.ctx.decode(&mut self.batch) {
+        let decoded = self.ctx.decode(&mut self.batch);
+        // Pending sequence copies ran at the start of the decode, whatever its outcome.
+        self.kv.decoded();
+        if let Err(err) = decoded {
             return self.fail_all(&format!("decode failed: {err}"));
         }
         // The batch is in the KV cache now: record what each sequence holds.
@@ -817,6 +851,16 @@ impl Engine<'_, '_> {
                 error: NpcError::Inference(reason.to_owned()),
             });
         }
+    }
+}
+
+/// The world preamble, then the persona: every NPC's prompt starts with the same tokens.
+fn with_preamble(preamble: &str, persona: &str) -> String {
+    let preamble = preamble.trim();
+    if preamble.is_empty() {
+        persona.to_owned()
+    } else {
+        format!("{preamble}\n\n{persona}")
     }
 }
 
