@@ -831,13 +831,21 @@ fn evicted_state_past_the_ram_budget_moves_to_disk_and_comes_back() {
     let (_, smith) = reply(&runtime, NpcId(1), "Hello there.");
     let (_, inn) = reply(&runtime, NpcId(2), "Hello there.");
     let files = kv_files(&dir);
-    assert_eq!(files.len(), 1, "the blacksmith's state is on disk: {files:?}");
+    assert_eq!(
+        files.len(),
+        1,
+        "the blacksmith's state is on disk: {files:?}"
+    );
 
     // Back from disk: the blacksmith's persona and first turn are not computed again.
     let (_, again) = reply(&runtime, NpcId(1), "What else?");
     assert!(again.cached_tokens >= smith.prompt_tokens, "{again:?}");
     let files = kv_files(&dir);
-    assert_eq!(files.len(), 1, "the innkeeper went to disk in turn: {files:?}");
+    assert_eq!(
+        files.len(),
+        1,
+        "the innkeeper went to disk in turn: {files:?}"
+    );
 
     // A damaged file is never loaded: the innkeeper's KV is recomputed from its text.
     let mut bytes = std::fs::read(&files[0]).unwrap();
@@ -876,7 +884,10 @@ fn a_quantized_kv_cache_replies_saves_smaller_and_refuses_f16_state() {
     let (text, _) = reply(&runtime, npc, "Good morning, Brom.");
     assert!(!text.is_empty());
     let (_, second) = reply(&runtime, npc, "What do you sell?");
-    assert!(second.cached_tokens > 0, "prefix reuse works on q8_0: {second:?}");
+    assert!(
+        second.cached_tokens > 0,
+        "prefix reuse works on q8_0: {second:?}"
+    );
     let q8_path = dir.join("q8.state");
     runtime.save_npc(npc, &q8_path).unwrap();
     let q8_tokens = saved(&runtime);
@@ -884,7 +895,10 @@ fn a_quantized_kv_cache_replies_saves_smaller_and_refuses_f16_state() {
     let per_token = |path: &std::path::Path, tokens: usize| {
         std::fs::metadata(path).unwrap().len() as f64 / tokens as f64
     };
-    let (f16_size, q8_size) = (per_token(&f16_path, f16_tokens), per_token(&q8_path, q8_tokens));
+    let (f16_size, q8_size) = (
+        per_token(&f16_path, f16_tokens),
+        per_token(&q8_path, q8_tokens),
+    );
     // q8_0 stores 34 bytes per 32 values where f16 stores 64.
     assert!(
         q8_size < 0.6 * f16_size,

@@ -210,10 +210,8 @@ impl Drop for DiskTier {
             let _ = fs::remove_file(&state.path);
         }
         // Only a directory this runtime made for itself is removed (and only if empty).
-        if self.config.dir.is_none() {
-            if let Some(dir) = &self.dir {
-                let _ = fs::remove_dir(dir);
-            }
+        if let (None, Some(dir)) = (&self.config.dir, &self.dir) {
+            let _ = fs::remove_dir(dir);
         }
     }
 }
@@ -297,13 +295,13 @@ impl KvCacheManager {
             .map(|(other, slot)| (other, common_with(&slot.tokens)))
             .max_by_key(|&(_, shared)| shared)
             .filter(|&(_, shared)| shared >= common + MIN_SHARED_GAIN);
-        if let Some((donor, shared)) = donor {
-            if self.copy_from(ctx, donor, index, shared) {
-                return PrefixReuse {
-                    cached: shared,
-                    copied: shared,
-                };
-            }
+        if let Some((donor, shared)) = donor
+            && self.copy_from(ctx, donor, index, shared)
+        {
+            return PrefixReuse {
+                cached: shared,
+                copied: shared,
+            };
         }
         let slot = &self.slots[index];
         if common < slot.tokens.len() {
@@ -361,7 +359,9 @@ impl KvCacheManager {
             return;
         }
         let mut batch = LlamaBatch::new(1, 1);
-        let flushed = batch.add(LlamaToken(0), 0, &[seq_id(scratch)], false).is_ok()
+        let flushed = batch
+            .add(LlamaToken(0), 0, &[seq_id(scratch)], false)
+            .is_ok()
             && ctx.decode(&mut batch).is_ok();
         let _ = ctx.clear_kv_cache_seq(u32::try_from(scratch).ok(), None, None);
         if flushed {

@@ -309,7 +309,13 @@ mod tests {
             kv_precision: "q8_0".into(),
             ..identity()
         };
-        assert!(load(&path, &other).unwrap().kv.unwrap_err().contains("q8_0"));
+        assert!(
+            load(&path, &other)
+                .unwrap()
+                .kv
+                .unwrap_err()
+                .contains("q8_0")
+        );
         let other = StateIdentity {
             model: "other".into(),
             ..identity()
