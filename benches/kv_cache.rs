@@ -4,7 +4,10 @@
 //!    NPC, with KV reuse vs the same engine with it disabled (full prompt every turn).
 //! 2. **Resume after reload**: an NPC with a ~2,000-token history; time to first token after
 //!    loading its saved state vs after recomputing it (the same file with its KV section
-//!    damaged, which the runtime detects and recomputes), and the state size per 1,000 tokens.
+//!    damaged, which the runtime detects and recomputes), and the state size per 1,000 tokens,
+//!    for f16 and q8_0 keys and values.
+//! 3. **Shared preamble**: a new NPC's first reply when another NPC's sequence already holds
+//!    the world preamble (copied, not computed) vs in a runtime where no other NPC is resident.
 //!
 //! ```text
 //! cargo bench -p npc_native --bench kv_cache
@@ -16,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use npc_native::{Event, NpcId, Persona, ReplyStats, Runtime, RuntimeConfig};
+use npc_native::{Event, KvPrecision, NpcId, Persona, ReplyStats, Runtime, RuntimeConfig};
 
 const QUESTIONS: [&str; 20] = [
     "Good morning!",
@@ -46,8 +49,13 @@ fn root() -> PathBuf {
 }
 
 fn blacksmith(max_tokens: u32) -> Persona {
-    let source = std::fs::read_to_string(root().join("assets/personas/blacksmith.persona.ron"))
-        .expect("persona");
+    greedy("blacksmith", max_tokens)
+}
+
+fn greedy(name: &str, max_tokens: u32) -> Persona {
+    let source =
+        std::fs::read_to_string(root().join(format!("assets/personas/{name}.persona.ron")))
+            .expect("persona");
     let mut persona = Persona::from_ron(&source, None).expect("persona parses");
     persona.sampling.temperature = Some(0.0);
     persona.sampling.max_tokens = Some(max_tokens);
@@ -106,10 +114,10 @@ fn turns(reuse: bool) {
 
 /// Child: builds a ~2,000-token history, saves it, then measures the first reply after a
 /// load that restores the KV state and after one that must recompute it.
-fn resume() {
+fn resume(precision: KvPrecision) {
     let dir = std::env::temp_dir().join(format!("npc-kv-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let runtime = start(config(4096));
+    let runtime = start(config(4096).with_kv_precision(precision));
     let npc = NpcId(1);
     runtime.set_persona(npc, blacksmith(96)).unwrap();
     let mut history = 0;
@@ -138,6 +146,7 @@ fn resume() {
 
     let line = "Tell me one more thing about the mine.";
     let (mut restored_ms, mut recomputed_ms) = (Vec::new(), Vec::new());
+    let mut computed_after_load = 0;
     for run in 0..3u64 {
         for (file, times) in [(&saved, &mut restored_ms), (&recompute, &mut recomputed_ms)] {
             let other = NpcId(100 + run * 2 + u64::from(file == &recompute));
@@ -150,6 +159,9 @@ fn resume() {
             }
             let stats = reply(&runtime, other, line);
             times.push(stats.time_to_first_token.as_secs_f64() * 1e3);
+            if file == &saved {
+                computed_after_load = stats.prompt_tokens - stats.cached_tokens;
+            }
             runtime.forget(other).unwrap();
         }
     }
@@ -158,11 +170,36 @@ fn resume() {
         v[v.len() / 2]
     };
     println!(
-        "RESUME {history} {kv_tokens} {bytes} {:.1} {:.1}",
+        "RESUME {history} {kv_tokens} {bytes} {:.1} {:.1} {computed_after_load}",
         median(restored_ms),
         median(recomputed_ms)
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn preamble() -> String {
+    std::fs::read_to_string(root().join("assets/world/oakvale.preamble.txt")).expect("preamble")
+}
+
+/// Child: the innkeeper's first reply, after the blacksmith's (`with` another NPC resident
+/// to copy the preamble from) or alone. Prints `SHARED prompt computed copied ttft_ms`.
+fn shared(with_donor: bool) {
+    let runtime = start(config(2048).with_slots(4).with_preamble(preamble()));
+    if with_donor {
+        runtime.set_persona(NpcId(1), blacksmith(8)).unwrap();
+        reply(&runtime, NpcId(1), "Good morning!");
+    }
+    runtime
+        .set_persona(NpcId(2), greedy("innkeeper", 8))
+        .unwrap();
+    let stats = reply(&runtime, NpcId(2), "Good morning!");
+    println!(
+        "SHARED {} {} {} {:.1}",
+        stats.prompt_tokens,
+        stats.prompt_tokens - stats.cached_tokens,
+        stats.shared_tokens,
+        stats.time_to_first_token.as_secs_f64() * 1e3
+    );
 }
 
 fn child(args: &[&str]) -> Vec<Vec<f64>> {
@@ -177,7 +214,11 @@ fn child(args: &[&str]) -> Vec<Vec<f64>> {
     );
     String::from_utf8_lossy(&output.stdout)
         .lines()
-        .filter(|l| l.starts_with("TURN ") || l.starts_with("RESUME "))
+        .filter(|l| {
+            ["TURN ", "RESUME ", "SHARED "]
+                .iter()
+                .any(|p| l.starts_with(p))
+        })
         .map(|l| {
             l.split_whitespace()
                 .skip(1)
@@ -191,7 +232,13 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
         Some("--turns") => return turns(args[2] == "on"),
-        Some("--resume") => return resume(),
+        Some("--resume") => {
+            return resume(match args[2].as_str() {
+                "q8_0" => KvPrecision::Q8_0,
+                _ => KvPrecision::F16,
+            });
+        }
+        Some("--shared") => return shared(args[2] == "with"),
         _ => {}
     }
     let model = root().join(npc_native::DEFAULT_MODEL_PATH);
@@ -226,20 +273,45 @@ fn main() {
         last[2] / first[2],
         full[full.len() - 1][2] / last[2]
     );
-    let resume = &child(&["--resume"])[0];
     println!("## Resume after reload\n");
     println!(
-        "| history tokens | KV tokens saved | file size | per 1,000 tokens | TTFT after load (ms) | TTFT recomputing (ms) | recompute / load |"
+        "| KV values | history tokens | KV tokens saved | file size | per 1,000 tokens | tokens computed after load | TTFT after load (ms) | TTFT recomputing (ms) | recompute / load |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for precision in [KvPrecision::F16, KvPrecision::Q8_0] {
+        let resume = &child(&["--resume", precision.name()])[0];
+        println!(
+            "| {} | {:.0} | {:.0} | {:.1} MB | {:.1} MB | {:.0} | {:.0} | {:.0} | {:.1}× |",
+            precision.name(),
+            resume[0],
+            resume[1],
+            resume[2] / 1e6,
+            resume[2] / 1e6 / resume[1] * 1000.0,
+            resume[5],
+            resume[3],
+            resume[4],
+            resume[4] / resume[3]
+        );
+    }
+    let with = &child(&["--shared", "with"])[0];
+    let alone = &child(&["--shared", "without"])[0];
+    println!("\n## Shared world preamble\n");
     println!(
-        "| {:.0} | {:.0} | {:.1} MB | {:.1} MB | {:.0} | {:.0} | {:.1}× |",
-        resume[0],
-        resume[1],
-        resume[2] / 1e6,
-        resume[2] / 1e6 / resume[1] * 1000.0,
-        resume[3],
-        resume[4],
-        resume[4] / resume[3]
+        "The innkeeper's first reply, with `assets/world/oakvale.preamble.txt` before its persona; 4 slots.\n"
+    );
+    println!("| | prompt tokens | computed | copied from another NPC | TTFT (ms) |");
+    println!("|---|---|---|---|---|");
+    for (label, row) in [
+        ("the blacksmith's sequence is resident", with),
+        ("no other NPC resident", alone),
+    ] {
+        println!(
+            "| {label} | {:.0} | {:.0} | {:.0} | {:.0} |",
+            row[0], row[1], row[2], row[3]
+        );
+    }
+    println!(
+        "\nCopying the preamble: first-reply TTFT {:.1}× lower.",
+        alone[3] / with[3]
     );
 }
