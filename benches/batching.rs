@@ -13,6 +13,8 @@ use npc_native::{Event, NpcId, Persona, Runtime, RuntimeConfig};
 
 const SIZES: [usize; 4] = [1, 4, 8, 16];
 const GENERATE: u32 = 64;
+/// Context tokens per NPC: a ~1,000-token conversation, a line and a reply fit.
+const CONTEXT: u32 = 1536;
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -60,49 +62,163 @@ fn round(runtime: &Runtime, npcs: &[NpcId], line: &str) -> (usize, f64) {
     (tokens, last - first)
 }
 
+/// A fresh NPC (never seen before) with a ~1,000-token conversation already in its KV cache.
+fn fresh_npcs(runtime: &Runtime, next_id: &mut u64, n: usize) -> Vec<NpcId> {
+    let npcs: Vec<NpcId> = (0..n)
+        .map(|_| {
+            *next_id += 1;
+            NpcId(*next_id)
+        })
+        .collect();
+    for &npc in &npcs {
+        runtime.set_persona(npc, persona()).unwrap();
+        assert!(matches!(next(runtime), Event::PersonaAccepted { .. }));
+    }
+    // Not timed: prefilled together, replied to, so the timed turn starts from ~1,000 tokens.
+    let history = "The caravan from Riverford brought news of wolves and rain. ".repeat(65);
+    round(runtime, &npcs, &history);
+    npcs
+}
+
+/// The peer in a child process: llama-cpp-2 driven directly, the way llama.cpp's
+/// `llama-batched-bench` drives llama.cpp: `n` sequences of `PROMPT` prompt tokens in one
+/// context of the same shape as the runtime's, then [`GENERATE`] steps decoding one token
+/// for every sequence in one batch, greedy. Prints `BARE n tok/s`.
+fn bare(threads: u32, max: usize) {
+    use llama_cpp_2::context::params::LlamaContextParams;
+    use llama_cpp_2::llama_backend::LlamaBackend;
+    use llama_cpp_2::llama_batch::LlamaBatch;
+    use llama_cpp_2::model::LlamaModel;
+    use llama_cpp_2::model::params::LlamaModelParams;
+    use llama_cpp_2::sampling::LlamaSampler;
+    use std::num::NonZeroU32;
+    use std::time::Instant;
+
+    const PROMPT: usize = 1000;
+    let backend = LlamaBackend::init().expect("backend");
+    llama_cpp_2::send_logs_to_tracing(llama_cpp_2::LogOptions::default().with_logs_enabled(false));
+    let model = LlamaModel::load_from_file(
+        &backend,
+        root().join(npc_native::DEFAULT_MODEL_PATH),
+        &LlamaModelParams::default(),
+    )
+    .expect("model");
+    let threads = i32::try_from(threads).unwrap_or(1);
+    let params = LlamaContextParams::default()
+        .with_n_ctx(NonZeroU32::new(CONTEXT * max as u32))
+        .with_n_seq_max(max as u32)
+        .with_kv_unified(false)
+        .with_n_batch(512)
+        .with_n_ubatch(512)
+        .with_n_threads(threads)
+        .with_n_threads_batch(threads);
+    let mut ctx = model.new_context(&backend, params).expect("context");
+    let tokens = model.vocab().tokenize(
+        "The caravan from Riverford brought news of wolves and rain. "
+            .repeat(80)
+            .as_bytes(),
+        true,
+        false,
+    );
+    let prompt = &tokens[..PROMPT];
+    let mut batch = LlamaBatch::new(512, max as i32);
+    for &n in &SIZES {
+        ctx.clear_kv_cache();
+        let mut samplers: Vec<LlamaSampler> = (0..n).map(|_| LlamaSampler::greedy()).collect();
+        let mut next_tokens = Vec::with_capacity(n);
+        for (seq, sampler) in samplers.iter_mut().enumerate() {
+            for start in (0..PROMPT).step_by(512) {
+                let end = (start + 512).min(PROMPT);
+                batch.clear();
+                for (at, &token) in prompt.iter().enumerate().take(end).skip(start) {
+                    batch
+                        .add(token, at as i32, &[seq as i32], at + 1 == PROMPT)
+                        .unwrap();
+                }
+                ctx.decode(&mut batch).unwrap();
+            }
+            next_tokens.push(sampler.sample(&ctx, batch.n_tokens() - 1));
+        }
+        let started = Instant::now();
+        for step in 0..GENERATE as usize {
+            batch.clear();
+            for (seq, &token) in next_tokens.iter().enumerate() {
+                batch
+                    .add(token, (PROMPT + step) as i32, &[seq as i32], true)
+                    .unwrap();
+            }
+            ctx.decode(&mut batch).unwrap();
+            for (seq, (sampler, token)) in samplers.iter_mut().zip(&mut next_tokens).enumerate() {
+                *token = sampler.sample(&ctx, seq as i32);
+            }
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        println!("BARE {n} {}", (n * GENERATE as usize) as f64 / seconds);
+    }
+}
+
+fn bare_in_child(threads: u32, max: usize) -> Vec<f64> {
+    let output = std::process::Command::new(std::env::current_exe().expect("own path"))
+        .args(["--bare", &threads.to_string(), &max.to_string()])
+        .output()
+        .expect("run the bare loop");
+    assert!(
+        output.status.success(),
+        "bare loop failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| line.strip_prefix("BARE "))
+        .map(|rest| rest.split_whitespace().nth(1).unwrap().parse().unwrap())
+        .collect()
+}
+
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(at) = args.iter().position(|a| a == "--bare") {
+        return bare(args[at + 1].parse().unwrap(), args[at + 2].parse().unwrap());
+    }
     let model = root().join(npc_native::DEFAULT_MODEL_PATH);
     assert!(model.is_file(), "run `cargo xtask setup` first");
     let max = *SIZES.last().unwrap();
     let config = RuntimeConfig::new(model)
         .with_slots(max as u32)
-        .with_context_size(1536)
+        .with_context_size(CONTEXT)
         .with_max_line_chars(20_000);
     let threads = config.effective_threads();
+    // The peer first, in its own process (llama.cpp's thread pool is per process).
+    let bare = bare_in_child(threads, max);
     let runtime = Runtime::start(config);
     assert!(matches!(next(&runtime), Event::ModelLoaded(_)));
-    let npcs: Vec<NpcId> = (0..max as u64).map(NpcId).collect();
-    for &npc in &npcs {
-        runtime.set_persona(npc, persona()).unwrap();
-        assert!(matches!(next(&runtime), Event::PersonaAccepted { .. }));
-    }
-    // Give every NPC a ~1,000-token conversation (not timed): prefilled together.
-    let history = "The caravan from Riverford brought news of wolves and rain. ".repeat(65);
-    round(&runtime, &npcs, &history);
 
     println!(
         "Default model, {threads} threads, {GENERATE} tokens per reply, ~1,000 tokens of context per NPC\n"
     );
     println!(
-        "| NPCs | batched: tok/s total | per NPC | one after another: tok/s total | batched / sequential |"
+        "| NPCs | batched: tok/s total | per NPC | one after another: tok/s total | batched / sequential | bare llama-cpp-2 batched loop | runtime / bare |"
     );
-    println!("|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|");
     let line = "Count from one to one hundred: 1, 2, 3, 4, 5, ...";
-    for &n in &SIZES {
-        let group = &npcs[..n];
-        let (tokens, seconds) = round(&runtime, group, line);
+    let mut next_id = 0;
+    for (&n, bare) in SIZES.iter().zip(bare) {
+        // Fresh NPCs for each measurement, so every timed turn starts from the same context.
+        let group = fresh_npcs(&runtime, &mut next_id, n);
+        let (tokens, seconds) = round(&runtime, &group, line);
         let batched = tokens as f64 / seconds;
         let (mut seq_tokens, mut seq_seconds) = (0, 0.0);
-        for &npc in group {
-            let (t, s) = round(&runtime, &[npc], line);
+        for _ in 0..n {
+            let npc = fresh_npcs(&runtime, &mut next_id, 1);
+            let (t, s) = round(&runtime, &npc, line);
             seq_tokens += t;
             seq_seconds += s;
         }
         let sequential = seq_tokens as f64 / seq_seconds;
         println!(
-            "| {n} | {batched:.0} | {:.1} | {sequential:.0} | {:.2}× |",
+            "| {n} | {batched:.0} | {:.1} | {sequential:.0} | {:.2}× | {bare:.0} | {:.2} |",
             batched / n as f64,
-            batched / sequential
+            batched / sequential,
+            batched / bare
         );
     }
 }
