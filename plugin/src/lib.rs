@@ -105,6 +105,21 @@ impl NpcAiPlugin {
         self
     }
 
+    /// Sets the world preamble every NPC's system prompt starts with; computed once and
+    /// shared by every NPC's KV cache (see [`RuntimeConfig::preamble`]).
+    #[must_use]
+    pub fn with_preamble(mut self, preamble: impl Into<String>) -> Self {
+        self.config = self.config.with_preamble(preamble);
+        self
+    }
+
+    /// Sets the number format of the KV cache (see [`npc_native::KvPrecision`]).
+    #[must_use]
+    pub fn with_kv_precision(mut self, precision: npc_native::KvPrecision) -> Self {
+        self.config = self.config.with_kv_precision(precision);
+        self
+    }
+
     /// The runtime configuration this plugin will start.
     #[must_use]
     pub fn config(&self) -> &RuntimeConfig {
