@@ -3,8 +3,13 @@
 //! another, on the same runtime in one run.
 //!
 //! ```text
-//! cargo bench -p npc_native --bench batching
+//! cargo xtask bench        # or: cargo bench -p npc_native --bench batching
 //! ```
+//! Beside it, in the same run: a bare llama-cpp-2 batched loop (a child process) and, under
+//! `cargo xtask bench`, llama.cpp's own `llama-batched-bench -npp 1000 -ntg 64 -npl 1,4,8,16`.
+
+#[path = "peer.rs"]
+mod peer;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -187,8 +192,13 @@ fn main() {
         .with_context_size(CONTEXT)
         .with_max_line_chars(20_000);
     let threads = config.effective_threads();
-    // The peer first, in its own process (llama.cpp's thread pool is per process).
+    // The peers first, in their own processes (llama.cpp's thread pool is per process).
     let bare = bare_in_child(threads, max);
+    let batched_bench = peer::bin_dir()
+        .map(|dir| {
+            peer::llama_batched_bench(&dir, &root().join(npc_native::DEFAULT_MODEL_PATH), threads)
+        })
+        .unwrap_or_default();
     let runtime = Runtime::start(config);
     assert!(matches!(next(&runtime), Event::ModelLoaded(_)));
 
@@ -196,9 +206,9 @@ fn main() {
         "Default model, {threads} threads, {GENERATE} tokens per reply, ~1,000 tokens of context per NPC\n"
     );
     println!(
-        "| NPCs | batched: tok/s total | per NPC | one after another: tok/s total | batched / sequential | bare llama-cpp-2 batched loop | runtime / bare |"
+        "| NPCs | batched: tok/s total | per NPC | one after another: tok/s total | batched / sequential | bare llama-cpp-2 batched loop | runtime / bare | llama-batched-bench S_TG | runtime / llama-batched-bench |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     let line = "Count from one to one hundred: 1, 2, 3, 4, 5, ...";
     let mut next_id = 0;
     for (&n, bare) in SIZES.iter().zip(bare) {
@@ -214,8 +224,14 @@ fn main() {
             seq_seconds += s;
         }
         let sequential = seq_tokens as f64 / seq_seconds;
+        let peer = batched_bench
+            .iter()
+            .find(|&&(sequences, _)| sequences == n)
+            .map_or("not built | |".to_owned(), |&(_, rate)| {
+                format!("{rate:.1} | {:.2}", batched / rate)
+            });
         println!(
-            "| {n} | {batched:.0} | {:.1} | {sequential:.0} | {:.2}× | {bare:.0} | {:.2} |",
+            "| {n} | {batched:.0} | {:.1} | {sequential:.0} | {:.2}× | {bare:.0} | {:.2} | {peer} |",
             batched / n as f64,
             batched / sequential,
             batched / bare

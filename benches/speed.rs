@@ -5,8 +5,12 @@
 //! ```text
 //! cargo xtask bench            # or: cargo bench -p npc_native --bench speed
 //! ```
-//! Prints a markdown table. Threads default to the machine's cores (`NPC_BENCH_THREADS`
-//! overrides).
+//! Prints markdown tables. Threads default to the machine's cores (`NPC_BENCH_THREADS`
+//! overrides). Under `cargo xtask bench`, llama.cpp's own `llama-bench -p 512 -n 128` runs in
+//! the same run and a second table sets the runtime's greedy speed beside it.
+
+#[path = "peer.rs"]
+mod peer;
 
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
@@ -162,6 +166,50 @@ fn reply(runtime: &Runtime, npc: NpcId, line: &str) -> ReplyStats {
     panic!("no reply within 300 s");
 }
 
+/// The smallest persona: a prompt of a few dozen tokens, greedy, no repeat penalty — the
+/// runtime's closest match to llama-bench's generation from an empty context.
+fn minimal(max_tokens: u32) -> Persona {
+    let mut persona = Persona::from_ron(r#"(name: "Mira", role: "a villager")"#, None)
+        .expect("minimal persona parses");
+    persona.sampling.max_tokens = Some(max_tokens);
+    persona.sampling.temperature = Some(0.0);
+    persona.sampling.repeat_penalty = Some(1.0);
+    persona
+}
+
+/// The runtime measured the way `llama-bench -p 512 -n 128` measures llama.cpp: a cold
+/// 512-token prompt, and 128 greedy tokens from a short context. Returns (pp, tg) tok/s.
+fn like_llama_bench(runtime: &Runtime) -> (f64, f64) {
+    // One token per repetition: learn the persona's own share, then size the line so the
+    // whole prompt is 512 tokens.
+    let probe = reply(runtime, fresh(runtime, minimal(1)), &" rain".repeat(100));
+    let line = " rain".repeat(512 + 100 - probe.prompt_tokens);
+    let (mut pp, mut tg) = (Vec::new(), Vec::new());
+    for _ in 0..RUNS {
+        let stats = reply(runtime, fresh(runtime, minimal(1)), &line);
+        assert_eq!(
+            stats.prompt_tokens, 512,
+            "the prompt is sized to llama-bench's"
+        );
+        pp.push(stats.prompt_tokens as f64 / stats.time_to_first_token.as_secs_f64());
+        let stats = reply(
+            runtime,
+            fresh(runtime, minimal(GENERATE as u32)),
+            "Count slowly from one to one hundred, one number per line.",
+        );
+        tg.push(stats.tokens_per_second());
+    }
+    (median(pp), median(tg))
+}
+
+/// A new NPC with `persona`, so nothing of it is cached.
+fn fresh(runtime: &Runtime, persona: Persona) -> NpcId {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1_000);
+    let npc = NpcId(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+    runtime.set_persona(npc, persona).unwrap();
+    npc
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(at) = args.iter().position(|a| a == "--peer") {
@@ -211,7 +259,9 @@ fn main() {
         generated = stats.generated_tokens;
         sampled.push(stats.tokens_per_second());
     }
+    let (bench_pp, bench_tg) = like_llama_bench(&runtime);
     drop(runtime);
+    let peer = peer::bin_dir().map(|dir| peer::llama_bench(&dir, &model(), threads));
     assert_eq!(
         prompt_tokens, peer_prompt,
         "the peer processed a prompt of the same length"
@@ -235,5 +285,33 @@ fn main() {
         "\nRuntime: prompt processing is prompt tokens over time to first token (rendering, tokenizing \
          and scheduling included); generation is from {context_at_generation} tokens of context, {generated} tokens \
          (last run), while a 60 Hz loop drains the events. Peer: from {peer_context} tokens, {GENERATE} tokens."
+    );
+
+    println!("\n## Against llama.cpp's llama-bench, same run\n");
+    println!("| measure | bevy_npc_ai runtime | llama-bench | ratio |");
+    println!("|---|---|---|---|");
+    match peer {
+        Some((peer_pp, peer_tg)) => {
+            println!(
+                "| prompt processing, 512 tokens, cold (tok/s) | {bench_pp:.0} | {peer_pp:.1} (pp512) | {:.2} |",
+                bench_pp / peer_pp
+            );
+            println!(
+                "| generation, greedy, 128 tokens (tok/s) | {bench_tg:.0} | {peer_tg:.1} (tg128) | {:.2} |",
+                bench_tg / peer_tg
+            );
+        }
+        None => {
+            println!(
+                "| prompt processing, 512 tokens, cold (tok/s) | {bench_pp:.0} | not built | |"
+            );
+            println!("| generation, greedy, 128 tokens (tok/s) | {bench_tg:.0} | not built | |");
+            println!("\n(llama.cpp's tools run under `cargo xtask bench`, which builds them.)");
+        }
+    }
+    println!(
+        "\nRuntime: a minimal persona (a few dozen prompt tokens), greedy, no repeat penalty; \
+         prompt processing over time to first token, generation after the first token. \
+         llama-bench generates from an empty context without sampling."
     );
 }

