@@ -81,6 +81,8 @@ pub(crate) struct DiskConfig {
 #[derive(Debug)]
 struct DiskTier {
     config: DiskConfig,
+    /// Distinguishes this runtime's files from another's in the same directory.
+    instance: u64,
     dir: Option<PathBuf>,
     files: VecDeque<DiskState>,
     bytes: u64,
@@ -98,8 +100,10 @@ struct DiskState {
 
 impl DiskTier {
     fn new(config: DiskConfig) -> Self {
+        static INSTANCES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         Self {
             config,
+            instance: INSTANCES.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             dir: None,
             files: VecDeque::new(),
             bytes: 0,
@@ -135,7 +139,10 @@ impl DiskTier {
             self.remove(&dropped);
         }
         self.next_file += 1;
-        let path = dir.join(format!("npc-{}-{}.kv", owner.0, self.next_file));
+        let path = dir.join(format!(
+            "runtime{}-npc{}-{}.kv",
+            self.instance, owner.0, self.next_file
+        ));
         if let Err(err) = fs::write(&path, &snapshot.bytes) {
             tracing::warn!("cannot write evicted KV to {}: {err}", path.display());
             let _ = fs::remove_file(&path);
