@@ -10,5 +10,8 @@
 //! and llama.cpp both bundle ggml, so they cannot be linked into one program.
 #![warn(missing_docs)]
 
+pub mod audio;
 pub mod convert;
 pub mod protocol;
+pub mod synth;
+pub mod wer;
