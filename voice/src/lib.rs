@@ -11,6 +11,7 @@
 #![warn(missing_docs)]
 
 pub mod audio;
+pub mod client;
 pub mod convert;
 pub mod protocol;
 pub mod synth;

@@ -94,12 +94,11 @@ fn main() -> ExitCode {
     if (Reply::Ready { load_ms, model }).write(&mut out).is_err() {
         return ExitCode::FAILURE;
     }
-    let multilingual = context.is_multilingual();
     let mut input = BufReader::new(io::stdin().lock());
     loop {
         match Request::read(&mut input) {
             Ok(Some(Request::Transcribe { id, samples })) => {
-                let reply = transcribe(&mut state, multilingual, args.threads, id, &samples);
+                let reply = transcribe(&mut state, args.threads, id, &samples);
                 if reply.write(&mut out).is_err() {
                     return ExitCode::FAILURE;
                 }
@@ -110,13 +109,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn transcribe(
-    state: &mut WhisperState,
-    multilingual: bool,
-    threads: usize,
-    id: u64,
-    samples: &[f32],
-) -> Reply {
+fn transcribe(state: &mut WhisperState, threads: usize, id: u64, samples: &[f32]) -> Reply {
     if samples.is_empty() {
         return Reply::Failed {
             id,
@@ -143,7 +136,6 @@ fn transcribe(
     let mut params = FullParams::new(SamplingStrategy::Greedy { best_of: 1 });
     params.set_n_threads(threads.try_into().unwrap_or(1));
     // English always: `None` would make whisper.cpp run language detection first.
-    let _ = multilingual;
     params.set_language(Some("en"));
     params.set_no_context(true);
     params.set_suppress_blank(true);
