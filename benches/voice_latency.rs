@@ -123,12 +123,14 @@ fn main() {
         };
         let transcribe = t0.elapsed();
         let request = runtime.say(npc, heard.clone()).expect("worker alive");
-        let mut writer = speech
-            .begin_line(index as u64, npc_voice.clone())
-            .expect("speech thread");
+        let mut writer = Some(
+            speech
+                .begin_line(index as u64, npc_voice.clone())
+                .expect("speech thread"),
+        );
         let (mut first_token, mut first_audio, mut reply_done, mut reply) =
             (None, None, None, None);
-        let mut writer = Some(&mut writer);
+        let mut line_done = false;
         while first_audio.is_none() || reply.is_none() {
             for event in runtime.events().try_iter() {
                 match event {
@@ -136,7 +138,7 @@ fn main() {
                         request: r, text, ..
                     } if r == request => {
                         first_token.get_or_insert_with(|| t0.elapsed());
-                        if let Some(w) = writer.as_deref_mut() {
+                        if let Some(w) = writer.as_mut() {
                             w.push(&text);
                         }
                     }
@@ -145,7 +147,9 @@ fn main() {
                     } if r == request => {
                         reply_done = Some(t0.elapsed());
                         reply = Some(text);
-                        writer = None;
+                        if let Some(w) = writer.take() {
+                            w.finish();
+                        }
                     }
                     Event::Failed { error, .. } => panic!("reply failed: {error}"),
                     _ => {}
@@ -166,10 +170,12 @@ fn main() {
         let reply = reply.unwrap_or_default();
         let reply_done = reply_done.unwrap_or_default();
         // Drain the rest of this line's audio before measuring the whole-reply alternative.
-        while let Ok(event) = speech.events().recv_timeout(PATIENCE) {
-            if matches!(event, SpeechEvent::LineDone { .. }) {
-                break;
-            }
+        while !line_done {
+            let event = speech
+                .events()
+                .recv_timeout(PATIENCE)
+                .expect("speech finishes");
+            line_done = matches!(event, SpeechEvent::LineDone { .. });
         }
         let started = Instant::now();
         whole_synth

@@ -253,7 +253,8 @@ fn demo(args: &[String]) -> Result {
 fn test(args: &[String]) -> Result {
     run(cargo()
         .args(["test", "--release", "--workspace"])
-        .args(args))
+        .args(args))?;
+    voice::test(args)
 }
 
 fn bench(args: &[String]) -> Result {

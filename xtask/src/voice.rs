@@ -113,3 +113,20 @@ fn fetch_ct2_model() -> Result<std::path::PathBuf> {
     }
     Ok(dir)
 }
+
+/// The plugin's voice tests (feature `voice`, not part of the default workspace build). The
+/// workspace test run before it has built the `npc-voice` helper they start.
+pub fn test(args: &[String]) -> Result {
+    run(cargo()
+        .args([
+            "test",
+            "--release",
+            "-p",
+            "bevy_npc_ai",
+            "--features",
+            "voice",
+            "--test",
+            "voice",
+        ])
+        .args(args))
+}
