@@ -139,7 +139,7 @@ fn a_spoken_utterance_becomes_player_said_and_gets_a_reply() {
     let _serial = common::serial();
     let mut app = app();
     let npc = spawn_blacksmith(&mut app);
-    let line = "How much does a horseshoe cost?";
+    let line = "Do you have an apprentice?";
     let pcm = EspeakSynth::default()
         .synthesize(
             line,

@@ -152,6 +152,9 @@ impl VoiceInput {
 struct Speech {
     stream: SpeechStream,
     lines: HashMap<Entity, LineWriter>,
+    /// NPCs whose reply ended this frame: their line is finished once this frame's deltas
+    /// (which observers see before readers) are in.
+    ended: Vec<Entity>,
     line_npc: HashMap<u64, Entity>,
     next_line: u64,
     to_buffer: bool,
@@ -205,6 +208,7 @@ impl Plugin for NpcVoicePlugin {
             .insert_resource(Speech {
                 stream: SpeechStream::start(Box::new(EspeakSynth::default())),
                 lines: HashMap::default(),
+                ended: Vec::new(),
                 line_npc: HashMap::default(),
                 next_line: 0,
                 to_buffer,
@@ -263,12 +267,15 @@ fn speak_reply_deltas(
             writer.push(&delta.text);
         }
     }
+    for npc in std::mem::take(&mut speech.ended) {
+        if let Some(writer) = speech.lines.remove(&npc) {
+            writer.finish();
+        }
+    }
 }
 
 fn finish_spoken_line(replied: On<NpcReplied>, mut speech: ResMut<Speech>) {
-    if let Some(writer) = speech.lines.remove(&replied.entity) {
-        writer.finish();
-    }
+    speech.ended.push(replied.entity);
 }
 
 fn stop_cancelled_speech(
