@@ -175,7 +175,7 @@ impl SpeechSynth for EspeakSynth {
         if let Some(writer) = writer {
             let _ = writer.join();
         }
-        if !output.status.success() {
+        if !output.status.success() || output.stdout.is_empty() {
             return Err(SynthError::Failed(format!(
                 "espeak-ng exited with {}: {}",
                 output.status,
@@ -454,6 +454,14 @@ mod tests {
 
     #[test]
     fn espeak_speaks_to_pcm_and_streams_sentences_in_order() {
+        let missing = VoiceSettings {
+            voice: "no-such-voice".into(),
+            ..VoiceSettings::default()
+        };
+        let err = EspeakSynth::default()
+            .synthesize("Hello.", &missing)
+            .unwrap_err();
+        assert!(err.to_string().contains("does not exist"), "{err}");
         let mut synth = EspeakSynth::default();
         let pcm = synth
             .synthesize("Hello there, traveller.", &VoiceSettings::default())
