@@ -454,14 +454,6 @@ mod tests {
 
     #[test]
     fn espeak_speaks_to_pcm_and_streams_sentences_in_order() {
-        let missing = VoiceSettings {
-            voice: "no-such-voice".into(),
-            ..VoiceSettings::default()
-        };
-        let err = EspeakSynth::default()
-            .synthesize("Hello.", &missing)
-            .unwrap_err();
-        assert!(err.to_string().contains("does not exist"), "{err}");
         let mut synth = EspeakSynth::default();
         let pcm = synth
             .synthesize("Hello there, traveller.", &VoiceSettings::default())
