@@ -16,7 +16,12 @@ use std::thread::JoinHandle;
 use crossbeam_channel::{Receiver, Sender};
 
 pub use config::{KvPrecision, RuntimeConfig};
-pub use persona::{Persona, PersonaError};
+pub use persona::{Persona, PersonaError, VoiceSettings};
+
+/// Speech in and out (feature `voice`): the `npc-voice` helper client, speech synthesis with
+/// sentence streaming, and the Whisper model converter. See the `npc_voice` crate.
+#[cfg(feature = "voice")]
+pub use npc_voice as voice;
 pub use prompt::Turn;
 pub use protocol::{
     DebugHook, Event, FinishReason, ModelError, ModelInfo, NpcError, NpcId, Priority, ReplyStats,

@@ -8,6 +8,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::sampling::SamplingOverrides;
+pub use npc_voice::synth::VoiceSettings;
 
 /// Everything an NPC is: who they are, how they talk, what they know and what they hide.
 ///
@@ -41,6 +42,10 @@ pub struct Persona {
     /// Per-persona sampling settings; unset fields use the runtime's defaults.
     #[serde(default)]
     pub sampling: SamplingOverrides,
+    /// How the NPC sounds when it speaks aloud (feature `voice`); `None` uses the
+    /// synthesiser's default voice. In RON: `voice: Some((voice: "en+m3", pitch: 35, rate: 150))`.
+    #[serde(default)]
+    pub voice: Option<VoiceSettings>,
 }
 
 /// A persona file that could not be read: where, and why.
@@ -123,6 +128,11 @@ impl Persona {
         }
         if self.role.trim().is_empty() {
             return Err(invalid("role", "a persona needs a role".into()));
+        }
+        if let Some(voice) = &self.voice {
+            voice
+                .validate()
+                .map_err(|e| invalid("voice", e.to_string()))?;
         }
         self.sampling
             .validate()
@@ -308,5 +318,22 @@ mod tests {
             (5, Some("top_p")),
             "{err}"
         );
+    }
+
+    #[test]
+    fn voice_settings_are_optional_defaulted_and_checked() {
+        assert_eq!(Persona::from_ron(GOOD, None).unwrap().voice, None);
+        let with_voice =
+            "(name: \"Brom\", role: \"smith\", voice: Some((voice: \"en+m3\", rate: 150)))";
+        let voice = Persona::from_ron(with_voice, None).unwrap().voice.unwrap();
+        assert_eq!(
+            (voice.voice.as_str(), voice.pitch, voice.rate),
+            ("en+m3", 50, 150)
+        );
+        let too_fast = "(name: \"Brom\", role: \"smith\", voice: Some((rate: 9000)))";
+        let err = Persona::from_ron(too_fast, None).unwrap_err();
+        assert_eq!(err.field.as_deref(), Some("voice"), "{err}");
+        let typo = "(name: \"Brom\", role: \"smith\", voice: Some((pich: 20)))";
+        assert!(Persona::from_ron(typo, None).is_err());
     }
 }

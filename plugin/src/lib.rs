@@ -4,6 +4,8 @@
 mod bridge;
 mod dialogue;
 mod persona;
+#[cfg(feature = "voice")]
+pub mod voice;
 
 use std::path::PathBuf;
 
@@ -18,6 +20,10 @@ pub use dialogue::{
 };
 pub use npc_native;
 pub use persona::{Persona, PersonaLoadError, PersonaLoader};
+#[cfg(feature = "voice")]
+pub use voice::{
+    NpcSpeechAudio, NpcVoicePlugin, SpeechBuffer, SpeechOutput, VoiceInput, VoiceProblem,
+};
 
 /// What a game needs: `use bevy_npc_ai::prelude::*;`.
 pub mod prelude {

@@ -10,6 +10,8 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
+mod voice;
+
 /// Debian packages the build and tests need.
 const APT_PACKAGES: &[&str] = &[
     "cmake",
@@ -17,6 +19,7 @@ const APT_PACKAGES: &[&str] = &[
     "libclang-dev",
     "pkg-config",
     "libasound2-dev",
+    "espeak-ng",
 ];
 
 /// A model shipped inside a PyPI wheel.
@@ -121,6 +124,7 @@ fn setup() -> Result {
         "default model",
         &format!("{} (sha256 ok)", model.display()),
     );
+    voice::setup()?;
     Ok(())
 }
 
@@ -249,7 +253,8 @@ fn demo(args: &[String]) -> Result {
 fn test(args: &[String]) -> Result {
     run(cargo()
         .args(["test", "--release", "--workspace"])
-        .args(args))
+        .args(args))?;
+    voice::test(args)
 }
 
 /// The project's benches, with llama.cpp's own tools built first: the benches run them in
