@@ -7,6 +7,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use crate::actions::{ActionSpec, actions_prompt, validate_actions};
 use crate::sampling::SamplingOverrides;
 
 /// Everything an NPC is: who they are, how they talk, what they know and what they hide.
@@ -41,6 +42,10 @@ pub struct Persona {
     /// Per-persona sampling settings; unset fields use the runtime's defaults.
     #[serde(default)]
     pub sampling: SamplingOverrides,
+    /// Game actions the NPC may request (see [`crate::actions`]); its replies are then
+    /// constrained to spoken text plus at most one of these.
+    #[serde(default)]
+    pub actions: Vec<ActionSpec>,
 }
 
 /// A persona file that could not be read: where, and why.
@@ -126,7 +131,8 @@ impl Persona {
         }
         self.sampling
             .validate()
-            .map_err(|(field, message)| invalid(field, message))
+            .map_err(|(field, message)| invalid(field, message))?;
+        validate_actions(&self.actions).map_err(|message| invalid("actions", message))
     }
 
     /// The system prompt for this persona. Deterministic: the same persona always gives
@@ -162,6 +168,11 @@ impl Persona {
             &bullets(&self.secrets),
         );
         section("Your goals", &bullets(&self.goals));
+        let actions = actions_prompt(&self.actions);
+        if !actions.is_empty() {
+            prompt.push_str("\n\n");
+            prompt.push_str(&actions);
+        }
         prompt
     }
 }

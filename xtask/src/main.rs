@@ -17,6 +17,10 @@ const APT_PACKAGES: &[&str] = &[
     "libclang-dev",
     "pkg-config",
     "libasound2-dev",
+    // The RPG demo's screenshot test: a virtual X display and Mesa's software Vulkan.
+    "xvfb",
+    "mesa-vulkan-drivers",
+    "libvulkan1",
 ];
 
 /// A model shipped inside a PyPI wheel.
@@ -52,7 +56,9 @@ fn main() -> ExitCode {
     let result = match command.as_str() {
         "setup" => setup(),
         "demo" => setup().and_then(|()| demo(&rest)),
-        "test" => setup().and_then(|()| test(&rest)),
+        "test" => setup()
+            .and_then(|()| test(&rest))
+            .and_then(|()| test_rpg_screenshot(&rest)),
         "bench" => setup().and_then(|()| bench(&rest)).and_then(|()| peers()),
         "peers" => setup().and_then(|()| peers()),
         _ => {
@@ -249,6 +255,32 @@ fn demo(args: &[String]) -> Result {
 fn test(args: &[String]) -> Result {
     run(cargo()
         .args(["test", "--release", "--workspace"])
+        .args(args))
+}
+
+/// The RPG demo in a real (virtual) window: builds it with its rendering features, runs it
+/// under Xvfb with a scripted conversation and checks the screenshot it saves.
+fn test_rpg_screenshot(args: &[String]) -> Result {
+    run(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "bevy_npc_ai",
+        "--features",
+        "demo",
+        "--example",
+        "rpg",
+    ]))?;
+    run(cargo()
+        .args([
+            "test",
+            "--release",
+            "-p",
+            "bevy_npc_ai",
+            "--features",
+            "demo",
+        ])
+        .args(["--test", "rpg_screenshot"])
         .args(args))
 }
 
