@@ -395,11 +395,13 @@ fn find_nearby(
             nearest = Some((entity, distance));
         }
         // Greet on approach, once, with the persona's own greeting.
-        if distance <= TALK_RADIUS * 1.5 && !villager.greeted && !bubble.streaming {
-            if let Some(persona) = persona {
-                villager.greeted = true;
-                bubble.text = persona.0.greeting.clone();
-            }
+        if distance <= TALK_RADIUS * 1.5
+            && !villager.greeted
+            && !bubble.streaming
+            && let Some(persona) = persona
+        {
+            villager.greeted = true;
+            bubble.text = persona.0.greeting.clone();
         }
     }
     conversation.nearby = nearest.map(|(entity, _)| entity);

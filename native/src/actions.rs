@@ -780,7 +780,8 @@ mod tests {
 
     #[test]
     fn validation_rejects_bad_declarations_with_clear_messages() {
-        let cases: Vec<(Box<dyn Fn(&mut Vec<ActionSpec>)>, &str)> = vec![
+        type Edit = Box<dyn Fn(&mut Vec<ActionSpec>)>;
+        let cases: Vec<(Edit, &str)> = vec![
             (Box::new(|s| s[0].name = "Give Item".into()), "lowercase"),
             (Box::new(|s| s[0].name = String::new()), "empty"),
             (Box::new(|s| s[0].name = "a\"b".into()), "may only hold"),
