@@ -667,12 +667,15 @@ pub(crate) fn filter(actions: &NpcActions, filter: StopFilter) -> StopFilter {
     }
 }
 
-/// What the conversation keeps of a reply: its spoken text, and its action as the model
-/// wrote it (so the NPC sees its own past actions in the prompt).
-pub(crate) fn turn_text(spoken: &str, action: Option<&ActionCall>) -> String {
-    match action {
-        Some(action) => format!("{spoken}{ACTION_MARKER}{action}"),
-        None => spoken.to_owned(),
+/// What the conversation keeps of a reply: its spoken text (`spoken`, trimmed) and, when the
+/// model wrote an action line, the reply exactly as generated (`released` and `hidden`), so
+/// the next prompt renders the tokens the NPC's KV cache already holds and the NPC sees its
+/// own past actions.
+pub(crate) fn turn_text(spoken: &str, released: &str, hidden: &str) -> String {
+    if hidden.is_empty() {
+        spoken.to_owned()
+    } else {
+        format!("{}{}", released.trim_start(), hidden.trim_end())
     }
 }
 

@@ -837,7 +837,7 @@ impl Engine<'_, '_> {
             action = actions::parse_action(&conversation.actions.specs, job.filter.hidden());
             conversation.turns.push(Turn {
                 player: job.line,
-                npc: actions::turn_text(&text, action.as_ref()),
+                npc: actions::turn_text(&text, job.filter.text(), job.filter.hidden()),
             });
         }
         if let Some(action) = action {
