@@ -22,7 +22,7 @@ pub const GATE_HALF_WIDTH: f32 = 60.0;
 /// Where the player starts.
 pub const PLAYER_START: Vec2 = Vec2::new(0.0, -220.0);
 /// Two idle villagers this close hold conversations of their own.
-pub const CHAT_RADIUS: f32 = 200.0;
+pub const CHAT_RADIUS: f32 = 300.0;
 /// Exchanges in one villager-to-villager conversation.
 pub const CHAT_TURNS: u32 = 3;
 
@@ -55,13 +55,13 @@ pub const VILLAGERS: [VillagerSpec; 4] = [
     VillagerSpec {
         persona: "personas/innkeeper.persona.ron",
         name: "Marta",
-        position: Vec2::new(330.0, -20.0),
+        position: Vec2::new(300.0, 20.0),
         color: [0.7, 0.55, 0.2],
     },
     VillagerSpec {
         persona: "personas/healer.persona.ron",
         name: "Healer",
-        position: Vec2::new(470.0, -110.0),
+        position: Vec2::new(420.0, -150.0),
         color: [0.35, 0.65, 0.4],
     },
 ];

@@ -208,7 +208,7 @@ fn spawn_ui(mut commands: Commands) {
             left: px(8.0),
             ..default()
         },
-        Text::new("WASD walk · E talk · Enter send · Esc leave · F3 debug"),
+        Text::new("WASD walk | E talk | Enter send | Esc leave | F3 debug"),
         text(14.0),
     ));
 }
@@ -260,7 +260,7 @@ fn dress_new_entities(
             Text2d::new(""),
             TextFont::from_font_size(16.0),
             TextColor(rgb(BUBBLE_TEXT_RGB)),
-            TextLayout::new_with_justify(Justify::Left),
+            TextLayout::justify(Justify::Left),
             TextBounds::new_horizontal(BUBBLE_WIDTH),
             Anchor::BOTTOM_CENTER,
             Transform::from_xyz(0.0, 0.0, 6.0),
@@ -322,8 +322,10 @@ fn follow_bubbles(
             continue;
         };
         let shown = !bubble.text.trim().is_empty();
-        if text.0 != bubble.text {
-            text.0.clone_from(&bubble.text);
+        // Long replies show their last words, so bubbles stay small.
+        let shown_text = tail_of(&bubble.text, 200);
+        if text.0 != shown_text {
+            text.0 = shown_text;
         }
         let anchor = bubble_anchor(at.translation.truncate());
         transform.translation = (anchor + Vec2::new(0.0, 8.0)).extend(6.0);
@@ -353,6 +355,16 @@ fn follow_bubbles(
             text.0.clone_from(&villager.name);
         }
     }
+}
+
+fn tail_of(text: &str, max_chars: usize) -> String {
+    let text = text.replace('\n', " ");
+    let count = text.chars().count();
+    if count <= max_chars {
+        return text;
+    }
+    let tail: String = text.chars().skip(count - max_chars).collect();
+    format!("...{}", tail.trim_start())
 }
 
 fn show_gate(village: Res<Village>, mut gates: Query<(&mut Sprite, &mut Transform), With<Gate>>) {
