@@ -394,6 +394,8 @@ fn a_line_that_overflows_the_context_is_refused() {
     let npc = NpcId(1);
     let mut persona = greedy("guard");
     persona.sampling.max_tokens = Some(32);
+    // The guard's actions lengthen its prompt past this tiny context; this test is about lines.
+    persona.actions.clear();
     accept(&runtime, npc, persona);
     let long = "Tell me about the wolves. ".repeat(100);
     assert!(matches!(

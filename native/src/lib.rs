@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 #![warn(missing_docs)]
 
+pub mod actions;
 mod config;
 mod kv_cache;
 mod persist;
@@ -15,6 +16,7 @@ use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender};
 
+pub use actions::{ActionCall, ActionSpec, ActionValue, ParamKind, ParamSpec};
 pub use config::{KvPrecision, RuntimeConfig};
 pub use persona::{Persona, PersonaError, VoiceSettings};
 
@@ -169,6 +171,26 @@ impl Runtime {
         self.send(Request::LoadNpc {
             npc,
             path: path.into(),
+        })
+    }
+
+    /// Tells `npc` what became of the action it asked for ([`Event::ActionRequested`]): the
+    /// note is read by the NPC before the player's next line.
+    ///
+    /// # Errors
+    /// [`WorkerGone`] if the worker has stopped.
+    pub fn action_outcome(
+        &self,
+        npc: NpcId,
+        action: ActionCall,
+        approved: bool,
+        reason: impl Into<String>,
+    ) -> Result<(), WorkerGone> {
+        self.send(Request::ActionOutcome {
+            npc,
+            action,
+            approved,
+            reason: reason.into(),
         })
     }
 

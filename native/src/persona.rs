@@ -7,6 +7,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use crate::actions::{ActionSpec, actions_prompt, validate_actions};
 use crate::sampling::SamplingOverrides;
 pub use npc_voice::synth::VoiceSettings;
 
@@ -46,6 +47,10 @@ pub struct Persona {
     /// synthesiser's default voice. In RON: `voice: Some((voice: "en+m3", pitch: 35, rate: 150))`.
     #[serde(default)]
     pub voice: Option<VoiceSettings>,
+    /// Game actions the NPC may request (see [`crate::actions`]); its replies are then
+    /// constrained to spoken text plus at most one of these.
+    #[serde(default)]
+    pub actions: Vec<ActionSpec>,
 }
 
 /// A persona file that could not be read: where, and why.
@@ -136,7 +141,8 @@ impl Persona {
         }
         self.sampling
             .validate()
-            .map_err(|(field, message)| invalid(field, message))
+            .map_err(|(field, message)| invalid(field, message))?;
+        validate_actions(&self.actions).map_err(|message| invalid("actions", message))
     }
 
     /// The system prompt for this persona. Deterministic: the same persona always gives
@@ -172,6 +178,11 @@ impl Persona {
             &bullets(&self.secrets),
         );
         section("Your goals", &bullets(&self.goals));
+        let actions = actions_prompt(&self.actions);
+        if !actions.is_empty() {
+            prompt.push_str("\n\n");
+            prompt.push_str(&actions);
+        }
         prompt
     }
 }

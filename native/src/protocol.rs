@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
 
+use crate::actions::ActionCall;
 use crate::persona::Persona;
 
 /// Identifies one NPC conversation. The Bevy plugin uses the entity's bits.
@@ -62,6 +63,18 @@ pub enum Request {
         npc: NpcId,
         /// The file to read.
         path: PathBuf,
+    },
+    /// What the game did with an [`Event::ActionRequested`]. The NPC reads it as a note
+    /// before the player's next line, so it can speak of it.
+    ActionOutcome {
+        /// The NPC that asked.
+        npc: NpcId,
+        /// The action it asked for.
+        action: ActionCall,
+        /// Whether the game carried it out.
+        approved: bool,
+        /// Why (optional; "you have no gold", "the gate is already open").
+        reason: String,
     },
     /// Forgets an NPC: its persona, conversation and cache.
     Forget {
@@ -150,6 +163,17 @@ pub enum Event {
         text: String,
         /// Why and how it ended.
         stats: ReplyStats,
+    },
+    /// The NPC's reply asks the game to act: always an action its persona declares, with
+    /// every parameter in type. Sent just before the reply's [`Event::Replied`] (whose text
+    /// holds only the spoken part). Answer with [`Request::ActionOutcome`].
+    ActionRequested {
+        /// The NPC asking.
+        npc: NpcId,
+        /// The reply it came with.
+        request: RequestId,
+        /// The action and its arguments.
+        action: ActionCall,
     },
     /// A reply was cancelled before it completed; it is not added to the conversation.
     Cancelled {

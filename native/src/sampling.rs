@@ -174,6 +174,11 @@ pub(crate) struct StopFilter {
     held: String,
     /// Everything released so far.
     released: String,
+    /// From this marker on, text is kept back from the stream (a game action, see
+    /// `crate::actions`); `None` releases everything.
+    hide_from: Option<&'static str>,
+    /// Text at and after `hide_from`, never released.
+    hidden: String,
 }
 
 impl StopFilter {
@@ -183,7 +188,22 @@ impl StopFilter {
             pending_bytes: Vec::new(),
             held: String::new(),
             released: String::new(),
+            hide_from: None,
+            hidden: String::new(),
         }
+    }
+
+    /// Keeps everything from the first `marker` on out of the stream and the reply text;
+    /// read it with [`StopFilter::hidden`].
+    pub(crate) fn with_hidden_tail(mut self, marker: &'static str) -> Self {
+        self.hide_from = Some(marker);
+        self
+    }
+
+    /// The text kept back by [`StopFilter::with_hidden_tail`] (empty if the marker never
+    /// came).
+    pub(crate) fn hidden(&self) -> &str {
+        &self.hidden
     }
 
     /// Feeds one token's bytes. Returns the text that is now safe to show and whether a stop
@@ -206,7 +226,14 @@ impl StopFilter {
     }
 
     fn push_text(&mut self, text: &str) -> (String, bool) {
+        if !self.hidden.is_empty() {
+            self.hidden.push_str(text);
+            return (String::new(), false);
+        }
         self.held.push_str(text);
+        if let Some(at) = self.hide_from.and_then(|marker| self.held.find(marker)) {
+            self.hidden = self.held.split_off(at);
+        }
         if let Some(at) = self
             .stop
             .iter()
@@ -219,6 +246,8 @@ impl StopFilter {
         let keep = self
             .stop
             .iter()
+            .map(String::as_str)
+            .chain(self.hide_from.filter(|_| self.hidden.is_empty()))
             .map(|stop| partial_suffix_len(&self.held, stop))
             .max()
             .unwrap_or(0);
@@ -233,7 +262,14 @@ impl StopFilter {
         if !self.pending_bytes.is_empty() {
             let text = String::from_utf8_lossy(&self.pending_bytes).into_owned();
             self.pending_bytes.clear();
-            self.held.push_str(&text);
+            if self.hidden.is_empty() {
+                self.held.push_str(&text);
+            } else {
+                self.hidden.push_str(&text);
+            }
+        }
+        if let Some(at) = self.hide_from.and_then(|marker| self.held.find(marker)) {
+            self.hidden = self.held.split_off(at);
         }
         self.release_all()
     }
@@ -319,6 +355,28 @@ mod tests {
         let mut filter = StopFilter::new(vec!["END".into()]);
         filter.push(b"the EN");
         assert_eq!(filter.push(b"gine").0, "ENgine");
+    }
+
+    #[test]
+    fn hidden_tail_never_streams() {
+        let mut filter = StopFilter::new(vec!["Player:".into()]).with_hidden_tail("\n[ACTION] ");
+        let mut shown = String::new();
+        for piece in [
+            "Here",
+            " you go.",
+            "\n",
+            "[ACT",
+            "ION] give(",
+            "item=\"x\")",
+        ] {
+            let (text, stopped) = filter.push(piece.as_bytes());
+            assert!(!stopped);
+            shown.push_str(&text);
+        }
+        shown.push_str(&filter.finish());
+        assert_eq!(shown, "Here you go.");
+        assert_eq!(filter.text(), "Here you go.");
+        assert_eq!(filter.hidden(), "\n[ACTION] give(item=\"x\")");
     }
 
     #[test]

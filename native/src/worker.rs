@@ -20,6 +20,7 @@ use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 
+use crate::actions::{self, NpcActions};
 use crate::config::{KvPrecision, RuntimeConfig};
 use crate::kv_cache::{DiskConfig, KvCacheManager, SeqSnapshot, seq_id};
 use crate::persist::{self, StateIdentity};
@@ -207,7 +208,9 @@ fn serve_without_model(error: &ModelError, inbox: &Receiver<Request>, events: &S
                 request,
                 error: unavailable(),
             },
-            Request::Cancel { .. } | Request::Forget { .. } => continue,
+            Request::Cancel { .. } | Request::Forget { .. } | Request::ActionOutcome { .. } => {
+                continue;
+            }
             Request::Shutdown => return,
             Request::Debug(hook) => {
                 run_debug_hook(hook);
@@ -234,6 +237,8 @@ struct Conversation {
     system: String,
     sampling: SamplingParams,
     turns: Vec<Turn>,
+    /// Declared game actions, their grammar, outcomes to tell (see `crate::actions`).
+    actions: NpcActions,
 }
 
 /// One reply being produced.
@@ -335,6 +340,19 @@ impl Engine<'_, '_> {
             Request::Cancel { npc } => self.cancel(npc),
             Request::SaveNpc { npc, path } => self.save_npc(npc, path),
             Request::LoadNpc { npc, path } => self.load_npc(npc, &path),
+            Request::ActionOutcome {
+                npc,
+                action,
+                approved,
+                reason,
+            } => {
+                let note = self
+                    .prompts
+                    .sanitize(&actions::outcome_note(&action, approved, &reason));
+                if let Some(conversation) = self.npcs.get_mut(&npc) {
+                    conversation.actions.notes.push(note);
+                }
+            }
             Request::Forget { npc } => {
                 self.cancel(npc);
                 self.npcs.remove(&npc);
@@ -387,17 +405,31 @@ impl Engine<'_, '_> {
                     self.context_per_npc,
                     sampling.max_tokens as usize,
                 )?;
-                Ok((system, sampling, tokens.len()))
+                let grammar = actions::action_grammar(&persona.actions);
+                // Built once here so a grammar llama.cpp refuses rejects the persona.
+                if let Some(grammar) = &grammar {
+                    LlamaSampler::grammar(self.model, grammar, "root").map_err(|err| {
+                        NpcError::InvalidPersona(format!("action grammar refused: {err}"))
+                    })?;
+                }
+                Ok((system, sampling, tokens.len(), grammar))
             });
         match result {
-            Ok((system, sampling, prefix_tokens)) => {
-                let turns = self.npcs.remove(&npc).map(|c| c.turns).unwrap_or_default();
+            Ok((system, sampling, prefix_tokens, grammar)) => {
+                let old = self.npcs.remove(&npc);
+                let notes = old.as_ref().map(|c| c.actions.notes.clone());
+                let turns = old.map(|c| c.turns).unwrap_or_default();
                 self.npcs.insert(
                     npc,
                     Conversation {
                         system,
                         sampling,
                         turns,
+                        actions: NpcActions {
+                            specs: persona.actions.clone(),
+                            grammar,
+                            notes: notes.unwrap_or_default(),
+                        },
                     },
                 );
                 self.emit(Event::PersonaAccepted { npc, prefix_tokens });
@@ -596,9 +628,11 @@ impl Engine<'_, '_> {
             deadline,
             received,
         } = queued;
-        let Some(conversation) = self.npcs.get(&npc) else {
+        let Some(conversation) = self.npcs.get_mut(&npc) else {
             return Err((request, NpcError::UnknownNpc(npc)));
         };
+        let line = conversation.actions.take_notes_into(line);
+        let conversation = &*conversation;
         let sampling = conversation.sampling.clone();
         let (prompt, dropped_turns) = self
             .prompts
@@ -627,8 +661,15 @@ impl Engine<'_, '_> {
             n_past: cached,
             next_token: None,
             logits_at: None,
-            sampler: sampling.sampler(self.model.n_vocab(), seed),
-            filter: StopFilter::new(sampling.stop.clone()),
+            sampler: actions::constrain(
+                self.model,
+                conversation.actions.grammar.as_deref(),
+                sampling.sampler(self.model.n_vocab(), seed),
+            ),
+            filter: actions::filter(
+                &conversation.actions,
+                StopFilter::new(sampling.stop.clone()),
+            ),
             max_tokens: sampling.max_tokens,
             stats: ReplyStats {
                 finish: FinishReason::EndOfTurn,
@@ -825,10 +866,19 @@ impl Engine<'_, '_> {
         self.kv.release(job.slot);
         job.stats.finish = reason;
         let text = job.filter.text().trim().to_owned();
+        let mut action = None;
         if let Some(conversation) = self.npcs.get_mut(&job.npc) {
+            action = actions::parse_action(&conversation.actions.specs, job.filter.hidden());
             conversation.turns.push(Turn {
                 player: job.line,
-                npc: text.clone(),
+                npc: actions::turn_text(&text, job.filter.text(), job.filter.hidden()),
+            });
+        }
+        if let Some(action) = action {
+            self.emit(Event::ActionRequested {
+                npc: job.npc,
+                request: job.request,
+                action,
             });
         }
         self.emit(Event::Replied {

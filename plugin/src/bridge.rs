@@ -335,6 +335,11 @@ fn receive_runtime_events(
                     stats,
                 });
             }
+            Event::ActionRequested { npc, action, .. } => {
+                if let Some(entity) = live(npc, &npcs) {
+                    commands.trigger(crate::NpcActionRequested { entity, action });
+                }
+            }
             Event::Cancelled { npc, .. } => {
                 let Some(entity) = live(npc, &npcs) else {
                     continue;

@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 #![warn(missing_docs)]
 
+mod actions;
 mod bridge;
 mod dialogue;
 mod persona;
@@ -12,6 +13,7 @@ use std::path::PathBuf;
 use bevy::prelude::*;
 use npc_native::{Runtime, RuntimeConfig, SamplingParams};
 
+pub use actions::{ActionOutcome, NpcActionRequested};
 pub use bridge::{NpcAiStatus, RuntimeHandle};
 pub use dialogue::{
     CancelReply, DialogueHistory, DialogueLine, LoadNpcState, ModelFailed, ModelLoaded, Npc,
@@ -28,11 +30,12 @@ pub use voice::{
 /// What a game needs: `use bevy_npc_ai::prelude::*;`.
 pub mod prelude {
     pub use crate::{
-        CancelReply, DialogueHistory, LoadNpcState, ModelFailed, ModelLoaded, Npc, NpcAiError,
-        NpcAiPlugin, NpcAiStatus, NpcAiSystems, NpcPersonaApplied, NpcReplied, NpcReplyCancelled,
-        NpcReplyDelta, NpcState, NpcStateLoaded, NpcStateSaved, Persona, PlayerSaid, SaveNpcState,
+        ActionOutcome, CancelReply, DialogueHistory, LoadNpcState, ModelFailed, ModelLoaded, Npc,
+        NpcActionRequested, NpcAiError, NpcAiPlugin, NpcAiStatus, NpcAiSystems, NpcPersonaApplied,
+        NpcReplied, NpcReplyCancelled, NpcReplyDelta, NpcState, NpcStateLoaded, NpcStateSaved,
+        Persona, PlayerSaid, SaveNpcState,
     };
-    pub use npc_native::{ReplyStats, SamplingParams};
+    pub use npc_native::{ActionCall, ActionValue, ReplyStats, SamplingParams};
 }
 
 /// The plugin's systems, in order, all in `Update`. Order your own systems around them:
@@ -139,7 +142,7 @@ impl Plugin for NpcAiPlugin {
             Update,
             (NpcAiSystems::SendRequests, NpcAiSystems::ReceiveEvents).chain(),
         )
-        .add_plugins((dialogue::plugin, persona::plugin));
+        .add_plugins((dialogue::plugin, persona::plugin, actions::plugin));
         bridge::plugin(app, Runtime::start(self.config.clone()));
     }
 }

@@ -20,6 +20,10 @@ const APT_PACKAGES: &[&str] = &[
     "pkg-config",
     "libasound2-dev",
     "espeak-ng",
+    // The RPG demo's screenshot test: a virtual X display and Mesa's software Vulkan.
+    "xvfb",
+    "mesa-vulkan-drivers",
+    "libvulkan1",
 ];
 
 /// A model shipped inside a PyPI wheel.
@@ -55,7 +59,9 @@ fn main() -> ExitCode {
     let result = match command.as_str() {
         "setup" => setup(),
         "demo" => setup().and_then(|()| demo(&rest)),
-        "test" => setup().and_then(|()| test(&rest)),
+        "test" => setup()
+            .and_then(|()| test(&rest))
+            .and_then(|()| test_rpg_screenshot(&rest)),
         "bench" => setup().and_then(|()| bench(&rest)),
         "peers" => setup().and_then(|()| peers()),
         _ => {
@@ -255,6 +261,32 @@ fn test(args: &[String]) -> Result {
         .args(["test", "--release", "--workspace"])
         .args(args))?;
     voice::test(args)
+}
+
+/// The RPG demo in a real (virtual) window: builds it with its rendering features, runs it
+/// under Xvfb with a scripted conversation and checks the screenshot it saves.
+fn test_rpg_screenshot(args: &[String]) -> Result {
+    run(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "bevy_npc_ai",
+        "--features",
+        "demo",
+        "--example",
+        "rpg",
+    ]))?;
+    run(cargo()
+        .args([
+            "test",
+            "--release",
+            "-p",
+            "bevy_npc_ai",
+            "--features",
+            "demo",
+        ])
+        .args(["--test", "rpg_screenshot"])
+        .args(args))
 }
 
 /// The project's benches, with llama.cpp's own tools built first: the benches run them in

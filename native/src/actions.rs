@@ -1,0 +1,871 @@
+//! Game actions: what a persona declares its NPC may do, the grammar that confines the model's
+//! reply to "spoken text + at most one declared action", and the parser that reads it back.
+//!
+//! A persona lists its actions in RON:
+//!
+//! ```ron
+//! actions: [
+//!     (name: "give_item", description: "Hand the player an item they paid for.",
+//!      params: [(name: "item", kind: OneOf(["horseshoe", "iron sword"]))]),
+//!     (name: "open_gate", description: "Open the north gate."),
+//!     (name: "set_price", params: [(name: "gold", kind: Integer(min: 1, max: 500))]),
+//!     (name: "note", params: [(name: "text", kind: Text(max_chars: 40))]),
+//! ]
+//! ```
+//!
+//! The model then writes its spoken text and, optionally, one line
+//! `[ACTION] give_item(item="horseshoe")`. A GBNF grammar built from the declarations (see
+//! [`action_grammar`]) makes any other action, parameter or value impossible to sample; the
+//! parser ([`parse_action`]) checks the same rules again before the game sees an
+//! [`ActionCall`]. The spoken text never contains a newline or `[`, so the action line never
+//! streams into the dialogue.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::sampling::StopFilter;
+
+/// One action an NPC may take, as its persona declares it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActionSpec {
+    /// The action's name: lowercase ASCII letters, digits and `_`, starting with a letter
+    /// (`give_item`).
+    pub name: String,
+    /// What the action does and when to take it; shown to the model.
+    #[serde(default)]
+    pub description: String,
+    /// Its parameters, all required, in the order the model writes them.
+    #[serde(default)]
+    pub params: Vec<ParamSpec>,
+}
+
+/// One parameter of an [`ActionSpec`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParamSpec {
+    /// The parameter's name (same rules as an action name).
+    pub name: String,
+    /// The values it may take.
+    pub kind: ParamKind,
+}
+
+/// The values a parameter may take.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ParamKind {
+    /// One of these strings exactly (`OneOf(["horseshoe", "iron sword"])`).
+    OneOf(Vec<String>),
+    /// A whole number in `min..=max` (`Integer(min: 1, max: 500)`).
+    Integer {
+        /// Smallest value allowed.
+        min: i64,
+        /// Largest value allowed.
+        max: i64,
+    },
+    /// Short free text without quotes, backslashes or line breaks (`Text(max_chars: 40)`).
+    Text {
+        /// Longest text allowed, in characters (1 to [`MAX_TEXT_CHARS`]).
+        max_chars: u32,
+    },
+}
+
+/// An action the model asked for; every name and value is one its persona declares.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ActionCall {
+    /// The action's name.
+    pub name: String,
+    /// Its arguments, in declaration order.
+    pub args: Vec<(String, ActionValue)>,
+}
+
+/// The value of one argument of an [`ActionCall`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ActionValue {
+    /// A [`ParamKind::OneOf`] choice or [`ParamKind::Text`].
+    Text(String),
+    /// A [`ParamKind::Integer`].
+    Integer(i64),
+}
+
+impl ActionCall {
+    /// The argument named `name`, if the action has one.
+    #[must_use]
+    pub fn arg(&self, name: &str) -> Option<&ActionValue> {
+        self.args
+            .iter()
+            .find(|(arg, _)| arg == name)
+            .map(|(_, value)| value)
+    }
+
+    /// The text of the argument named `name`, if it is text.
+    #[must_use]
+    pub fn text_arg(&self, name: &str) -> Option<&str> {
+        match self.arg(name)? {
+            ActionValue::Text(text) => Some(text),
+            ActionValue::Integer(_) => None,
+        }
+    }
+
+    /// The number of the argument named `name`, if it is a number.
+    #[must_use]
+    pub fn integer_arg(&self, name: &str) -> Option<i64> {
+        match self.arg(name)? {
+            ActionValue::Integer(value) => Some(*value),
+            ActionValue::Text(_) => None,
+        }
+    }
+}
+
+/// The call as the model writes it: `give_item(item="horseshoe")`.
+impl fmt::Display for ActionCall {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}(", self.name)?;
+        for (index, (name, value)) in self.args.iter().enumerate() {
+            if index > 0 {
+                f.write_str(", ")?;
+            }
+            match value {
+                ActionValue::Text(text) => write!(f, "{name}=\"{text}\"")?,
+                ActionValue::Integer(number) => write!(f, "{name}={number}")?,
+            }
+        }
+        f.write_str(")")
+    }
+}
+
+/// What precedes the action in a reply. The spoken text can contain neither `\n` nor `[`.
+pub const ACTION_MARKER: &str = "\n[ACTION] ";
+
+/// Most actions one persona may declare.
+pub const MAX_ACTIONS: usize = 16;
+/// Most parameters one action may have.
+pub const MAX_PARAMS: usize = 6;
+/// Most choices of one [`ParamKind::OneOf`].
+pub const MAX_CHOICES: usize = 32;
+/// Longest name, choice or description, in characters.
+pub const MAX_NAME_CHARS: usize = 32;
+/// Longest [`ParamKind::OneOf`] choice, in characters.
+pub const MAX_CHOICE_CHARS: usize = 48;
+/// Longest [`ParamKind::Text`] allowed, in characters.
+pub const MAX_TEXT_CHARS: u32 = 120;
+/// Largest magnitude of an [`ParamKind::Integer`] bound.
+pub const MAX_INTEGER: i64 = 1_000_000_000;
+/// Longest action description, in characters.
+pub const MAX_DESCRIPTION_CHARS: usize = 300;
+
+/// Checks the declarations: identifier names, no duplicates, non-empty choices without
+/// quotes, backslashes or control characters, non-empty ranges, sane sizes.
+///
+/// # Errors
+/// A message naming the action (and parameter) at fault.
+pub fn validate_actions(actions: &[ActionSpec]) -> Result<(), String> {
+    if actions.len() > MAX_ACTIONS {
+        return Err(format!(
+            "{} actions declared; at most {MAX_ACTIONS} are allowed",
+            actions.len()
+        ));
+    }
+    for (index, action) in actions.iter().enumerate() {
+        check_identifier(&action.name)
+            .map_err(|why| format!("action #{} name {:?}: {why}", index + 1, action.name))?;
+        if actions[..index].iter().any(|a| a.name == action.name) {
+            return Err(format!("action `{}` is declared twice", action.name));
+        }
+        let at = |what: String| format!("action `{}`: {what}", action.name);
+        if action.description.chars().count() > MAX_DESCRIPTION_CHARS {
+            return Err(at(format!(
+                "description is longer than {MAX_DESCRIPTION_CHARS} characters"
+            )));
+        }
+        if action.params.len() > MAX_PARAMS {
+            return Err(at(format!("at most {MAX_PARAMS} parameters are allowed")));
+        }
+        for (p, param) in action.params.iter().enumerate() {
+            check_identifier(&param.name)
+                .map_err(|why| at(format!("parameter #{} name {:?}: {why}", p + 1, param.name)))?;
+            if action.params[..p].iter().any(|q| q.name == param.name) {
+                return Err(at(format!("parameter `{}` is declared twice", param.name)));
+            }
+            let at = |what: String| at(format!("parameter `{}`: {what}", param.name));
+            match &param.kind {
+                ParamKind::OneOf(choices) => {
+                    if choices.is_empty() {
+                        return Err(at("OneOf needs at least one choice".into()));
+                    }
+                    if choices.len() > MAX_CHOICES {
+                        return Err(at(format!("OneOf allows at most {MAX_CHOICES} choices")));
+                    }
+                    for (c, choice) in choices.iter().enumerate() {
+                        check_choice(choice)
+                            .map_err(|why| at(format!("choice {choice:?}: {why}")))?;
+                        if choices[..c].contains(choice) {
+                            return Err(at(format!("choice {choice:?} is listed twice")));
+                        }
+                    }
+                }
+                ParamKind::Integer { min, max } => {
+                    if min > max {
+                        return Err(at(format!("the range {min}..={max} is empty")));
+                    }
+                    if min.abs() > MAX_INTEGER || max.abs() > MAX_INTEGER {
+                        return Err(at(format!(
+                            "bounds must lie within -{MAX_INTEGER}..={MAX_INTEGER}"
+                        )));
+                    }
+                }
+                ParamKind::Text { max_chars } => {
+                    if !(1..=MAX_TEXT_CHARS).contains(max_chars) {
+                        return Err(at(format!("max_chars must be 1..={MAX_TEXT_CHARS}")));
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn check_identifier(name: &str) -> Result<(), String> {
+    let mut chars = name.chars();
+    match chars.next() {
+        None => return Err("must not be empty".into()),
+        Some(first) if !first.is_ascii_lowercase() => {
+            return Err("must start with a lowercase ASCII letter".into());
+        }
+        Some(_) => {}
+    }
+    if !chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_') {
+        return Err("may only hold lowercase ASCII letters, digits and `_`".into());
+    }
+    if name.len() > MAX_NAME_CHARS {
+        return Err(format!("is longer than {MAX_NAME_CHARS} characters"));
+    }
+    Ok(())
+}
+
+fn check_choice(choice: &str) -> Result<(), String> {
+    if choice.trim().is_empty() {
+        return Err("must not be empty".into());
+    }
+    if choice.trim() != choice {
+        return Err("must not start or end with spaces".into());
+    }
+    if choice.chars().count() > MAX_CHOICE_CHARS {
+        return Err(format!("is longer than {MAX_CHOICE_CHARS} characters"));
+    }
+    if let Some(bad) = choice.chars().find(|&c| !allowed_in_text(c)) {
+        return Err(format!(
+            "must not contain {bad:?} (quotes, backslashes and control characters are not allowed)"
+        ));
+    }
+    Ok(())
+}
+
+/// Characters a quoted value may hold (the grammar's `[^"\\\x00-\x1f\x7f]`).
+fn allowed_in_text(c: char) -> bool {
+    c != '"' && c != '\\' && !c.is_control()
+}
+
+/// How an action is written in the prompt's list: `give_item(item="horseshoe"|"iron sword")`.
+fn signature(action: &ActionSpec) -> String {
+    let params: Vec<String> = action
+        .params
+        .iter()
+        .map(|param| {
+            let values = match &param.kind {
+                ParamKind::OneOf(choices) => choices
+                    .iter()
+                    .map(|c| format!("\"{c}\""))
+                    .collect::<Vec<_>>()
+                    .join("|"),
+                ParamKind::Integer { min, max } => format!("a number from {min} to {max}"),
+                ParamKind::Text { max_chars } => format!("\"up to {max_chars} characters\""),
+            };
+            format!("{}={values}", param.name)
+        })
+        .collect();
+    format!("{}({})", action.name, params.join(", "))
+}
+
+/// An example call of `action` with the first allowed value of each parameter.
+fn example_call(action: &ActionSpec) -> ActionCall {
+    ActionCall {
+        name: action.name.clone(),
+        args: action
+            .params
+            .iter()
+            .map(|param| {
+                let value = match &param.kind {
+                    ParamKind::OneOf(choices) => ActionValue::Text(choices[0].clone()),
+                    ParamKind::Integer { min, max } => {
+                        ActionValue::Integer(if (*min..=*max).contains(&10) {
+                            10
+                        } else {
+                            *min
+                        })
+                    }
+                    ParamKind::Text { .. } => ActionValue::Text("thanks".into()),
+                };
+                (param.name.clone(), value)
+            })
+            .collect(),
+    }
+}
+
+/// The system-prompt section that tells the model which actions exist and how to write one.
+/// Empty when the persona declares none.
+#[must_use]
+pub fn actions_prompt(actions: &[ActionSpec]) -> String {
+    let Some(first) = actions.first() else {
+        return String::new();
+    };
+    let mut text = format!(
+        "Actions: you can act in the world. When the player asks for something you agree to do, \
+         speak first, then end your reply with one new line holding exactly one action, like \
+         this:\n[ACTION] {}\nThe only actions you have:",
+        example_call(first)
+    );
+    for action in actions {
+        text.push_str("\n- ");
+        text.push_str(&signature(action));
+        let description = action.description.trim();
+        if !description.is_empty() {
+            text.push_str(": ");
+            text.push_str(description);
+        }
+    }
+    text.push_str("\nNo other action exists. Take no action when none is needed.");
+    text
+}
+
+/// A GBNF literal: `"…"` with quotes, backslashes and non-printable characters escaped.
+fn gbnf_literal(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c.is_control() => {
+                // Validated choices hold none; escape anyway rather than trust the caller.
+                let code = c as u32;
+                if code <= 0xff {
+                    out.push_str(&format!("\\x{code:02X}"));
+                } else {
+                    out.push_str(&format!("\\u{code:04X}"));
+                }
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// The GBNF grammar (root rule `root`) that allows exactly: spoken text without newlines or
+/// `[`, then optionally [`ACTION_MARKER`] and one call of a declared action with values of
+/// its declared types. `None` when the persona declares no actions (replies are then free).
+/// Rule names are generated (`a0`, `a0p1` …), never taken from the persona, and every
+/// persona string appears only as an escaped literal; the declarations must have passed
+/// [`validate_actions`].
+#[must_use]
+pub fn action_grammar(actions: &[ActionSpec]) -> Option<String> {
+    if actions.is_empty() {
+        return None;
+    }
+    let mut rules = vec![
+        "root ::= speech action?".to_owned(),
+        "speech ::= [^\\n\\[]*".to_owned(),
+        format!("action ::= {} call", gbnf_literal(ACTION_MARKER)),
+        format!(
+            "call ::= {}",
+            (0..actions.len())
+                .map(|a| format!("a{a}"))
+                .collect::<Vec<_>>()
+                .join(" | ")
+        ),
+    ];
+    for (a, action) in actions.iter().enumerate() {
+        let mut body = vec![gbnf_literal(&format!("{}(", action.name))];
+        for (p, param) in action.params.iter().enumerate() {
+            let separator = if p == 0 { "" } else { ", " };
+            body.push(gbnf_literal(&format!("{separator}{}=", param.name)));
+            body.push(format!("a{a}p{p}"));
+            let values = match &param.kind {
+                ParamKind::OneOf(choices) => choices
+                    .iter()
+                    .map(|c| gbnf_literal(&format!("\"{c}\"")))
+                    .collect::<Vec<_>>()
+                    .join(" | "),
+                ParamKind::Integer { min, max } => integer_gbnf(*min, *max),
+                ParamKind::Text { max_chars } => {
+                    format!("\"\\\"\" [^\"\\\\\\x00-\\x1F\\x7F]{{0,{max_chars}}} \"\\\"\"")
+                }
+            };
+            rules.push(format!("a{a}p{p} ::= {values}"));
+        }
+        body.push(gbnf_literal(")"));
+        rules.push(format!("a{a} ::= {}", body.join(" ")));
+    }
+    let mut grammar = rules.join("\n");
+    grammar.push('\n');
+    Some(grammar)
+}
+
+/// One digit position of an integer pattern: the digits `low..=high`.
+type DigitClass = (u8, u8);
+
+/// Patterns (sequences of digit classes) that together match exactly the decimal numbers
+/// `low..=high`, without leading zeros. `low <= high`.
+fn digit_patterns(low: u64, high: u64) -> Vec<Vec<DigitClass>> {
+    let digits = |n: u64| n.to_string().len();
+    if digits(low) < digits(high) {
+        let split = 10u64.pow(u32::try_from(digits(low)).unwrap_or(0));
+        let mut out = digit_patterns(low, split - 1);
+        out.extend(digit_patterns(split, high));
+        return out;
+    }
+    let to_digits = |n: u64| n.to_string().bytes().map(|b| b - b'0').collect::<Vec<u8>>();
+    same_length_patterns(&to_digits(low), &to_digits(high))
+}
+
+fn same_length_patterns(low: &[u8], high: &[u8]) -> Vec<Vec<DigitClass>> {
+    let (a, b) = (low[0], high[0]);
+    if low.len() == 1 {
+        return vec![vec![(a, b)]];
+    }
+    let rest = low.len() - 1;
+    let prefixed = |first: DigitClass, tails: Vec<Vec<DigitClass>>| {
+        tails
+            .into_iter()
+            .map(|tail| {
+                let mut pattern = vec![first];
+                pattern.extend(tail);
+                pattern
+            })
+            .collect::<Vec<_>>()
+    };
+    if a == b {
+        return prefixed((a, a), same_length_patterns(&low[1..], &high[1..]));
+    }
+    let low_rest_zero = low[1..].iter().all(|&d| d == 0);
+    let high_rest_nine = high[1..].iter().all(|&d| d == 9);
+    let mut out = Vec::new();
+    let mut middle = (a, b);
+    if !low_rest_zero {
+        out.extend(prefixed(
+            (a, a),
+            same_length_patterns(&low[1..], &vec![9; rest]),
+        ));
+        middle.0 = a + 1;
+    }
+    if !high_rest_nine {
+        middle.1 = b - 1;
+    }
+    if middle.0 <= middle.1 {
+        let mut pattern = vec![middle];
+        pattern.extend(std::iter::repeat_n((0, 9), rest));
+        out.push(pattern);
+    }
+    if !high_rest_nine {
+        out.extend(prefixed(
+            (b, b),
+            same_length_patterns(&vec![0; rest], &high[1..]),
+        ));
+    }
+    out
+}
+
+/// Patterns with an optional sign for `min..=max` (as `(negative, digits)`).
+fn integer_patterns(min: i64, max: i64) -> Vec<(bool, Vec<DigitClass>)> {
+    let mut out = Vec::new();
+    if min < 0 {
+        // Negative part: -(|upper|..=|min|), zero excluded.
+        let low = if max < 0 { max.unsigned_abs() } else { 1 };
+        out.extend(
+            digit_patterns(low, min.unsigned_abs())
+                .into_iter()
+                .map(|p| (true, p)),
+        );
+    }
+    if max >= 0 {
+        let low = min.max(0).unsigned_abs();
+        out.extend(
+            digit_patterns(low, max.unsigned_abs())
+                .into_iter()
+                .map(|p| (false, p)),
+        );
+    }
+    out
+}
+
+fn integer_gbnf(min: i64, max: i64) -> String {
+    integer_patterns(min, max)
+        .into_iter()
+        .map(|(negative, pattern)| {
+            let mut parts: Vec<String> = Vec::with_capacity(pattern.len() + 1);
+            if negative {
+                parts.push("\"-\"".into());
+            }
+            for (low, high) in pattern {
+                parts.push(if low == high {
+                    format!("\"{low}\"")
+                } else {
+                    format!("[{low}-{high}]")
+                });
+            }
+            format!("( {} )", parts.join(" "))
+        })
+        .collect::<Vec<_>>()
+        .join(" | ")
+}
+
+/// Reads the action out of the part of a reply from [`ACTION_MARKER`] on. `None` unless it
+/// is exactly one call of a declared action with every parameter in order and in type (a
+/// reply cut short by its token limit, say, carries no action).
+#[must_use]
+pub fn parse_action(actions: &[ActionSpec], tail: &str) -> Option<ActionCall> {
+    let call = tail.strip_prefix(ACTION_MARKER)?.trim_end();
+    let open = call.find('(')?;
+    let name = &call[..open];
+    let action = actions.iter().find(|a| a.name == name)?;
+    let mut rest = call[open + 1..].strip_suffix(')')?;
+    let mut args = Vec::with_capacity(action.params.len());
+    for (p, param) in action.params.iter().enumerate() {
+        if p > 0 {
+            rest = rest.strip_prefix(", ")?;
+        }
+        rest = rest.strip_prefix(param.name.as_str())?.strip_prefix('=')?;
+        let value = match &param.kind {
+            ParamKind::OneOf(_) | ParamKind::Text { .. } => {
+                let quoted = rest.strip_prefix('"')?;
+                let end = quoted.find('"')?;
+                let text = &quoted[..end];
+                rest = &quoted[end + 1..];
+                ActionValue::Text(text.to_owned())
+            }
+            ParamKind::Integer { .. } => {
+                let end = rest
+                    .char_indices()
+                    .find(|&(at, c)| !(c.is_ascii_digit() || (at == 0 && c == '-')))
+                    .map_or(rest.len(), |(at, _)| at);
+                let number = rest[..end].parse::<i64>().ok()?;
+                if rest[..end].len() > 1 && rest[..end].trim_start_matches('-').starts_with('0') {
+                    return None;
+                }
+                rest = &rest[end..];
+                ActionValue::Integer(number)
+            }
+        };
+        if !value_fits(&param.kind, &value) {
+            return None;
+        }
+        args.push((param.name.clone(), value));
+    }
+    rest.is_empty().then(|| ActionCall {
+        name: action.name.clone(),
+        args,
+    })
+}
+
+/// Whether `value` is one `kind` allows.
+#[must_use]
+pub fn value_fits(kind: &ParamKind, value: &ActionValue) -> bool {
+    match (kind, value) {
+        (ParamKind::OneOf(choices), ActionValue::Text(text)) => choices.contains(text),
+        (ParamKind::Integer { min, max }, ActionValue::Integer(n)) => (*min..=*max).contains(n),
+        (ParamKind::Text { max_chars }, ActionValue::Text(text)) => {
+            text.chars().count() <= *max_chars as usize && text.chars().all(allowed_in_text)
+        }
+        _ => false,
+    }
+}
+
+/// Whether `call` names a declared action with every parameter in order and in type.
+#[must_use]
+pub fn call_is_declared(actions: &[ActionSpec], call: &ActionCall) -> bool {
+    actions.iter().any(|action| {
+        action.name == call.name
+            && action.params.len() == call.args.len()
+            && action
+                .params
+                .iter()
+                .zip(&call.args)
+                .all(|(param, (name, value))| param.name == *name && value_fits(&param.kind, value))
+    })
+}
+
+/// The note the NPC reads before the player's next line, telling it what became of its
+/// action.
+#[must_use]
+pub fn outcome_note(action: &ActionCall, approved: bool, reason: &str) -> String {
+    let reason = reason.trim();
+    match (approved, reason.is_empty()) {
+        (true, true) => format!("(Your action {action} was done.)"),
+        (true, false) => format!("(Your action {action} was done: {reason}.)"),
+        (false, true) => format!("(Your action {action} was refused.)"),
+        (false, false) => format!("(Your action {action} was refused: {reason}.)"),
+    }
+}
+
+/// The actions part of an NPC's state in the worker.
+#[derive(Debug, Default)]
+pub(crate) struct NpcActions {
+    /// The persona's declarations.
+    pub(crate) specs: Vec<ActionSpec>,
+    /// Their grammar, `None` without actions.
+    pub(crate) grammar: Option<String>,
+    /// Outcomes not yet told to the NPC; prefixed to its next line.
+    pub(crate) notes: Vec<String>,
+}
+
+impl NpcActions {
+    /// The player's line with any pending outcome notes before it (the notes are consumed).
+    pub(crate) fn take_notes_into(&mut self, line: String) -> String {
+        if self.notes.is_empty() {
+            return line;
+        }
+        let mut text = self.notes.join(" ");
+        self.notes.clear();
+        text.push('\n');
+        text.push_str(&line);
+        text
+    }
+}
+
+/// `base` behind the grammar of `grammar`, applied first so every later sampler only sees
+/// tokens the grammar allows (and a token it refuses is never accepted: llama.cpp aborts on
+/// that). Without a grammar, `base` as is.
+pub(crate) fn constrain(
+    model: &llama_cpp_2::model::LlamaModel,
+    grammar: Option<&str>,
+    base: llama_cpp_2::sampling::LlamaSampler,
+) -> llama_cpp_2::sampling::LlamaSampler {
+    use llama_cpp_2::sampling::LlamaSampler;
+    let Some(grammar) = grammar else {
+        return base;
+    };
+    match LlamaSampler::grammar(model, grammar, "root") {
+        Ok(constraint) => LlamaSampler::chain_simple([constraint, base]),
+        Err(err) => {
+            // Checked when the persona was set; the parser still refuses anything undeclared.
+            tracing::error!("action grammar refused at reply time: {err}");
+            base
+        }
+    }
+}
+
+/// The stream filter for an NPC: the action part of a reply never streams.
+pub(crate) fn filter(actions: &NpcActions, filter: StopFilter) -> StopFilter {
+    if actions.grammar.is_some() {
+        filter.with_hidden_tail(ACTION_MARKER)
+    } else {
+        filter
+    }
+}
+
+/// What the conversation keeps of a reply: its spoken text (`spoken`, trimmed) and, when the
+/// model wrote an action line, the reply exactly as generated (`released` and `hidden`), so
+/// the next prompt renders the tokens the NPC's KV cache already holds and the NPC sees its
+/// own past actions.
+pub(crate) fn turn_text(spoken: &str, released: &str, hidden: &str) -> String {
+    if hidden.is_empty() {
+        spoken.to_owned()
+    } else {
+        format!("{}{}", released.trim_start(), hidden.trim_end())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn specs() -> Vec<ActionSpec> {
+        vec![
+            ActionSpec {
+                name: "give_item".into(),
+                description: "Hand over an item.".into(),
+                params: vec![ParamSpec {
+                    name: "item".into(),
+                    kind: ParamKind::OneOf(vec!["horseshoe".into(), "iron sword".into()]),
+                }],
+            },
+            ActionSpec {
+                name: "open_gate".into(),
+                description: String::new(),
+                params: vec![],
+            },
+            ActionSpec {
+                name: "set_price".into(),
+                description: String::new(),
+                params: vec![
+                    ParamSpec {
+                        name: "gold".into(),
+                        kind: ParamKind::Integer { min: 1, max: 500 },
+                    },
+                    ParamSpec {
+                        name: "note".into(),
+                        kind: ParamKind::Text { max_chars: 10 },
+                    },
+                ],
+            },
+        ]
+    }
+
+    fn matches(patterns: &[(bool, Vec<DigitClass>)], n: i64) -> bool {
+        let text = n.unsigned_abs().to_string();
+        patterns.iter().any(|(negative, pattern)| {
+            *negative == (n < 0)
+                && pattern.len() == text.len()
+                && pattern
+                    .iter()
+                    .zip(text.bytes())
+                    .all(|(&(low, high), d)| (low..=high).contains(&(d - b'0')))
+        })
+    }
+
+    #[test]
+    fn integer_patterns_match_exactly_the_range() {
+        let ranges = [
+            (0, 0),
+            (0, 9),
+            (1, 500),
+            (7, 7),
+            (10, 99),
+            (13, 1234),
+            (99, 101),
+            (-40, 25),
+            (-300, -12),
+            (-9, 0),
+            (250, 10_000),
+        ];
+        for (min, max) in ranges {
+            let patterns = integer_patterns(min, max);
+            for n in -12_000..=12_000 {
+                assert_eq!(
+                    matches(&patterns, n),
+                    (min..=max).contains(&n),
+                    "{n} in {min}..={max}: {patterns:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn parse_accepts_declared_calls_and_nothing_else() {
+        let specs = specs();
+        let call = parse_action(&specs, "\n[ACTION] give_item(item=\"iron sword\")").unwrap();
+        assert_eq!(call.text_arg("item"), Some("iron sword"));
+        assert_eq!(call.to_string(), "give_item(item=\"iron sword\")");
+        let call = parse_action(&specs, "\n[ACTION] set_price(gold=500, note=\"deal\")").unwrap();
+        assert_eq!(call.integer_arg("gold"), Some(500));
+        assert!(parse_action(&specs, "\n[ACTION] open_gate()").is_some());
+        for bad in [
+            "\n[ACTION] give_item(item=\"gold\")",
+            "\n[ACTION] open_vault()",
+            "\n[ACTION] set_price(gold=1000, note=\"x\")",
+            "\n[ACTION] set_price(gold=0, note=\"x\")",
+            "\n[ACTION] set_price(gold=050, note=\"x\")",
+            "\n[ACTION] set_price(gold=5, note=\"far too long\")",
+            "\n[ACTION] set_price(note=\"x\", gold=5)",
+            "\n[ACTION] give_item(item=\"horseshoe\")give_item(item=\"horseshoe\")",
+            "\n[ACTION] give_item(item=\"horseshoe\"",
+            "\n[ACTION] open_gate(",
+            "[ACTION] open_gate()",
+            "",
+        ] {
+            assert_eq!(parse_action(&specs, bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn validation_rejects_bad_declarations_with_clear_messages() {
+        type Edit = Box<dyn Fn(&mut Vec<ActionSpec>)>;
+        let cases: Vec<(Edit, &str)> = vec![
+            (Box::new(|s| s[0].name = "Give Item".into()), "lowercase"),
+            (Box::new(|s| s[0].name = String::new()), "empty"),
+            (Box::new(|s| s[0].name = "a\"b".into()), "may only hold"),
+            (
+                Box::new(|s| s[1].name = "give_item".into()),
+                "declared twice",
+            ),
+            (
+                Box::new(|s| s[0].params[0].kind = ParamKind::OneOf(vec![])),
+                "at least one choice",
+            ),
+            (
+                Box::new(|s| s[0].params[0].kind = ParamKind::OneOf(vec!["a\"b".into()])),
+                "quotes",
+            ),
+            (
+                Box::new(|s| s[0].params[0].kind = ParamKind::OneOf(vec!["a\nb".into()])),
+                "control",
+            ),
+            (
+                Box::new(|s| s[2].params[0].kind = ParamKind::Integer { min: 5, max: 1 }),
+                "is empty",
+            ),
+            (
+                Box::new(|s| s[2].params[1].kind = ParamKind::Text { max_chars: 0 }),
+                "max_chars",
+            ),
+            (
+                Box::new(|s| s[2].params[1].name = "gold".into()),
+                "declared twice",
+            ),
+        ];
+        for (edit, expected) in cases {
+            let mut bad = specs();
+            edit(&mut bad);
+            let err = validate_actions(&bad).unwrap_err();
+            assert!(
+                err.contains(expected),
+                "{err:?} should mention {expected:?}"
+            );
+        }
+        assert_eq!(validate_actions(&specs()), Ok(()));
+    }
+
+    #[test]
+    fn grammar_names_rules_itself_and_escapes_every_literal() {
+        let grammar = action_grammar(&specs()).unwrap();
+        assert!(
+            grammar.starts_with("root ::= speech action?\n"),
+            "{grammar}"
+        );
+        assert!(grammar.contains("a0p0 ::= \"\\\"horseshoe\\\"\" | \"\\\"iron sword\\\"\""));
+        assert!(grammar.contains("a1 ::= \"open_gate(\" \")\""), "{grammar}");
+        assert_eq!(action_grammar(&[]), None);
+        assert_eq!(gbnf_literal("a\"b\\c\u{1}"), "\"a\\\"b\\\\c\\x01\"");
+    }
+
+    #[test]
+    fn prompt_lists_every_action_with_an_example() {
+        let prompt = actions_prompt(&specs());
+        assert!(
+            prompt.contains("[ACTION] give_item(item=\"horseshoe\")"),
+            "{prompt}"
+        );
+        assert!(prompt.contains("- open_gate()"), "{prompt}");
+        assert!(prompt.contains("gold=a number from 1 to 500"), "{prompt}");
+        assert!(actions_prompt(&[]).is_empty());
+    }
+
+    #[test]
+    fn notes_go_before_the_next_line_once() {
+        let mut state = NpcActions::default();
+        let call = parse_action(&specs(), "\n[ACTION] open_gate()").unwrap();
+        state
+            .notes
+            .push(outcome_note(&call, false, "it is already open"));
+        let line = state.take_notes_into("Thanks.".into());
+        assert_eq!(
+            line,
+            "(Your action open_gate() was refused: it is already open.)\nThanks."
+        );
+        assert_eq!(state.take_notes_into("Bye.".into()), "Bye.");
+    }
+}

@@ -1,0 +1,138 @@
+//! The RPG demo in a real window: run under Xvfb with Mesa's software Vulkan, it walks to the
+//! blacksmith, asks for a horseshoe on the real default model, saves a screenshot and exits.
+//! The picture must not be blank, and the speech bubble must hold text-coloured pixels.
+//!
+//! Needs `xvfb-run` and Mesa's Vulkan driver (`cargo xtask setup` installs them) and the
+//! example built with the `demo` feature:
+//! `cargo test --release -p bevy_npc_ai --features demo --test rpg_screenshot`.
+//! With `NPC_AI_UPDATE_SCREENSHOT=1` the picture is also copied to `docs/rpg.png`.
+
+mod common;
+
+use std::fs::File;
+use std::io::BufReader;
+use std::path::PathBuf;
+use std::process::Command;
+
+/// The example binary cargo built beside this test (`target/<profile>/examples/rpg`).
+fn demo_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target layout");
+    let binary = profile_dir.join("examples").join("rpg");
+    assert!(
+        binary.is_file(),
+        "{} is missing: cargo builds examples with the tests; pass --features demo",
+        binary.display()
+    );
+    binary
+}
+
+struct Picture {
+    width: usize,
+    height: usize,
+    rgb: Vec<[u8; 3]>,
+}
+
+fn read_png(path: &std::path::Path) -> Picture {
+    let file = File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut decoder = png::Decoder::new(BufReader::new(file));
+    decoder.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
+    let mut reader = decoder.read_info().expect("a PNG");
+    let mut buffer = vec![0; reader.output_buffer_size().expect("fits memory")];
+    let info = reader.next_frame(&mut buffer).expect("one frame");
+    let channels = info.color_type.samples();
+    assert!(channels >= 3, "colour image, got {:?}", info.color_type);
+    let rgb = buffer[..info.buffer_size()]
+        .chunks_exact(channels)
+        .map(|p| [p[0], p[1], p[2]])
+        .collect();
+    Picture {
+        width: info.width as usize,
+        height: info.height as usize,
+        rgb,
+    }
+}
+
+#[test]
+fn the_scripted_demo_draws_the_village_and_a_speech_bubble_with_text() {
+    let _serial = common::serial();
+    let dir = common::scratch_dir("rpg-screenshot");
+    let shot = dir.join("rpg.png");
+    let output = Command::new("xvfb-run")
+        .args(["-a", "-s", "-screen 0 1280x720x24"])
+        .arg(demo_binary())
+        .arg("--script")
+        .arg(&shot)
+        .args(["--threads", "2"])
+        .env("WGPU_BACKEND", "vulkan")
+        .output()
+        .expect("xvfb-run runs (cargo xtask setup installs it)");
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "the demo failed:\n{log}");
+    let picture = read_png(&shot);
+    assert_eq!((picture.width, picture.height), (1280, 720));
+
+    // Not blank: many colours, and no single colour covers almost everything.
+    let mut colours: Vec<[u8; 3]> = picture.rgb.clone();
+    colours.sort_unstable();
+    colours.dedup();
+    assert!(colours.len() > 200, "only {} colours", colours.len());
+    let grass = picture.rgb[picture.width * 600 + 640];
+    let same = picture.rgb.iter().filter(|p| **p == grass).count();
+    assert!(
+        same * 10 < picture.rgb.len() * 9,
+        "the picture is one colour"
+    );
+
+    // The bubble: its rectangle is noted by the demo beside the PNG.
+    let note = std::fs::read_to_string(shot.with_extension("txt")).expect("bubble note");
+    let numbers = |key: &str| -> Vec<f32> {
+        note.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .expect(key)
+            .split_whitespace()
+            .map(|n| n.parse().unwrap())
+            .collect()
+    };
+    let bubble = numbers("bubble ");
+    let text = numbers("text_rgb ");
+    let (left, top, width, height) = (bubble[0], bubble[1], bubble[2], bubble[3]);
+    assert!(
+        width > 100.0 && height > 20.0,
+        "a bubble with text: {bubble:?}"
+    );
+    let mut inked = 0;
+    let mut paper = 0;
+    for y in top.max(0.0) as usize..((top + height) as usize).min(picture.height) {
+        for x in left.max(0.0) as usize..((left + width) as usize).min(picture.width) {
+            let p = picture.rgb[y * picture.width + x];
+            let distance: i32 = (0..3)
+                .map(|c| (i32::from(p[c]) - text[c] as i32).abs())
+                .sum();
+            if distance < 60 {
+                inked += 1;
+            }
+            if p.iter().all(|&c| c > 220) {
+                paper += 1;
+            }
+        }
+    }
+    println!(
+        "bubble {bubble:?}: {inked} text-coloured pixels, {paper} bubble pixels; {} colours",
+        colours.len()
+    );
+    assert!(paper > 1000, "the bubble is drawn: {paper} light pixels");
+    assert!(
+        inked > 100,
+        "the bubble holds text: {inked} text-coloured pixels"
+    );
+
+    if std::env::var_os("NPC_AI_UPDATE_SCREENSHOT").is_some() {
+        let docs = common::root().join("docs");
+        std::fs::create_dir_all(&docs).unwrap();
+        std::fs::copy(&shot, docs.join("rpg.png")).unwrap();
+    }
+}
