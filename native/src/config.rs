@@ -37,6 +37,8 @@ pub struct RuntimeConfig {
     /// RAM for KV state of NPCs evicted from their slot, in bytes. Past it, the least
     /// recently evicted state is dropped (and recomputed when that NPC speaks again).
     pub evicted_kv_bytes: usize,
+    /// Routing of hard questions to a cloud model; off by default.
+    pub escalation: crate::escalation::EscalationConfig,
 }
 
 impl Default for RuntimeConfig {
@@ -54,6 +56,7 @@ impl Default for RuntimeConfig {
             llama_logs: false,
             kv_reuse: true,
             evicted_kv_bytes: 256 << 20,
+            escalation: crate::escalation::EscalationConfig::default(),
         }
     }
 }
@@ -135,6 +138,13 @@ impl RuntimeConfig {
     #[must_use]
     pub fn with_evicted_kv_bytes(mut self, bytes: usize) -> Self {
         self.evicted_kv_bytes = bytes;
+        self
+    }
+
+    /// Sets the escalation policy (see [`EscalationConfig`](crate::EscalationConfig)).
+    #[must_use]
+    pub fn with_escalation(mut self, escalation: crate::escalation::EscalationConfig) -> Self {
+        self.escalation = escalation;
         self
     }
 

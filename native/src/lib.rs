@@ -1,7 +1,11 @@
 #![doc = include_str!("../README.md")]
 #![warn(missing_docs)]
 
+#[cfg(feature = "cloud")]
+pub mod cloud;
 mod config;
+pub mod cost;
+pub mod escalation;
 mod kv_cache;
 mod persist;
 mod persona;
@@ -16,11 +20,13 @@ use std::thread::JoinHandle;
 use crossbeam_channel::{Receiver, Sender};
 
 pub use config::RuntimeConfig;
+pub use cost::{CostMeter, CostTotals, PriceTable};
+pub use escalation::{CloudConfig, EscalationConfig, PersonaEscalation, ReplyConfidence};
 pub use persona::{Persona, PersonaError};
 pub use prompt::Turn;
 pub use protocol::{
-    DebugHook, Event, FinishReason, ModelError, ModelInfo, NpcError, NpcId, Priority, ReplyStats,
-    Request, RequestId, SayOptions,
+    DebugHook, Event, FinishReason, ModelError, ModelInfo, NpcError, NpcId, Priority, ReplySource,
+    ReplyStats, Request, RequestId, SayOptions,
 };
 pub use sampling::{SamplingOverrides, SamplingParams};
 

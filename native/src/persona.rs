@@ -41,6 +41,10 @@ pub struct Persona {
     /// Per-persona sampling settings; unset fields use the runtime's defaults.
     #[serde(default)]
     pub sampling: SamplingOverrides,
+    /// When this NPC's questions may go to a cloud model, and what it says when they may
+    /// not. Optional.
+    #[serde(default)]
+    pub escalation: crate::escalation::PersonaEscalation,
 }
 
 /// A persona file that could not be read: where, and why.
@@ -124,6 +128,9 @@ impl Persona {
         if self.role.trim().is_empty() {
             return Err(invalid("role", "a persona needs a role".into()));
         }
+        self.escalation
+            .validate()
+            .map_err(|(field, message)| invalid(field, message))?;
         self.sampling
             .validate()
             .map_err(|(field, message)| invalid(field, message))

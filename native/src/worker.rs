@@ -21,6 +21,7 @@ use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 
 use crate::config::RuntimeConfig;
+use crate::escalation::{Escalator, NpcProfile, TokenConfidence};
 use crate::kv_cache::{KvCacheManager, SeqSnapshot, seq_id};
 use crate::persist::{self, StateIdentity};
 use crate::persona::Persona;
@@ -117,6 +118,7 @@ fn serve(config: &RuntimeConfig, inbox: &Receiver<Request>, events: &Sender<Even
         npcs: HashMap::new(),
         queue: VecDeque::new(),
         active: Vec::new(),
+        escalator: Escalator::new(&config.escalation),
     };
     engine.run(inbox);
 }
@@ -208,6 +210,8 @@ struct Conversation {
     system: String,
     sampling: SamplingParams,
     turns: Vec<Turn>,
+    /// Escalation settings and what the persona knows.
+    profile: NpcProfile,
 }
 
 /// One reply being produced.
@@ -235,6 +239,8 @@ struct Job {
     first_token_at: Option<Instant>,
     priority: Priority,
     deadline: Option<Instant>,
+    /// Probability and entropy of each sampled token.
+    confidence: TokenConfidence,
 }
 
 /// A reply waiting for a free slot.
@@ -261,6 +267,8 @@ struct Engine<'m, 'e> {
     npcs: HashMap<NpcId, Conversation>,
     queue: VecDeque<Queued>,
     active: Vec<Job>,
+    /// Routing to the cloud, spend and rate limits.
+    escalator: Escalator,
 }
 
 impl Engine<'_, '_> {
@@ -326,6 +334,7 @@ impl Engine<'_, '_> {
     }
 
     fn shut_down(&mut self) {
+        self.escalator.shut_down(self.events);
         for job in std::mem::take(&mut self.active) {
             self.emit(Event::Failed {
                 npc: job.npc,
@@ -362,6 +371,7 @@ impl Engine<'_, '_> {
             });
         match result {
             Ok((system, sampling, prefix_tokens)) => {
+                let profile = NpcProfile::new(persona);
                 let turns = self.npcs.remove(&npc).map(|c| c.turns).unwrap_or_default();
                 self.npcs.insert(
                     npc,
@@ -369,6 +379,7 @@ impl Engine<'_, '_> {
                         system,
                         sampling,
                         turns,
+                        profile,
                     },
                 );
                 self.emit(Event::PersonaAccepted { npc, prefix_tokens });
@@ -378,6 +389,7 @@ impl Engine<'_, '_> {
     }
 
     fn save_npc(&mut self, npc: NpcId, path: std::path::PathBuf) {
+        self.absorb_cloud_turns();
         let Some(conversation) = self.npcs.get(&npc) else {
             let error = NpcError::UnknownNpc(npc).to_string();
             return self.emit(Event::NpcSaveFailed { npc, path, error });
@@ -413,9 +425,13 @@ impl Engine<'_, '_> {
         if !self.npcs.contains_key(&npc) {
             return fail(self, NpcError::UnknownNpc(npc).to_string());
         }
-        if self.active.iter().any(|job| job.npc == npc) || self.queue.iter().any(|q| q.npc == npc) {
+        if self.active.iter().any(|job| job.npc == npc)
+            || self.queue.iter().any(|q| q.npc == npc)
+            || self.escalator.busy(npc)
+        {
             return fail(self, NpcError::Busy.to_string());
         }
+        self.absorb_cloud_turns();
         let loaded = match persist::load(path, &self.identity) {
             Ok(loaded) => loaded,
             Err(error) => return fail(self, error),
@@ -496,8 +512,25 @@ impl Engine<'_, '_> {
         if !self.npcs.contains_key(&npc) {
             return fail(self, NpcError::UnknownNpc(npc));
         }
-        if self.active.iter().any(|job| job.npc == npc) || self.queue.iter().any(|q| q.npc == npc) {
+        if self.active.iter().any(|job| job.npc == npc)
+            || self.queue.iter().any(|q| q.npc == npc)
+            || self.escalator.busy(npc)
+        {
             return fail(self, NpcError::Busy);
+        }
+        self.absorb_cloud_turns();
+        if let Some(c) = self.npcs.get(&npc)
+            && self.escalator.divert(
+                npc,
+                request,
+                &line,
+                &c.profile,
+                &c.system,
+                &c.turns,
+                self.events,
+            )
+        {
+            return;
         }
         // Highest priority first, first come first served within a priority.
         let at = self
@@ -518,7 +551,17 @@ impl Engine<'_, '_> {
         );
     }
 
+    /// Adds the turns the cloud (or the fallback line) answered to their conversations.
+    fn absorb_cloud_turns(&mut self) {
+        for (npc, turn) in self.escalator.take_finished() {
+            if let Some(conversation) = self.npcs.get_mut(&npc) {
+                conversation.turns.push(turn);
+            }
+        }
+    }
+
     fn cancel(&mut self, npc: NpcId) {
+        self.escalator.cancel(npc, self.events);
         if let Some(at) = self.queue.iter().position(|q| q.npc == npc) {
             let queued = self.queue.remove(at).expect("position is in range");
             self.emit(Event::Cancelled {
@@ -608,7 +651,10 @@ impl Engine<'_, '_> {
                 time_to_first_token: Default::default(),
                 generation_time: Default::default(),
                 dropped_turns,
+                source: Default::default(),
+                confidence: None,
             },
+            confidence: TokenConfidence::default(),
             pending: prompt,
             received,
             first_token_at: None,
@@ -704,6 +750,8 @@ impl Engine<'_, '_> {
             }
             let Some(index) = job.logits_at else { continue };
             let token = job.sampler.sample(&self.ctx, index);
+            job.confidence
+                .observe(self.ctx.get_logits_ith(index), token.0);
             let now = Instant::now();
             let first = *job.first_token_at.get_or_insert(now);
             if job.stats.generated_tokens == 0 {
@@ -790,6 +838,7 @@ impl Engine<'_, '_> {
         }
         self.kv.release(job.slot);
         job.stats.finish = reason;
+        job.stats.confidence = job.confidence.summary();
         let text = job.filter.text().trim().to_owned();
         if let Some(conversation) = self.npcs.get_mut(&job.npc) {
             conversation.turns.push(Turn {

@@ -2,6 +2,7 @@
 #![warn(missing_docs)]
 
 mod bridge;
+mod cost;
 mod dialogue;
 mod persona;
 
@@ -11,6 +12,7 @@ use bevy::prelude::*;
 use npc_native::{Runtime, RuntimeConfig, SamplingParams};
 
 pub use bridge::{NpcAiStatus, RuntimeHandle};
+pub use cost::NpcCostMeter;
 pub use dialogue::{
     CancelReply, DialogueHistory, DialogueLine, LoadNpcState, ModelFailed, ModelLoaded, Npc,
     NpcAiError, NpcPersonaApplied, NpcReplied, NpcReplyCancelled, NpcReplyDelta, NpcState,
@@ -23,8 +25,9 @@ pub use persona::{Persona, PersonaLoadError, PersonaLoader};
 pub mod prelude {
     pub use crate::{
         CancelReply, DialogueHistory, LoadNpcState, ModelFailed, ModelLoaded, Npc, NpcAiError,
-        NpcAiPlugin, NpcAiStatus, NpcAiSystems, NpcPersonaApplied, NpcReplied, NpcReplyCancelled,
-        NpcReplyDelta, NpcState, NpcStateLoaded, NpcStateSaved, Persona, PlayerSaid, SaveNpcState,
+        NpcAiPlugin, NpcAiStatus, NpcAiSystems, NpcCostMeter, NpcPersonaApplied, NpcReplied,
+        NpcReplyCancelled, NpcReplyDelta, NpcState, NpcStateLoaded, NpcStateSaved, Persona,
+        PlayerSaid, SaveNpcState,
     };
     pub use npc_native::{ReplyStats, SamplingParams};
 }
@@ -102,6 +105,13 @@ impl NpcAiPlugin {
     #[must_use]
     pub fn with_sampling(mut self, sampling: SamplingParams) -> Self {
         self.config = self.config.with_sampling(sampling);
+        self
+    }
+
+    /// Sets the escalation policy (routing hard questions to a cloud model).
+    #[must_use]
+    pub fn with_escalation(mut self, escalation: npc_native::EscalationConfig) -> Self {
+        self.config = self.config.with_escalation(escalation);
         self
     }
 
