@@ -718,22 +718,23 @@ impl Escalator {
 
     /// Cancels `npc`'s cloud reply, if any, answering [`Event::Cancelled`] now.
     pub(crate) fn cancel(&self, npc: NpcId, events: &Sender<Event>) {
+        // Removing the entry frees the NPC at once; its thread stops at its next read.
         let mut shared = lock(&self.shared);
-        if let Some(flight) = shared.in_flight.get_mut(&npc)
+        if let Some(flight) = shared.in_flight.remove(&npc)
             && !flight.cancelled
         {
-            flight.cancelled = true;
-            let request = flight.request;
-            let _ = events.send(Event::Cancelled { npc, request });
+            let _ = events.send(Event::Cancelled {
+                npc,
+                request: flight.request,
+            });
         }
     }
 
     /// Fails every cloud reply in flight (the runtime is shutting down).
     pub(crate) fn shut_down(&self, events: &Sender<Event>) {
         let mut shared = lock(&self.shared);
-        for (&npc, flight) in &mut shared.in_flight {
+        for (npc, flight) in shared.in_flight.drain() {
             if !flight.cancelled {
-                flight.cancelled = true;
                 let _ = events.send(Event::Failed {
                     npc,
                     request: flight.request,
