@@ -489,3 +489,44 @@ fn the_api_key_never_reaches_logs_debug_output_or_save_files() {
     );
     assert!(!debug.contains(KEY), "{debug}");
 }
+
+#[test]
+fn a_confidence_threshold_holds_local_replies_and_escalates_unsure_ones() {
+    let _serial = common::serial();
+    let server = LlamaServer::start(&common::model_path(), None);
+    // Threshold 1.0: every reply has some token below probability 1, so every held reply is
+    // replaced by the cloud's; threshold 0.0: none is, and each goes out as one delta.
+    for (threshold, expected) in [(1.0, ReplySource::Cloud), (0.0, ReplySource::Local)] {
+        let mut policy = EscalationConfig::enabled(Some(llama_config(&server)));
+        policy.min_confidence = Some(threshold);
+        let runtime = runtime_with(policy);
+        add_npc(&runtime, NpcId(1), blacksmith());
+        let request = runtime.say(NpcId(1), IN_KNOWLEDGE).unwrap();
+        let mut deltas = Vec::new();
+        let (text, stats) = loop {
+            match runtime.events().recv_timeout(Duration::from_secs(180)) {
+                Ok(Event::Delta {
+                    request: r, text, ..
+                }) if r == request => deltas.push(text),
+                Ok(Event::Replied {
+                    request: r,
+                    text,
+                    stats,
+                    ..
+                }) if r == request => break (text, stats),
+                Ok(_) => {}
+                Err(err) => panic!("no reply: {err}"),
+            }
+        };
+        assert_eq!(stats.source, expected, "threshold {threshold}: {text}");
+        assert_eq!(
+            deltas.concat().trim(),
+            text,
+            "only the kept reply was streamed"
+        );
+        if expected == ReplySource::Local {
+            assert_eq!(deltas.len(), 1, "a held local reply arrives as one delta");
+            assert!(stats.confidence.is_some());
+        }
+    }
+}

@@ -402,6 +402,13 @@ pub struct EscalationConfig {
     pub cloud: Option<CloudConfig>,
     /// Escalate when the best knowledge match of the line is below this (0..=1).
     pub min_knowledge_match: f32,
+    /// Escalate when a local reply's 10th-percentile token probability is below this; also
+    /// escalates local replies that say they do not know. `None` (the default) streams
+    /// local replies as generated; `Some` holds each local reply back until it is complete
+    /// (the game gets it as one delta), since it may be replaced. For tiny models the
+    /// logits do not separate right from invented answers (see the README); this is for
+    /// larger ones.
+    pub min_confidence: Option<f32>,
     /// Lines containing any of these words or phrases always escalate.
     pub always_topics: Vec<String>,
     /// Lines containing any of these never escalate (checked first).
@@ -429,6 +436,7 @@ impl Default for EscalationConfig {
             offline: false,
             cloud: None,
             min_knowledge_match: 0.3,
+            min_confidence: None,
             always_topics: Vec::new(),
             never_topics: Vec::new(),
             max_spend_per_hour: 0.50,
@@ -463,6 +471,8 @@ pub struct PersonaEscalation {
     pub enabled: Option<bool>,
     /// Overrides [`EscalationConfig::min_knowledge_match`].
     pub min_knowledge_match: Option<f32>,
+    /// Overrides [`EscalationConfig::min_confidence`].
+    pub min_confidence: Option<f32>,
     /// More words or phrases that always escalate for this NPC.
     pub always_topics: Vec<String>,
     /// More words or phrases that never escalate for this NPC.
@@ -481,6 +491,11 @@ impl PersonaEscalation {
             && !(0.0..=1.0).contains(&m)
         {
             return Err(("min_knowledge_match", format!("{m} is outside 0..=1")));
+        }
+        if let Some(m) = self.min_confidence
+            && !(0.0..=1.0).contains(&m)
+        {
+            return Err(("min_confidence", format!("{m} is outside 0..=1")));
         }
         if self
             .fallback_line
@@ -503,6 +518,10 @@ pub enum EscalationReason {
     AlwaysTopic(String),
     /// The line's best knowledge match is below the threshold.
     LowKnowledgeMatch(f32),
+    /// The local reply's 10th-percentile token probability is below the threshold.
+    LowConfidence(f32),
+    /// The local reply said it did not know.
+    Refusal,
 }
 
 /// Why an escalation did not reach the cloud (the NPC said its fallback line).
@@ -646,19 +665,9 @@ impl Escalator {
         }
     }
 
-    /// Decides where `line` goes and, for the cloud, reserves its estimated spend and a
-    /// rate-limit slot.
-    pub(crate) fn route(
-        &self,
-        profile: &NpcProfile,
-        line: &str,
-        prompt_chars: usize,
-        request: RequestId,
-    ) -> Route {
-        let knowledge = knowledge_match(&profile.documents, line);
-        let Some(reason) = should_escalate(&self.config, &profile.settings, line, knowledge) else {
-            return Route::Local;
-        };
+    /// Whether an escalation for `reason` may reach the cloud now; reserves its estimated
+    /// spend and a rate-limit slot when it may.
+    fn admit(&self, reason: EscalationReason, prompt_chars: usize, request: RequestId) -> Route {
         if self.config.offline {
             return Route::Fallback(reason, Blocked::Offline);
         }
@@ -786,6 +795,76 @@ impl Escalator {
         turns: &[Turn],
         events: &Sender<Event>,
     ) -> bool {
+        let knowledge = knowledge_match(&profile.documents, line);
+        let reason = should_escalate(&self.config, &profile.settings, line, knowledge);
+        self.dispatch(reason, npc, request, line, profile, system, turns, events)
+    }
+
+    /// Whether replies of this NPC are held back until their confidence is known (only
+    /// when a confidence threshold is set: holding costs the streaming of local replies).
+    pub(crate) fn holds(&self, profile: &NpcProfile) -> bool {
+        profile.settings.enabled.unwrap_or(self.config.enabled)
+            && profile
+                .settings
+                .min_confidence
+                .or(self.config.min_confidence)
+                .is_some()
+    }
+
+    /// After a held local reply: `true` when its confidence or an explicit "I don't know"
+    /// sends the line to the cloud (or the fallback line) instead; `false` keeps it.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn second_opinion(
+        &self,
+        npc: NpcId,
+        request: RequestId,
+        line: &str,
+        reply: &str,
+        confidence: Option<&ReplyConfidence>,
+        profile: &NpcProfile,
+        system: &str,
+        turns: &[Turn],
+        events: &Sender<Event>,
+    ) -> bool {
+        let threshold = profile
+            .settings
+            .min_confidence
+            .or(self.config.min_confidence);
+        let settings = &profile.settings;
+        if mentions(line, &settings.never_topics)
+            .or_else(|| mentions(line, &self.config.never_topics))
+            .is_some()
+        {
+            return false;
+        }
+        let reason = if is_refusal(reply) {
+            Some(EscalationReason::Refusal)
+        } else {
+            match (threshold, confidence) {
+                (Some(min), Some(c)) if c.p10_prob < min => {
+                    Some(EscalationReason::LowConfidence(c.p10_prob))
+                }
+                _ => None,
+            }
+        };
+        self.dispatch(reason, npc, request, line, profile, system, turns, events)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn dispatch(
+        &self,
+        reason: Option<EscalationReason>,
+        npc: NpcId,
+        request: RequestId,
+        line: &str,
+        profile: &NpcProfile,
+        system: &str,
+        turns: &[Turn],
+        events: &Sender<Event>,
+    ) -> bool {
+        let Some(reason) = reason else {
+            return false;
+        };
         let keep = turns.len().saturating_sub(self.config.cloud_history_turns);
         let mut messages = vec![("system".to_owned(), system.to_owned())];
         for turn in &turns[keep..] {
@@ -795,7 +874,7 @@ impl Escalator {
         messages.push(("user".to_owned(), line.to_owned()));
         let chars = messages.iter().map(|(_, c)| c.len()).sum();
         let fallback = self.fallback_line(profile);
-        match self.route(profile, line, chars, request) {
+        match self.admit(reason, chars, request) {
             Route::Local => false,
             Route::Cloud(reason) => {
                 tracing::info!("NPC {npc:?}: escalating to the cloud ({reason:?})");

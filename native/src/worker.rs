@@ -241,6 +241,8 @@ struct Job {
     deadline: Option<Instant>,
     /// Probability and entropy of each sampled token.
     confidence: TokenConfidence,
+    /// Text is held back until the reply's confidence decides whether it stays local.
+    hold: bool,
 }
 
 /// A reply waiting for a free slot.
@@ -655,6 +657,7 @@ impl Engine<'_, '_> {
                 confidence: None,
             },
             confidence: TokenConfidence::default(),
+            hold: self.escalator.holds(&conversation.profile),
             pending: prompt,
             received,
             first_token_at: None,
@@ -765,7 +768,7 @@ impl Engine<'_, '_> {
             }
             job.stats.generated_tokens += 1;
             let (text, stopped) = job.filter.push(&vocab.token_to_piece(token, false, None));
-            if !text.is_empty() {
+            if !text.is_empty() && !job.hold {
                 let _ = self.events.send(Event::Delta {
                     npc: job.npc,
                     request: job.request,
@@ -829,6 +832,9 @@ impl Engine<'_, '_> {
 
     fn finish(&mut self, mut job: Job, reason: FinishReason) {
         let tail = job.filter.finish();
+        if job.hold {
+            return self.finish_held(job, reason);
+        }
         if !tail.is_empty() {
             self.emit(Event::Delta {
                 npc: job.npc,
@@ -840,6 +846,49 @@ impl Engine<'_, '_> {
         job.stats.finish = reason;
         job.stats.confidence = job.confidence.summary();
         let text = job.filter.text().trim().to_owned();
+        if let Some(conversation) = self.npcs.get_mut(&job.npc) {
+            conversation.turns.push(Turn {
+                player: job.line,
+                npc: text.clone(),
+            });
+        }
+        self.emit(Event::Replied {
+            npc: job.npc,
+            request: job.request,
+            text,
+            stats: job.stats,
+        });
+    }
+
+    /// A held reply is complete: the cloud (or the fallback line) replaces it, or it goes
+    /// out now as one delta.
+    fn finish_held(&mut self, mut job: Job, reason: FinishReason) {
+        self.kv.release(job.slot);
+        let text = job.filter.text().trim().to_owned();
+        job.stats.finish = reason;
+        job.stats.confidence = job.confidence.summary();
+        if let Some(c) = self.npcs.get(&job.npc)
+            && self.escalator.second_opinion(
+                job.npc,
+                job.request,
+                &job.line,
+                &text,
+                job.stats.confidence.as_ref(),
+                &c.profile,
+                &c.system,
+                &c.turns,
+                self.events,
+            )
+        {
+            return;
+        }
+        if !text.is_empty() {
+            self.emit(Event::Delta {
+                npc: job.npc,
+                request: job.request,
+                text: text.clone(),
+            });
+        }
         if let Some(conversation) = self.npcs.get_mut(&job.npc) {
             conversation.turns.push(Turn {
                 player: job.line,

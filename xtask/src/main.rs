@@ -40,7 +40,8 @@ const USAGE: &str = "usage: cargo xtask <command> [-- args]
 commands:
   setup   install system packages and fetch the default model (idempotent)
   demo    setup, then chat with an NPC in the terminal (args go to the chat example)
-  test    setup, then run the whole test suite (args go to cargo test)
+  test    setup, build (cached) llama-server, then run the whole test suite with the
+          `cloud` feature (args go to cargo test)
   bench   setup, then run the benchmarks and llama.cpp's own (the peers)
   peers   setup, then build (cached) and run llama.cpp's llama-bench and
           llama-batched-bench on the default model
@@ -352,7 +353,11 @@ fn ensure_llama_server() -> Result<PathBuf> {
 }
 
 fn bench(args: &[String]) -> Result {
-    run(cargo().args(["bench", "--workspace"]).args(args))
+    let server = ensure_llama_server()?;
+    run(cargo()
+        .args(["bench", "--workspace", "--features", "npc_native/cloud"])
+        .env(LLAMA_SERVER_ENV, &server)
+        .args(args))
 }
 
 /// llama.cpp's source with its tools, from PyPI (see shared/MODELS.md).
