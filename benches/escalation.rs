@@ -30,7 +30,7 @@ use npc_native::{
 };
 use serde::Deserialize;
 
-const MAX_TOKENS: u32 = 48;
+const MAX_TOKENS: u32 = 32;
 
 #[derive(Deserialize)]
 struct QuestionSet {
@@ -180,8 +180,13 @@ fn routing_quality() {
     let source = std::fs::read_to_string(root().join("tests/data/escalation.ron"))
         .expect("tests/data/escalation.ron");
     let set: QuestionSet = ron::from_str(&source).expect("question set parses");
-    let runtime =
-        start(RuntimeConfig::new(root().join(npc_native::DEFAULT_MODEL_PATH)).with_slots(1));
+    // One thread: this part measures answers, not speed, and one thread wastes least on a
+    // shared machine.
+    let runtime = start(
+        RuntimeConfig::new(root().join(npc_native::DEFAULT_MODEL_PATH))
+            .with_slots(1)
+            .with_threads(1),
+    );
     let mut items = Vec::new();
     for (at, q) in set.questions.iter().enumerate() {
         let npc = NpcId(at as u64 + 1);
@@ -193,6 +198,24 @@ fn routing_quality() {
         runtime.forget(npc).expect("worker");
         let lower = text.to_lowercase();
         let confidence = stats.confidence.expect("local replies carry confidence");
+        eprintln!(
+            "[{}/{}] {} {:?} -> {:?} (p10 {:.3}, mean log-prob {:.2})",
+            at + 1,
+            set.questions.len(),
+            if q.answerable {
+                "answerable"
+            } else {
+                "unanswerable"
+            },
+            q.question,
+            text,
+            confidence.p10_prob,
+            confidence.mean_logprob
+        );
+        let persona_done = set
+            .questions
+            .get(at + 1)
+            .is_some_and(|next| next.persona != q.persona);
         items.push(Scored {
             answerable: q.answerable,
             correct: q.answerable && q.answer.iter().all(|a| lower.contains(&a.to_lowercase())),
@@ -201,7 +224,18 @@ fn routing_quality() {
             mean_logprob: confidence.mean_logprob,
             refusal: escalation::is_refusal(&text),
         });
+        if persona_done {
+            // A table so far after each persona's questions, so a long run shows progress.
+            print_routing_table(
+                &items,
+                &format!("after {} of {} questions", at + 1, set.questions.len()),
+            );
+        }
     }
+    print_routing_table(&items, "all questions");
+}
+
+fn print_routing_table(items: &[Scored], label: &str) {
     let answerable = items.iter().filter(|s| s.answerable).count();
     let correct = items.iter().filter(|s| s.correct).count();
     let refusals = items.iter().filter(|s| s.refusal).count();
@@ -214,7 +248,7 @@ fn routing_quality() {
         v.iter().sum::<f32>() / v.len().max(1) as f32
     };
     println!(
-        "\n## Routing quality: {} questions ({} answerable, {} not), greedy, {MAX_TOKENS} tokens max",
+        "\n## Routing quality, {label}: {} questions ({} answerable, {} not), greedy, {MAX_TOKENS} tokens max",
         items.len(),
         answerable,
         items.len() - answerable
@@ -351,6 +385,7 @@ fn cost_per_player_hour() {
     let runtime = start(
         RuntimeConfig::new(&model)
             .with_slots(1)
+            .with_threads(1)
             .with_escalation(policy),
     );
     let npc = NpcId(1);
@@ -360,19 +395,24 @@ fn cost_per_player_hour() {
     accept(&runtime, npc, brom);
     let source = std::fs::read_to_string(root().join("tests/data/escalation.ron")).expect("set");
     let set: QuestionSet = ron::from_str(&source).expect("set parses");
+    // Small talk, then the blacksmith's first four answerable and first four unanswerable
+    // questions, alternating.
     let mut lines: Vec<String> = vec![
         "Good morning!".into(),
-        "What is your name?".into(),
         "What do you sell?".into(),
         "Thank you, friend.".into(),
-        "Farewell.".into(),
     ];
-    lines.extend(
+    let brom = |answerable: bool| {
         set.questions
             .iter()
-            .filter(|q| q.persona == "blacksmith")
-            .map(|q| q.question.clone()),
-    );
+            .filter(move |q| q.persona == "blacksmith" && q.answerable == answerable)
+            .take(4)
+            .map(|q| q.question.clone())
+    };
+    for (known, unknown) in brom(true).zip(brom(false)) {
+        lines.push(known);
+        lines.push(unknown);
+    }
     let lore = long_lore(420);
     let lore_tokens = count_tokens(server.port, &lore);
     let mut ours = CostMeter::default();
@@ -382,6 +422,10 @@ fn cost_per_player_hour() {
     for line in &lines {
         let request = runtime.say(npc, line.as_str()).expect("worker");
         let (text, stats) = reply(&runtime, request);
+        eprintln!(
+            "[cost] {:?} {line:?} -> {text:?} ({} prompt, {} cached, {} generated)",
+            stats.source, stats.prompt_tokens, stats.cached_tokens, stats.generated_tokens
+        );
         ours.record(npc, &stats);
         match stats.source {
             ReplySource::Cloud => escalated += 1,

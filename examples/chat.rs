@@ -14,7 +14,8 @@ use std::io::{BufRead, Write};
 use std::process::ExitCode;
 
 use npc_native::{
-    CloudConfig, CostMeter, EscalationConfig, Event, NpcId, Persona, Runtime, RuntimeConfig,
+    CloudConfig, CostMeter, EscalationConfig, Event, NpcId, Persona, ReplySource, Runtime,
+    RuntimeConfig,
 };
 
 struct Args {
@@ -140,9 +141,13 @@ fn main() -> ExitCode {
                 Event::Replied {
                     request: r, stats, ..
                 } if r == request => {
+                    // Local replies print as before; cloud and fallback ones say so.
+                    let source = match stats.source {
+                        ReplySource::Local => String::new(),
+                        other => format!("{other:?}: "),
+                    };
                     println!(
-                        "\n  [{:?}: {} tokens, {:.1} tok/s, first token after {} ms, {} of {} prompt tokens cached]",
-                        stats.source,
+                        "\n  [{source}{} tokens, {:.1} tok/s, first token after {} ms, {} of {} prompt tokens cached]",
                         stats.generated_tokens,
                         stats.tokens_per_second(),
                         stats.time_to_first_token.as_millis(),

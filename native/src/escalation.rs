@@ -231,6 +231,15 @@ const STOPWORDS: &[&str] = &[
     "thank",
     "bye",
     "goodbye",
+    "good",
+    "afternoon",
+    "farewell",
+    "cheers",
+    "friend",
+    "sorry",
+    "again",
+    "see",
+    "soon",
     "yes",
     "no",
     "ok",
@@ -1182,6 +1191,8 @@ mod tests {
             Some(0.0)
         );
         assert_eq!(knowledge_match(&docs, "Hello!"), None);
+        assert_eq!(knowledge_match(&docs, "Good morning!"), None);
+        assert_eq!(knowledge_match(&docs, "Thank you, friend."), None);
         assert_eq!(knowledge_match::<&str>(&[], "Swords?"), Some(0.0));
     }
 
