@@ -413,7 +413,7 @@ fn cost_per_player_hour() {
         lines.push(known);
         lines.push(unknown);
     }
-    let lore = long_lore(420);
+    let lore = long_lore(245);
     let lore_tokens = count_tokens(server.port, &lore);
     let mut ours = CostMeter::default();
     let mut cloud_only = CostMeter::default();

@@ -404,10 +404,18 @@ fn spend_cap_and_rate_limit_hold_under_a_burst() {
             .iter()
             .map(|&npc| runtime.say(npc, OUT_OF_KNOWLEDGE).unwrap())
             .collect();
-        let sources: Vec<ReplySource> = requests
-            .iter()
-            .map(|&request| reply(&runtime, request).2.source)
-            .collect();
+        // Replies come in any order: fallbacks at once, cloud replies later.
+        let mut sources = Vec::new();
+        while sources.len() < requests.len() {
+            match runtime.events().recv_timeout(Duration::from_secs(180)) {
+                Ok(Event::Replied { request, stats, .. }) if requests.contains(&request) => {
+                    sources.push(stats.source);
+                }
+                Ok(Event::Failed { error, .. }) => panic!("{what}: a reply failed: {error}"),
+                Ok(_) => {}
+                Err(err) => panic!("{what}: no reply: {err}"),
+            }
+        }
         let cloud = sources.iter().filter(|s| **s == ReplySource::Cloud).count();
         let fallback = sources
             .iter()

@@ -453,7 +453,7 @@ impl Default for EscalationConfig {
             max_escalations_per_minute: 6,
             prices: PriceTable::default(),
             cloud_max_tokens: 128,
-            cloud_history_turns: 4,
+            cloud_history_turns: 2,
             fallback_line: DEFAULT_FALLBACK_LINE.into(),
         }
     }
