@@ -282,33 +282,33 @@ fn print_routing_table(items: &[Scored], label: &str) {
     row(
         "none (all local)",
         "never".into(),
-        outcome(&items, |_| false),
+        outcome(items, |_| false),
         None,
     );
     row(
         "knowledge match",
         format!("score < {default_threshold} (runtime default)"),
-        outcome(&items, |s| s.knowledge < default_threshold),
-        Some(auroc(&items, |s| s.knowledge)),
+        outcome(items, |s| s.knowledge < default_threshold),
+        Some(auroc(items, |s| s.knowledge)),
     );
-    let t = best_threshold(&items, |s| s.p10);
+    let t = best_threshold(items, |s| s.p10);
     row(
         "logits: p10 token prob",
         format!("p10 < {t:.3} (best F1, fitted here)"),
-        outcome(&items, |s| s.p10 < t),
-        Some(auroc(&items, |s| s.p10)),
+        outcome(items, |s| s.p10 < t),
+        Some(auroc(items, |s| s.p10)),
     );
-    let t = best_threshold(&items, |s| s.mean_logprob);
+    let t = best_threshold(items, |s| s.mean_logprob);
     row(
         "logits: mean log-prob",
         format!("mean < {t:.3} (best F1, fitted here)"),
-        outcome(&items, |s| s.mean_logprob < t),
-        Some(auroc(&items, |s| s.mean_logprob)),
+        outcome(items, |s| s.mean_logprob < t),
+        Some(auroc(items, |s| s.mean_logprob)),
     );
     row(
         "refusal in reply",
         "reply says it does not know".into(),
-        outcome(&items, |s| s.refusal),
+        outcome(items, |s| s.refusal),
         None,
     );
 }
