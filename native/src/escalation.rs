@@ -613,16 +613,12 @@ pub fn should_escalate(
     }
 }
 
-/// One cloud reply in flight.
-struct InFlight {
-    request: RequestId,
-    cancelled: bool,
-}
-
 /// State shared between the worker and the cloud threads.
 #[derive(Default)]
 struct Shared {
-    in_flight: HashMap<NpcId, InFlight>,
+    /// The cloud reply each NPC has in flight. Cancelling removes the entry: its thread
+    /// then stops and sends nothing more.
+    in_flight: HashMap<NpcId, RequestId>,
     /// Turns finished by the cloud, not yet added to the worker's conversations.
     finished: Vec<(NpcId, Turn)>,
     /// (when, cost) of each escalation; estimates until the cloud reports its usage.
@@ -738,27 +734,20 @@ impl Escalator {
     pub(crate) fn cancel(&self, npc: NpcId, events: &Sender<Event>) {
         // Removing the entry frees the NPC at once; its thread stops at its next read.
         let mut shared = lock(&self.shared);
-        if let Some(flight) = shared.in_flight.remove(&npc)
-            && !flight.cancelled
-        {
-            let _ = events.send(Event::Cancelled {
-                npc,
-                request: flight.request,
-            });
+        if let Some(request) = shared.in_flight.remove(&npc) {
+            let _ = events.send(Event::Cancelled { npc, request });
         }
     }
 
     /// Fails every cloud reply in flight (the runtime is shutting down).
     pub(crate) fn shut_down(&self, events: &Sender<Event>) {
         let mut shared = lock(&self.shared);
-        for (npc, flight) in shared.in_flight.drain() {
-            if !flight.cancelled {
-                let _ = events.send(Event::Failed {
-                    npc,
-                    request: flight.request,
-                    error: NpcError::ShuttingDown,
-                });
-            }
+        for (npc, request) in shared.in_flight.drain() {
+            let _ = events.send(Event::Failed {
+                npc,
+                request,
+                error: NpcError::ShuttingDown,
+            });
         }
     }
 
@@ -928,13 +917,7 @@ impl Escalator {
     ) {
         #[cfg(feature = "cloud")]
         if let Some(client) = self.client.clone() {
-            lock(&self.shared).in_flight.insert(
-                npc,
-                InFlight {
-                    request,
-                    cancelled: false,
-                },
-            );
+            lock(&self.shared).in_flight.insert(npc, request);
             let shared = Arc::clone(&self.shared);
             let prices = self.config.prices.clone();
             let max_tokens = self.config.cloud_max_tokens;
@@ -1009,18 +992,11 @@ fn run_cloud_job(
 ) {
     let started = Instant::now();
     let mut first_at: Option<Instant> = None;
-    let cancelled = || {
-        lock(shared)
-            .in_flight
-            .get(&job.npc)
-            .is_none_or(|f| f.cancelled || f.request != job.request)
-    };
+    let live = |shared: &Shared| shared.in_flight.get(&job.npc) == Some(&job.request);
+    let cancelled = || !live(&lock(shared));
     let result = client.chat_stream(&job.messages, job.max_tokens, &cancelled, &mut |delta| {
         let guard = lock(shared);
-        let live = guard
-            .in_flight
-            .get(&job.npc)
-            .is_some_and(|f| !f.cancelled && f.request == job.request);
+        let live = live(&guard);
         if live {
             first_at.get_or_insert_with(Instant::now);
             let _ = events.send(Event::Delta {
@@ -1032,20 +1008,11 @@ fn run_cloud_job(
         live
     });
     let mut guard = lock(shared);
-    let live = guard
-        .in_flight
-        .get(&job.npc)
-        .is_some_and(|f| f.request == job.request);
-    let was_cancelled = guard
-        .in_flight
-        .get(&job.npc)
-        .is_none_or(|f| f.cancelled || f.request != job.request);
-    if live {
-        guard.in_flight.remove(&job.npc);
-    }
-    if was_cancelled {
+    if !live(&guard) {
+        // Cancelled, or the runtime shut down: the worker has answered already.
         return;
     }
+    guard.in_flight.remove(&job.npc);
     let (text, stats) = match result {
         Ok(reply) if !reply.text.trim().is_empty() => {
             let prompt = reply.prompt_tokens.unwrap_or(reply.estimated_prompt_tokens);
