@@ -3,14 +3,20 @@
 //! ```text
 //! cargo run --release --example chat -- --persona assets/personas/blacksmith.persona.ron
 //! ```
-//! Options: `--model PATH`, `--threads N`, `--context N`, `--seed N`.
+//! Options: `--model PATH`, `--threads N`, `--context N`, `--seed N`, `--escalate` (questions
+//! outside the persona's knowledge go to the cloud model named by `NPC_AI_CLOUD_URL`,
+//! `NPC_AI_CLOUD_MODEL` and `NPC_AI_CLOUD_KEY`, when built with the `cloud` feature; otherwise
+//! the NPC says its fallback line).
 //! Type a line and press Enter; the reply streams token by token, followed by its speed.
-//! Ctrl-D ends the conversation.
+//! Ctrl-D ends the conversation and prints what it cost (see the README's "Cost meter").
 
 use std::io::{BufRead, Write};
 use std::process::ExitCode;
 
-use npc_native::{Event, NpcId, Persona, Runtime, RuntimeConfig};
+use npc_native::{
+    CloudConfig, CostMeter, EscalationConfig, Event, NpcId, Persona, ReplySource, Runtime,
+    RuntimeConfig,
+};
 
 struct Args {
     persona: String,
@@ -33,6 +39,9 @@ fn parse_args() -> Result<Args, String> {
                 let seed = number(value()?)?;
                 config.sampling.seed = Some(seed);
             }
+            "--escalate" => {
+                config = config.with_escalation(EscalationConfig::enabled(CloudConfig::from_env()));
+            }
             "--help" | "-h" => return Err(String::new()),
             other => return Err(format!("unknown argument {other}")),
         }
@@ -52,7 +61,7 @@ fn main() -> ExitCode {
                 eprintln!("chat: {err}");
             }
             eprintln!(
-                "usage: chat --persona FILE [--model GGUF] [--threads N] [--context N] [--seed N]"
+                "usage: chat --persona FILE [--model GGUF] [--threads N] [--context N] [--seed N] [--escalate]"
             );
             return ExitCode::from(2);
         }
@@ -96,6 +105,7 @@ fn main() -> ExitCode {
     if !greeting.is_empty() {
         println!("{name}: {greeting}");
     }
+    let mut meter = CostMeter::default();
     let stdin = std::io::stdin();
     let mut stdout = std::io::stdout();
     loop {
@@ -120,6 +130,7 @@ fn main() -> ExitCode {
         print!("{name}: ");
         let _ = stdout.flush();
         for event in runtime.events() {
+            meter.record_event(&event);
             match event {
                 Event::Delta {
                     request: r, text, ..
@@ -130,8 +141,13 @@ fn main() -> ExitCode {
                 Event::Replied {
                     request: r, stats, ..
                 } if r == request => {
+                    // Local replies print as before; cloud and fallback ones say so.
+                    let source = match stats.source {
+                        ReplySource::Local => String::new(),
+                        other => format!("{other:?}: "),
+                    };
                     println!(
-                        "\n  [{} tokens, {:.1} tok/s, first token after {} ms, {} of {} prompt tokens cached]",
+                        "\n  [{source}{} tokens, {:.1} tok/s, first token after {} ms, {} of {} prompt tokens cached]",
                         stats.generated_tokens,
                         stats.tokens_per_second(),
                         stats.time_to_first_token.as_millis(),
@@ -158,6 +174,6 @@ fn main() -> ExitCode {
             }
         }
     }
-    println!();
+    println!("\n{}", meter.report(300.0));
     ExitCode::SUCCESS
 }

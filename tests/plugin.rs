@@ -542,3 +542,45 @@ fn npc_state_survives_save_and_load_and_the_first_reply_costs_only_new_tokens() 
     );
     assert!(seen(&app).errors.is_empty(), "{:?}", seen(&app).errors);
 }
+
+#[test]
+fn the_cost_meter_resource_counts_local_and_fallback_replies() {
+    use bevy_npc_ai::NpcCostMeter;
+    use bevy_npc_ai::npc_native::escalation::DEFAULT_FALLBACK_LINE;
+    use bevy_npc_ai::npc_native::{EscalationConfig, ReplySource};
+    let _serial = common::serial();
+    // Escalation on without a cloud: questions outside the persona's knowledge get the
+    // fallback line, in character.
+    let mut app = app_with(
+        &common::root().join("assets"),
+        NpcAiPlugin::default()
+            .with_model(common::model_path())
+            .with_escalation(EscalationConfig::enabled(None)),
+    );
+    let npc = spawn_npc(&mut app, "personas/blacksmith.persona.ron");
+    say(&mut app, npc, "How much does an iron sword cost?");
+    let local = wait_for_reply(&mut app, 1);
+    assert_eq!(local.stats.source, ReplySource::Local, "{}", local.text);
+    say(&mut app, npc, "What is the capital of France?");
+    let fallback = wait_for_reply(&mut app, 2);
+    assert_eq!(fallback.stats.source, ReplySource::Fallback);
+    assert_eq!(fallback.text, DEFAULT_FALLBACK_LINE);
+    let meter = app.world().resource::<NpcCostMeter>();
+    let totals = meter.entity(npc).expect("the NPC is metered");
+    assert_eq!(
+        (
+            totals.replies,
+            totals.local_replies,
+            totals.fallback_replies
+        ),
+        (2, 1, 1)
+    );
+    assert_eq!(
+        totals.prefilled_tokens + totals.reused_tokens,
+        local.stats.prompt_tokens as u64
+    );
+    assert_eq!(totals.generated_tokens, local.stats.generated_tokens as u64);
+    assert!(totals.local_compute > Duration::ZERO);
+    assert_eq!(meter.total(), totals);
+    assert!(meter.per_player_hour(300.0) > 0.0);
+}

@@ -81,6 +81,8 @@ pub struct RuntimeConfig {
     /// Being the same for every NPC, its tokens are computed once and copied into each new
     /// NPC's sequence instead of being computed again.
     pub preamble: String,
+    /// Routing of hard questions to a cloud model; off by default.
+    pub escalation: crate::escalation::EscalationConfig,
 }
 
 impl Default for RuntimeConfig {
@@ -102,6 +104,7 @@ impl Default for RuntimeConfig {
             eviction_dir: None,
             kv_precision: KvPrecision::F16,
             preamble: String::new(),
+            escalation: crate::escalation::EscalationConfig::default(),
         }
     }
 }
@@ -211,6 +214,13 @@ impl RuntimeConfig {
     #[must_use]
     pub fn with_preamble(mut self, preamble: impl Into<String>) -> Self {
         self.preamble = preamble.into();
+        self
+    }
+
+    /// Sets the escalation policy (see [`EscalationConfig`](crate::EscalationConfig)).
+    #[must_use]
+    pub fn with_escalation(mut self, escalation: crate::escalation::EscalationConfig) -> Self {
+        self.escalation = escalation;
         self
     }
 

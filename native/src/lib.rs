@@ -2,7 +2,11 @@
 #![warn(missing_docs)]
 
 pub mod actions;
+#[cfg(feature = "cloud")]
+pub mod cloud;
 mod config;
+pub mod cost;
+pub mod escalation;
 mod kv_cache;
 mod persist;
 mod persona;
@@ -20,14 +24,16 @@ pub use actions::{ActionCall, ActionSpec, ActionValue, ParamKind, ParamSpec};
 pub use config::{KvPrecision, RuntimeConfig};
 pub use persona::{Persona, PersonaError, VoiceSettings};
 
+pub use cost::{CostMeter, CostTotals, PriceTable};
+pub use escalation::{CloudConfig, EscalationConfig, PersonaEscalation, ReplyConfidence};
 /// Speech in and out (feature `voice`): the `npc-voice` helper client, speech synthesis with
 /// sentence streaming, and the Whisper model converter. See the `npc_voice` crate.
 #[cfg(feature = "voice")]
 pub use npc_voice as voice;
 pub use prompt::Turn;
 pub use protocol::{
-    DebugHook, Event, FinishReason, ModelError, ModelInfo, NpcError, NpcId, Priority, ReplyStats,
-    Request, RequestId, SayOptions,
+    DebugHook, Event, FinishReason, ModelError, ModelInfo, NpcError, NpcId, Priority, ReplySource,
+    ReplyStats, Request, RequestId, SayOptions,
 };
 pub use sampling::{SamplingOverrides, SamplingParams};
 

@@ -51,6 +51,10 @@ pub struct Persona {
     /// constrained to spoken text plus at most one of these.
     #[serde(default)]
     pub actions: Vec<ActionSpec>,
+    /// When this NPC's questions may go to a cloud model, and what it says when they may
+    /// not. Optional.
+    #[serde(default)]
+    pub escalation: crate::escalation::PersonaEscalation,
 }
 
 /// A persona file that could not be read: where, and why.
@@ -139,6 +143,9 @@ impl Persona {
                 .validate()
                 .map_err(|e| invalid("voice", e.to_string()))?;
         }
+        self.escalation
+            .validate()
+            .map_err(|(field, message)| invalid(field, message))?;
         self.sampling
             .validate()
             .map_err(|(field, message)| invalid(field, message))?;

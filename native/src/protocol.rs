@@ -349,6 +349,24 @@ pub struct ReplyStats {
     pub generation_time: Duration,
     /// Older turns dropped to make the prompt fit the context.
     pub dropped_turns: usize,
+    /// Who produced the reply. For [`ReplySource::Cloud`], `prompt_tokens` and
+    /// `generated_tokens` are the cloud's own counts and `cached_tokens` is 0.
+    pub source: ReplySource,
+    /// How sure the local model was of its tokens (`None` for cloud and fallback replies).
+    pub confidence: Option<crate::escalation::ReplyConfidence>,
+}
+
+/// Who produced a reply.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum ReplySource {
+    /// The local model.
+    #[default]
+    Local,
+    /// The cloud model the question was escalated to.
+    Cloud,
+    /// The persona's in-character fallback line: escalation was not allowed or the cloud
+    /// failed.
+    Fallback,
 }
 
 impl ReplyStats {

@@ -22,6 +22,7 @@ use llama_cpp_2::token::LlamaToken;
 
 use crate::actions::{self, NpcActions};
 use crate::config::{KvPrecision, RuntimeConfig};
+use crate::escalation::{Escalator, NpcProfile, TokenConfidence};
 use crate::kv_cache::{DiskConfig, KvCacheManager, SeqSnapshot, seq_id};
 use crate::persist::{self, StateIdentity};
 use crate::persona::Persona;
@@ -144,6 +145,7 @@ fn serve(config: &RuntimeConfig, inbox: &Receiver<Request>, events: &Sender<Even
         npcs: HashMap::new(),
         queue: VecDeque::new(),
         active: Vec::new(),
+        escalator: Escalator::new(&config.escalation),
     };
     engine.run(inbox);
 }
@@ -239,6 +241,8 @@ struct Conversation {
     turns: Vec<Turn>,
     /// Declared game actions, their grammar, outcomes to tell (see `crate::actions`).
     actions: NpcActions,
+    /// Escalation settings and what the persona knows.
+    profile: NpcProfile,
 }
 
 /// One reply being produced.
@@ -266,6 +270,10 @@ struct Job {
     first_token_at: Option<Instant>,
     priority: Priority,
     deadline: Option<Instant>,
+    /// Probability and entropy of each sampled token.
+    confidence: TokenConfidence,
+    /// Text is held back until the reply's confidence decides whether it stays local.
+    hold: bool,
 }
 
 /// A reply waiting for a free slot.
@@ -292,6 +300,8 @@ struct Engine<'m, 'e> {
     npcs: HashMap<NpcId, Conversation>,
     queue: VecDeque<Queued>,
     active: Vec<Job>,
+    /// Routing to the cloud, spend and rate limits.
+    escalator: Escalator,
 }
 
 impl Engine<'_, '_> {
@@ -370,6 +380,7 @@ impl Engine<'_, '_> {
     }
 
     fn shut_down(&mut self) {
+        self.escalator.shut_down(self.events);
         for job in std::mem::take(&mut self.active) {
             self.emit(Event::Failed {
                 npc: job.npc,
@@ -416,6 +427,7 @@ impl Engine<'_, '_> {
             });
         match result {
             Ok((system, sampling, prefix_tokens, grammar)) => {
+                let profile = NpcProfile::new(persona);
                 let old = self.npcs.remove(&npc);
                 let notes = old.as_ref().map(|c| c.actions.notes.clone());
                 let turns = old.map(|c| c.turns).unwrap_or_default();
@@ -430,6 +442,7 @@ impl Engine<'_, '_> {
                             grammar,
                             notes: notes.unwrap_or_default(),
                         },
+                        profile,
                     },
                 );
                 self.emit(Event::PersonaAccepted { npc, prefix_tokens });
@@ -439,6 +452,7 @@ impl Engine<'_, '_> {
     }
 
     fn save_npc(&mut self, npc: NpcId, path: std::path::PathBuf) {
+        self.absorb_cloud_turns();
         let Some(conversation) = self.npcs.get(&npc) else {
             let error = NpcError::UnknownNpc(npc).to_string();
             return self.emit(Event::NpcSaveFailed { npc, path, error });
@@ -474,9 +488,13 @@ impl Engine<'_, '_> {
         if !self.npcs.contains_key(&npc) {
             return fail(self, NpcError::UnknownNpc(npc).to_string());
         }
-        if self.active.iter().any(|job| job.npc == npc) || self.queue.iter().any(|q| q.npc == npc) {
+        if self.active.iter().any(|job| job.npc == npc)
+            || self.queue.iter().any(|q| q.npc == npc)
+            || self.escalator.busy(npc)
+        {
             return fail(self, NpcError::Busy.to_string());
         }
+        self.absorb_cloud_turns();
         let loaded = match persist::load(path, &self.identity) {
             Ok(loaded) => loaded,
             Err(error) => return fail(self, error),
@@ -557,8 +575,25 @@ impl Engine<'_, '_> {
         if !self.npcs.contains_key(&npc) {
             return fail(self, NpcError::UnknownNpc(npc));
         }
-        if self.active.iter().any(|job| job.npc == npc) || self.queue.iter().any(|q| q.npc == npc) {
+        if self.active.iter().any(|job| job.npc == npc)
+            || self.queue.iter().any(|q| q.npc == npc)
+            || self.escalator.busy(npc)
+        {
             return fail(self, NpcError::Busy);
+        }
+        self.absorb_cloud_turns();
+        if let Some(c) = self.npcs.get(&npc)
+            && self.escalator.divert(
+                npc,
+                request,
+                &line,
+                &c.profile,
+                &c.system,
+                &c.turns,
+                self.events,
+            )
+        {
+            return;
         }
         // Highest priority first, first come first served within a priority.
         let at = self
@@ -579,7 +614,17 @@ impl Engine<'_, '_> {
         );
     }
 
+    /// Adds the turns the cloud (or the fallback line) answered to their conversations.
+    fn absorb_cloud_turns(&mut self) {
+        for (npc, turn) in self.escalator.take_finished() {
+            if let Some(conversation) = self.npcs.get_mut(&npc) {
+                conversation.turns.push(turn);
+            }
+        }
+    }
+
     fn cancel(&mut self, npc: NpcId) {
+        self.escalator.cancel(npc, self.events);
         if let Some(at) = self.queue.iter().position(|q| q.npc == npc) {
             let queued = self.queue.remove(at).expect("position is in range");
             self.emit(Event::Cancelled {
@@ -680,7 +725,11 @@ impl Engine<'_, '_> {
                 time_to_first_token: Default::default(),
                 generation_time: Default::default(),
                 dropped_turns,
+                source: Default::default(),
+                confidence: None,
             },
+            confidence: TokenConfidence::default(),
+            hold: self.escalator.holds(&conversation.profile),
             pending: prompt,
             received,
             first_token_at: None,
@@ -779,6 +828,8 @@ impl Engine<'_, '_> {
             }
             let Some(index) = job.logits_at else { continue };
             let token = job.sampler.sample(&self.ctx, index);
+            job.confidence
+                .observe(self.ctx.get_logits_ith(index), token.0);
             let now = Instant::now();
             let first = *job.first_token_at.get_or_insert(now);
             if job.stats.generated_tokens == 0 {
@@ -792,7 +843,7 @@ impl Engine<'_, '_> {
             }
             job.stats.generated_tokens += 1;
             let (text, stopped) = job.filter.push(&vocab.token_to_piece(token, false, None));
-            if !text.is_empty() {
+            if !text.is_empty() && !job.hold {
                 let _ = self.events.send(Event::Delta {
                     npc: job.npc,
                     request: job.request,
@@ -856,6 +907,9 @@ impl Engine<'_, '_> {
 
     fn finish(&mut self, mut job: Job, reason: FinishReason) {
         let tail = job.filter.finish();
+        if job.hold {
+            return self.finish_held(job, reason);
+        }
         if !tail.is_empty() {
             self.emit(Event::Delta {
                 npc: job.npc,
@@ -865,6 +919,7 @@ impl Engine<'_, '_> {
         }
         self.kv.release(job.slot);
         job.stats.finish = reason;
+        job.stats.confidence = job.confidence.summary();
         let text = job.filter.text().trim().to_owned();
         let mut action = None;
         if let Some(conversation) = self.npcs.get_mut(&job.npc) {
@@ -879,6 +934,49 @@ impl Engine<'_, '_> {
                 npc: job.npc,
                 request: job.request,
                 action,
+            });
+        }
+        self.emit(Event::Replied {
+            npc: job.npc,
+            request: job.request,
+            text,
+            stats: job.stats,
+        });
+    }
+
+    /// A held reply is complete: the cloud (or the fallback line) replaces it, or it goes
+    /// out now as one delta.
+    fn finish_held(&mut self, mut job: Job, reason: FinishReason) {
+        self.kv.release(job.slot);
+        let text = job.filter.text().trim().to_owned();
+        job.stats.finish = reason;
+        job.stats.confidence = job.confidence.summary();
+        if let Some(c) = self.npcs.get(&job.npc)
+            && self.escalator.second_opinion(
+                job.npc,
+                job.request,
+                &job.line,
+                &text,
+                job.stats.confidence.as_ref(),
+                &c.profile,
+                &c.system,
+                &c.turns,
+                self.events,
+            )
+        {
+            return;
+        }
+        if !text.is_empty() {
+            self.emit(Event::Delta {
+                npc: job.npc,
+                request: job.request,
+                text: text.clone(),
+            });
+        }
+        if let Some(conversation) = self.npcs.get_mut(&job.npc) {
+            conversation.turns.push(Turn {
+                player: job.line,
+                npc: text.clone(),
             });
         }
         self.emit(Event::Replied {

@@ -67,6 +67,7 @@ pub(crate) fn plugin(app: &mut App, runtime: Runtime) {
         worker_died: false,
     })
     .init_resource::<NpcAiStatus>()
+    .init_resource::<crate::NpcCostMeter>()
     .add_systems(
         Update,
         (
@@ -224,6 +225,7 @@ fn receive_runtime_events(
     mut loaded: MessageWriter<ModelLoaded>,
     mut failed: MessageWriter<ModelFailed>,
     mut errors: MessageWriter<NpcAiError>,
+    mut meter: ResMut<crate::NpcCostMeter>,
 ) {
     loop {
         let event = match handle.runtime.events().try_recv() {
@@ -319,6 +321,7 @@ fn receive_runtime_events(
             Event::Replied {
                 npc, text, stats, ..
             } => {
+                meter.record(npc, &stats);
                 let Some(entity) = live(npc, &npcs) else {
                     continue;
                 };

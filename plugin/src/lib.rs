@@ -3,6 +3,7 @@
 
 mod actions;
 mod bridge;
+mod cost;
 mod dialogue;
 mod persona;
 #[cfg(feature = "voice")]
@@ -15,6 +16,7 @@ use npc_native::{Runtime, RuntimeConfig, SamplingParams};
 
 pub use actions::{ActionOutcome, NpcActionRequested};
 pub use bridge::{NpcAiStatus, RuntimeHandle};
+pub use cost::NpcCostMeter;
 pub use dialogue::{
     CancelReply, DialogueHistory, DialogueLine, LoadNpcState, ModelFailed, ModelLoaded, Npc,
     NpcAiError, NpcPersonaApplied, NpcReplied, NpcReplyCancelled, NpcReplyDelta, NpcState,
@@ -31,9 +33,9 @@ pub use voice::{
 pub mod prelude {
     pub use crate::{
         ActionOutcome, CancelReply, DialogueHistory, LoadNpcState, ModelFailed, ModelLoaded, Npc,
-        NpcActionRequested, NpcAiError, NpcAiPlugin, NpcAiStatus, NpcAiSystems, NpcPersonaApplied,
-        NpcReplied, NpcReplyCancelled, NpcReplyDelta, NpcState, NpcStateLoaded, NpcStateSaved,
-        Persona, PlayerSaid, SaveNpcState,
+        NpcActionRequested, NpcAiError, NpcAiPlugin, NpcAiStatus, NpcAiSystems, NpcCostMeter,
+        NpcPersonaApplied, NpcReplied, NpcReplyCancelled, NpcReplyDelta, NpcState, NpcStateLoaded,
+        NpcStateSaved, Persona, PlayerSaid, SaveNpcState,
     };
     pub use npc_native::{ActionCall, ActionValue, ReplyStats, SamplingParams};
 }
@@ -126,6 +128,13 @@ impl NpcAiPlugin {
     #[must_use]
     pub fn with_kv_precision(mut self, precision: npc_native::KvPrecision) -> Self {
         self.config = self.config.with_kv_precision(precision);
+        self
+    }
+
+    /// Sets the escalation policy (routing hard questions to a cloud model).
+    #[must_use]
+    pub fn with_escalation(mut self, escalation: npc_native::EscalationConfig) -> Self {
+        self.config = self.config.with_escalation(escalation);
         self
     }
 

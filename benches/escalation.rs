@@ -1,0 +1,504 @@
+//! Knowing when not to know, measured on the default model:
+//!
+//! 1. **Routing quality** on `tests/data/escalation.ron` (questions about the shipped
+//!    personas, labelled answerable from the persona's file or not). Every question is
+//!    answered locally (greedy, fresh conversation); then each signal decides which questions
+//!    it would have escalated: escalation precision and recall (an escalation is right when the
+//!    question was unanswerable), the local model's accuracy on the questions it kept, and the
+//!    signal's AUROC. Logit thresholds are the best-F1 ones *on this same set* (an optimistic
+//!    fit, said so in the table); the knowledge-match threshold is the runtime's default.
+//! 2. **Cost per player-hour** of the seed workload (5 interactions a minute, ~100-token
+//!    replies, long lore): a 20-turn session with the blacksmith, escalating to llama.cpp's
+//!    `llama-server` on loopback (its real token counts), metered by [`CostMeter`]; against
+//!    cloud-only, where every turn goes to a GPT-4-class model with the full context (persona,
+//!    long lore and the whole history, counted by the server's tokenizer).
+//!
+//! ```text
+//! cargo xtask llama-server && cargo bench -p npc_native --features cloud --bench escalation
+//! ```
+
+#[path = "../tests/common/servers.rs"]
+mod servers;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use npc_native::escalation::{self, EscalationConfig};
+use npc_native::{
+    CloudConfig, CostMeter, Event, FinishReason, NpcId, Persona, ReplySource, ReplyStats,
+    RequestId, Runtime, RuntimeConfig,
+};
+use serde::Deserialize;
+
+const MAX_TOKENS: u32 = 32;
+
+#[derive(Deserialize)]
+struct QuestionSet {
+    questions: Vec<Question>,
+}
+
+#[derive(Deserialize)]
+struct Question {
+    persona: String,
+    question: String,
+    answerable: bool,
+    answer: Vec<String>,
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn persona(name: &str) -> Persona {
+    let path = root().join(format!("assets/personas/{name}.persona.ron"));
+    let source = std::fs::read_to_string(&path).expect("persona file");
+    let mut persona = Persona::from_ron(&source, Some(name)).expect("persona parses");
+    persona.sampling.temperature = Some(0.0);
+    persona.sampling.max_tokens = Some(MAX_TOKENS);
+    persona
+}
+
+fn start(config: RuntimeConfig) -> Runtime {
+    let runtime = Runtime::start(config);
+    match runtime.events().recv() {
+        Ok(Event::ModelLoaded(_)) => runtime,
+        other => panic!("model did not load: {other:?}"),
+    }
+}
+
+fn accept(runtime: &Runtime, npc: NpcId, persona: Persona) {
+    runtime.set_persona(npc, persona).expect("worker");
+    match runtime.events().recv() {
+        Ok(Event::PersonaAccepted { .. }) => {}
+        other => panic!("persona not accepted: {other:?}"),
+    }
+}
+
+fn reply(runtime: &Runtime, request: RequestId) -> (String, ReplyStats) {
+    for event in runtime.events() {
+        match event {
+            Event::Replied {
+                request: r,
+                text,
+                stats,
+                ..
+            } if r == request => return (text, stats),
+            Event::Failed {
+                request: r, error, ..
+            } if r == request => panic!("reply failed: {error}"),
+            _ => {}
+        }
+    }
+    panic!("the worker stopped")
+}
+
+struct Scored {
+    answerable: bool,
+    correct: bool,
+    knowledge: f32,
+    p10: f32,
+    mean_logprob: f32,
+    refusal: bool,
+}
+
+/// Area under the ROC curve of `score` ranking unanswerable questions below answerable ones
+/// (1.0: perfect separation, 0.5: chance).
+fn auroc(items: &[Scored], score: impl Fn(&Scored) -> f32) -> f64 {
+    let (mut wins, mut pairs) = (0.0, 0.0);
+    for a in items.iter().filter(|s| s.answerable) {
+        for u in items.iter().filter(|s| !s.answerable) {
+            pairs += 1.0;
+            let (sa, su) = (score(a), score(u));
+            if sa > su {
+                wins += 1.0;
+            } else if (sa - su).abs() < f32::EPSILON {
+                wins += 0.5;
+            }
+        }
+    }
+    if pairs == 0.0 { 0.5 } else { wins / pairs }
+}
+
+struct Outcome {
+    escalated: usize,
+    precision: f64,
+    recall: f64,
+    kept_accuracy: f64,
+    f1: f64,
+}
+
+fn outcome(items: &[Scored], escalate: impl Fn(&Scored) -> bool) -> Outcome {
+    let escalated: Vec<&Scored> = items.iter().filter(|s| escalate(s)).collect();
+    let kept: Vec<&Scored> = items.iter().filter(|s| !escalate(s)).collect();
+    let right = escalated.iter().filter(|s| !s.answerable).count();
+    let unanswerable = items.iter().filter(|s| !s.answerable).count();
+    let precision = if escalated.is_empty() {
+        0.0
+    } else {
+        right as f64 / escalated.len() as f64
+    };
+    let recall = right as f64 / unanswerable.max(1) as f64;
+    // A kept question is handled well when it was answered correctly, or when it was
+    // unanswerable and the model said it did not know.
+    let good = kept
+        .iter()
+        .filter(|s| (s.answerable && s.correct) || (!s.answerable && s.refusal))
+        .count();
+    Outcome {
+        escalated: escalated.len(),
+        precision,
+        recall,
+        kept_accuracy: if kept.is_empty() {
+            0.0
+        } else {
+            good as f64 / kept.len() as f64
+        },
+        f1: if precision + recall == 0.0 {
+            0.0
+        } else {
+            2.0 * precision * recall / (precision + recall)
+        },
+    }
+}
+
+/// The threshold on `score` (escalate below it) with the best F1 on `items`.
+fn best_threshold(items: &[Scored], score: impl Fn(&Scored) -> f32 + Copy) -> f32 {
+    let mut candidates: Vec<f32> = items.iter().map(score).collect();
+    candidates.sort_by(f32::total_cmp);
+    candidates.push(f32::INFINITY);
+    candidates
+        .into_iter()
+        .max_by(|a, b| {
+            let fa = outcome(items, |s| score(s) < *a).f1;
+            let fb = outcome(items, |s| score(s) < *b).f1;
+            fa.total_cmp(&fb)
+        })
+        .unwrap_or(0.0)
+}
+
+fn routing_quality() {
+    let source = std::fs::read_to_string(root().join("tests/data/escalation.ron"))
+        .expect("tests/data/escalation.ron");
+    let set: QuestionSet = ron::from_str(&source).expect("question set parses");
+    // One thread: this part measures answers, not speed, and one thread wastes least on a
+    // shared machine.
+    let runtime = start(
+        RuntimeConfig::new(root().join(npc_native::DEFAULT_MODEL_PATH))
+            .with_slots(1)
+            .with_threads(1),
+    );
+    let mut items = Vec::new();
+    for (at, q) in set.questions.iter().enumerate() {
+        let npc = NpcId(at as u64 + 1);
+        let persona = persona(&q.persona);
+        let documents = escalation::persona_documents(&persona);
+        accept(&runtime, npc, persona);
+        let request = runtime.say(npc, &q.question).expect("worker");
+        let (text, stats) = reply(&runtime, request);
+        runtime.forget(npc).expect("worker");
+        let lower = text.to_lowercase();
+        let confidence = stats.confidence.expect("local replies carry confidence");
+        eprintln!(
+            "[{}/{}] {} {:?} -> {:?} (p10 {:.3}, mean log-prob {:.2})",
+            at + 1,
+            set.questions.len(),
+            if q.answerable {
+                "answerable"
+            } else {
+                "unanswerable"
+            },
+            q.question,
+            text,
+            confidence.p10_prob,
+            confidence.mean_logprob
+        );
+        let persona_done = set
+            .questions
+            .get(at + 1)
+            .is_some_and(|next| next.persona != q.persona);
+        items.push(Scored {
+            answerable: q.answerable,
+            correct: q.answerable && q.answer.iter().all(|a| lower.contains(&a.to_lowercase())),
+            knowledge: escalation::knowledge_match(&documents, &q.question).unwrap_or(1.0),
+            p10: confidence.p10_prob,
+            mean_logprob: confidence.mean_logprob,
+            refusal: escalation::is_refusal(&text),
+        });
+        if persona_done {
+            // A table so far after each persona's questions, so a long run shows progress.
+            print_routing_table(
+                &items,
+                &format!("after {} of {} questions", at + 1, set.questions.len()),
+            );
+        }
+    }
+    print_routing_table(&items, "all questions");
+}
+
+fn print_routing_table(items: &[Scored], label: &str) {
+    let answerable = items.iter().filter(|s| s.answerable).count();
+    let correct = items.iter().filter(|s| s.correct).count();
+    let refusals = items.iter().filter(|s| s.refusal).count();
+    let mean = |f: &dyn Fn(&Scored) -> f32, answerable: bool| {
+        let v: Vec<f32> = items
+            .iter()
+            .filter(|s| s.answerable == answerable)
+            .map(f)
+            .collect();
+        v.iter().sum::<f32>() / v.len().max(1) as f32
+    };
+    println!(
+        "\n## Routing quality, {label}: {} questions ({} answerable, {} not), greedy, {MAX_TOKENS} tokens max",
+        items.len(),
+        answerable,
+        items.len() - answerable
+    );
+    println!(
+        "local model alone: {correct}/{answerable} answerable questions right; said \"I don't know\" {refusals} times in {}",
+        items.len()
+    );
+    println!(
+        "mean p10 token probability: answerable {:.3}, unanswerable {:.3}; mean log-prob: {:.3} vs {:.3}",
+        mean(&|s| s.p10, true),
+        mean(&|s| s.p10, false),
+        mean(&|s| s.mean_logprob, true),
+        mean(&|s| s.mean_logprob, false)
+    );
+    println!(
+        "\n| signal | escalate when | escalated | precision | recall | accuracy on kept | AUROC |"
+    );
+    println!("|---|---|---:|---:|---:|---:|---:|");
+    let default_threshold = EscalationConfig::default().min_knowledge_match;
+    let row = |name: &str, rule: String, o: Outcome, auc: Option<f64>| {
+        println!(
+            "| {name} | {rule} | {} | {:.2} | {:.2} | {:.2} | {} |",
+            o.escalated,
+            o.precision,
+            o.recall,
+            o.kept_accuracy,
+            auc.map_or("-".into(), |a| format!("{a:.2}"))
+        );
+    };
+    row(
+        "none (all local)",
+        "never".into(),
+        outcome(items, |_| false),
+        None,
+    );
+    row(
+        "knowledge match",
+        format!("score < {default_threshold} (runtime default)"),
+        outcome(items, |s| s.knowledge < default_threshold),
+        Some(auroc(items, |s| s.knowledge)),
+    );
+    let t = best_threshold(items, |s| s.p10);
+    row(
+        "logits: p10 token prob",
+        format!("p10 < {t:.3} (best F1, fitted here)"),
+        outcome(items, |s| s.p10 < t),
+        Some(auroc(items, |s| s.p10)),
+    );
+    let t = best_threshold(items, |s| s.mean_logprob);
+    row(
+        "logits: mean log-prob",
+        format!("mean < {t:.3} (best F1, fitted here)"),
+        outcome(items, |s| s.mean_logprob < t),
+        Some(auroc(items, |s| s.mean_logprob)),
+    );
+    row(
+        "refusal in reply",
+        "reply says it does not know".into(),
+        outcome(items, |s| s.refusal),
+        None,
+    );
+}
+
+/// Deterministic filler lore sized like the seed workload's "long lore": a chronicle of
+/// made-up but varied entries. Synthetic: it only stands for the tokens a cloud-only design
+/// sends every turn.
+fn long_lore(entries: usize) -> String {
+    const WHO: [&str; 8] = [
+        "Aldric", "Bryn", "Cora", "Dunstan", "Elsa", "Fenn", "Greta", "Hob",
+    ];
+    const WHAT: [&str; 8] = [
+        "sold two sheep",
+        "mended the mill wheel",
+        "found a silver ring",
+        "lost a cart wheel",
+        "saw lights over the marsh",
+        "bought a plough",
+        "married a weaver",
+        "fought a boar",
+    ];
+    const WHERE: [&str; 6] = [
+        "by the river at Willow Bend",
+        "near the Greyfang Mine",
+        "on the Riverford road",
+        "behind the chapel",
+        "in the market square",
+        "at the north gate",
+    ];
+    (0..entries)
+        .map(|i| {
+            format!(
+                "In the {} year of Lady Orla, {} {} {} and paid {} silver in tithe.\n",
+                i + 1,
+                WHO[i % WHO.len()],
+                WHAT[(i / 3) % WHAT.len()],
+                WHERE[(i / 5) % WHERE.len()],
+                i % 17 + 1
+            )
+        })
+        .collect()
+}
+
+/// Tokens of `text` by the server's tokenizer (`POST /tokenize`).
+fn count_tokens(port: u16, text: &str) -> u64 {
+    use std::io::{Read, Write};
+    let body = serde_json::json!({ "content": text }).to_string();
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    write!(
+        stream,
+        "POST /tokenize HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("send");
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).expect("read");
+    let json = answer.split("\r\n\r\n").nth(1).expect("a body");
+    let value: serde_json::Value = serde_json::from_str(json.trim()).expect("json");
+    value["tokens"].as_array().expect("tokens").len() as u64
+}
+
+fn cost_per_player_hour() {
+    let model = root().join(npc_native::DEFAULT_MODEL_PATH);
+    let server = servers::LlamaServer::start(&model, None);
+    let mut cloud = CloudConfig::new(server.base_url(), "default");
+    cloud.read_timeout = Duration::from_secs(120);
+    cloud.total_timeout = Duration::from_secs(300);
+    // Generous caps: this measures what routing costs, not what the caps forbid.
+    let mut policy = EscalationConfig::enabled(Some(cloud));
+    policy.max_spend_per_hour = 100.0;
+    policy.max_spend_per_day = 1000.0;
+    policy.max_escalations_per_minute = 100;
+    policy.cloud_max_tokens = 100;
+    let runtime = start(
+        RuntimeConfig::new(&model)
+            .with_slots(1)
+            .with_threads(1)
+            .with_escalation(policy),
+    );
+    let npc = NpcId(1);
+    let mut brom = persona("blacksmith");
+    brom.sampling.max_tokens = Some(100);
+    let system = brom.system_prompt();
+    accept(&runtime, npc, brom);
+    let source = std::fs::read_to_string(root().join("tests/data/escalation.ron")).expect("set");
+    let set: QuestionSet = ron::from_str(&source).expect("set parses");
+    // Small talk, then the blacksmith's first four answerable and first four unanswerable
+    // questions, alternating.
+    let mut lines: Vec<String> = vec![
+        "Good morning!".into(),
+        "What do you sell?".into(),
+        "Thank you, friend.".into(),
+    ];
+    let brom = |answerable: bool| {
+        set.questions
+            .iter()
+            .filter(move |q| q.persona == "blacksmith" && q.answerable == answerable)
+            .take(4)
+            .map(|q| q.question.clone())
+    };
+    for (known, unknown) in brom(true).zip(brom(false)) {
+        lines.push(known);
+        lines.push(unknown);
+    }
+    let lore = long_lore(245);
+    let lore_tokens = count_tokens(server.port, &lore);
+    let mut ours = CostMeter::default();
+    let mut cloud_only = CostMeter::default();
+    let mut history = String::new();
+    let (mut escalated, mut fallback) = (0, 0);
+    for line in &lines {
+        let request = runtime.say(npc, line.as_str()).expect("worker");
+        let (text, stats) = reply(&runtime, request);
+        eprintln!(
+            "[cost] {:?} {line:?} -> {text:?} ({} prompt, {} cached, {} generated)",
+            stats.source, stats.prompt_tokens, stats.cached_tokens, stats.generated_tokens
+        );
+        ours.record(npc, &stats);
+        match stats.source {
+            ReplySource::Cloud => escalated += 1,
+            ReplySource::Fallback => fallback += 1,
+            ReplySource::Local => {}
+        }
+        // Cloud-only: the whole persona, the long lore and the whole history, every turn,
+        // with a reply as long as ours (at least the seed's ~100 tokens when ours fell back).
+        history.push_str(&format!("Player: {line}\n"));
+        let input = count_tokens(
+            server.port,
+            &format!("{system}\n\nLore:\n{lore}\n{history}"),
+        );
+        history.push_str(&format!("NPC: {text}\n"));
+        let output = if stats.generated_tokens == 0 {
+            100
+        } else {
+            stats.generated_tokens
+        };
+        cloud_only.record(
+            npc,
+            &ReplyStats {
+                finish: FinishReason::EndOfTurn,
+                prompt_tokens: input as usize,
+                cached_tokens: 0,
+                shared_tokens: 0,
+                generated_tokens: output,
+                time_to_first_token: Duration::ZERO,
+                generation_time: Duration::ZERO,
+                dropped_turns: 0,
+                source: ReplySource::Cloud,
+                confidence: None,
+            },
+        );
+    }
+    drop(runtime);
+    let per_hour = 300.0;
+    let ours_hour = ours.per_player_hour(per_hour);
+    let cloud_hour = cloud_only.per_player_hour(per_hour);
+    println!(
+        "\n## Cost per player-hour: seed workload (5 interactions/min = {per_hour} a player-hour), {} turns, long lore of {lore_tokens} tokens",
+        lines.len()
+    );
+    println!(
+        "\nOurs ({} local, {escalated} escalated to the cloud, {fallback} fallback):",
+        lines.len() - escalated - fallback
+    );
+    println!("{}", ours.report(per_hour));
+    println!("\nCloud-only (every turn, full context):");
+    println!("{}", cloud_only.report(per_hour));
+    println!("\n| design | cost per reply | per player-hour | ratio to cloud-only |");
+    println!("|---|---:|---:|---:|");
+    println!(
+        "| cloud-only, GPT-4-class, full context | ${:.5} | ${:.3} | 1 |",
+        cloud_only.cost_per_reply(),
+        cloud_hour
+    );
+    println!(
+        "| ours: local (priced at ${}/GPU-hour) + escalations | ${:.5} | ${:.3} | 1/{:.0} |",
+        ours.prices.local_per_hour,
+        ours.cost_per_reply(),
+        ours_hour,
+        cloud_hour / ours_hour.max(1e-12)
+    );
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; nothing else is accepted.
+    let only = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    if only.as_deref().is_none_or(|o| o == "routing") {
+        routing_quality();
+    }
+    if only.as_deref().is_none_or(|o| o == "cost") {
+        cost_per_player_hour();
+    }
+}

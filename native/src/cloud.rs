@@ -1,0 +1,328 @@
+//! A blocking client for OpenAI-compatible `/v1/chat/completions` with streaming (SSE), for
+//! escalations. Feature `cloud`.
+//!
+//! Runs on its own thread (one per escalated reply), never on the worker's decode loop.
+//! Connect, read and total timeouts; retries with exponential backoff on 429, 5xx,
+//! connection errors and timeouts while nothing has been streamed yet; cancellation checked
+//! between stream reads and during backoff. The API key goes only into the `Authorization`
+//! header: never into logs, errors or `Debug` output.
+
+use std::io::{BufRead, BufReader};
+use std::time::{Duration, Instant};
+
+use crate::escalation::CloudConfig;
+
+/// Why a cloud reply failed. Never contains the API key.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum CloudError {
+    /// The caller cancelled.
+    #[error("cancelled")]
+    Cancelled,
+    /// The server answered with an error status (after any retries).
+    #[error("the server answered HTTP {0}")]
+    Status(u16),
+    /// No connection, or it broke before a reply started (after any retries).
+    #[error("connection failed: {0}")]
+    Connection(String),
+    /// A timeout before the reply started (after any retries).
+    #[error("timed out: {0}")]
+    Timeout(String),
+    /// The server's answer is not an OpenAI-compatible stream.
+    #[error("unusable response: {0}")]
+    BadResponse(String),
+    /// The stream broke after part of the reply had arrived.
+    #[error("the stream broke after part of the reply: {reason}")]
+    Interrupted {
+        /// The text received before the break.
+        partial: String,
+        /// What broke.
+        reason: String,
+    },
+}
+
+/// A finished cloud reply.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CloudReply {
+    /// The whole text.
+    pub text: String,
+    /// Prompt tokens, as the server counted them (when it reports usage).
+    pub prompt_tokens: Option<u64>,
+    /// Completion tokens, as the server counted them.
+    pub completion_tokens: Option<u64>,
+    /// About four characters a token: used when the server reports no usage.
+    pub estimated_prompt_tokens: u64,
+    /// Content chunks received.
+    pub streamed_chunks: usize,
+    /// The server stopped at the token limit.
+    pub truncated: bool,
+}
+
+/// A client for one OpenAI-compatible endpoint.
+pub struct CloudClient {
+    agent: ureq::Agent,
+    config: CloudConfig,
+}
+
+impl std::fmt::Debug for CloudClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // `CloudConfig`'s Debug redacts the key.
+        f.debug_struct("CloudClient")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One attempt's failure, and whether another attempt may help.
+enum Attempt {
+    Retry(CloudError, Option<Duration>),
+    Fail(CloudError),
+}
+
+impl CloudClient {
+    /// A client for `config`'s endpoint.
+    #[must_use]
+    pub fn new(config: CloudConfig) -> Self {
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_connect(Some(config.connect_timeout))
+            .timeout_recv_response(Some(config.read_timeout))
+            .timeout_per_read(Some(config.read_timeout))
+            .timeout_global(Some(config.total_timeout))
+            .build()
+            .new_agent();
+        Self { agent, config }
+    }
+
+    /// The endpoint's configuration.
+    #[must_use]
+    pub fn config(&self) -> &CloudConfig {
+        &self.config
+    }
+
+    /// Sends `messages` ((role, content) pairs) and streams the reply: `on_delta` gets each
+    /// piece of text and returns `false` to stop. `cancelled` is polled between reads and
+    /// during backoff.
+    ///
+    /// # Errors
+    /// A [`CloudError`]; [`CloudError::Cancelled`] when `cancelled` turned true or `on_delta`
+    /// returned `false`.
+    pub fn chat_stream(
+        &self,
+        messages: &[(String, String)],
+        max_tokens: u32,
+        cancelled: &dyn Fn() -> bool,
+        on_delta: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<CloudReply, CloudError> {
+        let body = serde_json::json!({
+            "model": self.config.model,
+            "messages": messages
+                .iter()
+                .map(|(role, content)| serde_json::json!({"role": role, "content": content}))
+                .collect::<Vec<_>>(),
+            "stream": true,
+            "stream_options": {"include_usage": true},
+            "max_tokens": max_tokens,
+        })
+        .to_string();
+        let estimated_prompt_tokens = messages
+            .iter()
+            .map(|(_, content)| content.len() as u64 / 4 + 4)
+            .sum();
+        let mut attempt = 0;
+        loop {
+            if cancelled() {
+                return Err(CloudError::Cancelled);
+            }
+            match self.attempt(&body, cancelled, on_delta) {
+                Ok(mut reply) => {
+                    reply.estimated_prompt_tokens = estimated_prompt_tokens;
+                    return Ok(reply);
+                }
+                Err(Attempt::Fail(error)) => return Err(error),
+                Err(Attempt::Retry(error, retry_after)) => {
+                    if attempt >= self.config.max_retries {
+                        return Err(error);
+                    }
+                    let backoff = self.config.backoff.saturating_mul(1 << attempt.min(16));
+                    let wait = retry_after
+                        .filter(|d| *d <= Duration::from_secs(30))
+                        .unwrap_or(backoff);
+                    tracing::debug!(
+                        "cloud attempt {} failed ({error}); retrying in {wait:?}",
+                        attempt + 1
+                    );
+                    attempt += 1;
+                    let until = Instant::now() + wait;
+                    while Instant::now() < until {
+                        if cancelled() {
+                            return Err(CloudError::Cancelled);
+                        }
+                        std::thread::sleep(
+                            until
+                                .saturating_duration_since(Instant::now())
+                                .min(Duration::from_millis(20)),
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    fn attempt(
+        &self,
+        body: &str,
+        cancelled: &dyn Fn() -> bool,
+        on_delta: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<CloudReply, Attempt> {
+        let url = format!(
+            "{}/chat/completions",
+            self.config.base_url.trim_end_matches('/')
+        );
+        let mut request = self
+            .agent
+            .post(&url)
+            .header("Content-Type", "application/json")
+            .header("Accept", "text/event-stream");
+        if let Some(key) = &self.config.api_key {
+            request = request.header("Authorization", format!("Bearer {}", key.expose()));
+        }
+        let response = request.send(body).map_err(classify)?;
+        let status = response.status().as_u16();
+        if status == 429 || status >= 500 {
+            let retry_after = response
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(Duration::from_secs);
+            return Err(Attempt::Retry(CloudError::Status(status), retry_after));
+        }
+        if !(200..300).contains(&status) {
+            return Err(Attempt::Fail(CloudError::Status(status)));
+        }
+        let reader = BufReader::new(response.into_body().into_reader());
+        let mut reply = CloudReply {
+            text: String::new(),
+            prompt_tokens: None,
+            completion_tokens: None,
+            estimated_prompt_tokens: 0,
+            streamed_chunks: 0,
+            truncated: false,
+        };
+        let mut done = false;
+        for line in reader.lines() {
+            if cancelled() {
+                return Err(Attempt::Fail(CloudError::Cancelled));
+            }
+            let line = match line {
+                Ok(line) => line,
+                Err(err) => {
+                    let reason = err.to_string();
+                    return Err(if reply.text.is_empty() {
+                        Attempt::Retry(CloudError::Timeout(reason), None)
+                    } else {
+                        Attempt::Fail(CloudError::Interrupted {
+                            partial: reply.text,
+                            reason,
+                        })
+                    });
+                }
+            };
+            let line = line.trim();
+            if line.is_empty() || line.starts_with(':') {
+                continue;
+            }
+            let Some(data) = line.strip_prefix("data:") else {
+                if line.starts_with("event:")
+                    || line.starts_with("id:")
+                    || line.starts_with("retry:")
+                {
+                    continue;
+                }
+                return Err(Attempt::Fail(bad(
+                    &reply,
+                    "a line that is not server-sent events",
+                )));
+            };
+            let data = data.trim();
+            if data == "[DONE]" {
+                done = true;
+                break;
+            }
+            let chunk: serde_json::Value = serde_json::from_str(data)
+                .map_err(|_| Attempt::Fail(bad(&reply, "an event that is not JSON")))?;
+            if chunk.get("error").is_some() {
+                return Err(Attempt::Fail(bad(&reply, "the stream reported an error")));
+            }
+            if let Some(usage) = chunk.get("usage").filter(|u| u.is_object()) {
+                reply.prompt_tokens = usage
+                    .get("prompt_tokens")
+                    .and_then(serde_json::Value::as_u64);
+                reply.completion_tokens = usage
+                    .get("completion_tokens")
+                    .and_then(serde_json::Value::as_u64);
+            }
+            let Some(choices) = chunk.get("choices").and_then(|c| c.as_array()) else {
+                if chunk.get("usage").is_some() {
+                    continue;
+                }
+                return Err(Attempt::Fail(bad(&reply, "an event without choices")));
+            };
+            for choice in choices {
+                if choice.get("finish_reason").and_then(|r| r.as_str()) == Some("length") {
+                    reply.truncated = true;
+                }
+                if let Some(text) = choice
+                    .get("delta")
+                    .and_then(|d| d.get("content"))
+                    .and_then(|c| c.as_str())
+                    && !text.is_empty()
+                {
+                    reply.text.push_str(text);
+                    reply.streamed_chunks += 1;
+                    if !on_delta(text) {
+                        return Err(Attempt::Fail(CloudError::Cancelled));
+                    }
+                }
+            }
+        }
+        if !done {
+            let reason = "the stream ended before [DONE]".to_owned();
+            return Err(Attempt::Fail(if reply.text.is_empty() {
+                CloudError::BadResponse(reason)
+            } else {
+                CloudError::Interrupted {
+                    partial: reply.text,
+                    reason,
+                }
+            }));
+        }
+        Ok(reply)
+    }
+}
+
+fn bad(reply: &CloudReply, what: &str) -> CloudError {
+    if reply.text.is_empty() {
+        CloudError::BadResponse(what.to_owned())
+    } else {
+        CloudError::Interrupted {
+            partial: reply.text.clone(),
+            reason: what.to_owned(),
+        }
+    }
+}
+
+/// Sorts a transport error into retryable or not. Its text never holds the key (ureq's
+/// errors name the host at most).
+fn classify(error: ureq::Error) -> Attempt {
+    match error {
+        ureq::Error::Timeout(which) => {
+            Attempt::Retry(CloudError::Timeout(format!("{which:?}")), None)
+        }
+        ureq::Error::Io(err) => Attempt::Retry(CloudError::Connection(err.to_string()), None),
+        ureq::Error::ConnectionFailed | ureq::Error::HostNotFound => {
+            Attempt::Retry(CloudError::Connection(error.to_string()), None)
+        }
+        other => Attempt::Fail(CloudError::Connection(other.to_string())),
+    }
+}

@@ -1,0 +1,359 @@
+//! The cost meter: what conversations cost, local and cloud, per NPC and in total.
+//!
+//! The meter is a plain struct fed with the [`ReplyStats`] of every [`Event::Replied`]
+//! (see [`CostMeter::record_event`]); it never talks to the worker. Local compute is priced
+//! at a configurable hardware cost per hour ([`PriceTable::local_per_hour`]), so local replies
+//! are never counted as free; cloud tokens are priced per million input and output tokens.
+//!
+//! [`Event::Replied`]: crate::Event::Replied
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use crate::protocol::{Event, NpcId, ReplySource, ReplyStats};
+
+/// Prices the meter applies, in one currency (US dollars by default).
+#[derive(Clone, Debug, PartialEq)]
+pub struct PriceTable {
+    /// Currency symbol or code used when printing.
+    pub currency: String,
+    /// Cloud input (prompt) tokens, per million.
+    pub cloud_input_per_million: f64,
+    /// Cloud output (completion) tokens, per million.
+    pub cloud_output_per_million: f64,
+    /// Hardware cost of running the local model, per hour of compute.
+    pub local_per_hour: f64,
+}
+
+impl Default for PriceTable {
+    /// GPT-4-Turbo-class cloud prices (US$10 per million input tokens, US$30 per million
+    /// output tokens, OpenAI's list price for `gpt-4-turbo`) and a consumer GPU at US$0.34
+    /// per hour (an RTX 4090 rented on RunPod's community cloud); see the README section
+    /// "Cost meter" for the sources.
+    fn default() -> Self {
+        Self {
+            currency: "$".into(),
+            cloud_input_per_million: 10.0,
+            cloud_output_per_million: 30.0,
+            local_per_hour: 0.34,
+        }
+    }
+}
+
+impl PriceTable {
+    /// Cost of `input` prompt and `output` completion tokens sent to the cloud.
+    #[must_use]
+    pub fn cloud_cost(&self, input: u64, output: u64) -> f64 {
+        (input as f64 * self.cloud_input_per_million
+            + output as f64 * self.cloud_output_per_million)
+            / 1e6
+    }
+
+    /// Cost of `compute` spent on the local model.
+    #[must_use]
+    pub fn local_cost(&self, compute: Duration) -> f64 {
+        compute.as_secs_f64() / 3600.0 * self.local_per_hour
+    }
+}
+
+/// Counters for one NPC, or for all of them.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct CostTotals {
+    /// Replies recorded.
+    pub replies: u64,
+    /// Replies produced by the local model.
+    pub local_replies: u64,
+    /// Replies produced by the cloud model.
+    pub cloud_replies: u64,
+    /// Replies that were the persona's fallback line (escalation refused or the cloud
+    /// failed).
+    pub fallback_replies: u64,
+    /// Prompt tokens the local model computed.
+    pub prefilled_tokens: u64,
+    /// Prompt tokens reused from the KV cache (not computed again).
+    pub reused_tokens: u64,
+    /// Tokens the local model generated.
+    pub generated_tokens: u64,
+    /// Wall time the local model spent on replies (prompt plus generation).
+    pub local_compute: Duration,
+    /// Prompt tokens sent to the cloud.
+    pub cloud_input_tokens: u64,
+    /// Completion tokens received from the cloud.
+    pub cloud_output_tokens: u64,
+}
+
+impl CostTotals {
+    fn add(&mut self, stats: &ReplyStats) {
+        self.replies += 1;
+        match stats.source {
+            ReplySource::Local => {
+                self.local_replies += 1;
+                let prompt = stats.prompt_tokens as u64;
+                let cached = (stats.cached_tokens as u64).min(prompt);
+                self.prefilled_tokens += prompt - cached;
+                self.reused_tokens += cached;
+                self.generated_tokens += stats.generated_tokens as u64;
+                self.local_compute += stats.time_to_first_token + stats.generation_time;
+            }
+            ReplySource::Cloud => {
+                self.cloud_replies += 1;
+                self.cloud_input_tokens += stats.prompt_tokens as u64;
+                self.cloud_output_tokens += stats.generated_tokens as u64;
+            }
+            ReplySource::Fallback => self.fallback_replies += 1,
+        }
+    }
+
+    /// Cost of the local compute at `prices`.
+    #[must_use]
+    pub fn local_cost(&self, prices: &PriceTable) -> f64 {
+        prices.local_cost(self.local_compute)
+    }
+
+    /// Cost of the cloud tokens at `prices`.
+    #[must_use]
+    pub fn cloud_cost(&self, prices: &PriceTable) -> f64 {
+        prices.cloud_cost(self.cloud_input_tokens, self.cloud_output_tokens)
+    }
+
+    /// Local plus cloud cost at `prices`.
+    #[must_use]
+    pub fn total_cost(&self, prices: &PriceTable) -> f64 {
+        self.local_cost(prices) + self.cloud_cost(prices)
+    }
+
+    /// Share of prompt tokens served from the KV cache, 0..=1.
+    #[must_use]
+    pub fn reuse_ratio(&self) -> f64 {
+        let all = self.prefilled_tokens + self.reused_tokens;
+        if all == 0 {
+            0.0
+        } else {
+            self.reused_tokens as f64 / all as f64
+        }
+    }
+}
+
+/// Counts tokens, compute time and cloud spend per NPC and in total, and projects them to a
+/// cost per player-hour.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct CostMeter {
+    /// The prices applied.
+    pub prices: PriceTable,
+    total: CostTotals,
+    per_npc: BTreeMap<NpcId, CostTotals>,
+}
+
+impl CostMeter {
+    /// A meter with the given prices.
+    #[must_use]
+    pub fn new(prices: PriceTable) -> Self {
+        Self {
+            prices,
+            ..Self::default()
+        }
+    }
+
+    /// Records one finished reply.
+    pub fn record(&mut self, npc: NpcId, stats: &ReplyStats) {
+        self.total.add(stats);
+        self.per_npc.entry(npc).or_default().add(stats);
+    }
+
+    /// Records the event if it is an [`Event::Replied`]; other events are ignored. Returns
+    /// whether it was recorded.
+    pub fn record_event(&mut self, event: &Event) -> bool {
+        if let Event::Replied { npc, stats, .. } = event {
+            self.record(*npc, stats);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Totals over every NPC.
+    #[must_use]
+    pub fn total(&self) -> &CostTotals {
+        &self.total
+    }
+
+    /// Totals for one NPC, if it has replied.
+    #[must_use]
+    pub fn npc(&self, npc: NpcId) -> Option<&CostTotals> {
+        self.per_npc.get(&npc)
+    }
+
+    /// Every NPC that has replied, with its totals, in id order.
+    pub fn npcs(&self) -> impl Iterator<Item = (NpcId, &CostTotals)> {
+        self.per_npc.iter().map(|(npc, totals)| (*npc, totals))
+    }
+
+    /// Mean cost of one reply so far (0 before the first).
+    #[must_use]
+    pub fn cost_per_reply(&self) -> f64 {
+        if self.total.replies == 0 {
+            0.0
+        } else {
+            self.total.total_cost(&self.prices) / self.total.replies as f64
+        }
+    }
+
+    /// Projected cost of a player-hour at `interactions_per_hour` replies (the seed workload
+    /// is 5 a minute, 300 an hour), from the mean cost of the replies recorded so far.
+    #[must_use]
+    pub fn per_player_hour(&self, interactions_per_hour: f64) -> f64 {
+        self.cost_per_reply() * interactions_per_hour
+    }
+
+    /// Forgets everything recorded; keeps the prices.
+    pub fn reset(&mut self) {
+        self.total = CostTotals::default();
+        self.per_npc.clear();
+    }
+
+    /// A printable report projected at `interactions_per_hour`.
+    #[must_use]
+    pub fn report(&self, interactions_per_hour: f64) -> CostReport<'_> {
+        CostReport {
+            meter: self,
+            interactions_per_hour,
+        }
+    }
+}
+
+/// A [`CostMeter`] formatted as a small table (see [`CostMeter::report`]).
+pub struct CostReport<'a> {
+    meter: &'a CostMeter,
+    interactions_per_hour: f64,
+}
+
+impl fmt::Display for CostReport<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let m = self.meter;
+        let c = &m.prices.currency;
+        writeln!(
+            f,
+            "{:<10} {:>7} {:>6} {:>6} {:>9} {:>8} {:>9} {:>9} {:>9} {:>9} {:>11}",
+            "npc",
+            "replies",
+            "local",
+            "cloud",
+            "prefilled",
+            "reused",
+            "generated",
+            "local s",
+            "cloud in",
+            "cloud out",
+            "cost"
+        )?;
+        let row = |f: &mut fmt::Formatter<'_>, name: String, t: &CostTotals| {
+            writeln!(
+                f,
+                "{:<10} {:>7} {:>6} {:>6} {:>9} {:>8} {:>9} {:>9.2} {:>9} {:>9} {:>10.6}{c}",
+                name,
+                t.replies,
+                t.local_replies,
+                t.cloud_replies,
+                t.prefilled_tokens,
+                t.reused_tokens,
+                t.generated_tokens,
+                t.local_compute.as_secs_f64(),
+                t.cloud_input_tokens,
+                t.cloud_output_tokens,
+                t.total_cost(&m.prices)
+            )
+        };
+        for (npc, totals) in m.npcs() {
+            row(f, format!("{}", npc.0), totals)?;
+        }
+        row(f, "total".into(), m.total())?;
+        write!(
+            f,
+            "local {:.6}{c} + cloud {:.6}{c}; {:.4}{c} per player-hour at {} replies/hour \
+             (local at {}{c}/h, cloud {}{c}/{}{c} per M tokens in/out)",
+            m.total().local_cost(&m.prices),
+            m.total().cloud_cost(&m.prices),
+            m.per_player_hour(self.interactions_per_hour),
+            self.interactions_per_hour,
+            m.prices.local_per_hour,
+            m.prices.cloud_input_per_million,
+            m.prices.cloud_output_per_million
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::FinishReason;
+
+    fn stats(source: ReplySource, prompt: usize, cached: usize, generated: usize) -> ReplyStats {
+        ReplyStats {
+            finish: FinishReason::EndOfTurn,
+            prompt_tokens: prompt,
+            cached_tokens: cached,
+            shared_tokens: 0,
+            generated_tokens: generated,
+            time_to_first_token: Duration::from_millis(500),
+            generation_time: Duration::from_millis(1500),
+            dropped_turns: 0,
+            source,
+            confidence: None,
+        }
+    }
+
+    #[test]
+    fn local_and_cloud_replies_are_counted_apart_per_npc() {
+        let mut meter = CostMeter::default();
+        meter.record(NpcId(1), &stats(ReplySource::Local, 300, 200, 50));
+        meter.record(NpcId(1), &stats(ReplySource::Cloud, 1000, 0, 100));
+        meter.record(NpcId(2), &stats(ReplySource::Local, 120, 0, 40));
+        meter.record(NpcId(2), &stats(ReplySource::Fallback, 0, 0, 0));
+        let t = meter.total();
+        assert_eq!((t.replies, t.local_replies, t.cloud_replies), (4, 2, 1));
+        assert_eq!(t.fallback_replies, 1);
+        assert_eq!((t.prefilled_tokens, t.reused_tokens), (220, 200));
+        assert_eq!(t.generated_tokens, 90);
+        assert_eq!((t.cloud_input_tokens, t.cloud_output_tokens), (1000, 100));
+        assert_eq!(t.local_compute, Duration::from_secs(4));
+        let one = meter.npc(NpcId(1)).expect("npc 1 replied");
+        assert_eq!((one.replies, one.prefilled_tokens), (2, 100));
+        // $10/M in, $30/M out: 1000 in + 100 out = 0.01 + 0.003.
+        assert!((t.cloud_cost(&meter.prices) - 0.013).abs() < 1e-12);
+        // 4 s of a $0.34/h GPU.
+        assert!((t.local_cost(&meter.prices) - 4.0 / 3600.0 * 0.34).abs() < 1e-12);
+        let per_hour = meter.per_player_hour(300.0);
+        assert!((per_hour - t.total_cost(&meter.prices) / 4.0 * 300.0).abs() < 1e-9);
+        let report = meter.report(300.0).to_string();
+        assert!(report.contains("total"), "{report}");
+    }
+
+    #[test]
+    fn the_seed_workload_on_the_cloud_costs_what_the_guide_says() {
+        // 5 interactions a minute, 8K tokens in and 500 out each, at GPT-4-Turbo prices.
+        let mut meter = CostMeter::default();
+        meter.record(NpcId(1), &stats(ReplySource::Cloud, 8000, 0, 500));
+        let per_hour = meter.per_player_hour(300.0);
+        assert!((per_hour - 28.5).abs() < 1e-9, "{per_hour}");
+    }
+
+    #[test]
+    fn other_events_and_cached_counts_above_the_prompt_are_harmless() {
+        let mut meter = CostMeter::default();
+        assert!(!meter.record_event(&Event::Cancelled {
+            npc: NpcId(1),
+            request: crate::RequestId(1)
+        }));
+        meter.record(NpcId(1), &stats(ReplySource::Local, 10, 50, 1));
+        assert_eq!(meter.total().prefilled_tokens, 0);
+        assert_eq!(meter.total().reused_tokens, 10);
+        assert_eq!(
+            meter.cost_per_reply(),
+            meter.total().total_cost(&meter.prices)
+        );
+        meter.reset();
+        assert_eq!(meter.total().replies, 0);
+        assert_eq!(meter.per_player_hour(300.0), 0.0);
+    }
+}

@@ -1,0 +1,1213 @@
+//! Knowing when not to know: how sure the local model is, which questions go to a cloud
+//! model, and what the NPC says when none may.
+//!
+//! Three signals feed the decision:
+//! - **Knowledge match** ([`knowledge_match`]): how well the player's line matches anything the
+//!   persona knows. For tiny models this is the signal that carries the decision (their token
+//!   probabilities do not separate right from invented answers; see the README).
+//! - **Token confidence** ([`ReplyConfidence`]): per-token probability and entropy of the local
+//!   reply, from the logits, reported on every local reply.
+//! - **Refusals** ([`is_refusal`]): an explicit "I don't know" in a reply.
+//!
+//! The [`EscalationConfig`] (global, in [`RuntimeConfig`](crate::RuntimeConfig)) and a
+//! persona's optional [`PersonaEscalation`] decide; spend caps, a rate limit and `offline`
+//! mode bound it. When a question should escalate but may not, or the cloud fails, the NPC
+//! says its fallback line in character: never an error string, never a hang.
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Sender;
+use serde::{Deserialize, Serialize};
+
+use crate::cost::PriceTable;
+use crate::persona::Persona;
+use crate::prompt::Turn;
+use crate::protocol::{Event, FinishReason, NpcError, NpcId, ReplySource, ReplyStats, RequestId};
+
+/// The line an NPC says when a question should go to the cloud but cannot.
+pub const DEFAULT_FALLBACK_LINE: &str = "I couldn't say, traveller.";
+
+// ---------------------------------------------------------------------------------------------
+// Token confidence
+
+/// How sure the local model was of the tokens of one reply, from its logits (before sampling
+/// transformations such as temperature).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ReplyConfidence {
+    /// Tokens scored.
+    pub tokens: usize,
+    /// Mean natural-log probability per token.
+    pub mean_logprob: f32,
+    /// 10th-percentile token probability (the lowest-quantile signal of cascade work).
+    pub p10_prob: f32,
+    /// Lowest token probability.
+    pub min_prob: f32,
+    /// Mean entropy of the next-token distribution, in nats.
+    pub mean_entropy: f32,
+}
+
+/// Log-probability of `token` and the entropy (nats) of the distribution given by `logits`.
+/// `None` when the token is out of range or the logits are not finite.
+#[must_use]
+pub fn token_logprob_entropy(logits: &[f32], token: usize) -> Option<(f32, f32)> {
+    let chosen = *logits.get(token)?;
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if !max.is_finite() || !chosen.is_finite() {
+        return None;
+    }
+    // log Z = max + log Σ exp(l - max); H = log Z - Σ p l.
+    let mut sum = 0.0f64;
+    let mut weighted = 0.0f64;
+    for &logit in logits {
+        let shifted = f64::from(logit - max);
+        let e = shifted.exp();
+        sum += e;
+        weighted += e * shifted;
+    }
+    let log_z = sum.ln();
+    let logprob = f64::from(chosen - max) - log_z;
+    let entropy = log_z - weighted / sum;
+    Some((logprob as f32, entropy.max(0.0) as f32))
+}
+
+/// Accumulates token confidence while a reply is generated (one call per sampled token).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct TokenConfidence {
+    logprobs: Vec<f32>,
+    entropy_sum: f64,
+}
+
+impl TokenConfidence {
+    /// Scores the token just sampled from `logits`.
+    pub(crate) fn observe(&mut self, logits: &[f32], token: i32) {
+        let Ok(token) = usize::try_from(token) else {
+            return;
+        };
+        if let Some((logprob, entropy)) = token_logprob_entropy(logits, token) {
+            self.logprobs.push(logprob);
+            self.entropy_sum += f64::from(entropy);
+        }
+    }
+
+    /// The reply's confidence, or `None` before any token.
+    pub(crate) fn summary(&self) -> Option<ReplyConfidence> {
+        summarize(&self.logprobs, self.entropy_sum)
+    }
+}
+
+fn summarize(logprobs: &[f32], entropy_sum: f64) -> Option<ReplyConfidence> {
+    if logprobs.is_empty() {
+        return None;
+    }
+    let n = logprobs.len();
+    let mut sorted = logprobs.to_vec();
+    sorted.sort_by(f32::total_cmp);
+    let p10 = sorted[(n - 1) / 10].exp();
+    Some(ReplyConfidence {
+        tokens: n,
+        mean_logprob: logprobs.iter().sum::<f32>() / n as f32,
+        p10_prob: p10,
+        min_prob: sorted[0].exp(),
+        mean_entropy: (entropy_sum / n as f64) as f32,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Refusals and knowledge match
+
+/// Whether a reply says, in so many words, that the speaker does not know.
+#[must_use]
+pub fn is_refusal(reply: &str) -> bool {
+    const PHRASES: &[&str] = &[
+        "i don't know",
+        "i do not know",
+        "i dont know",
+        "i'm not sure",
+        "i am not sure",
+        "i couldn't say",
+        "i could not say",
+        "i can't say",
+        "i cannot say",
+        "no idea",
+        "i have no knowledge",
+        "i'm afraid i can't",
+        "i am unable to",
+        "i'm unable to",
+        "can't help you with that",
+        "never heard of",
+    ];
+    let lower = reply.to_lowercase().replace('’', "'");
+    PHRASES.iter().any(|phrase| lower.contains(phrase))
+}
+
+/// Words too common to say what a question is about.
+const STOPWORDS: &[&str] = &[
+    "a",
+    "about",
+    "an",
+    "and",
+    "any",
+    "are",
+    "at",
+    "be",
+    "can",
+    "could",
+    "did",
+    "do",
+    "does",
+    "for",
+    "from",
+    "have",
+    "how",
+    "i",
+    "in",
+    "is",
+    "it",
+    "its",
+    "know",
+    "me",
+    "much",
+    "my",
+    "of",
+    "on",
+    "or",
+    "please",
+    "should",
+    "tell",
+    "that",
+    "the",
+    "there",
+    "this",
+    "to",
+    "was",
+    "what",
+    "when",
+    "where",
+    "which",
+    "who",
+    "why",
+    "will",
+    "with",
+    "would",
+    "you",
+    "your",
+    "yours",
+    "many",
+    "some",
+    "get",
+    "go",
+    "does",
+    "has",
+    "had",
+    "were",
+    "been",
+    "being",
+    "them",
+    "they",
+    "he",
+    "she",
+    "his",
+    "her",
+    "we",
+    "us",
+    "our",
+    "if",
+    "so",
+    "than",
+    "then",
+    "just",
+    "like",
+    // Greetings and small talk: nothing to look up.
+    "hello",
+    "hi",
+    "hey",
+    "greetings",
+    "morning",
+    "evening",
+    "thanks",
+    "thank",
+    "bye",
+    "goodbye",
+    "good",
+    "afternoon",
+    "farewell",
+    "cheers",
+    "friend",
+    "sorry",
+    "again",
+    "see",
+    "soon",
+    "yes",
+    "no",
+    "ok",
+    "okay",
+    "well",
+    "fine",
+    "doing",
+    "today",
+    "there",
+    "sir",
+];
+
+/// Lower-case content words, with a plural `s` stripped.
+fn content_words(text: &str) -> Vec<String> {
+    text.split(|c: char| !c.is_alphanumeric() && c != '\'')
+        .map(|word| word.trim_matches('\'').to_lowercase())
+        .map(|word| word.strip_suffix("'s").map(str::to_owned).unwrap_or(word))
+        .filter(|word| word.len() > 1 && !STOPWORDS.contains(&word.as_str()))
+        .map(|word| {
+            if word.len() > 3 && word.ends_with('s') && !word.ends_with("ss") {
+                word[..word.len() - 1].to_owned()
+            } else {
+                word
+            }
+        })
+        .collect()
+}
+
+/// How well `question` matches the best of `documents`: the share of the question's content
+/// words found in one document, 0..=1. `None` when the question has no content words
+/// (greetings, small talk), so there is nothing to match.
+///
+/// **Placeholder**: a simple word-overlap score over the persona's own facts, to be replaced
+/// by the best score of the BM25 lore retriever (`lore.rs`) when it lands; the policy only
+/// takes the resulting `Option<f32>`.
+#[must_use]
+pub fn knowledge_match<S: AsRef<str>>(documents: &[S], question: &str) -> Option<f32> {
+    let words = content_words(question);
+    if words.is_empty() {
+        return None;
+    }
+    let best = documents
+        .iter()
+        .map(|doc| {
+            let doc_words = content_words(doc.as_ref());
+            words.iter().filter(|w| doc_words.contains(w)).count()
+        })
+        .max()
+        .unwrap_or(0);
+    Some(best as f32 / words.len() as f32)
+}
+
+/// What a persona knows, as documents for [`knowledge_match`]: its knowledge entries, goals,
+/// name, role and greeting (secrets are left out: the NPC must not answer about them).
+#[must_use]
+pub fn persona_documents(persona: &Persona) -> Vec<String> {
+    let mut docs = persona.knowledge.clone();
+    docs.extend(persona.goals.iter().cloned());
+    docs.push(format!("{} {}", persona.name, persona.role));
+    docs.push(persona.personality.clone());
+    docs.push(persona.greeting.clone());
+    docs.retain(|doc| !doc.trim().is_empty());
+    docs
+}
+
+// ---------------------------------------------------------------------------------------------
+// Configuration
+
+/// An API key for the cloud model. It never appears in `Debug` output, logs or saves.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ApiKey(String);
+
+impl ApiKey {
+    /// Wraps a key.
+    #[must_use]
+    pub fn new(key: impl Into<String>) -> Self {
+        Self(key.into())
+    }
+
+    /// The key itself, for the `Authorization` header only.
+    #[must_use]
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ApiKey(<redacted>)")
+    }
+}
+
+/// Where and how to reach an OpenAI-compatible `/v1/chat/completions` endpoint.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CloudConfig {
+    /// Base URL up to and including `/v1` (e.g. `https://api.openai.com/v1`).
+    pub base_url: String,
+    /// The model name sent in each request.
+    pub model: String,
+    /// Bearer token, if the server needs one.
+    pub api_key: Option<ApiKey>,
+    /// Time allowed to connect.
+    pub connect_timeout: Duration,
+    /// Time allowed for the response headers, and between two reads of the stream.
+    pub read_timeout: Duration,
+    /// Time allowed for one whole attempt, stream included.
+    pub total_timeout: Duration,
+    /// Retries after the first attempt, on 429, 5xx, connection errors and timeouts (only
+    /// while nothing has been streamed yet).
+    pub max_retries: u32,
+    /// Wait before the first retry; doubled at each further one (a `Retry-After` header,
+    /// when shorter than 30 s, is honoured instead).
+    pub backoff: Duration,
+}
+
+impl CloudConfig {
+    /// An endpoint at `base_url` serving `model`, without a key, with default timeouts.
+    #[must_use]
+    pub fn new(base_url: impl Into<String>, model: impl Into<String>) -> Self {
+        Self {
+            base_url: base_url.into(),
+            model: model.into(),
+            api_key: None,
+            connect_timeout: Duration::from_secs(5),
+            read_timeout: Duration::from_secs(20),
+            total_timeout: Duration::from_secs(60),
+            max_retries: 2,
+            backoff: Duration::from_millis(500),
+        }
+    }
+
+    /// Sets the API key.
+    #[must_use]
+    pub fn with_api_key(mut self, key: impl Into<String>) -> Self {
+        self.api_key = Some(ApiKey::new(key));
+        self
+    }
+
+    /// Reads `NPC_AI_CLOUD_URL` (default `https://api.openai.com/v1`), `NPC_AI_CLOUD_MODEL`
+    /// (default `gpt-4o-mini`) and `NPC_AI_CLOUD_KEY`. `None` when neither a URL nor a key is
+    /// set.
+    #[must_use]
+    pub fn from_env() -> Option<Self> {
+        let url = std::env::var("NPC_AI_CLOUD_URL").ok();
+        let key = std::env::var("NPC_AI_CLOUD_KEY")
+            .ok()
+            .filter(|k| !k.is_empty());
+        if url.is_none() && key.is_none() {
+            return None;
+        }
+        let model = std::env::var("NPC_AI_CLOUD_MODEL").unwrap_or_else(|_| "gpt-4o-mini".into());
+        let mut config = Self::new(
+            url.unwrap_or_else(|| "https://api.openai.com/v1".into()),
+            model,
+        );
+        config.api_key = key.map(ApiKey::new);
+        Some(config)
+    }
+}
+
+/// The runtime-wide escalation policy. Off by default: every reply is local.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EscalationConfig {
+    /// Whether questions may be routed at all (personas may opt out).
+    pub enabled: bool,
+    /// No cloud calls: questions that would escalate get the fallback line.
+    pub offline: bool,
+    /// The cloud endpoint; `None` (or a build without the `cloud` feature) behaves as offline.
+    pub cloud: Option<CloudConfig>,
+    /// Escalate when the best knowledge match of the line is below this (0..=1).
+    pub min_knowledge_match: f32,
+    /// Escalate when a local reply's 10th-percentile token probability is below this; also
+    /// escalates local replies that say they do not know. `None` (the default) streams
+    /// local replies as generated; `Some` holds each local reply back until it is complete
+    /// (the game gets it as one delta), since it may be replaced. For tiny models the
+    /// logits do not separate right from invented answers (see the README); this is for
+    /// larger ones.
+    pub min_confidence: Option<f32>,
+    /// Lines containing any of these words or phrases always escalate.
+    pub always_topics: Vec<String>,
+    /// Lines containing any of these never escalate (checked first).
+    pub never_topics: Vec<String>,
+    /// Most cloud spend in any trailing hour, in the price table's currency.
+    pub max_spend_per_hour: f64,
+    /// Most cloud spend in any trailing 24 hours.
+    pub max_spend_per_day: f64,
+    /// Most escalations started in any trailing minute.
+    pub max_escalations_per_minute: u32,
+    /// Prices used for the spend caps.
+    pub prices: PriceTable,
+    /// Most completion tokens asked of the cloud per reply.
+    pub cloud_max_tokens: u32,
+    /// Conversation turns sent to the cloud with the persona prompt (the oldest are dropped).
+    pub cloud_history_turns: usize,
+    /// What NPCs say when a question should escalate but cannot; personas may override it.
+    pub fallback_line: String,
+}
+
+impl Default for EscalationConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            offline: false,
+            cloud: None,
+            min_knowledge_match: 0.3,
+            min_confidence: None,
+            always_topics: Vec::new(),
+            never_topics: Vec::new(),
+            max_spend_per_hour: 0.50,
+            max_spend_per_day: 5.0,
+            max_escalations_per_minute: 6,
+            prices: PriceTable::default(),
+            cloud_max_tokens: 128,
+            cloud_history_turns: 2,
+            fallback_line: DEFAULT_FALLBACK_LINE.into(),
+        }
+    }
+}
+
+impl EscalationConfig {
+    /// Routing on, to `cloud` (or `None`: routing on, answers out of knowledge fall back).
+    #[must_use]
+    pub fn enabled(cloud: Option<CloudConfig>) -> Self {
+        Self {
+            enabled: true,
+            cloud,
+            ..Self::default()
+        }
+    }
+}
+
+/// A persona's own escalation settings (the optional `escalation` section of a persona
+/// file); unset fields use the runtime's [`EscalationConfig`].
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PersonaEscalation {
+    /// `false` keeps this NPC local whatever the runtime says.
+    pub enabled: Option<bool>,
+    /// Overrides [`EscalationConfig::min_knowledge_match`].
+    pub min_knowledge_match: Option<f32>,
+    /// Overrides [`EscalationConfig::min_confidence`].
+    pub min_confidence: Option<f32>,
+    /// More words or phrases that always escalate for this NPC.
+    pub always_topics: Vec<String>,
+    /// More words or phrases that never escalate for this NPC.
+    pub never_topics: Vec<String>,
+    /// What this NPC says when it cannot answer.
+    pub fallback_line: Option<String>,
+}
+
+impl PersonaEscalation {
+    /// Checks ranges.
+    ///
+    /// # Errors
+    /// The field and what is wrong with it.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        if let Some(m) = self.min_knowledge_match
+            && !(0.0..=1.0).contains(&m)
+        {
+            return Err(("min_knowledge_match", format!("{m} is outside 0..=1")));
+        }
+        if let Some(m) = self.min_confidence
+            && !(0.0..=1.0).contains(&m)
+        {
+            return Err(("min_confidence", format!("{m} is outside 0..=1")));
+        }
+        if self
+            .fallback_line
+            .as_deref()
+            .is_some_and(|l| l.trim().is_empty())
+        {
+            return Err(("fallback_line", "the fallback line is empty".into()));
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Routing
+
+/// Why a line was routed to the cloud.
+#[derive(Clone, Debug, PartialEq)]
+pub enum EscalationReason {
+    /// The line names a topic that always escalates.
+    AlwaysTopic(String),
+    /// The line's best knowledge match is below the threshold.
+    LowKnowledgeMatch(f32),
+    /// The local reply's 10th-percentile token probability is below the threshold.
+    LowConfidence(f32),
+    /// The local reply said it did not know.
+    Refusal,
+}
+
+/// Why an escalation did not reach the cloud (the NPC said its fallback line).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Blocked {
+    /// Offline mode.
+    Offline,
+    /// No cloud endpoint configured, or built without the `cloud` feature.
+    NoCloud,
+    /// The rate limit was reached.
+    RateLimited,
+    /// A spend cap was reached.
+    SpendCap,
+}
+
+/// Where one line goes.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Route {
+    /// The local model answers.
+    Local,
+    /// The cloud model answers.
+    Cloud(EscalationReason),
+    /// The NPC says its fallback line.
+    Fallback(EscalationReason, Blocked),
+}
+
+/// What the worker keeps per NPC for routing.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct NpcProfile {
+    pub(crate) settings: PersonaEscalation,
+    pub(crate) documents: Vec<String>,
+}
+
+impl NpcProfile {
+    pub(crate) fn new(persona: &Persona) -> Self {
+        Self {
+            settings: persona.escalation.clone(),
+            documents: persona_documents(persona),
+        }
+    }
+}
+
+fn mentions(line: &str, topics: &[String]) -> Option<String> {
+    let lower = line.to_lowercase();
+    topics
+        .iter()
+        .find(|topic| !topic.trim().is_empty() && lower.contains(&topic.trim().to_lowercase()))
+        .cloned()
+}
+
+/// Whether `line` should escalate, before any spend or rate check. `knowledge` is the best
+/// knowledge-match score (from [`knowledge_match`] or a lore retriever).
+#[must_use]
+pub fn should_escalate(
+    config: &EscalationConfig,
+    persona: &PersonaEscalation,
+    line: &str,
+    knowledge: Option<f32>,
+) -> Option<EscalationReason> {
+    if !persona.enabled.unwrap_or(config.enabled) {
+        return None;
+    }
+    if mentions(line, &persona.never_topics)
+        .or_else(|| mentions(line, &config.never_topics))
+        .is_some()
+    {
+        return None;
+    }
+    if let Some(topic) =
+        mentions(line, &persona.always_topics).or_else(|| mentions(line, &config.always_topics))
+    {
+        return Some(EscalationReason::AlwaysTopic(topic));
+    }
+    let threshold = persona
+        .min_knowledge_match
+        .unwrap_or(config.min_knowledge_match);
+    match knowledge {
+        Some(score) if score < threshold => Some(EscalationReason::LowKnowledgeMatch(score)),
+        _ => None,
+    }
+}
+
+/// State shared between the worker and the cloud threads.
+#[derive(Default)]
+struct Shared {
+    /// The cloud reply each NPC has in flight. Cancelling removes the entry: its thread
+    /// then stops and sends nothing more.
+    in_flight: HashMap<NpcId, RequestId>,
+    /// Turns finished by the cloud, not yet added to the worker's conversations.
+    finished: Vec<(NpcId, Turn)>,
+    /// (when, cost) of each escalation; estimates until the cloud reports its usage.
+    spend: VecDeque<(Instant, f64, RequestId)>,
+    /// When each escalation started, for the rate limit.
+    started: VecDeque<Instant>,
+}
+
+/// The worker's escalation state: spend, rate limit, cloud replies in flight.
+pub(crate) struct Escalator {
+    config: EscalationConfig,
+    shared: Arc<Mutex<Shared>>,
+    #[cfg(feature = "cloud")]
+    client: Option<Arc<crate::cloud::CloudClient>>,
+}
+
+const HOUR: Duration = Duration::from_secs(3600);
+const DAY: Duration = Duration::from_secs(24 * 3600);
+const MINUTE: Duration = Duration::from_secs(60);
+
+fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
+    // A cloud thread that panicked mid-update leaves counters that are still usable.
+    shared
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Escalator {
+    pub(crate) fn new(config: &EscalationConfig) -> Self {
+        Self {
+            config: config.clone(),
+            shared: Arc::default(),
+            #[cfg(feature = "cloud")]
+            client: config
+                .cloud
+                .clone()
+                .map(|c| Arc::new(crate::cloud::CloudClient::new(c))),
+        }
+    }
+
+    fn cloud_available(&self) -> bool {
+        #[cfg(feature = "cloud")]
+        {
+            self.client.is_some()
+        }
+        #[cfg(not(feature = "cloud"))]
+        {
+            false
+        }
+    }
+
+    /// Whether an escalation for `reason` may reach the cloud now; reserves its estimated
+    /// spend and a rate-limit slot when it may.
+    fn admit(&self, reason: EscalationReason, prompt_chars: usize, request: RequestId) -> Route {
+        if self.config.offline {
+            return Route::Fallback(reason, Blocked::Offline);
+        }
+        if !self.cloud_available() {
+            return Route::Fallback(reason, Blocked::NoCloud);
+        }
+        let now = Instant::now();
+        let mut shared = lock(&self.shared);
+        while shared
+            .started
+            .front()
+            .is_some_and(|&t| now.duration_since(t) >= MINUTE)
+        {
+            shared.started.pop_front();
+        }
+        while shared
+            .spend
+            .front()
+            .is_some_and(|&(t, _, _)| now.duration_since(t) >= DAY)
+        {
+            shared.spend.pop_front();
+        }
+        if shared.started.len() >= self.config.max_escalations_per_minute as usize {
+            return Route::Fallback(reason, Blocked::RateLimited);
+        }
+        // About four characters a token; the whole completion budget is assumed.
+        let estimate = self.config.prices.cloud_cost(
+            (prompt_chars / 4) as u64,
+            u64::from(self.config.cloud_max_tokens),
+        );
+        let day: f64 = shared.spend.iter().map(|(_, c, _)| c).sum();
+        let hour: f64 = shared
+            .spend
+            .iter()
+            .filter(|(t, _, _)| now.duration_since(*t) < HOUR)
+            .map(|(_, c, _)| c)
+            .sum();
+        if hour + estimate > self.config.max_spend_per_hour
+            || day + estimate > self.config.max_spend_per_day
+        {
+            return Route::Fallback(reason, Blocked::SpendCap);
+        }
+        shared.started.push_back(now);
+        shared.spend.push_back((now, estimate, request));
+        Route::Cloud(reason)
+    }
+
+    /// Whether `npc` has a cloud reply in flight.
+    pub(crate) fn busy(&self, npc: NpcId) -> bool {
+        lock(&self.shared).in_flight.contains_key(&npc)
+    }
+
+    /// Cloud turns finished since the last call, to add to the conversations.
+    pub(crate) fn take_finished(&self) -> Vec<(NpcId, Turn)> {
+        std::mem::take(&mut lock(&self.shared).finished)
+    }
+
+    /// Cancels `npc`'s cloud reply, if any, answering [`Event::Cancelled`] now.
+    pub(crate) fn cancel(&self, npc: NpcId, events: &Sender<Event>) {
+        // Removing the entry frees the NPC at once; its thread stops at its next read.
+        let mut shared = lock(&self.shared);
+        if let Some(request) = shared.in_flight.remove(&npc) {
+            let _ = events.send(Event::Cancelled { npc, request });
+        }
+    }
+
+    /// Fails every cloud reply in flight (the runtime is shutting down).
+    pub(crate) fn shut_down(&self, events: &Sender<Event>) {
+        let mut shared = lock(&self.shared);
+        for (npc, request) in shared.in_flight.drain() {
+            let _ = events.send(Event::Failed {
+                npc,
+                request,
+                error: NpcError::ShuttingDown,
+            });
+        }
+    }
+
+    /// The fallback line for an NPC.
+    pub(crate) fn fallback_line(&self, profile: &NpcProfile) -> String {
+        profile
+            .settings
+            .fallback_line
+            .clone()
+            .unwrap_or_else(|| self.config.fallback_line.clone())
+    }
+
+    /// Answers with the fallback line: one delta, then the reply.
+    pub(crate) fn reply_with_fallback(
+        events: &Sender<Event>,
+        npc: NpcId,
+        request: RequestId,
+        line: String,
+    ) {
+        let _ = events.send(Event::Delta {
+            npc,
+            request,
+            text: line.clone(),
+        });
+        let _ = events.send(Event::Replied {
+            npc,
+            request,
+            text: line,
+            stats: fallback_stats(),
+        });
+    }
+
+    /// Routes one player line: `false` leaves it to the local model; `true` means the cloud
+    /// or the fallback line answers it (events and the conversation turn follow from here).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn divert(
+        &self,
+        npc: NpcId,
+        request: RequestId,
+        line: &str,
+        profile: &NpcProfile,
+        system: &str,
+        turns: &[Turn],
+        events: &Sender<Event>,
+    ) -> bool {
+        let knowledge = knowledge_match(&profile.documents, line);
+        let reason = should_escalate(&self.config, &profile.settings, line, knowledge);
+        self.dispatch(reason, npc, request, line, profile, system, turns, events)
+    }
+
+    /// Whether replies of this NPC are held back until their confidence is known (only
+    /// when a confidence threshold is set: holding costs the streaming of local replies).
+    pub(crate) fn holds(&self, profile: &NpcProfile) -> bool {
+        profile.settings.enabled.unwrap_or(self.config.enabled)
+            && profile
+                .settings
+                .min_confidence
+                .or(self.config.min_confidence)
+                .is_some()
+    }
+
+    /// After a held local reply: `true` when its confidence or an explicit "I don't know"
+    /// sends the line to the cloud (or the fallback line) instead; `false` keeps it.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn second_opinion(
+        &self,
+        npc: NpcId,
+        request: RequestId,
+        line: &str,
+        reply: &str,
+        confidence: Option<&ReplyConfidence>,
+        profile: &NpcProfile,
+        system: &str,
+        turns: &[Turn],
+        events: &Sender<Event>,
+    ) -> bool {
+        let threshold = profile
+            .settings
+            .min_confidence
+            .or(self.config.min_confidence);
+        let settings = &profile.settings;
+        if mentions(line, &settings.never_topics)
+            .or_else(|| mentions(line, &self.config.never_topics))
+            .is_some()
+        {
+            return false;
+        }
+        let reason = if is_refusal(reply) {
+            Some(EscalationReason::Refusal)
+        } else {
+            match (threshold, confidence) {
+                (Some(min), Some(c)) if c.p10_prob < min => {
+                    Some(EscalationReason::LowConfidence(c.p10_prob))
+                }
+                _ => None,
+            }
+        };
+        self.dispatch(reason, npc, request, line, profile, system, turns, events)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn dispatch(
+        &self,
+        reason: Option<EscalationReason>,
+        npc: NpcId,
+        request: RequestId,
+        line: &str,
+        profile: &NpcProfile,
+        system: &str,
+        turns: &[Turn],
+        events: &Sender<Event>,
+    ) -> bool {
+        let Some(reason) = reason else {
+            return false;
+        };
+        let keep = turns.len().saturating_sub(self.config.cloud_history_turns);
+        let mut messages = vec![("system".to_owned(), system.to_owned())];
+        for turn in &turns[keep..] {
+            messages.push(("user".to_owned(), turn.player.clone()));
+            messages.push(("assistant".to_owned(), turn.npc.clone()));
+        }
+        messages.push(("user".to_owned(), line.to_owned()));
+        let chars = messages.iter().map(|(_, c)| c.len()).sum();
+        let fallback = self.fallback_line(profile);
+        match self.admit(reason, chars, request) {
+            Route::Local => false,
+            Route::Cloud(reason) => {
+                tracing::info!("NPC {npc:?}: escalating to the cloud ({reason:?})");
+                self.start_cloud(
+                    npc,
+                    request,
+                    line.to_owned(),
+                    messages,
+                    fallback,
+                    events.clone(),
+                );
+                true
+            }
+            Route::Fallback(reason, blocked) => {
+                tracing::info!(
+                    "NPC {npc:?}: would escalate ({reason:?}) but {blocked:?}; fallback line"
+                );
+                lock(&self.shared).finished.push((
+                    npc,
+                    Turn {
+                        player: line.to_owned(),
+                        npc: fallback.clone(),
+                    },
+                ));
+                Self::reply_with_fallback(events, npc, request, fallback);
+                true
+            }
+        }
+    }
+
+    /// Starts a cloud reply on its own thread. `messages` are (role, content) pairs. When
+    /// the cloud fails before saying anything, the NPC says `fallback` instead.
+    #[cfg_attr(not(feature = "cloud"), allow(unused_variables))]
+    pub(crate) fn start_cloud(
+        &self,
+        npc: NpcId,
+        request: RequestId,
+        player_line: String,
+        messages: Vec<(String, String)>,
+        fallback: String,
+        events: Sender<Event>,
+    ) {
+        #[cfg(feature = "cloud")]
+        if let Some(client) = self.client.clone() {
+            lock(&self.shared).in_flight.insert(npc, request);
+            let shared = Arc::clone(&self.shared);
+            let prices = self.config.prices.clone();
+            let max_tokens = self.config.cloud_max_tokens;
+            let job = CloudJob {
+                npc,
+                request,
+                player_line: player_line.clone(),
+                messages: messages.clone(),
+                fallback: fallback.clone(),
+                max_tokens,
+                prices,
+            };
+            let spawned = std::thread::Builder::new()
+                .name("npc_native cloud".into())
+                .spawn({
+                    let events = events.clone();
+                    move || run_cloud_job(&client, &shared, &job, &events)
+                });
+            if spawned.is_ok() {
+                return;
+            }
+            tracing::warn!("could not spawn a cloud thread; answering with the fallback line");
+            lock(&self.shared).in_flight.remove(&npc);
+        }
+        let mut shared = lock(&self.shared);
+        shared.finished.push((
+            npc,
+            Turn {
+                player: player_line,
+                npc: fallback.clone(),
+            },
+        ));
+        drop(shared);
+        Self::reply_with_fallback(&events, npc, request, fallback);
+    }
+}
+
+/// Stats of a fallback reply: nothing computed, nothing sent.
+fn fallback_stats() -> ReplyStats {
+    ReplyStats {
+        finish: FinishReason::EndOfTurn,
+        prompt_tokens: 0,
+        cached_tokens: 0,
+        shared_tokens: 0,
+        generated_tokens: 0,
+        time_to_first_token: Duration::ZERO,
+        generation_time: Duration::ZERO,
+        dropped_turns: 0,
+        source: ReplySource::Fallback,
+        confidence: None,
+    }
+}
+
+#[cfg(feature = "cloud")]
+struct CloudJob {
+    npc: NpcId,
+    request: RequestId,
+    player_line: String,
+    messages: Vec<(String, String)>,
+    fallback: String,
+    max_tokens: u32,
+    prices: PriceTable,
+}
+
+/// Body of a cloud thread: stream the reply, then finish exactly once (unless cancelled,
+/// in which case the worker already answered).
+#[cfg(feature = "cloud")]
+fn run_cloud_job(
+    client: &crate::cloud::CloudClient,
+    shared: &Mutex<Shared>,
+    job: &CloudJob,
+    events: &Sender<Event>,
+) {
+    let started = Instant::now();
+    let mut first_at: Option<Instant> = None;
+    let live = |shared: &Shared| shared.in_flight.get(&job.npc) == Some(&job.request);
+    let cancelled = || !live(&lock(shared));
+    let result = client.chat_stream(&job.messages, job.max_tokens, &cancelled, &mut |delta| {
+        let guard = lock(shared);
+        let live = live(&guard);
+        if live {
+            first_at.get_or_insert_with(Instant::now);
+            let _ = events.send(Event::Delta {
+                npc: job.npc,
+                request: job.request,
+                text: delta.to_owned(),
+            });
+        }
+        live
+    });
+    let mut guard = lock(shared);
+    if !live(&guard) {
+        // Cancelled, or the runtime shut down: the worker has answered already.
+        return;
+    }
+    guard.in_flight.remove(&job.npc);
+    let (text, stats) = match result {
+        Ok(reply) if !reply.text.trim().is_empty() => {
+            let prompt = reply.prompt_tokens.unwrap_or(reply.estimated_prompt_tokens);
+            let completion = reply
+                .completion_tokens
+                .unwrap_or(reply.streamed_chunks as u64);
+            // Replace this escalation's estimate by its actual cost.
+            let actual = job.prices.cloud_cost(prompt, completion);
+            if let Some(entry) = guard.spend.iter_mut().find(|e| e.2 == job.request) {
+                entry.1 = actual;
+            }
+            let now = Instant::now();
+            let first = first_at.unwrap_or(now);
+            let stats = ReplyStats {
+                finish: if reply.truncated {
+                    FinishReason::MaxTokens
+                } else {
+                    FinishReason::EndOfTurn
+                },
+                prompt_tokens: usize::try_from(prompt).unwrap_or(usize::MAX),
+                cached_tokens: 0,
+                shared_tokens: 0,
+                generated_tokens: usize::try_from(completion).unwrap_or(usize::MAX),
+                time_to_first_token: first - started,
+                generation_time: now - first,
+                dropped_turns: 0,
+                source: ReplySource::Cloud,
+                confidence: None,
+            };
+            (reply.text.trim().to_owned(), stats)
+        }
+        other => {
+            if let Err(error) = &other {
+                tracing::warn!(
+                    "NPC {:?}: cloud reply failed ({error}); answering with the fallback line",
+                    job.npc
+                );
+            }
+            if first_at.is_some() {
+                // Part of a reply was streamed before the failure: keep it, as a deadline
+                // keeps a local reply's text so far.
+                let partial = match &other {
+                    Err(crate::cloud::CloudError::Interrupted { partial, .. }) => partial.clone(),
+                    _ => String::new(),
+                };
+                if !partial.trim().is_empty() {
+                    let mut stats = fallback_stats();
+                    stats.source = ReplySource::Cloud;
+                    stats.finish = FinishReason::Deadline;
+                    guard.finished.push((
+                        job.npc,
+                        Turn {
+                            player: job.player_line.clone(),
+                            npc: partial.trim().to_owned(),
+                        },
+                    ));
+                    let _ = events.send(Event::Replied {
+                        npc: job.npc,
+                        request: job.request,
+                        text: partial.trim().to_owned(),
+                        stats,
+                    });
+                    return;
+                }
+            }
+            let _ = events.send(Event::Delta {
+                npc: job.npc,
+                request: job.request,
+                text: job.fallback.clone(),
+            });
+            (job.fallback.clone(), fallback_stats())
+        }
+    };
+    guard.finished.push((
+        job.npc,
+        Turn {
+            player: job.player_line.clone(),
+            npc: text.clone(),
+        },
+    ));
+    let _ = events.send(Event::Replied {
+        npc: job.npc,
+        request: job.request,
+        text,
+        stats,
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn logprob_and_entropy_match_a_hand_computed_softmax() {
+        // Two equal logits and one far below: p ≈ 0.5 each, entropy ≈ ln 2.
+        let logits = [3.0, 3.0, -50.0];
+        let (logprob, entropy) = token_logprob_entropy(&logits, 0).unwrap();
+        assert!((logprob - 0.5f32.ln()).abs() < 1e-5, "{logprob}");
+        assert!((entropy - 2f32.ln()).abs() < 1e-5, "{entropy}");
+        let (sure, flat) = token_logprob_entropy(&[10.0, -10.0], 0).unwrap();
+        assert!(sure > -1e-6 && flat < 1e-6);
+        assert_eq!(token_logprob_entropy(&logits, 3), None);
+        assert_eq!(token_logprob_entropy(&[f32::NAN, 1.0], 0), None);
+    }
+
+    #[test]
+    fn confidence_summary_takes_the_low_quantile() {
+        let mut conf = TokenConfidence::default();
+        assert_eq!(conf.summary(), None);
+        for p in [0.9f32, 0.8, 0.1, 0.95, 0.99, 0.7, 0.6, 0.85, 0.9, 0.92, 0.3] {
+            // logits whose softmax gives p to token 0 and 1-p to token 1.
+            conf.observe(&[p.ln(), (1.0 - p).ln()], 0);
+        }
+        let s = conf.summary().unwrap();
+        assert_eq!(s.tokens, 11);
+        assert!((s.min_prob - 0.1).abs() < 1e-4, "{s:?}");
+        assert!((s.p10_prob - 0.3).abs() < 1e-4, "{s:?}");
+        assert!(s.mean_logprob < 0.0 && s.mean_entropy > 0.0);
+        conf.observe(&[1.0], -1); // ignored
+        assert_eq!(conf.summary().unwrap().tokens, 11);
+    }
+
+    #[test]
+    fn refusals_are_detected() {
+        assert!(is_refusal("Hmm. I don't know, friend."));
+        assert!(is_refusal("I’m not sure about that."));
+        assert!(is_refusal("I couldn't say, traveller."));
+        assert!(!is_refusal("An iron sword costs 40 gold."));
+    }
+
+    #[test]
+    fn knowledge_match_separates_known_from_unknown() {
+        let docs = [
+            "An iron sword costs 40 gold.",
+            "Your apprentice is a boy named Pip.",
+        ];
+        assert_eq!(
+            knowledge_match(&docs, "How much is an iron sword?"),
+            Some(1.0)
+        );
+        assert!(knowledge_match(&docs, "Who is your apprentice?").unwrap() >= 0.5);
+        assert_eq!(
+            knowledge_match(&docs, "What is the capital of France?"),
+            Some(0.0)
+        );
+        assert_eq!(knowledge_match(&docs, "Hello!"), None);
+        assert_eq!(knowledge_match(&docs, "Good morning!"), None);
+        assert_eq!(knowledge_match(&docs, "Thank you, friend."), None);
+        assert_eq!(knowledge_match::<&str>(&[], "Swords?"), Some(0.0));
+    }
+
+    #[test]
+    fn policy_respects_topics_thresholds_and_opt_out() {
+        let mut config = EscalationConfig::enabled(None);
+        config.always_topics = vec!["dragon".into()];
+        config.never_topics = vec!["weather".into()];
+        let persona = PersonaEscalation::default();
+        assert_eq!(should_escalate(&config, &persona, "hi", None), None);
+        assert!(matches!(
+            should_escalate(&config, &persona, "Tell me of the Dragon", Some(1.0)),
+            Some(EscalationReason::AlwaysTopic(_))
+        ));
+        assert_eq!(
+            should_escalate(&config, &persona, "dragon weather?", Some(0.0)),
+            None
+        );
+        assert!(matches!(
+            should_escalate(&config, &persona, "x", Some(0.1)),
+            Some(EscalationReason::LowKnowledgeMatch(_))
+        ));
+        assert_eq!(should_escalate(&config, &persona, "x", Some(0.5)), None);
+        let opt_out = PersonaEscalation {
+            enabled: Some(false),
+            ..PersonaEscalation::default()
+        };
+        assert_eq!(
+            should_escalate(&config, &opt_out, "dragon", Some(0.0)),
+            None
+        );
+        config.enabled = false;
+        assert_eq!(
+            should_escalate(&config, &persona, "dragon", Some(0.0)),
+            None
+        );
+    }
+
+    #[test]
+    fn the_api_key_is_redacted_in_debug_output() {
+        let config = CloudConfig::new("http://127.0.0.1:1/v1", "m").with_api_key("sk-secret-123");
+        let shown = format!(
+            "{config:?} {:?}",
+            EscalationConfig::enabled(Some(config.clone()))
+        );
+        assert!(!shown.contains("sk-secret-123"), "{shown}");
+        assert!(shown.contains("redacted"));
+    }
+}
