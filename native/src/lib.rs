@@ -3,6 +3,7 @@
 
 mod config;
 mod kv_cache;
+mod lore;
 mod persist;
 mod persona;
 mod prompt;
@@ -16,6 +17,7 @@ use std::thread::JoinHandle;
 use crossbeam_channel::{Receiver, Sender};
 
 pub use config::RuntimeConfig;
+pub use lore::{LoreBook, LoreEntry, LoreHit, LoreIndex, terms as lore_terms};
 pub use persona::{Persona, PersonaError};
 pub use prompt::Turn;
 pub use protocol::{
