@@ -37,6 +37,9 @@ pub struct RuntimeConfig {
     /// RAM for KV state of NPCs evicted from their slot, in bytes. Past it, the least
     /// recently evicted state is dropped (and recomputed when that NPC speaks again).
     pub evicted_kv_bytes: usize,
+    /// The folder persona lore files ([`Persona::lore`](crate::Persona::lore)) are relative
+    /// to. Default `assets`, Bevy's asset folder.
+    pub assets_dir: PathBuf,
 }
 
 impl Default for RuntimeConfig {
@@ -54,6 +57,7 @@ impl Default for RuntimeConfig {
             llama_logs: false,
             kv_reuse: true,
             evicted_kv_bytes: 256 << 20,
+            assets_dir: PathBuf::from("assets"),
         }
     }
 }
@@ -135,6 +139,13 @@ impl RuntimeConfig {
     #[must_use]
     pub fn with_evicted_kv_bytes(mut self, bytes: usize) -> Self {
         self.evicted_kv_bytes = bytes;
+        self
+    }
+
+    /// Sets the folder persona lore files are read from.
+    #[must_use]
+    pub fn with_assets_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.assets_dir = dir.into();
         self
     }
 

@@ -2,13 +2,16 @@
 #![warn(missing_docs)]
 
 mod config;
+mod knowledge;
 mod kv_cache;
 mod lore;
+mod memory;
 mod persist;
 mod persona;
 mod prompt;
 mod protocol;
 mod sampling;
+mod summary;
 mod worker;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,7 +20,9 @@ use std::thread::JoinHandle;
 use crossbeam_channel::{Receiver, Sender};
 
 pub use config::RuntimeConfig;
+pub use knowledge::{DEFAULT_RECALL, DEFAULT_RETRIEVE};
 pub use lore::{LoreBook, LoreEntry, LoreHit, LoreIndex, terms as lore_terms};
+pub use memory::Memory;
 pub use persona::{Persona, PersonaError};
 pub use prompt::Turn;
 pub use protocol::{
@@ -167,6 +172,33 @@ impl Runtime {
             npc,
             path: path.into(),
         })
+    }
+
+    /// Gives `npc` a long-term memory (`importance` 1-10) that later prompts recall when
+    /// relevant and saves keep. Answered by [`Event::Remembered`] or
+    /// [`Event::RememberFailed`].
+    ///
+    /// # Errors
+    /// [`WorkerGone`] if the worker has stopped.
+    pub fn remember(
+        &self,
+        npc: NpcId,
+        text: impl Into<String>,
+        importance: u8,
+    ) -> Result<(), WorkerGone> {
+        self.send(Request::Remember {
+            npc,
+            text: text.into(),
+            importance,
+        })
+    }
+
+    /// Asks what `npc` has learned; answered by [`Event::Mind`].
+    ///
+    /// # Errors
+    /// [`WorkerGone`] if the worker has stopped.
+    pub fn inspect(&self, npc: NpcId) -> Result<(), WorkerGone> {
+        self.send(Request::Inspect { npc })
     }
 
     /// Forgets `npc` entirely.

@@ -64,7 +64,11 @@ impl LoreBook {
             message,
         };
         let book: LoreBook = ron::from_str(source).map_err(|err| {
-            error(err.span.start.line, err.span.start.col, err.code.to_string())
+            error(
+                err.span.start.line,
+                err.span.start.col,
+                err.code.to_string(),
+            )
         })?;
         for (index, entry) in book.entries.iter().enumerate() {
             if entry.id.trim().is_empty() || entry.text.trim().is_empty() {
@@ -299,13 +303,13 @@ const STOPWORDS: &[&str] = &[
     "a", "about", "after", "again", "all", "also", "am", "an", "and", "any", "are", "as", "at",
     "be", "been", "before", "being", "but", "by", "can", "could", "did", "do", "does", "doing",
     "for", "from", "get", "got", "had", "has", "have", "having", "he", "her", "here", "hers",
-    "him", "his", "how", "i", "if", "in", "into", "is", "it", "its", "just", "know", "let", "me",
-    "might", "mine", "more", "most", "must", "my", "no", "nor", "not", "now", "of", "off", "on",
-    "once", "only", "or", "other", "our", "ours", "out", "over", "own", "please", "same", "shall",
-    "she", "should", "so", "some", "such", "tell", "than", "that", "the", "their", "theirs",
-    "them", "then", "there", "these", "they", "this", "those", "through", "to", "too", "up",
-    "us", "very", "was", "we", "were", "what", "when", "which", "while", "who", "whom", "why",
-    "will", "with", "would", "you", "your", "yours", "s", "t", "d", "ll", "re", "ve", "m",
+    "him", "his", "how", "i", "if", "in", "into", "is", "it", "its", "just", "know", "let", "like",
+    "me", "might", "mine", "more", "most", "must", "my", "no", "nor", "not", "now", "of", "off",
+    "on", "once", "only", "or", "other", "our", "ours", "out", "over", "own", "please", "same",
+    "shall", "she", "should", "so", "some", "such", "tell", "than", "that", "the", "their",
+    "theirs", "them", "then", "there", "these", "they", "this", "those", "through", "to", "too",
+    "up", "us", "very", "was", "we", "were", "what", "when", "which", "while", "who", "whom",
+    "why", "will", "with", "would", "you", "your", "yours", "s", "t", "d", "ll", "re", "ve", "m",
 ];
 
 /// Question words mapped onto the words of the sentences that answer them.
@@ -313,10 +317,12 @@ const SYNONYMS: &[(&str, &str)] = &[
     ("price", "cost"),
     ("much", "cost"),
     ("pay", "cost"),
-    ("charge", "cost"),
+    ("charge", "lead"),
     ("worth", "cost"),
     ("coin", "gold"),
     ("purchase", "buy"),
+    ("bought", "buy"),
+    ("sold", "buy"),
     ("sell", "buy"),
     ("shop", "buy"),
     ("boss", "lead"),
@@ -408,7 +414,8 @@ fn stem(word: &str) -> String {
                 stemmed = format!("{base}ve");
             }
             // "houses" → "hous" but "boxes" → "box": keep the 'e' where English does.
-            if *suffix == "es" && !matches!(base.as_bytes()[base.len() - 1], b's' | b'x' | b'z' | b'h')
+            if *suffix == "es"
+                && !matches!(base.as_bytes()[base.len() - 1], b's' | b'x' | b'z' | b'h')
             {
                 stemmed = format!("{base}e");
             }
@@ -454,7 +461,10 @@ mod tests {
                 "healing",
                 "Sister Ilse sells healing potions at the chapel for 25 gold.",
             ),
-            entry("mayor", "Lady Orla has been mayor of Oakvale for eleven years."),
+            entry(
+                "mayor",
+                "Lady Orla has been mayor of Oakvale for eleven years.",
+            ),
             entry("inn", "A room at the Sleeping Fox costs 5 gold a night."),
         ])
     }
@@ -480,7 +490,10 @@ mod tests {
         let index = index();
         assert_eq!(top(&index, "What's the price of a blade?"), "sword");
         assert_eq!(top(&index, "Where do you get your ore?"), "mine");
-        assert_eq!(top(&index, "Is the road dangerous? I heard of a wolf."), "wolves");
+        assert_eq!(
+            top(&index, "Is the road dangerous? I heard of a wolf."),
+            "wolves"
+        );
         assert_eq!(top(&index, "I need something to heal my wounds"), "healing");
         assert_eq!(top(&index, "Who rules this village?"), "mayor");
         assert_eq!(top(&index, "Where can I sleep tonight?"), "inn");

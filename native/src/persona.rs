@@ -7,6 +7,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use crate::lore::LoreEntry;
 use crate::sampling::SamplingOverrides;
 
 /// Everything an NPC is: who they are, how they talk, what they know and what they hide.
@@ -41,6 +42,25 @@ pub struct Persona {
     /// Per-persona sampling settings; unset fields use the runtime's defaults.
     #[serde(default)]
     pub sampling: SamplingOverrides,
+    /// A world-lore file (`*.lore.ron`, see [`LoreBook`](crate::LoreBook)), relative to the
+    /// runtime's [`assets_dir`](crate::RuntimeConfig::assets_dir). Only the entries relevant
+    /// to each player line enter the prompt.
+    #[serde(default)]
+    pub lore: Option<String>,
+    /// Lore entries written in the persona itself, searched together with the file's.
+    #[serde(default)]
+    pub lore_entries: Vec<LoreEntry>,
+    /// Lore entries placed before each player line, at most (default 3; 0 turns lore off).
+    #[serde(default)]
+    pub retrieve: Option<u32>,
+    /// Memories of the player placed before each player line, at most (default 3).
+    #[serde(default)]
+    pub recall: Option<u32>,
+    /// Most prompt tokens per turn (persona, summary, history, notes and the line). Older
+    /// turns are summarised and the weakest notes dropped to stay inside it; a budget the
+    /// persona alone does not fit in is refused when the persona is set.
+    #[serde(default)]
+    pub prompt_budget: Option<u32>,
 }
 
 /// A persona file that could not be read: where, and why.
@@ -123,6 +143,37 @@ impl Persona {
         }
         if self.role.trim().is_empty() {
             return Err(invalid("role", "a persona needs a role".into()));
+        }
+        if self
+            .lore
+            .as_deref()
+            .is_some_and(|path| path.trim().is_empty())
+        {
+            return Err(invalid("lore", "the lore file path is empty".into()));
+        }
+        if let Some(entry) = self
+            .lore_entries
+            .iter()
+            .find(|e| e.id.trim().is_empty() || e.text.trim().is_empty())
+        {
+            return Err(invalid(
+                "lore_entries",
+                format!("lore entry {:?} needs a non-empty id and text", entry.id),
+            ));
+        }
+        for (field, value) in [("retrieve", self.retrieve), ("recall", self.recall)] {
+            if value.is_some_and(|v| v > 32) {
+                return Err(invalid(
+                    field,
+                    format!("{} is above 32", value.unwrap_or(0)),
+                ));
+            }
+        }
+        if self.prompt_budget.is_some_and(|b| b < 16) {
+            return Err(invalid(
+                "prompt_budget",
+                "a prompt budget below 16 tokens cannot hold any prompt".into(),
+            ));
         }
         self.sampling
             .validate()

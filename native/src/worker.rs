@@ -21,6 +21,7 @@ use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 
 use crate::config::RuntimeConfig;
+use crate::knowledge::Knowledge;
 use crate::kv_cache::{KvCacheManager, SeqSnapshot, seq_id};
 use crate::persist::{self, StateIdentity};
 use crate::persona::Persona;
@@ -181,6 +182,10 @@ fn serve_without_model(error: &ModelError, inbox: &Receiver<Request>, events: &S
                 request,
                 error: unavailable(),
             },
+            Request::Remember { npc, .. } | Request::Inspect { npc } => Event::RememberFailed {
+                npc,
+                error: unavailable(),
+            },
             Request::Cancel { .. } | Request::Forget { .. } => continue,
             Request::Shutdown => return,
             Request::Debug(hook) => {
@@ -208,6 +213,8 @@ struct Conversation {
     system: String,
     sampling: SamplingParams,
     turns: Vec<Turn>,
+    /// Lore, memories, summary and budget.
+    knowledge: Knowledge,
 }
 
 /// One reply being produced.
@@ -307,6 +314,12 @@ impl Engine<'_, '_> {
                 sent,
             } => self.say(npc, request, text, options, sent),
             Request::Cancel { npc } => self.cancel(npc),
+            Request::Remember {
+                npc,
+                text,
+                importance,
+            } => self.remember(npc, &text, importance),
+            Request::Inspect { npc } => self.inspect(npc),
             Request::SaveNpc { npc, path } => self.save_npc(npc, path),
             Request::LoadNpc { npc, path } => self.load_npc(npc, &path),
             Request::Forget { npc } => {
@@ -358,17 +371,31 @@ impl Engine<'_, '_> {
                     self.context_per_npc,
                     sampling.max_tokens as usize,
                 )?;
-                Ok((system, sampling, tokens.len()))
+                let knowledge = Knowledge::for_persona(persona, &self.config.assets_dir)?;
+                if let Some(budget) = knowledge.budget().filter(|&b| b < tokens.len()) {
+                    return Err(NpcError::InvalidPersona(format!(
+                        "prompt_budget is {budget} tokens but the persona alone needs {} \
+                         (its system prompt and a one-word line)",
+                        tokens.len()
+                    )));
+                }
+                Ok((system, sampling, tokens.len(), knowledge))
             });
         match result {
-            Ok((system, sampling, prefix_tokens)) => {
-                let turns = self.npcs.remove(&npc).map(|c| c.turns).unwrap_or_default();
+            Ok((system, sampling, prefix_tokens, mut knowledge)) => {
+                let (turns, old) = self
+                    .npcs
+                    .remove(&npc)
+                    .map(|c| (c.turns, c.knowledge))
+                    .unwrap_or_default();
+                knowledge.carry_over(old);
                 self.npcs.insert(
                     npc,
                     Conversation {
                         system,
                         sampling,
                         turns,
+                        knowledge,
                     },
                 );
                 self.emit(Event::PersonaAccepted { npc, prefix_tokens });
@@ -390,6 +417,10 @@ impl Engine<'_, '_> {
             &conversation.turns,
             &tokens,
             &snapshot.bytes,
+            &persist::SavedMind {
+                memories: conversation.knowledge.memories.clone(),
+                summary: conversation.knowledge.summary.clone(),
+            },
         ) {
             Ok(bytes) => self.emit(Event::NpcSaved {
                 npc,
@@ -455,6 +486,9 @@ impl Engine<'_, '_> {
         let turns = loaded.turns.len();
         if let Some(conversation) = self.npcs.get_mut(&npc) {
             conversation.turns = loaded.turns;
+            let mind = loaded.mind.unwrap_or_default();
+            conversation.knowledge.memories = mind.memories;
+            conversation.knowledge.summary = mind.summary;
         }
         self.emit(Event::NpcLoaded {
             npc,
@@ -518,6 +552,35 @@ impl Engine<'_, '_> {
         );
     }
 
+    fn remember(&mut self, npc: NpcId, text: &str, importance: u8) {
+        let text = self.prompts.sanitize(text.trim());
+        let Some(conversation) = self.npcs.get_mut(&npc) else {
+            let error = NpcError::UnknownNpc(npc);
+            return self.emit(Event::RememberFailed { npc, error });
+        };
+        if text.trim().is_empty() {
+            let error = NpcError::EmptyLine;
+            return self.emit(Event::RememberFailed { npc, error });
+        }
+        let memories = conversation.knowledge.memories.remember(&text, importance);
+        self.emit(Event::Remembered { npc, memories });
+    }
+
+    fn inspect(&self, npc: NpcId) {
+        let Some(conversation) = self.npcs.get(&npc) else {
+            let error = NpcError::UnknownNpc(npc);
+            return self.emit(Event::RememberFailed { npc, error });
+        };
+        let knowledge = &conversation.knowledge;
+        self.emit(Event::Mind {
+            npc,
+            memories: knowledge.memories.memories.clone(),
+            summary: knowledge.summary.facts.clone(),
+            summarised_turns: knowledge.summary.turns,
+            lore_entries: knowledge.lore.len(),
+        });
+    }
+
     fn cancel(&mut self, npc: NpcId) {
         if let Some(at) = self.queue.iter().position(|q| q.npc == npc) {
             let queued = self.queue.remove(at).expect("position is in range");
@@ -567,13 +630,14 @@ impl Engine<'_, '_> {
             deadline,
             received,
         } = queued;
-        let Some(conversation) = self.npcs.get(&npc) else {
+        let Some(conversation) = self.npcs.get_mut(&npc) else {
             return Err((request, NpcError::UnknownNpc(npc)));
         };
         let sampling = conversation.sampling.clone();
-        let (prompt, dropped_turns) = self
-            .prompts
-            .fit(
+        let assembled = conversation
+            .knowledge
+            .assemble(
+                &self.prompts,
                 self.model,
                 &conversation.system,
                 &conversation.turns,
@@ -582,6 +646,8 @@ impl Engine<'_, '_> {
                 sampling.max_tokens as usize,
             )
             .map_err(|error| (request, error))?;
+        let dropped_turns = conversation.knowledge.summary.turns;
+        let prompt = assembled.tokens;
         let cached = self.kv.reuse_prefix(&mut self.ctx, slot, &prompt);
         let seed = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -608,6 +674,10 @@ impl Engine<'_, '_> {
                 time_to_first_token: Default::default(),
                 generation_time: Default::default(),
                 dropped_turns,
+                lore_entries: assembled.lore_entries,
+                dropped_lore: assembled.dropped_lore,
+                memories: assembled.memories,
+                dropped_memories: assembled.dropped_memories,
             },
             pending: prompt,
             received,
@@ -792,6 +862,11 @@ impl Engine<'_, '_> {
         job.stats.finish = reason;
         let text = job.filter.text().trim().to_owned();
         if let Some(conversation) = self.npcs.get_mut(&job.npc) {
+            let memories = &mut conversation.knowledge.memories;
+            memories.clock += 1;
+            for (fact, importance) in crate::memory::extract(&job.line) {
+                memories.remember(&fact, importance);
+            }
             conversation.turns.push(Turn {
                 player: job.line,
                 npc: text.clone(),
