@@ -122,6 +122,65 @@ fn the_shipped_lore_answers_paraphrased_questions() {
     assert!(index.best_match("hmm").is_none());
 }
 
+/// The eval's question set (`tests/data/oakvale_conversation.ron`): every lore question's
+/// answer is in the entries the retriever puts in its turn.
+#[test]
+fn the_retriever_finds_the_answer_to_every_lore_question_of_the_eval() {
+    #[derive(serde::Deserialize)]
+    struct Workload {
+        turns: Vec<Line>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Line {
+        say: String,
+        #[serde(default)]
+        expect: Vec<String>,
+        #[serde(default)]
+        about: Option<About>,
+    }
+    #[derive(serde::Deserialize, PartialEq)]
+    enum About {
+        Lore,
+        Player,
+    }
+    let source =
+        std::fs::read_to_string(common::root().join("tests/data/oakvale_conversation.ron"))
+            .unwrap();
+    let workload: Workload = ron::Options::default()
+        .with_default_extension(ron::extensions::Extensions::IMPLICIT_SOME)
+        .from_str(&source)
+        .expect("the question set parses");
+    assert!(
+        workload
+            .turns
+            .iter()
+            .any(|line| line.about == Some(About::Player))
+    );
+    assert_eq!(workload.turns.len(), 30);
+    let book = LoreBook::load(&common::root().join("assets/lore/oakvale.lore.ron")).unwrap();
+    let index = LoreIndex::new(book.entries);
+    let questions: Vec<&Line> = workload
+        .turns
+        .iter()
+        .filter(|line| line.about == Some(About::Lore))
+        .collect();
+    assert!(questions.len() >= 10);
+    for line in questions {
+        let notes: String = index
+            .search(&line.say, npc_native::DEFAULT_RETRIEVE as usize)
+            .iter()
+            .map(|hit| index.entry(hit.index).unwrap().text.to_lowercase())
+            .collect();
+        assert!(
+            line.expect
+                .iter()
+                .any(|answer| notes.contains(&answer.to_lowercase())),
+            "{}: {notes}",
+            line.say
+        );
+    }
+}
+
 #[test]
 fn lore_enters_the_new_turn_and_earlier_turns_stay_cached() {
     let _serial = common::serial();

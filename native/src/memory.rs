@@ -170,6 +170,18 @@ pub(crate) fn extract(line: &str) -> Vec<(String, u8)> {
         if let Some(name) = name {
             facts.push((format!("The player's name is {name}."), 8));
         }
+        // "my horse is called Thistle", "my sister is named Wren".
+        if lower[at] == "my"
+            && lower.get(at + 2).is_some_and(|w| w == "is")
+            && lower
+                .get(at + 3)
+                .is_some_and(|w| w == "called" || w == "named")
+            && lower.get(at + 1).is_some_and(|w| w != "name")
+            && let Some(name) = next_name(4)
+        {
+            let what = clean(words[at + 1]).to_lowercase();
+            facts.push((format!("The player's {what} is called {name}."), 6));
+        }
         if phrase(&["i", "come", "from"])
             || phrase(&["i", "am", "from"])
             || phrase(&["i'm", "from"])
@@ -274,6 +286,10 @@ mod tests {
         assert_eq!(
             extract("Call me Finn."),
             [("The player's name is Finn.".into(), 8)]
+        );
+        assert_eq!(
+            extract("My horse is called Thistle, and she is lame."),
+            [("The player's horse is called Thistle.".into(), 6)]
         );
     }
 }
