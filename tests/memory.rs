@@ -379,3 +379,54 @@ fn the_summary_is_triggered_at_the_budget_and_keeps_named_facts() {
         mind.summary
     );
 }
+
+#[test]
+fn lore_is_compressed_once_and_then_read_from_the_disk_cache() {
+    let _serial = common::serial();
+    let cache = common::scratch_dir("compressed-lore");
+    let config = RuntimeConfig::new(common::model_path())
+        .with_assets_dir(common::root().join("assets"))
+        .with_cache_dir(&cache);
+    let runtime = Runtime::start(config);
+    assert!(matches!(
+        runtime.events().recv_timeout(WAIT),
+        Ok(Event::ModelLoaded(_))
+    ));
+    let mut persona = blacksmith_with_lore();
+    persona.compress_lore = Some(0.5);
+    // Compressing runs the model over all 6,000+ lore tokens once; on a loaded 2-core machine
+    // that can take minutes, so this wait only guards against a hang.
+    let slow = Duration::from_secs(1800);
+    runtime.set_persona(NpcId(1), persona.clone()).unwrap();
+    assert!(matches!(
+        runtime.events().recv_timeout(slow),
+        Ok(Event::PersonaAccepted { .. })
+    ));
+    let compression = |runtime: &Runtime| {
+        runtime.inspect(NpcId(1)).unwrap();
+        match next_event(runtime) {
+            Event::Mind {
+                lore_compression, ..
+            } => lore_compression.expect("the lore was compressed"),
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    let (before, after, cached) = compression(&runtime);
+    assert!(!cached);
+    assert!(before > 6000, "{before}");
+    // Half the tokens, plus every token with a digit.
+    assert!(
+        after < before * 6 / 10 && after >= before / 2,
+        "{before} -> {after}"
+    );
+    // The same lore again (a hot reload, or the next game session): from the cache.
+    set_persona(&runtime, NpcId(1), persona.clone()).unwrap();
+    assert_eq!(compression(&runtime), (before, after, true));
+    let (_, stats) = reply(&runtime, NpcId(1), "How much does a room at the inn cost?");
+    assert!(stats.lore_entries > 0, "{stats:?}");
+    persona.compress_lore = Some(2.0);
+    assert!(matches!(
+        set_persona(&runtime, NpcId(1), persona),
+        Err(NpcError::InvalidPersona(_))
+    ));
+}

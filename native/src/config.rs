@@ -40,6 +40,9 @@ pub struct RuntimeConfig {
     /// The folder persona lore files ([`Persona::lore`](crate::Persona::lore)) are relative
     /// to. Default `assets`, Bevy's asset folder.
     pub assets_dir: PathBuf,
+    /// Where compressed lore is cached ([`Persona::compress_lore`](crate::Persona)). Default
+    /// `$XDG_CACHE_HOME/bevy_npc_ai/compressed-lore` (or `~/.cache/…`).
+    pub cache_dir: PathBuf,
 }
 
 impl Default for RuntimeConfig {
@@ -58,6 +61,7 @@ impl Default for RuntimeConfig {
             kv_reuse: true,
             evicted_kv_bytes: 256 << 20,
             assets_dir: PathBuf::from("assets"),
+            cache_dir: crate::compress::default_cache_dir(),
         }
     }
 }
@@ -146,6 +150,13 @@ impl RuntimeConfig {
     #[must_use]
     pub fn with_assets_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.assets_dir = dir.into();
+        self
+    }
+
+    /// Sets where compressed lore is cached.
+    #[must_use]
+    pub fn with_cache_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.cache_dir = dir.into();
         self
     }
 

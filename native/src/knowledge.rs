@@ -15,6 +15,7 @@ use std::sync::Arc;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::token::LlamaToken;
 
+use crate::compress::{self, Compressed};
 use crate::lore::{LoreBook, LoreIndex};
 use crate::memory::MemoryStore;
 use crate::persona::Persona;
@@ -38,6 +39,8 @@ pub(crate) struct Knowledge {
     budget: Option<usize>,
     pub(crate) memories: MemoryStore,
     pub(crate) summary: Summary,
+    /// Compressed texts of the lore entries (index order), when the persona asks for it.
+    compressed: Option<Compressed>,
 }
 
 /// A prompt ready to decode, and what was put in or left out to build it.
@@ -70,7 +73,41 @@ impl Knowledge {
             budget: persona.prompt_budget.map(|b| b as usize),
             memories: MemoryStore::default(),
             summary: Summary::default(),
+            compressed: None,
         })
+    }
+
+    /// Compresses the lore to about `keep` of its tokens (see [`crate::compress`]).
+    pub(crate) fn compress(
+        &mut self,
+        model: &LlamaModel,
+        model_id: &str,
+        keep: f32,
+        threads: u32,
+        cache: &Path,
+    ) -> Result<(), String> {
+        let texts: Vec<String> = self.lore.entries().iter().map(|e| e.text.clone()).collect();
+        if texts.is_empty() {
+            return Ok(());
+        }
+        let started = std::time::Instant::now();
+        let compressed = compress::compress(model, model_id, &texts, keep, threads, cache)?;
+        tracing::info!(
+            "lore compressed from {} to {} tokens in {:?} (cached: {})",
+            compressed.tokens_before,
+            compressed.tokens_after,
+            started.elapsed(),
+            compressed.from_cache
+        );
+        self.compressed = Some(compressed);
+        Ok(())
+    }
+
+    /// Lore tokens before and after compression, and whether the result was cached.
+    pub(crate) fn compression(&self) -> Option<(usize, usize, bool)> {
+        self.compressed
+            .as_ref()
+            .map(|c| (c.tokens_before, c.tokens_after, c.from_cache))
     }
 
     /// Keeps what the NPC learned (memories, summary) when its persona is replaced.
@@ -82,14 +119,6 @@ impl Knowledge {
     /// The designer's prompt budget, if any.
     pub(crate) fn budget(&self) -> Option<usize> {
         self.budget
-    }
-
-    /// The system prompt with the summary block, if there is one.
-    pub(crate) fn system_with_summary(&self, system: &str) -> String {
-        match self.summary.block() {
-            Some(block) => format!("{system}\n\n{block}"),
-            None => system.to_owned(),
-        }
     }
 
     /// Builds the prompt for `line` after `turns`, inside the budget (the persona's, and the
@@ -114,8 +143,14 @@ impl Knowledge {
             .lore
             .search(line, self.retrieve)
             .into_iter()
-            .filter_map(|hit| self.lore.entry(hit.index))
-            .map(|entry| prompts.sanitize(entry.text.trim()))
+            .filter_map(|hit| {
+                let compressed = self
+                    .compressed
+                    .as_ref()
+                    .and_then(|c| c.texts.get(hit.index));
+                compressed.or_else(|| self.lore.entry(hit.index).map(|entry| &entry.text))
+            })
+            .map(|text| prompts.sanitize(text.trim()))
             .collect();
         let mut memories: Vec<String> = self
             .memories
@@ -124,18 +159,21 @@ impl Knowledge {
             .map(|text| prompts.sanitize(&text))
             .collect();
         let (lore_entries, recalled) = (lore.len(), memories.len());
+        // Folds are committed only when the prompt fits: a refused line changes nothing.
         // A summary may cover turns that a reloaded, shorter conversation no longer has.
-        self.summary.turns = self.summary.turns.min(turns.len());
+        let mut summary = self.summary.clone();
+        summary.turns = summary.turns.min(turns.len());
         loop {
-            let verbatim = &turns[self.summary.turns..];
-            let text = prompts.render(
-                model,
-                &self.system_with_summary(system),
-                verbatim,
-                &user_turn(&lore, &memories, line),
-            )?;
+            let verbatim = &turns[summary.turns..];
+            let system = match summary.block() {
+                Some(block) => format!("{system}\n\n{block}"),
+                None => system.to_owned(),
+            };
+            let text =
+                prompts.render(model, &system, verbatim, &user_turn(&lore, &memories, line))?;
             let tokens = PromptBuilder::tokenize(model, &text);
             if tokens.len() <= limit {
+                self.summary = summary;
                 return Ok(Assembled {
                     tokens,
                     lore_entries: lore.len(),
@@ -146,11 +184,11 @@ impl Knowledge {
             }
             if verbatim.len() > KEEP_RECENT {
                 let fold = verbatim.len() - KEEP_RECENT;
-                self.summary.fold(&verbatim[..fold]);
+                summary.fold(&verbatim[..fold]);
             } else if lore.pop().is_some() || memories.pop().is_some() {
                 // The weakest note went; try again.
             } else if !verbatim.is_empty() {
-                self.summary.fold(verbatim);
+                summary.fold(verbatim);
             } else {
                 return Err(NpcError::ContextOverflow {
                     needed: tokens.len() + reply_budget,

@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 #![warn(missing_docs)]
 
+mod compress;
 mod config;
 mod knowledge;
 mod kv_cache;

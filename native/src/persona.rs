@@ -61,6 +61,11 @@ pub struct Persona {
     /// persona alone does not fit in is refused when the persona is set.
     #[serde(default)]
     pub prompt_budget: Option<u32>,
+    /// Compress lore entries to about this fraction of their tokens (0.1 to 1.0) when the
+    /// persona is set, keeping the tokens the model finds least predictable. The result is
+    /// cached on disk; the first load pays one forward pass over the lore.
+    #[serde(default)]
+    pub compress_lore: Option<f32>,
 }
 
 /// A persona file that could not be read: where, and why.
@@ -168,6 +173,15 @@ impl Persona {
                     format!("{} is above 32", value.unwrap_or(0)),
                 ));
             }
+        }
+        if self
+            .compress_lore
+            .is_some_and(|keep| !(0.1..=1.0).contains(&keep))
+        {
+            return Err(invalid(
+                "compress_lore",
+                "the fraction of lore tokens kept must be between 0.1 and 1.0".into(),
+            ));
         }
         if self.prompt_budget.is_some_and(|b| b < 16) {
             return Err(invalid(

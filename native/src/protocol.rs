@@ -244,6 +244,9 @@ pub enum Event {
         summarised_turns: usize,
         /// Lore entries the NPC can search.
         lore_entries: usize,
+        /// With `compress_lore`: lore tokens before and after compression, and whether the
+        /// compressed text came from the disk cache.
+        lore_compression: Option<(usize, usize, bool)>,
     },
     /// A memory could not be stored (or an NPC inspected).
     RememberFailed {

@@ -34,7 +34,7 @@ use crate::sampling::{SamplingParams, StopFilter};
 
 /// llama.cpp's backend may be initialised once per process at a time; every runtime in the
 /// process shares this one, and it lives until the process exits.
-fn backend() -> &'static LlamaBackend {
+pub(crate) fn backend() -> &'static LlamaBackend {
     static BACKEND: OnceLock<LlamaBackend> = OnceLock::new();
     BACKEND
         .get_or_init(|| LlamaBackend::init().expect("the llama backend is only initialised here"))
@@ -371,7 +371,18 @@ impl Engine<'_, '_> {
                     self.context_per_npc,
                     sampling.max_tokens as usize,
                 )?;
-                let knowledge = Knowledge::for_persona(persona, &self.config.assets_dir)?;
+                let mut knowledge = Knowledge::for_persona(persona, &self.config.assets_dir)?;
+                if let Some(keep) = persona.compress_lore {
+                    knowledge
+                        .compress(
+                            self.model,
+                            &self.identity.model,
+                            keep,
+                            self.config.effective_threads(),
+                            &self.config.cache_dir,
+                        )
+                        .map_err(NpcError::Inference)?;
+                }
                 if let Some(budget) = knowledge.budget().filter(|&b| b < tokens.len()) {
                     return Err(NpcError::InvalidPersona(format!(
                         "prompt_budget is {budget} tokens but the persona alone needs {} \
@@ -578,6 +589,7 @@ impl Engine<'_, '_> {
             summary: knowledge.summary.facts.clone(),
             summarised_turns: knowledge.summary.turns,
             lore_entries: knowledge.lore.len(),
+            lore_compression: knowledge.compression(),
         });
     }
 
