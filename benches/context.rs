@@ -114,6 +114,12 @@ fn converse(runtime: &Runtime, npc: NpcId, workload: &Workload) -> Run {
                 .iter()
                 .any(|answer| lower.contains(&answer.to_lowercase()))
         }));
+        eprintln!(
+            "turn {:>2}: {} prompt tokens, {} cached",
+            run.stats.len() + 1,
+            stats.prompt_tokens,
+            stats.cached_tokens
+        );
         run.replies.push(text);
         run.stats.push(stats);
     }

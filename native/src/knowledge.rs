@@ -192,7 +192,7 @@ impl Knowledge {
             } else {
                 return Err(NpcError::ContextOverflow {
                     needed: tokens.len() + reply_budget,
-                    available: limit + reply_budget,
+                    available: context.min(self.budget.map_or(usize::MAX, |b| b + reply_budget)),
                 });
             }
         }

@@ -372,6 +372,13 @@ impl Engine<'_, '_> {
                     sampling.max_tokens as usize,
                 )?;
                 let mut knowledge = Knowledge::for_persona(persona, &self.config.assets_dir)?;
+                if let Some(budget) = knowledge.budget().filter(|&b| b < tokens.len()) {
+                    return Err(NpcError::InvalidPersona(format!(
+                        "prompt_budget is {budget} tokens but the persona alone needs {} \
+                         (its system prompt and a one-word line)",
+                        tokens.len()
+                    )));
+                }
                 if let Some(keep) = persona.compress_lore {
                     knowledge
                         .compress(
@@ -382,13 +389,6 @@ impl Engine<'_, '_> {
                             &self.config.cache_dir,
                         )
                         .map_err(NpcError::Inference)?;
-                }
-                if let Some(budget) = knowledge.budget().filter(|&b| b < tokens.len()) {
-                    return Err(NpcError::InvalidPersona(format!(
-                        "prompt_budget is {budget} tokens but the persona alone needs {} \
-                         (its system prompt and a one-word line)",
-                        tokens.len()
-                    )));
                 }
                 Ok((system, sampling, tokens.len(), knowledge))
             });
