@@ -83,6 +83,12 @@ pub struct RuntimeConfig {
     pub preamble: String,
     /// Routing of hard questions to a cloud model; off by default.
     pub escalation: crate::escalation::EscalationConfig,
+    /// The folder persona lore files ([`Persona::lore`](crate::Persona::lore)) are relative
+    /// to. Default `assets`, Bevy's asset folder.
+    pub assets_dir: PathBuf,
+    /// Where compressed lore is cached ([`Persona::compress_lore`](crate::Persona)). Default
+    /// `$XDG_CACHE_HOME/bevy_npc_ai/compressed-lore` (or `~/.cache/…`).
+    pub cache_dir: PathBuf,
 }
 
 impl Default for RuntimeConfig {
@@ -105,6 +111,8 @@ impl Default for RuntimeConfig {
             kv_precision: KvPrecision::F16,
             preamble: String::new(),
             escalation: crate::escalation::EscalationConfig::default(),
+            assets_dir: PathBuf::from("assets"),
+            cache_dir: crate::compress::default_cache_dir(),
         }
     }
 }
@@ -221,6 +229,20 @@ impl RuntimeConfig {
     #[must_use]
     pub fn with_escalation(mut self, escalation: crate::escalation::EscalationConfig) -> Self {
         self.escalation = escalation;
+        self
+    }
+
+    /// Sets the folder persona lore files are read from.
+    #[must_use]
+    pub fn with_assets_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.assets_dir = dir.into();
+        self
+    }
+
+    /// Sets where compressed lore is cached.
+    #[must_use]
+    pub fn with_cache_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.cache_dir = dir.into();
         self
     }
 

@@ -4,15 +4,20 @@
 pub mod actions;
 #[cfg(feature = "cloud")]
 pub mod cloud;
+mod compress;
 mod config;
 pub mod cost;
 pub mod escalation;
+mod knowledge;
 mod kv_cache;
+mod lore;
+mod memory;
 mod persist;
 mod persona;
 mod prompt;
 mod protocol;
 mod sampling;
+mod summary;
 mod worker;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,20 +27,23 @@ use crossbeam_channel::{Receiver, Sender};
 
 pub use actions::{ActionCall, ActionSpec, ActionValue, ParamKind, ParamSpec};
 pub use config::{KvPrecision, RuntimeConfig};
-pub use persona::{Persona, PersonaError, VoiceSettings};
-
 pub use cost::{CostMeter, CostTotals, PriceTable};
 pub use escalation::{CloudConfig, EscalationConfig, PersonaEscalation, ReplyConfidence};
-/// Speech in and out (feature `voice`): the `npc-voice` helper client, speech synthesis with
-/// sentence streaming, and the Whisper model converter. See the `npc_voice` crate.
-#[cfg(feature = "voice")]
-pub use npc_voice as voice;
+pub use knowledge::{DEFAULT_RECALL, DEFAULT_RETRIEVE};
+pub use lore::{LoreBook, LoreEntry, LoreHit, LoreIndex, terms as lore_terms};
+pub use memory::Memory;
+pub use persona::{Persona, PersonaError, VoiceSettings};
 pub use prompt::Turn;
 pub use protocol::{
     DebugHook, Event, FinishReason, ModelError, ModelInfo, NpcError, NpcId, Priority, ReplySource,
     ReplyStats, Request, RequestId, SayOptions,
 };
 pub use sampling::{SamplingOverrides, SamplingParams};
+
+/// Speech in and out (feature `voice`): the `npc-voice` helper client, speech synthesis with
+/// sentence streaming, and the Whisper model converter. See the `npc_voice` crate.
+#[cfg(feature = "voice")]
+pub use npc_voice as voice;
 
 /// Where the setup command puts the embedded default model, relative to the project root.
 pub const DEFAULT_MODEL_PATH: &str = "assets/models/SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -198,6 +206,33 @@ impl Runtime {
             approved,
             reason: reason.into(),
         })
+    }
+
+    /// Gives `npc` a long-term memory (`importance` 1-10) that later prompts recall when
+    /// relevant and saves keep. Answered by [`Event::Remembered`] or
+    /// [`Event::RememberFailed`].
+    ///
+    /// # Errors
+    /// [`WorkerGone`] if the worker has stopped.
+    pub fn remember(
+        &self,
+        npc: NpcId,
+        text: impl Into<String>,
+        importance: u8,
+    ) -> Result<(), WorkerGone> {
+        self.send(Request::Remember {
+            npc,
+            text: text.into(),
+            importance,
+        })
+    }
+
+    /// Asks what `npc` has learned; answered by [`Event::Mind`].
+    ///
+    /// # Errors
+    /// [`WorkerGone`] if the worker has stopped.
+    pub fn inspect(&self, npc: NpcId) -> Result<(), WorkerGone> {
+        self.send(Request::Inspect { npc })
     }
 
     /// Forgets `npc` entirely.

@@ -7,6 +7,10 @@
 //! conversation is restored and its KV recomputed on the next turn. A corrupt conversation
 //! section is an error (there is nothing safe to restore).
 //!
+//! A fourth section, after the KV bytes, holds what the NPC learned: its long-term memories
+//! and rolling summary. Files written before that section existed end after the KV section
+//! and load with no memories; older builds read new files and ignore the extra section.
+//!
 //! Files are written to a temporary name and renamed, so a failed save (full disk) leaves the
 //! previous save intact.
 
@@ -17,7 +21,9 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::memory::MemoryStore;
 use crate::prompt::Turn;
+use crate::summary::Summary;
 
 const MAGIC: &[u8; 8] = b"NPCSTATE";
 /// Bumped whenever the layout changes; older files are then recomputed, not misread.
@@ -49,6 +55,13 @@ struct SavedConversation {
     turns: Vec<(String, String)>,
 }
 
+/// What an NPC learned: the memory section.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub(crate) struct SavedMind {
+    pub(crate) memories: MemoryStore,
+    pub(crate) summary: Summary,
+}
+
 /// What a state file holds once read.
 #[derive(Debug)]
 pub(crate) struct LoadedState {
@@ -56,6 +69,8 @@ pub(crate) struct LoadedState {
     /// Tokens and KV bytes, when the file's identity matches and its checksum holds;
     /// otherwise why not.
     pub(crate) kv: Result<(Vec<i32>, Vec<u8>), String>,
+    /// The memory section; `None` for files written before it existed.
+    pub(crate) mind: Option<SavedMind>,
 }
 
 /// Writes `path` atomically (temporary file, then rename).
@@ -65,6 +80,7 @@ pub(crate) fn save(
     turns: &[Turn],
     tokens: &[i32],
     kv: &[u8],
+    mind: &SavedMind,
 ) -> std::io::Result<u64> {
     let conversation = SavedConversation {
         turns: turns
@@ -74,6 +90,7 @@ pub(crate) fn save(
     };
     let header = ron::to_string(identity).map_err(std::io::Error::other)?;
     let conversation = ron::to_string(&conversation).map_err(std::io::Error::other)?;
+    let mind = ron::to_string(mind).map_err(std::io::Error::other)?;
     let mut kv_section = Vec::with_capacity(8 + tokens.len() * 4 + kv.len());
     kv_section.extend_from_slice(&(tokens.len() as u64).to_le_bytes());
     for token in tokens {
@@ -84,7 +101,12 @@ pub(crate) fn save(
     let mut bytes = Vec::with_capacity(kv_section.len() + conversation.len() + header.len() + 128);
     bytes.extend_from_slice(MAGIC);
     bytes.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
-    for section in [header.as_bytes(), conversation.as_bytes(), &kv_section] {
+    for section in [
+        header.as_bytes(),
+        conversation.as_bytes(),
+        &kv_section,
+        mind.as_bytes(),
+    ] {
         bytes.extend_from_slice(&(section.len() as u64).to_le_bytes());
         bytes.extend_from_slice(&Sha256::digest(section));
         bytes.extend_from_slice(section);
@@ -134,6 +156,16 @@ pub(crate) fn load(path: &Path, expected: &StateIdentity) -> Result<LoadedState,
     let header = reader.section();
     let conversation = reader.section();
     let kv = reader.section();
+    let mind = if reader.at == bytes.len() {
+        None
+    } else {
+        let mind: SavedMind = reader
+            .section()
+            .and_then(|b| std::str::from_utf8(b).map_err(|e| e.to_string()))
+            .and_then(|text| ron::from_str(text).map_err(|e| e.to_string()))
+            .map_err(|e| format!("the memories in {} are damaged: {e}", path.display()))?;
+        Some(mind)
+    };
 
     let conversation: SavedConversation = conversation
         .and_then(|b| std::str::from_utf8(b).map_err(|e| e.to_string()))
@@ -175,7 +207,7 @@ pub(crate) fn load(path: &Path, expected: &StateIdentity) -> Result<LoadedState,
             .collect();
         Ok((tokens, kv[end..].to_vec()))
     })();
-    Ok(LoadedState { turns, kv })
+    Ok(LoadedState { turns, kv, mind })
 }
 
 fn describe_mismatch(found: &StateIdentity, expected: &StateIdentity) -> String {
@@ -288,7 +320,15 @@ mod tests {
     #[test]
     fn round_trips() {
         let path = scratch("round-trip");
-        save(&path, &identity(), &turns(), &[1, 2, 3], b"kv bytes").unwrap();
+        save(
+            &path,
+            &identity(),
+            &turns(),
+            &[1, 2, 3],
+            b"kv bytes",
+            &SavedMind::default(),
+        )
+        .unwrap();
         let loaded = load(&path, &identity()).unwrap();
         assert_eq!(loaded.turns, turns());
         assert_eq!(loaded.kv.unwrap(), (vec![1, 2, 3], b"kv bytes".to_vec()));
@@ -297,7 +337,15 @@ mod tests {
     #[test]
     fn a_mismatched_header_keeps_the_conversation_but_not_the_kv() {
         let path = scratch("mismatch");
-        save(&path, &identity(), &turns(), &[1], b"kv").unwrap();
+        save(
+            &path,
+            &identity(),
+            &turns(),
+            &[1],
+            b"kv",
+            &SavedMind::default(),
+        )
+        .unwrap();
         let other = StateIdentity {
             context_per_npc: 1024,
             ..identity()
@@ -332,10 +380,18 @@ mod tests {
     #[test]
     fn a_flipped_kv_byte_is_caught_by_its_checksum() {
         let path = scratch("corrupt-kv");
-        save(&path, &identity(), &turns(), &[1, 2], &[7u8; 64]).unwrap();
+        save(
+            &path,
+            &identity(),
+            &turns(),
+            &[1, 2],
+            &[7u8; 64],
+            &SavedMind::default(),
+        )
+        .unwrap();
         let mut bytes = std::fs::read(&path).unwrap();
-        let last = bytes.len() - 1;
-        bytes[last] ^= 0xff;
+        let kv_at = bytes.windows(64).position(|w| w == [7u8; 64]).unwrap();
+        bytes[kv_at + 63] ^= 0xff;
         std::fs::write(&path, &bytes).unwrap();
         let loaded = load(&path, &identity()).unwrap();
         assert_eq!(loaded.turns, turns());
@@ -345,7 +401,15 @@ mod tests {
     #[test]
     fn a_damaged_conversation_or_foreign_file_is_an_error() {
         let path = scratch("corrupt-conversation");
-        save(&path, &identity(), &turns(), &[1], b"kv").unwrap();
+        save(
+            &path,
+            &identity(),
+            &turns(),
+            &[1],
+            b"kv",
+            &SavedMind::default(),
+        )
+        .unwrap();
         let mut bytes = std::fs::read(&path).unwrap();
         let at = bytes.windows(5).position(|w| w == b"Hello").unwrap();
         bytes[at] = b'J';
@@ -356,13 +420,56 @@ mod tests {
     }
 
     #[test]
+    fn memories_and_summary_round_trip_and_old_files_load_without_them() {
+        let path = scratch("mind");
+        let mut mind = SavedMind::default();
+        mind.memories.clock = 7;
+        mind.memories.remember("The player's name is Aria.", 8);
+        mind.summary.fold(&[Turn {
+            player: "My sister Wren lives in Riverford.".into(),
+            npc: "Aye.".into(),
+        }]);
+        save(&path, &identity(), &turns(), &[1], b"kv", &mind).unwrap();
+        let loaded = load(&path, &identity()).unwrap();
+        assert_eq!(loaded.mind.as_ref(), Some(&mind));
+        assert_eq!(loaded.kv.unwrap(), (vec![1], b"kv".to_vec()));
+        // A file from before the memory section: cut it off after the KV section.
+        let bytes = std::fs::read(&path).unwrap();
+        let mind_text = ron::to_string(&mind).unwrap();
+        let old = &bytes[..bytes.len() - mind_text.len() - 40];
+        std::fs::write(&path, old).unwrap();
+        let loaded = load(&path, &identity()).unwrap();
+        assert_eq!(loaded.mind, None);
+        assert_eq!(loaded.turns, turns());
+        assert_eq!(loaded.kv.unwrap(), (vec![1], b"kv".to_vec()));
+    }
+
+    #[test]
     fn a_failed_write_keeps_the_previous_save() {
         let path = scratch("failed-write");
-        save(&path, &identity(), &turns(), &[1], b"first").unwrap();
+        save(
+            &path,
+            &identity(),
+            &turns(),
+            &[1],
+            b"first",
+            &SavedMind::default(),
+        )
+        .unwrap();
         // Make the temporary file impossible to create (root ignores permissions, so use a
         // directory in its place).
         std::fs::create_dir_all(temporary_path(&path)).unwrap();
-        assert!(save(&path, &identity(), &[], &[2], b"second").is_err());
+        assert!(
+            save(
+                &path,
+                &identity(),
+                &[],
+                &[2],
+                b"second",
+                &SavedMind::default()
+            )
+            .is_err()
+        );
         let loaded = load(&path, &identity()).unwrap();
         assert_eq!(loaded.kv.unwrap().1, b"first");
     }

@@ -8,6 +8,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::actions::{ActionSpec, actions_prompt, validate_actions};
+use crate::lore::LoreEntry;
 use crate::sampling::SamplingOverrides;
 pub use npc_voice::synth::VoiceSettings;
 
@@ -55,6 +56,30 @@ pub struct Persona {
     /// not. Optional.
     #[serde(default)]
     pub escalation: crate::escalation::PersonaEscalation,
+    /// A world-lore file (`*.lore.ron`, see [`LoreBook`](crate::LoreBook)), relative to the
+    /// runtime's [`assets_dir`](crate::RuntimeConfig::assets_dir). Only the entries relevant
+    /// to each player line enter the prompt.
+    #[serde(default)]
+    pub lore: Option<String>,
+    /// Lore entries written in the persona itself, searched together with the file's.
+    #[serde(default)]
+    pub lore_entries: Vec<LoreEntry>,
+    /// Lore entries placed before each player line, at most (default 3; 0 turns lore off).
+    #[serde(default)]
+    pub retrieve: Option<u32>,
+    /// Memories of the player placed before each player line, at most (default 3).
+    #[serde(default)]
+    pub recall: Option<u32>,
+    /// Most prompt tokens per turn (persona, summary, history, notes and the line). Older
+    /// turns are summarised and the weakest notes dropped to stay inside it; a budget the
+    /// persona alone does not fit in is refused when the persona is set.
+    #[serde(default)]
+    pub prompt_budget: Option<u32>,
+    /// Compress lore entries to about this fraction of their tokens (0.1 to 1.0) when the
+    /// persona is set, keeping the tokens the model finds least predictable. The result is
+    /// cached on disk; the first load pays one forward pass over the lore.
+    #[serde(default)]
+    pub compress_lore: Option<f32>,
 }
 
 /// A persona file that could not be read: where, and why.
@@ -146,6 +171,46 @@ impl Persona {
         self.escalation
             .validate()
             .map_err(|(field, message)| invalid(field, message))?;
+        if self
+            .lore
+            .as_deref()
+            .is_some_and(|path| path.trim().is_empty())
+        {
+            return Err(invalid("lore", "the lore file path is empty".into()));
+        }
+        if let Some(entry) = self
+            .lore_entries
+            .iter()
+            .find(|e| e.id.trim().is_empty() || e.text.trim().is_empty())
+        {
+            return Err(invalid(
+                "lore_entries",
+                format!("lore entry {:?} needs a non-empty id and text", entry.id),
+            ));
+        }
+        for (field, value) in [("retrieve", self.retrieve), ("recall", self.recall)] {
+            if value.is_some_and(|v| v > 32) {
+                return Err(invalid(
+                    field,
+                    format!("{} is above 32", value.unwrap_or(0)),
+                ));
+            }
+        }
+        if self
+            .compress_lore
+            .is_some_and(|keep| !(0.1..=1.0).contains(&keep))
+        {
+            return Err(invalid(
+                "compress_lore",
+                "the fraction of lore tokens kept must be between 0.1 and 1.0".into(),
+            ));
+        }
+        if self.prompt_budget.is_some_and(|b| b < 16) {
+            return Err(invalid(
+                "prompt_budget",
+                "a prompt budget below 16 tokens cannot hold any prompt".into(),
+            ));
+        }
         self.sampling
             .validate()
             .map_err(|(field, message)| invalid(field, message))?;

@@ -76,6 +76,23 @@ pub enum Request {
         /// Why (optional; "you have no gold", "the gate is already open").
         reason: String,
     },
+    /// Gives the NPC a long-term memory ("the player saved the mill"). The most relevant
+    /// memories enter later prompts and are saved with the NPC. Answered by
+    /// [`Event::Remembered`], or [`Event::RememberFailed`] for an unknown NPC or empty text.
+    Remember {
+        /// The NPC.
+        npc: NpcId,
+        /// The fact, as a sentence.
+        text: String,
+        /// 1 (trivia) to 10 (life-changing); clamped to that range.
+        importance: u8,
+    },
+    /// Asks what the NPC has learned (memories and summary), for debug overlays and tools.
+    /// Answered by [`Event::Mind`], or [`Event::RememberFailed`] for an unknown NPC.
+    Inspect {
+        /// The NPC.
+        npc: NpcId,
+    },
     /// Forgets an NPC: its persona, conversation and cache.
     Forget {
         /// The NPC.
@@ -231,6 +248,37 @@ pub enum Event {
         /// Why.
         error: String,
     },
+    /// A memory was stored.
+    Remembered {
+        /// The NPC.
+        npc: NpcId,
+        /// Memories the NPC now holds.
+        memories: usize,
+    },
+    /// What an NPC has learned, answering [`Request::Inspect`].
+    Mind {
+        /// The NPC.
+        npc: NpcId,
+        /// Its long-term memories, oldest first.
+        memories: Vec<crate::Memory>,
+        /// The rolling summary's kept sentences, oldest first.
+        summary: Vec<String>,
+        /// Leading turns of the conversation the summary stands for (no longer verbatim in
+        /// the prompt).
+        summarised_turns: usize,
+        /// Lore entries the NPC can search.
+        lore_entries: usize,
+        /// With `compress_lore`: lore tokens before and after compression, and whether the
+        /// compressed text came from the disk cache.
+        lore_compression: Option<(usize, usize, bool)>,
+    },
+    /// A memory could not be stored (or an NPC inspected).
+    RememberFailed {
+        /// The NPC.
+        npc: NpcId,
+        /// Why.
+        error: NpcError,
+    },
     /// The worker thread stopped unexpectedly. Nothing more will be served.
     WorkerDied {
         /// What it said as it died.
@@ -347,13 +395,22 @@ pub struct ReplyStats {
     pub time_to_first_token: Duration,
     /// From the first reply token to the last.
     pub generation_time: Duration,
-    /// Older turns dropped to make the prompt fit the context.
+    /// Older turns dropped to make the prompt fit the context (or the persona's prompt
+    /// budget); with lore or memory in use they are summarised, not forgotten.
     pub dropped_turns: usize,
     /// Who produced the reply. For [`ReplySource::Cloud`], `prompt_tokens` and
     /// `generated_tokens` are the cloud's own counts and `cached_tokens` is 0.
     pub source: ReplySource,
     /// How sure the local model was of its tokens (`None` for cloud and fallback replies).
     pub confidence: Option<crate::escalation::ReplyConfidence>,
+    /// Lore entries placed before the player's line.
+    pub lore_entries: usize,
+    /// Retrieved lore entries left out to stay inside the budget.
+    pub dropped_lore: usize,
+    /// Memories of the player placed before the line.
+    pub memories: usize,
+    /// Recalled memories left out to stay inside the budget.
+    pub dropped_memories: usize,
 }
 
 /// Who produced a reply.

@@ -23,6 +23,7 @@ use llama_cpp_2::token::LlamaToken;
 use crate::actions::{self, NpcActions};
 use crate::config::{KvPrecision, RuntimeConfig};
 use crate::escalation::{Escalator, NpcProfile, TokenConfidence};
+use crate::knowledge::Knowledge;
 use crate::kv_cache::{DiskConfig, KvCacheManager, SeqSnapshot, seq_id};
 use crate::persist::{self, StateIdentity};
 use crate::persona::Persona;
@@ -38,7 +39,7 @@ const FLASH_ATTENTION_ENABLED: i32 = 1;
 
 /// llama.cpp's backend may be initialised once per process at a time; every runtime in the
 /// process shares this one, and it lives until the process exits.
-fn backend() -> &'static LlamaBackend {
+pub(crate) fn backend() -> &'static LlamaBackend {
     static BACKEND: OnceLock<LlamaBackend> = OnceLock::new();
     BACKEND
         .get_or_init(|| LlamaBackend::init().expect("the llama backend is only initialised here"))
@@ -210,6 +211,10 @@ fn serve_without_model(error: &ModelError, inbox: &Receiver<Request>, events: &S
                 request,
                 error: unavailable(),
             },
+            Request::Remember { npc, .. } | Request::Inspect { npc } => Event::RememberFailed {
+                npc,
+                error: unavailable(),
+            },
             Request::Cancel { .. } | Request::Forget { .. } | Request::ActionOutcome { .. } => {
                 continue;
             }
@@ -243,6 +248,8 @@ struct Conversation {
     actions: NpcActions,
     /// Escalation settings and what the persona knows.
     profile: NpcProfile,
+    /// Lore, memories, summary and budget.
+    knowledge: Knowledge,
 }
 
 /// One reply being produced.
@@ -348,6 +355,12 @@ impl Engine<'_, '_> {
                 sent,
             } => self.say(npc, request, text, options, sent),
             Request::Cancel { npc } => self.cancel(npc),
+            Request::Remember {
+                npc,
+                text,
+                importance,
+            } => self.remember(npc, &text, importance),
+            Request::Inspect { npc } => self.inspect(npc),
             Request::SaveNpc { npc, path } => self.save_npc(npc, path),
             Request::LoadNpc { npc, path } => self.load_npc(npc, &path),
             Request::ActionOutcome {
@@ -423,14 +436,35 @@ impl Engine<'_, '_> {
                         NpcError::InvalidPersona(format!("action grammar refused: {err}"))
                     })?;
                 }
-                Ok((system, sampling, tokens.len(), grammar))
+                let mut knowledge = Knowledge::for_persona(persona, &self.config.assets_dir)?;
+                if let Some(budget) = knowledge.budget().filter(|&b| b < tokens.len()) {
+                    return Err(NpcError::InvalidPersona(format!(
+                        "prompt_budget is {budget} tokens but the persona alone needs {} \
+                         (its system prompt and a one-word line)",
+                        tokens.len()
+                    )));
+                }
+                if let Some(keep) = persona.compress_lore {
+                    knowledge
+                        .compress(
+                            self.model,
+                            &self.identity.model,
+                            keep,
+                            self.config.effective_threads(),
+                            &self.config.cache_dir,
+                        )
+                        .map_err(NpcError::Inference)?;
+                }
+                Ok((system, sampling, tokens.len(), grammar, knowledge))
             });
         match result {
-            Ok((system, sampling, prefix_tokens, grammar)) => {
+            Ok((system, sampling, prefix_tokens, grammar, mut knowledge)) => {
                 let profile = NpcProfile::new(persona);
                 let old = self.npcs.remove(&npc);
                 let notes = old.as_ref().map(|c| c.actions.notes.clone());
-                let turns = old.map(|c| c.turns).unwrap_or_default();
+                let (turns, old_knowledge) =
+                    old.map(|c| (c.turns, c.knowledge)).unwrap_or_default();
+                knowledge.carry_over(old_knowledge);
                 self.npcs.insert(
                     npc,
                     Conversation {
@@ -443,6 +477,7 @@ impl Engine<'_, '_> {
                             notes: notes.unwrap_or_default(),
                         },
                         profile,
+                        knowledge,
                     },
                 );
                 self.emit(Event::PersonaAccepted { npc, prefix_tokens });
@@ -465,6 +500,10 @@ impl Engine<'_, '_> {
             &conversation.turns,
             &tokens,
             &snapshot.bytes,
+            &persist::SavedMind {
+                memories: conversation.knowledge.memories.clone(),
+                summary: conversation.knowledge.summary.clone(),
+            },
         ) {
             Ok(bytes) => self.emit(Event::NpcSaved {
                 npc,
@@ -534,6 +573,9 @@ impl Engine<'_, '_> {
         let turns = loaded.turns.len();
         if let Some(conversation) = self.npcs.get_mut(&npc) {
             conversation.turns = loaded.turns;
+            let mind = loaded.mind.unwrap_or_default();
+            conversation.knowledge.memories = mind.memories;
+            conversation.knowledge.summary = mind.summary;
         }
         self.emit(Event::NpcLoaded {
             npc,
@@ -623,6 +665,36 @@ impl Engine<'_, '_> {
         }
     }
 
+    fn remember(&mut self, npc: NpcId, text: &str, importance: u8) {
+        let text = self.prompts.sanitize(text.trim());
+        let Some(conversation) = self.npcs.get_mut(&npc) else {
+            let error = NpcError::UnknownNpc(npc);
+            return self.emit(Event::RememberFailed { npc, error });
+        };
+        if text.trim().is_empty() {
+            let error = NpcError::EmptyLine;
+            return self.emit(Event::RememberFailed { npc, error });
+        }
+        let memories = conversation.knowledge.memories.remember(&text, importance);
+        self.emit(Event::Remembered { npc, memories });
+    }
+
+    fn inspect(&self, npc: NpcId) {
+        let Some(conversation) = self.npcs.get(&npc) else {
+            let error = NpcError::UnknownNpc(npc);
+            return self.emit(Event::RememberFailed { npc, error });
+        };
+        let knowledge = &conversation.knowledge;
+        self.emit(Event::Mind {
+            npc,
+            memories: knowledge.memories.memories.clone(),
+            summary: knowledge.summary.facts.clone(),
+            summarised_turns: knowledge.summary.turns,
+            lore_entries: knowledge.lore.len(),
+            lore_compression: knowledge.compression(),
+        });
+    }
+
     fn cancel(&mut self, npc: NpcId) {
         self.escalator.cancel(npc, self.events);
         if let Some(at) = self.queue.iter().position(|q| q.npc == npc) {
@@ -677,11 +749,11 @@ impl Engine<'_, '_> {
             return Err((request, NpcError::UnknownNpc(npc)));
         };
         let line = conversation.actions.take_notes_into(line);
-        let conversation = &*conversation;
         let sampling = conversation.sampling.clone();
-        let (prompt, dropped_turns) = self
-            .prompts
-            .fit(
+        let assembled = conversation
+            .knowledge
+            .assemble(
+                &self.prompts,
                 self.model,
                 &conversation.system,
                 &conversation.turns,
@@ -690,6 +762,8 @@ impl Engine<'_, '_> {
                 sampling.max_tokens as usize,
             )
             .map_err(|error| (request, error))?;
+        let dropped_turns = conversation.knowledge.summary.turns;
+        let prompt = assembled.tokens;
         let reuse = self.kv.reuse_prefix(&mut self.ctx, slot, &prompt);
         let cached = reuse.cached;
         let seed = SystemTime::now()
@@ -727,6 +801,10 @@ impl Engine<'_, '_> {
                 dropped_turns,
                 source: Default::default(),
                 confidence: None,
+                lore_entries: assembled.lore_entries,
+                dropped_lore: assembled.dropped_lore,
+                memories: assembled.memories,
+                dropped_memories: assembled.dropped_memories,
             },
             confidence: TokenConfidence::default(),
             hold: self.escalator.holds(&conversation.profile),
@@ -974,6 +1052,11 @@ impl Engine<'_, '_> {
             });
         }
         if let Some(conversation) = self.npcs.get_mut(&job.npc) {
+            let memories = &mut conversation.knowledge.memories;
+            memories.clock += 1;
+            for (fact, importance) in crate::memory::extract(&job.line) {
+                memories.remember(&fact, importance);
+            }
             conversation.turns.push(Turn {
                 player: job.line,
                 npc: text.clone(),

@@ -291,6 +291,11 @@ fn receive_runtime_events(
                     });
                 }
             }
+            // Memories a game adds through the runtime: nothing to show in the world.
+            Event::Remembered { .. } | Event::Mind { .. } => {}
+            Event::RememberFailed { npc, error } => {
+                warn!("NPC {npc:?} could not store a memory: {error}");
+            }
             Event::WorkerDied { reason } => {
                 *status = NpcAiStatus::WorkerDied(reason.clone());
                 handle.worker_died = true;

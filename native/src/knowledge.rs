@@ -1,0 +1,228 @@
+//! What enters an NPC's prompt besides its persona, and how the prompt stays inside its
+//! budget: retrieved lore and recalled memories go *inside the new user turn* (never into the
+//! system prompt, so the cached prefix of earlier turns stays valid), and a conversation that
+//! outgrows the budget folds its oldest half into the rolling [`Summary`].
+//!
+//! Stored history keeps the player's plain line, not the notes that were decoded with it.
+//! The next turn's prompt therefore differs from the cache from the previous user turn on,
+//! and recomputes that one exchange (its line and reply, tens of tokens); in exchange each
+//! turn's notes cost context only once, so history grows by the conversation alone and
+//! folds (which recompute everything after the system prompt) stay rare.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::token::LlamaToken;
+
+use crate::compress::{self, Compressed};
+use crate::lore::{LoreBook, LoreIndex};
+use crate::memory::MemoryStore;
+use crate::persona::Persona;
+use crate::prompt::{PromptBuilder, Turn};
+use crate::protocol::NpcError;
+use crate::summary::Summary;
+
+/// Lore entries per turn when a persona does not say.
+pub const DEFAULT_RETRIEVE: u32 = 3;
+/// Memories per turn when a persona does not say.
+pub const DEFAULT_RECALL: u32 = 3;
+/// Turns always kept verbatim when the conversation is folded into the summary.
+const KEEP_RECENT: usize = 2;
+
+/// An NPC's lore, memories and summary, and its budget settings.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Knowledge {
+    pub(crate) lore: Arc<LoreIndex>,
+    retrieve: usize,
+    recall: usize,
+    budget: Option<usize>,
+    pub(crate) memories: MemoryStore,
+    pub(crate) summary: Summary,
+    /// Compressed texts of the lore entries (index order), when the persona asks for it.
+    compressed: Option<Compressed>,
+}
+
+/// A prompt ready to decode, and what was put in or left out to build it.
+#[derive(Debug)]
+pub(crate) struct Assembled {
+    pub(crate) tokens: Vec<LlamaToken>,
+    pub(crate) lore_entries: usize,
+    pub(crate) dropped_lore: usize,
+    pub(crate) memories: usize,
+    pub(crate) dropped_memories: usize,
+}
+
+impl Knowledge {
+    /// The settings and lore of `persona`; lore files are read relative to `assets`.
+    /// Memories and summary start empty (see [`Knowledge::carry_over`]).
+    pub(crate) fn for_persona(persona: &Persona, assets: &Path) -> Result<Self, NpcError> {
+        let mut entries = Vec::new();
+        if let Some(file) = persona.lore.as_deref() {
+            let path = assets.join(file);
+            let book = LoreBook::load(&path).map_err(|err| {
+                NpcError::InvalidPersona(format!("lore file {}: {err}", path.display()))
+            })?;
+            entries = book.entries;
+        }
+        entries.extend(persona.lore_entries.iter().cloned());
+        Ok(Self {
+            lore: Arc::new(LoreIndex::new(entries)),
+            retrieve: persona.retrieve.unwrap_or(DEFAULT_RETRIEVE) as usize,
+            recall: persona.recall.unwrap_or(DEFAULT_RECALL) as usize,
+            budget: persona.prompt_budget.map(|b| b as usize),
+            memories: MemoryStore::default(),
+            summary: Summary::default(),
+            compressed: None,
+        })
+    }
+
+    /// Compresses the lore to about `keep` of its tokens (see [`crate::compress`]).
+    pub(crate) fn compress(
+        &mut self,
+        model: &LlamaModel,
+        model_id: &str,
+        keep: f32,
+        threads: u32,
+        cache: &Path,
+    ) -> Result<(), String> {
+        let texts: Vec<String> = self.lore.entries().iter().map(|e| e.text.clone()).collect();
+        if texts.is_empty() {
+            return Ok(());
+        }
+        let started = std::time::Instant::now();
+        let compressed = compress::compress(model, model_id, &texts, keep, threads, cache)?;
+        tracing::info!(
+            "lore compressed from {} to {} tokens in {:?} (cached: {})",
+            compressed.tokens_before,
+            compressed.tokens_after,
+            started.elapsed(),
+            compressed.from_cache
+        );
+        self.compressed = Some(compressed);
+        Ok(())
+    }
+
+    /// Lore tokens before and after compression, and whether the result was cached.
+    pub(crate) fn compression(&self) -> Option<(usize, usize, bool)> {
+        self.compressed
+            .as_ref()
+            .map(|c| (c.tokens_before, c.tokens_after, c.from_cache))
+    }
+
+    /// Keeps what the NPC learned (memories, summary) when its persona is replaced.
+    pub(crate) fn carry_over(&mut self, old: Knowledge) {
+        self.memories = old.memories;
+        self.summary = old.summary;
+    }
+
+    /// The designer's prompt budget, if any.
+    pub(crate) fn budget(&self) -> Option<usize> {
+        self.budget
+    }
+
+    /// Builds the prompt for `line` after `turns`, inside the budget (the persona's, and the
+    /// context less `reply_budget`). To fit it folds the oldest turns into the summary (all
+    /// but [`KEEP_RECENT`]), then drops the weakest lore entries, then memories, then folds
+    /// the remaining turns.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn assemble(
+        &mut self,
+        prompts: &PromptBuilder,
+        model: &LlamaModel,
+        system: &str,
+        turns: &[Turn],
+        line: &str,
+        context: usize,
+        reply_budget: usize,
+    ) -> Result<Assembled, NpcError> {
+        let limit = context
+            .saturating_sub(reply_budget)
+            .min(self.budget.unwrap_or(usize::MAX));
+        let mut lore: Vec<String> = self
+            .lore
+            .search(line, self.retrieve)
+            .into_iter()
+            .filter_map(|hit| {
+                let compressed = self
+                    .compressed
+                    .as_ref()
+                    .and_then(|c| c.texts.get(hit.index));
+                compressed.or_else(|| self.lore.entry(hit.index).map(|entry| &entry.text))
+            })
+            .map(|text| prompts.sanitize(text.trim()))
+            .collect();
+        let mut memories: Vec<String> = self
+            .memories
+            .recall(line, self.recall)
+            .into_iter()
+            .map(|text| prompts.sanitize(&text))
+            .collect();
+        let (lore_entries, recalled) = (lore.len(), memories.len());
+        // Folds are committed only when the prompt fits: a refused line changes nothing.
+        // A summary may cover turns that a reloaded, shorter conversation no longer has.
+        let mut summary = self.summary.clone();
+        summary.turns = summary.turns.min(turns.len());
+        loop {
+            let verbatim = &turns[summary.turns..];
+            let system = match summary.block() {
+                Some(block) => format!("{system}\n\n{block}"),
+                None => system.to_owned(),
+            };
+            let text =
+                prompts.render(model, &system, verbatim, &user_turn(&lore, &memories, line))?;
+            let tokens = PromptBuilder::tokenize(model, &text);
+            if tokens.len() <= limit {
+                self.summary = summary;
+                return Ok(Assembled {
+                    tokens,
+                    lore_entries: lore.len(),
+                    dropped_lore: lore_entries - lore.len(),
+                    memories: memories.len(),
+                    dropped_memories: recalled - memories.len(),
+                });
+            }
+            if verbatim.len() > KEEP_RECENT {
+                let fold = verbatim.len() - KEEP_RECENT;
+                summary.fold(&verbatim[..fold]);
+            } else if lore.pop().is_some() || memories.pop().is_some() {
+                // The weakest note went; try again.
+            } else if !verbatim.is_empty() {
+                summary.fold(verbatim);
+            } else {
+                return Err(NpcError::ContextOverflow {
+                    needed: tokens.len() + reply_budget,
+                    available: context.min(self.budget.map_or(usize::MAX, |b| b + reply_budget)),
+                });
+            }
+        }
+    }
+}
+
+/// The new user turn: the notes for this line, then the line itself. Without notes it is the
+/// line alone.
+pub(crate) fn user_turn(lore: &[String], memories: &[String], line: &str) -> String {
+    if lore.is_empty() && memories.is_empty() {
+        return line.to_owned();
+    }
+    let mut text = String::new();
+    if !lore.is_empty() {
+        text.push_str("What you know about this:");
+        for entry in lore {
+            text.push_str("\n- ");
+            text.push_str(entry);
+        }
+        text.push_str("\n\n");
+    }
+    if !memories.is_empty() {
+        text.push_str("What you remember about the player:");
+        for memory in memories {
+            text.push_str("\n- ");
+            text.push_str(memory);
+        }
+        text.push_str("\n\n");
+    }
+    text.push_str("The player says: ");
+    text.push_str(line);
+    text
+}
