@@ -187,7 +187,7 @@ fn lore_enters_the_new_turn_and_earlier_turns_stay_cached() {
     let runtime = start();
     let npc = NpcId(1);
     let prefix = set_persona(&runtime, npc, blacksmith_with_lore()).expect("accepted");
-    assert_eq!(mind(&runtime, npc).lore_entries, 97);
+    assert_eq!(mind(&runtime, npc).lore_entries, 99);
 
     let (_, first) = reply(&runtime, npc, "Who is the mayor of this village?");
     assert!(first.lore_entries > 0, "{first:?}");

@@ -978,3 +978,27 @@ fn batched_replies_agree_with_solo_replies_on_their_first_16_tokens() {
         }
     }
 }
+
+#[test]
+fn a_sampled_reply_stays_cached_even_where_its_text_tokenizes_differently() {
+    let _serial = common::serial();
+    // Sampled replies (hot temperature, fixed seeds) often contain token sequences that are
+    // not how the tokenizer would spell their text; the next turn must still reuse them.
+    let runtime = default_runtime();
+    for seed in 1..=6u32 {
+        let npc = NpcId(u64::from(seed));
+        let mut persona = common::persona("innkeeper");
+        persona.sampling.temperature = Some(1.3);
+        persona.sampling.seed = Some(seed);
+        persona.sampling.max_tokens = Some(48);
+        accept(&runtime, npc, persona);
+        let (_, first) = reply(&runtime, npc, "Tell me a story about this inn.");
+        let (_, second) = reply(&runtime, npc, "And then?");
+        // Everything decoded in the first turn is reused: its prompt and every generated
+        // token but the last one sampled (which was never decoded).
+        assert!(
+            second.cached_tokens + 1 >= first.prompt_tokens + first.generated_tokens,
+            "seed {seed}: {first:?} then {second:?}"
+        );
+    }
+}

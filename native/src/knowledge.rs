@@ -121,6 +121,14 @@ impl Knowledge {
         self.budget
     }
 
+    /// After a turn: the clock moves on and what the player said of themselves is kept.
+    pub(crate) fn learn_from(&mut self, line: &str) {
+        self.memories.clock += 1;
+        for (fact, importance) in crate::memory::extract(line) {
+            self.memories.remember(&fact, importance);
+        }
+    }
+
     /// Builds the prompt for `line` after `turns`, inside the budget (the persona's, and the
     /// context less `reply_budget`). To fit it folds the oldest turns into the summary (all
     /// but [`KEEP_RECENT`]), then drops the weakest lore entries, then memories, then folds

@@ -391,6 +391,11 @@ impl KvCacheManager {
         }
     }
 
+    /// The tokens slot `index` holds, in position order.
+    pub(crate) fn tokens(&self, index: usize) -> &[LlamaToken] {
+        &self.slots[index].tokens
+    }
+
     /// Records tokens just decoded into slot `index`.
     pub(crate) fn push(&mut self, index: usize, token: LlamaToken) {
         self.slots[index].tokens.push(token);

@@ -763,7 +763,7 @@ impl Engine<'_, '_> {
             )
             .map_err(|error| (request, error))?;
         let dropped_turns = conversation.knowledge.summary.turns;
-        let prompt = assembled.tokens;
+        let prompt = align_with_cache(self.model, self.kv.tokens(slot), assembled.tokens);
         let reuse = self.kv.reuse_prefix(&mut self.ctx, slot, &prompt);
         let cached = reuse.cached;
         let seed = SystemTime::now()
@@ -1002,6 +1002,7 @@ impl Engine<'_, '_> {
         let mut action = None;
         if let Some(conversation) = self.npcs.get_mut(&job.npc) {
             action = actions::parse_action(&conversation.actions.specs, job.filter.hidden());
+            conversation.knowledge.learn_from(&job.line);
             conversation.turns.push(Turn {
                 player: job.line,
                 npc: actions::turn_text(&text, job.filter.text(), job.filter.hidden()),
@@ -1052,11 +1053,7 @@ impl Engine<'_, '_> {
             });
         }
         if let Some(conversation) = self.npcs.get_mut(&job.npc) {
-            let memories = &mut conversation.knowledge.memories;
-            memories.clock += 1;
-            for (fact, importance) in crate::memory::extract(&job.line) {
-                memories.remember(&fact, importance);
-            }
+            conversation.knowledge.learn_from(&job.line);
             conversation.turns.push(Turn {
                 player: job.line,
                 npc: text.clone(),
@@ -1083,6 +1080,53 @@ impl Engine<'_, '_> {
             });
         }
     }
+}
+
+/// Re-tokenizing a reply's text does not always give back the tokens that were sampled (a
+/// byte-pair vocabulary spells many texts in several ways), and a prompt that spells an
+/// earlier reply differently would recompute everything after the first difference. Where
+/// `prompt` leaves the cached tokens but the cached tokens spell the same bytes, they are
+/// kept and only the rest of the prompt's text is tokenized again.
+fn align_with_cache(
+    model: &LlamaModel,
+    cached: &[LlamaToken],
+    prompt: Vec<LlamaToken>,
+) -> Vec<LlamaToken> {
+    let common = cached
+        .iter()
+        .zip(&prompt)
+        .take_while(|(a, b)| a == b)
+        .count();
+    if common == cached.len() || common == prompt.len() {
+        return prompt;
+    }
+    let vocab = model.vocab();
+    let mut rest = Vec::new();
+    for &token in &prompt[common..] {
+        vocab.token_to_piece_into(token, &mut rest, true, None);
+    }
+    let (mut spelled, mut take, mut matched) = (Vec::new(), 0, 0);
+    for (at, &token) in cached[common..].iter().enumerate() {
+        vocab.token_to_piece_into(token, &mut spelled, true, None);
+        if !rest.starts_with(&spelled) {
+            break;
+        }
+        (take, matched) = (at + 1, spelled.len());
+    }
+    let Ok(tail) = std::str::from_utf8(&rest[matched..]) else {
+        return prompt;
+    };
+    if take == 0 {
+        return prompt;
+    }
+    let mut aligned = prompt[..common].to_vec();
+    aligned.extend_from_slice(&cached[common..common + take]);
+    aligned.extend(vocab.tokenize(tail.as_bytes(), false, true));
+    // The budget was checked on `prompt`; a respelling is about as long, never much longer.
+    if aligned.len() > prompt.len() + 8 {
+        return prompt;
+    }
+    aligned
 }
 
 /// The world preamble, then the persona: every NPC's prompt starts with the same tokens.
