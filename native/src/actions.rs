@@ -667,16 +667,12 @@ pub(crate) fn filter(actions: &NpcActions, filter: StopFilter) -> StopFilter {
     }
 }
 
-/// What the conversation keeps of a reply: its spoken text (`spoken`, trimmed) and, when the
-/// model wrote an action line, the reply exactly as generated (`released` and `hidden`), so
-/// the next prompt renders the tokens the NPC's KV cache already holds and the NPC sees its
-/// own past actions.
-pub(crate) fn turn_text(spoken: &str, released: &str, hidden: &str) -> String {
-    if hidden.is_empty() {
-        spoken.to_owned()
-    } else {
-        format!("{}{}", released.trim_start(), hidden.trim_end())
-    }
+/// What the conversation keeps of a reply: the text exactly as generated (`released`, then
+/// the `hidden` action line, untrimmed), so the next prompt renders the tokens the NPC's KV
+/// cache already holds and the NPC sees its own past actions. The game gets the trimmed
+/// spoken text; trimming the stored turn would change the tokens and recompute the reply.
+pub(crate) fn turn_text(released: &str, hidden: &str) -> String {
+    format!("{released}{hidden}")
 }
 
 #[cfg(test)]

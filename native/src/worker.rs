@@ -763,7 +763,13 @@ impl Engine<'_, '_> {
             )
             .map_err(|error| (request, error))?;
         let dropped_turns = conversation.knowledge.summary.turns;
-        let prompt = align_with_cache(self.model, self.kv.tokens(slot), assembled.tokens);
+        let prompt = align_with_cache(
+            self.model,
+            self.kv.tokens(slot),
+            assembled.tokens,
+            self.context_per_npc
+                .saturating_sub(sampling.max_tokens as usize),
+        );
         let reuse = self.kv.reuse_prefix(&mut self.ctx, slot, &prompt);
         let cached = reuse.cached;
         let seed = SystemTime::now()
@@ -1005,7 +1011,7 @@ impl Engine<'_, '_> {
             conversation.knowledge.learn_from(&job.line);
             conversation.turns.push(Turn {
                 player: job.line,
-                npc: actions::turn_text(&text, job.filter.text(), job.filter.hidden()),
+                npc: actions::turn_text(job.filter.text(), job.filter.hidden()),
             });
         }
         if let Some(action) = action {
@@ -1056,7 +1062,7 @@ impl Engine<'_, '_> {
             conversation.knowledge.learn_from(&job.line);
             conversation.turns.push(Turn {
                 player: job.line,
-                npc: text.clone(),
+                npc: actions::turn_text(job.filter.text(), job.filter.hidden()),
             });
         }
         self.emit(Event::Replied {
@@ -1087,10 +1093,16 @@ impl Engine<'_, '_> {
 /// earlier reply differently would recompute everything after the first difference. Where
 /// `prompt` leaves the cached tokens but the cached tokens spell the same bytes, they are
 /// kept and only the rest of the prompt's text is tokenized again.
+///
+/// The respelling may take more tokens than the prompt's own spelling (grammar-constrained
+/// action lines are often sampled a few letters at a time); it is kept only while it leaves
+/// `limit` tokens or fewer, the context less the reply's room. Those tokens are cached, so
+/// they cost nothing to compute.
 fn align_with_cache(
     model: &LlamaModel,
     cached: &[LlamaToken],
     prompt: Vec<LlamaToken>,
+    limit: usize,
 ) -> Vec<LlamaToken> {
     let common = cached
         .iter()
@@ -1122,8 +1134,7 @@ fn align_with_cache(
     let mut aligned = prompt[..common].to_vec();
     aligned.extend_from_slice(&cached[common..common + take]);
     aligned.extend(vocab.tokenize(tail.as_bytes(), false, true));
-    // The budget was checked on `prompt`; a respelling is about as long, never much longer.
-    if aligned.len() > prompt.len() + 8 {
+    if aligned.len() > limit.max(prompt.len()) {
         return prompt;
     }
     aligned
