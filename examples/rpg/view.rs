@@ -456,6 +456,7 @@ fn update_ui(
     stats: Res<DebugStats>,
     chatter: Res<crate::game::Chatter>,
     status: Res<NpcAiStatus>,
+    meter: Res<NpcCostMeter>,
     villagers: Query<&Villager>,
     mut texts: ParamSet<(
         Query<&mut Text, With<InventoryText>>,
@@ -521,7 +522,7 @@ fn update_ui(
             100.0 * stats.cached_tokens as f64 / stats.prompt_tokens as f64
         };
         let value = format!(
-            "tokens/s (last reply): {:.1}\nKV reuse: {} of {} prompt tokens ({reuse:.0}%)\npending requests: {}\nreplies: {}\nactions requested/approved: {}/{}\nvillager chatter: {} exchanges, {} interrupted\ncost: $0.00 (local model)",
+            "tokens/s (last reply): {:.1}\nKV reuse: {} of {} prompt tokens ({reuse:.0}%)\npending requests: {}\nreplies: {}\nactions requested/approved: {}/{}\nvillager chatter: {} exchanges, {} interrupted\ncost so far: ${:.4} (local compute priced at ${:.2}/h), ${:.3} per player-hour at 5 lines/min",
             stats.tokens_per_second,
             stats.cached_tokens,
             stats.prompt_tokens,
@@ -531,6 +532,9 @@ fn update_ui(
             stats.actions.1,
             chatter.exchanges,
             chatter.interrupted,
+            meter.total().total_cost(&meter.prices),
+            meter.prices.local_per_hour,
+            meter.per_player_hour(300.0),
         );
         if text.0 != value {
             text.0 = value;
