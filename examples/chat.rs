@@ -9,23 +9,40 @@
 //! the NPC says its fallback line).
 //! Type a line and press Enter; the reply streams token by token, followed by its speed.
 //! Ctrl-D ends the conversation and prints what it cost (see the README's "Cost meter").
+//!
+//! With `--voice` (build with `--features voice`, after `cargo xtask setup` and
+//! `cargo build --release -p npc_voice_helper`) every turn also goes through speech: espeak-ng
+//! speaks the typed line in place of a microphone, the `npc-voice` helper transcribes it
+//! (Whisper tiny.en), the NPC answers what was *heard*, and its reply is voiced sentence by
+//! sentence while the model is still writing. Each turn prints the time from the end of the
+//! player's speech to the transcript, the first reply token and the first NPC audio; the
+//! median is printed on exit. `--voice-out DIR` saves each reply's audio as `DIR/turn-N.wav`.
 
 use std::io::{BufRead, Write};
 use std::process::ExitCode;
+use std::time::Duration;
+
+use crossbeam_channel::RecvTimeoutError;
 
 use npc_native::{
     CloudConfig, CostMeter, EscalationConfig, Event, NpcId, Persona, ReplySource, Runtime,
     RuntimeConfig,
 };
 
+#[cfg_attr(not(feature = "voice"), allow(dead_code))]
 struct Args {
     persona: String,
     config: RuntimeConfig,
+    /// `--voice`: the turns go through speech recognition and synthesis.
+    voice: bool,
+    /// `--voice-out DIR`: where the replies' audio is saved.
+    voice_out: Option<std::path::PathBuf>,
 }
 
 fn parse_args() -> Result<Args, String> {
     let mut persona = None;
     let mut config = RuntimeConfig::default();
+    let (mut voice, mut voice_out) = (false, None);
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let mut value = || args.next().ok_or_else(|| format!("{flag} needs a value"));
@@ -42,14 +59,21 @@ fn parse_args() -> Result<Args, String> {
             "--escalate" => {
                 config = config.with_escalation(EscalationConfig::enabled(CloudConfig::from_env()));
             }
+            "--voice" => voice = true,
+            "--voice-out" => voice_out = Some(value()?.into()),
             "--help" | "-h" => return Err(String::new()),
             other => return Err(format!("unknown argument {other}")),
         }
     }
     let persona = persona.ok_or("--persona FILE is required")?;
+    if voice && !cfg!(feature = "voice") {
+        return Err("--voice needs a build with `--features voice`".into());
+    }
     Ok(Args {
         persona,
         config: config.with_slots(1),
+        voice: voice || voice_out.is_some(),
+        voice_out,
     })
 }
 
@@ -61,7 +85,7 @@ fn main() -> ExitCode {
                 eprintln!("chat: {err}");
             }
             eprintln!(
-                "usage: chat --persona FILE [--model GGUF] [--threads N] [--context N] [--seed N] [--escalate]"
+                "usage: chat --persona FILE [--model GGUF] [--threads N] [--context N] [--seed N] [--escalate] [--voice] [--voice-out DIR]"
             );
             return ExitCode::from(2);
         }
@@ -98,6 +122,18 @@ fn main() -> ExitCode {
     let npc = NpcId(1);
     let name = persona.name.clone();
     let greeting = persona.greeting.clone();
+    #[cfg(feature = "voice")]
+    let mut voice = if args.voice {
+        match speech::Voice::start(persona.voice.clone().unwrap_or_default(), args.voice_out) {
+            Ok(voice) => Some(voice),
+            Err(err) => {
+                eprintln!("chat: {err}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        None
+    };
     if runtime.set_persona(npc, persona).is_err() {
         eprintln!("chat: the worker stopped");
         return ExitCode::FAILURE;
@@ -120,16 +156,47 @@ fn main() -> ExitCode {
                 break;
             }
         }
-        if line.trim().is_empty() {
+        #[allow(unused_mut)]
+        let mut said = line.trim().to_owned();
+        if said.is_empty() {
             continue;
         }
-        let Ok(request) = runtime.say(npc, line.trim()) else {
+        #[cfg(feature = "voice")]
+        let mut turn = match voice.as_mut().map(|voice| voice.hear(&said)) {
+            None => None,
+            Some(Ok(turn)) => {
+                println!("  [heard: {:?}]", turn.heard);
+                said.clone_from(&turn.heard);
+                Some(turn)
+            }
+            Some(Err(err)) => {
+                println!("  [speech: {err}]");
+                continue;
+            }
+        };
+        if said.is_empty() {
+            println!("  [nothing was heard]");
+            continue;
+        }
+        let Ok(request) = runtime.say(npc, said) else {
             eprintln!("chat: the worker stopped");
             return ExitCode::FAILURE;
         };
         print!("{name}: ");
         let _ = stdout.flush();
-        for event in runtime.events() {
+        loop {
+            #[cfg(feature = "voice")]
+            if let (Some(voice), Some(turn)) = (voice.as_ref(), turn.as_mut()) {
+                voice.poll(turn);
+            }
+            let event = match runtime.events().recv_timeout(Duration::from_millis(2)) {
+                Ok(event) => event,
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => {
+                    eprintln!("chat: the worker stopped");
+                    return ExitCode::FAILURE;
+                }
+            };
             meter.record_event(&event);
             match event {
                 Event::Delta {
@@ -137,9 +204,17 @@ fn main() -> ExitCode {
                 } if r == request => {
                     print!("{text}");
                     let _ = stdout.flush();
+                    #[cfg(feature = "voice")]
+                    if let Some(turn) = turn.as_mut() {
+                        turn.push(&text);
+                    }
                 }
                 Event::Replied {
-                    request: r, stats, ..
+                    request: r,
+                    stats,
+                    #[cfg(feature = "voice")]
+                    text,
+                    ..
                 } if r == request => {
                     // Local replies print as before; cloud and fallback ones say so.
                     let source = match stats.source {
@@ -154,6 +229,13 @@ fn main() -> ExitCode {
                         stats.cached_tokens,
                         stats.prompt_tokens
                     );
+                    #[cfg(feature = "voice")]
+                    if let (Some(voice), Some(turn)) = (voice.as_mut(), turn.take()) {
+                        match voice.finish(turn, &text) {
+                            Ok(report) => println!("  [{report}]"),
+                            Err(err) => println!("  [speech: {err}]"),
+                        }
+                    }
                     break;
                 }
                 Event::Failed {
@@ -175,5 +257,239 @@ fn main() -> ExitCode {
         }
     }
     println!("\n{}", meter.report(300.0));
+    #[cfg(feature = "voice")]
+    if let Some(voice) = voice {
+        println!("{}", voice.summary());
+    }
     ExitCode::SUCCESS
+}
+
+/// `--voice`: the player's line through espeak-ng and the `npc-voice` helper, the reply through
+/// a sentence-streaming [`SpeechStream`].
+#[cfg(feature = "voice")]
+mod speech {
+    use std::path::PathBuf;
+    use std::time::{Duration, Instant};
+
+    use npc_native::voice::audio::Pcm;
+    use npc_native::voice::client::{VoiceClient, VoiceConfig, VoiceEvent, workspace_model};
+    use npc_native::voice::protocol::SAMPLE_RATE;
+    use npc_native::voice::synth::{
+        EspeakSynth, LineWriter, SpeechEvent, SpeechStream, SpeechSynth, VoiceSettings,
+    };
+
+    /// How long the helper may take to start or to transcribe one line.
+    const PATIENCE: Duration = Duration::from_secs(120);
+
+    /// Speech in and out for the whole conversation.
+    pub struct Voice {
+        client: VoiceClient,
+        speech: SpeechStream,
+        microphone: EspeakSynth,
+        player: VoiceSettings,
+        npc: VoiceSettings,
+        out: Option<PathBuf>,
+        turns: u64,
+        first_audio: Vec<Duration>,
+    }
+
+    /// One turn: from the end of the player's speech to the reply's last sentence.
+    pub struct Turn {
+        /// What the helper heard.
+        pub heard: String,
+        line: u64,
+        ended_speaking: Instant,
+        transcript: Duration,
+        first_token: Option<Duration>,
+        first_audio: Option<Duration>,
+        writer: Option<LineWriter>,
+        streamed: bool,
+        audio: Pcm,
+        sentences: u32,
+        done: bool,
+    }
+
+    impl Voice {
+        /// Starts the helper (waiting for its model) and the synthesis thread.
+        pub fn start(npc: VoiceSettings, out: Option<PathBuf>) -> Result<Self, String> {
+            let whisper = workspace_model(
+                &std::env::current_dir().unwrap_or_default(),
+                "ggml-tiny.en.bin",
+            )
+            .or_else(|| {
+                workspace_model(
+                    std::path::Path::new(env!("CARGO_MANIFEST_DIR")),
+                    "ggml-tiny.en.bin",
+                )
+            })
+            .ok_or("assets/models/ggml-tiny.en.bin is missing: run `cargo xtask setup`")?;
+            let helper = VoiceConfig::find_helper().ok_or(
+                "the npc-voice helper is missing: run `cargo build --release -p npc_voice_helper` \
+                 or set NPC_VOICE_HELPER",
+            )?;
+            if let Some(dir) = &out {
+                std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            }
+            let mut client = VoiceClient::start(VoiceConfig::new(whisper).with_helper(helper));
+            client.warm_up();
+            loop {
+                match client.events().recv_timeout(PATIENCE) {
+                    Ok(VoiceEvent::Ready { load_ms, model }) => {
+                        eprintln!("[speech helper ready: {model}, loaded in {load_ms} ms]");
+                        break;
+                    }
+                    Ok(VoiceEvent::HelperStarted { .. }) => {}
+                    Ok(other) => return Err(format!("the speech helper did not start: {other:?}")),
+                    Err(_) => return Err("the speech helper did not answer".into()),
+                }
+            }
+            Ok(Self {
+                client,
+                speech: SpeechStream::start(Box::new(EspeakSynth::default())),
+                microphone: EspeakSynth::default(),
+                player: VoiceSettings {
+                    rate: 140,
+                    ..VoiceSettings::default()
+                },
+                npc,
+                out,
+                turns: 0,
+                first_audio: Vec::new(),
+            })
+        }
+
+        /// The player says `line` (espeak-ng stands in for the microphone); waits for what
+        /// the helper heard and opens the reply's speech line.
+        pub fn hear(&mut self, line: &str) -> Result<Turn, String> {
+            let spoken = self
+                .microphone
+                .synthesize(line, &self.player)
+                .map_err(|e| e.to_string())?
+                .resampled(SAMPLE_RATE);
+            // The player has just stopped speaking.
+            let ended_speaking = Instant::now();
+            let id = self.client.transcribe(spoken.samples);
+            let heard = loop {
+                match self.client.events().recv_timeout(PATIENCE) {
+                    Ok(VoiceEvent::Transcript { id: got, text, .. }) if got == id => break text,
+                    Ok(VoiceEvent::Failed { id: got, error }) if got == id => {
+                        return Err(error.to_string());
+                    }
+                    Ok(VoiceEvent::HelperExited { reason, .. }) => {
+                        eprintln!("[speech helper exited: {reason}]");
+                    }
+                    Ok(_) => {}
+                    Err(_) => return Err("no transcript".into()),
+                }
+            };
+            self.turns += 1;
+            Ok(Turn {
+                heard: heard.trim().to_owned(),
+                line: self.turns,
+                ended_speaking,
+                transcript: ended_speaking.elapsed(),
+                first_token: None,
+                first_audio: None,
+                writer: self.speech.begin_line(self.turns, self.npc.clone()),
+                streamed: false,
+                audio: Pcm {
+                    sample_rate: 0,
+                    samples: Vec::new(),
+                },
+                sentences: 0,
+                done: false,
+            })
+        }
+
+        /// Collects the turn's synthesised sentences so far (call while the reply streams).
+        pub fn poll(&self, turn: &mut Turn) {
+            for event in self.speech.events().try_iter() {
+                turn.take(event);
+            }
+        }
+
+        /// The reply is complete (`text` in full, for replies that did not stream): speaks
+        /// the rest, waits for its audio, saves it, and reports the turn's timings.
+        pub fn finish(&mut self, mut turn: Turn, text: &str) -> Result<String, String> {
+            if let Some(mut writer) = turn.writer.take() {
+                if !turn.streamed {
+                    turn.first_token
+                        .get_or_insert(turn.ended_speaking.elapsed());
+                    writer.push(text);
+                }
+                writer.finish();
+            }
+            while !turn.done {
+                let event = self
+                    .speech
+                    .events()
+                    .recv_timeout(PATIENCE)
+                    .map_err(|_| "speech synthesis stopped answering")?;
+                turn.take(event);
+            }
+            let first_audio = turn.first_audio.ok_or("the reply produced no audio")?;
+            self.first_audio.push(first_audio);
+            let ms = |d: Option<Duration>| d.map_or(0, |d| d.as_millis());
+            let mut report = format!(
+                "voice: after the end of speech: transcript {} ms, first reply token {} ms, \
+                 first NPC audio {} ms; {} sentences, {:.1} s of audio",
+                turn.transcript.as_millis(),
+                ms(turn.first_token),
+                first_audio.as_millis(),
+                turn.sentences,
+                turn.audio.seconds(),
+            );
+            if let Some(dir) = &self.out {
+                let path = dir.join(format!("turn-{}.wav", turn.line));
+                std::fs::write(&path, turn.audio.to_wav())
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
+                report.push_str(&format!(" -> {}", path.display()));
+            }
+            Ok(report)
+        }
+
+        /// The median time from the end of speech to the first NPC audio.
+        pub fn summary(&self) -> String {
+            let mut times = self.first_audio.clone();
+            times.sort();
+            match times.get(times.len() / 2) {
+                Some(median) => format!(
+                    "voice: median time from the end of the player's speech to the first NPC audio: \
+                     {} ms over {} turns",
+                    median.as_millis(),
+                    times.len()
+                ),
+                None => "voice: no turn was voiced".into(),
+            }
+        }
+    }
+
+    impl Turn {
+        /// A streamed piece of the reply.
+        pub fn push(&mut self, text: &str) {
+            self.first_token
+                .get_or_insert_with(|| self.ended_speaking.elapsed());
+            self.streamed = true;
+            if let Some(writer) = self.writer.as_mut() {
+                writer.push(text);
+            }
+        }
+
+        fn take(&mut self, event: SpeechEvent) {
+            match event {
+                SpeechEvent::Audio { line, pcm, .. } if line == self.line => {
+                    self.first_audio
+                        .get_or_insert_with(|| self.ended_speaking.elapsed());
+                    self.sentences += 1;
+                    self.audio.sample_rate = pcm.sample_rate;
+                    self.audio.samples.extend(pcm.samples);
+                }
+                SpeechEvent::Failed { line, error, .. } if line == self.line => {
+                    eprintln!("[speech: a sentence failed: {error}]");
+                }
+                SpeechEvent::LineDone { line, .. } if line == self.line => self.done = true,
+                _ => {}
+            }
+        }
+    }
 }

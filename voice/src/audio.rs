@@ -89,6 +89,33 @@ impl Pcm {
         Err("WAV file has no data chunk".into())
     }
 
+    /// This audio as a RIFF/WAVE file: mono, 16-bit integer PCM, samples clamped to `[-1, 1]`.
+    #[must_use]
+    pub fn to_wav(&self) -> Vec<u8> {
+        let data_len = u32::try_from(self.samples.len() * 2).unwrap_or(u32::MAX - 1);
+        let samples = &self.samples[..data_len as usize / 2];
+        let mut out = Vec::with_capacity(44 + data_len as usize);
+        out.extend_from_slice(b"RIFF");
+        out.extend_from_slice(&data_len.saturating_add(36).to_le_bytes());
+        out.extend_from_slice(b"WAVEfmt ");
+        out.extend_from_slice(&16u32.to_le_bytes());
+        out.extend_from_slice(&1u16.to_le_bytes()); // integer PCM
+        out.extend_from_slice(&1u16.to_le_bytes()); // mono
+        out.extend_from_slice(&self.sample_rate.to_le_bytes());
+        out.extend_from_slice(&self.sample_rate.saturating_mul(2).to_le_bytes());
+        out.extend_from_slice(&2u16.to_le_bytes()); // bytes per frame
+        out.extend_from_slice(&16u16.to_le_bytes());
+        out.extend_from_slice(b"data");
+        out.extend_from_slice(&data_len.to_le_bytes());
+        for sample in samples {
+            // In range after the clamp, so the cast cannot wrap.
+            #[allow(clippy::cast_possible_truncation)]
+            let value = (sample.clamp(-1.0, 1.0) * 32767.0).round() as i16;
+            out.extend_from_slice(&value.to_le_bytes());
+        }
+        out
+    }
+
     /// This audio at `rate` samples per second (windowed-sinc interpolation, low-passed at the
     /// lower of the two Nyquist frequencies so downsampling does not alias).
     #[must_use]
@@ -173,6 +200,22 @@ mod tests {
         assert_eq!(streamed.samples, vec![0.0, 0.5]);
         assert!(Pcm::from_wav(b"RIFF....AVI ").is_err());
         assert!(Pcm::from_wav(&[]).is_err());
+    }
+
+    #[test]
+    fn written_wav_reads_back() {
+        let pcm = Pcm {
+            sample_rate: 16_000,
+            samples: vec![0.0, 0.5, -0.25, 1.0, -1.0, 2.0],
+        };
+        let back = Pcm::from_wav(&pcm.to_wav()).unwrap();
+        assert_eq!(back.sample_rate, 16_000);
+        assert_eq!(back.samples.len(), 6);
+        let expected = [0.0, 0.5, -0.25, 1.0, -1.0, 1.0];
+        for (got, want) in back.samples.iter().zip(expected) {
+            assert!((got - want).abs() < 1e-3, "{got} vs {want}");
+        }
+        assert_eq!(Pcm::from_wav(&Pcm::default().to_wav()).unwrap().samples, []);
     }
 
     #[test]
