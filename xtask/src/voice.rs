@@ -128,5 +128,73 @@ pub fn test(args: &[String]) -> Result {
             "--test",
             "voice",
         ])
-        .args(args))
+        .args(args))?;
+    if args.is_empty() {
+        chat_voice()?;
+    }
+    Ok(())
+}
+
+/// The chat example's `--voice` end to end: typed lines are spoken by espeak-ng, heard by the
+/// `npc-voice` helper, answered by the model and voiced. The example must report what it
+/// heard (Whisper decodes greedily, so the transcript of the same audio is always the same)
+/// and when each reply's first audio came.
+fn chat_voice() -> Result {
+    use std::io::Write;
+    use std::process::Stdio;
+
+    const LINES: [&str; 2] = [
+        "How much does an iron sword cost?",
+        "Do you have an apprentice?",
+    ];
+    println!("[test voice] chat example with --voice");
+    let mut child = cargo()
+        .args([
+            "run",
+            "--release",
+            "-q",
+            "-p",
+            "npc_native",
+            "--example",
+            "chat",
+            "--features",
+            "voice",
+            "--",
+            "--persona",
+            "assets/personas/blacksmith.persona.ron",
+            "--voice",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run the chat example: {e}"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        for line in LINES {
+            writeln!(stdin, "{line}").map_err(|e| format!("chat example stdin: {e}"))?;
+        }
+    }
+    let output = child
+        .wait_with_output()
+        .map_err(|e| format!("chat example: {e}"))?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    print!("{stdout}");
+    if !output.status.success() {
+        return Err(format!("chat --voice failed ({})", output.status));
+    }
+    for line in LINES {
+        if !stdout.contains(&format!("[heard: {line:?}]")) {
+            return Err(format!("chat --voice did not report hearing {line:?}"));
+        }
+    }
+    let voiced = stdout
+        .lines()
+        .filter(|l| l.contains("first NPC audio") && l.contains(" ms;"))
+        .count();
+    if voiced != LINES.len() || !stdout.contains("first NPC audio: ") {
+        return Err(format!(
+            "chat --voice reported first-audio times for {voiced} of {} turns",
+            LINES.len()
+        ));
+    }
+    Ok(())
 }
