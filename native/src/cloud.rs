@@ -30,6 +30,14 @@ pub enum CloudError {
     /// The server's answer is not an OpenAI-compatible stream.
     #[error("unusable response: {0}")]
     BadResponse(String),
+    /// The request was not sent because it carries an API key and the process logs what
+    /// `ureq` writes to the socket (`TRACE` for the `ureq_proto` target), which would put the
+    /// key in the log.
+    #[error(
+        "not sent: TRACE logging is on for ureq_proto, which logs request headers and would \
+         log the API key; set ureq_proto to DEBUG or above"
+    )]
+    KeyWouldBeLogged,
     /// The stream broke after part of the reply had arrived.
     #[error("the stream broke after part of the reply: {reason}")]
     Interrupted {
@@ -184,6 +192,9 @@ impl CloudClient {
             .header("Content-Type", "application/json")
             .header("Accept", "text/event-stream");
         if let Some(key) = &self.config.api_key {
+            if wire_logging_enabled() {
+                return Err(Attempt::Fail(CloudError::KeyWouldBeLogged));
+            }
             request = request.header("Authorization", format!("Bearer {}", key.expose()));
         }
         let response = request.send(body).map_err(classify)?;
@@ -325,4 +336,14 @@ fn classify(error: ureq::Error) -> Attempt {
         }
         other => Attempt::Fail(CloudError::Connection(other.to_string())),
     }
+}
+
+/// The log target under which `ureq_proto` writes every byte of a request (its headers
+/// included) at `TRACE`, 16 bytes a line.
+const WIRE_LOG_TARGET: &str = "ureq_proto::util";
+
+/// Whether the installed `log` logger (or `tracing`, through its `log` bridge) would record
+/// `ureq`'s wire dump: asked the way `ureq_proto`'s own `trace!` asks.
+fn wire_logging_enabled() -> bool {
+    log::log_enabled!(target: WIRE_LOG_TARGET, log::Level::Trace)
 }
