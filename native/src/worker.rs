@@ -1125,12 +1125,12 @@ fn align_with_cache(
         }
         (take, matched) = (at + 1, spelled.len());
     }
-    let Ok(tail) = std::str::from_utf8(&rest[matched..]) else {
-        return prompt;
-    };
     if take == 0 {
         return prompt;
     }
+    let Ok(tail) = std::str::from_utf8(&rest[matched..]) else {
+        return prompt;
+    };
     let mut aligned = prompt[..common].to_vec();
     aligned.extend_from_slice(&cached[common..common + take]);
     aligned.extend(vocab.tokenize(tail.as_bytes(), false, true));
