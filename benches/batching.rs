@@ -116,7 +116,9 @@ fn bare(threads: u32, max: usize) {
         .with_n_batch(512)
         .with_n_ubatch(512)
         .with_n_threads(threads)
-        .with_n_threads_batch(threads);
+        .with_n_threads_batch(threads)
+        // As the runtime's default (reproducible batching) has it.
+        .with_flash_attention_policy(0);
     let mut ctx = model.new_context(&backend, params).expect("context");
     let tokens = model.vocab().tokenize(
         "The caravan from Riverford brought news of wolves and rain. "
@@ -194,23 +196,38 @@ fn main() {
     let threads = config.effective_threads();
     // The peers first, in their own processes (llama.cpp's thread pool is per process).
     let bare = bare_in_child(threads, max);
-    let batched_bench = peer::bin_dir()
-        .map(|dir| {
-            peer::llama_batched_bench(&dir, &root().join(npc_native::DEFAULT_MODEL_PATH), threads)
-        })
-        .unwrap_or_default();
-    let runtime = Runtime::start(config);
+    let peer_rows = |flash_attention: bool| {
+        peer::bin_dir()
+            .map(|dir| {
+                peer::llama_batched_bench(
+                    &dir,
+                    &root().join(npc_native::DEFAULT_MODEL_PATH),
+                    threads,
+                    flash_attention,
+                )
+            })
+            .unwrap_or_default()
+    };
+    let (peer_off, peer_on) = (peer_rows(false), peer_rows(true));
+    let runtime = Runtime::start(config.clone());
     assert!(matches!(next(&runtime), Event::ModelLoaded(_)));
 
     println!(
         "Default model, {threads} threads, {GENERATE} tokens per reply, ~1,000 tokens of context per NPC\n"
     );
     println!(
-        "| NPCs | batched: tok/s total | per NPC | one after another: tok/s total | batched / sequential | bare llama-cpp-2 batched loop | runtime / bare | llama-batched-bench S_TG | runtime / llama-batched-bench |"
+        "| NPCs | batched: tok/s total | per NPC | one after another: tok/s total | batched / sequential | bare llama-cpp-2 batched loop | runtime / bare | llama-batched-bench -fa 0 S_TG | runtime / llama-batched-bench |"
     );
     println!("|---|---|---|---|---|---|---|---|---|");
     let line = "Count from one to one hundred: 1, 2, 3, 4, 5, ...";
     let mut next_id = 0;
+    let peer_cell = |rows: &[(usize, f64)], n: usize, ours: f64| {
+        rows.iter()
+            .find(|&&(sequences, _)| sequences == n)
+            .map_or("not built | |".to_owned(), |&(_, rate)| {
+                format!("{rate:.1} | {:.2}", ours / rate)
+            })
+    };
     for (&n, bare) in SIZES.iter().zip(bare) {
         // Fresh NPCs for each measurement, so every timed turn starts from the same context.
         let group = fresh_npcs(&runtime, &mut next_id, n);
@@ -224,17 +241,32 @@ fn main() {
             seq_seconds += s;
         }
         let sequential = seq_tokens as f64 / seq_seconds;
-        let peer = batched_bench
-            .iter()
-            .find(|&&(sequences, _)| sequences == n)
-            .map_or("not built | |".to_owned(), |&(_, rate)| {
-                format!("{rate:.1} | {:.2}", batched / rate)
-            });
         println!(
-            "| {n} | {batched:.0} | {:.1} | {sequential:.0} | {:.2}× | {bare:.0} | {:.2} | {peer} |",
+            "| {n} | {batched:.0} | {:.1} | {sequential:.0} | {:.2}× | {bare:.0} | {:.2} | {} |",
             batched / n as f64,
             batched / sequential,
-            batched / bare
+            batched / bare,
+            peer_cell(&peer_off, n, batched)
+        );
+    }
+    drop(runtime);
+
+    // Reproducible batching off: flash attention on, as llama.cpp chooses for this build.
+    let runtime = Runtime::start(config.with_reproducible_batching(false));
+    assert!(matches!(next(&runtime), Event::ModelLoaded(_)));
+    println!("\nReproducible batching off (flash attention on):\n");
+    println!(
+        "| NPCs | batched: tok/s total | per NPC | llama-batched-bench -fa 1 S_TG | runtime / llama-batched-bench |"
+    );
+    println!("|---|---|---|---|---|");
+    for &n in &SIZES {
+        let group = fresh_npcs(&runtime, &mut next_id, n);
+        let (tokens, seconds) = round(&runtime, &group, line);
+        let batched = tokens as f64 / seconds;
+        println!(
+            "| {n} | {batched:.0} | {:.1} | {} |",
+            batched / n as f64,
+            peer_cell(&peer_on, n, batched)
         );
     }
 }

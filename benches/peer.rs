@@ -28,13 +28,15 @@ fn output(command: &mut Command) -> String {
     )
 }
 
-/// `llama-bench -p 512 -n 128`: (prompt processing tok/s, generation tok/s).
-pub fn llama_bench(dir: &Path, model: &Path, threads: u32) -> (f64, f64) {
+/// `llama-bench -p 512 -n 128 -fa 0|1`: (prompt processing tok/s, generation tok/s).
+pub fn llama_bench(dir: &Path, model: &Path, threads: u32, flash_attention: bool) -> (f64, f64) {
     let text = output(
         Command::new(dir.join("llama-bench"))
             .arg("-m")
             .arg(model)
-            .args(["-p", "512", "-n", "128", "-o", "csv", "-t"])
+            .args(["-p", "512", "-n", "128", "-o", "csv", "-fa"])
+            .arg(if flash_attention { "1" } else { "0" })
+            .arg("-t")
             .arg(threads.to_string()),
     );
     let mut lines = text
@@ -61,15 +63,24 @@ pub fn llama_bench(dir: &Path, model: &Path, threads: u32) -> (f64, f64) {
     (pp, tg)
 }
 
-/// `llama-batched-bench -npp 1000 -ntg 64 -npl 1,4,8,16`: (sequences, S_TG tok/s) per row.
-pub fn llama_batched_bench(dir: &Path, model: &Path, threads: u32) -> Vec<(usize, f64)> {
+/// `llama-batched-bench -npp 1000 -ntg 64 -npl 1,4,8,16 -fa 0|1`: (sequences, S_TG tok/s)
+/// per row.
+pub fn llama_batched_bench(
+    dir: &Path,
+    model: &Path,
+    threads: u32,
+    flash_attention: bool,
+) -> Vec<(usize, f64)> {
     let text = output(
         Command::new(dir.join("llama-batched-bench"))
             .arg("-m")
             .arg(model)
             .args([
-                "-c", "17408", "-b", "2048", "-npp", "1000", "-ntg", "64", "-npl", "1,4,8,16", "-t",
+                "-c", "17408", "-b", "2048", "-npp", "1000", "-ntg", "64", "-npl", "1,4,8,16",
+                "-fa",
             ])
+            .arg(if flash_attention { "1" } else { "0" })
+            .arg("-t")
             .arg(threads.to_string()),
     );
     // | PP | TG | B | N_KV | T_PP s | S_PP t/s | T_TG s | S_TG t/s | T s | S t/s |

@@ -56,11 +56,14 @@ fn bare_loop(threads: u32, prompt: usize, context: usize) -> (f64, f64) {
     let model =
         LlamaModel::load_from_file(&backend, model(), &LlamaModelParams::default()).expect("model");
     let threads = i32::try_from(threads).unwrap_or(1);
+    // Flash attention as the runtime's default configuration has it (off, for reproducible
+    // batching).
     let params = LlamaContextParams::default()
         .with_n_ctx(NonZeroU32::new(CONTEXT))
         .with_n_batch(1024)
         .with_n_threads(threads)
-        .with_n_threads_batch(threads);
+        .with_n_threads_batch(threads)
+        .with_flash_attention_policy(0);
     let mut ctx = model.new_context(&backend, params).expect("context");
     let tokens = model.vocab().tokenize(
         "The caravan from Riverford brought news of wolves and rain. "
@@ -261,7 +264,21 @@ fn main() {
     }
     let (bench_pp, bench_tg) = like_llama_bench(&runtime);
     drop(runtime);
-    let peer = peer::bin_dir().map(|dir| peer::llama_bench(&dir, &model(), threads));
+    // The same measurement with reproducible batching off: flash attention as llama.cpp
+    // chooses it (on, for this CPU build).
+    let fast = Runtime::start(config_off(threads));
+    match fast.events().recv().expect("worker") {
+        Event::ModelLoaded(_) => {}
+        other => panic!("model did not load: {other:?}"),
+    }
+    let (fa_pp, fa_tg) = like_llama_bench(&fast);
+    drop(fast);
+    let peer = peer::bin_dir().map(|dir| {
+        (
+            peer::llama_bench(&dir, &model(), threads, false),
+            peer::llama_bench(&dir, &model(), threads, true),
+        )
+    });
     assert_eq!(
         prompt_tokens, peer_prompt,
         "the peer processed a prompt of the same length"
@@ -282,30 +299,38 @@ fn main() {
         tg / bare_tg
     );
     println!(
-        "\nRuntime: prompt processing is prompt tokens over time to first token (rendering, tokenizing \
-         and scheduling included); generation is from {context_at_generation} tokens of context, {generated} tokens \
-         (last run), while a 60 Hz loop drains the events. Peer: from {peer_context} tokens, {GENERATE} tokens."
+        "\nRuntime: default configuration (reproducible batching: flash attention off); prompt \
+         processing is prompt tokens over time to first token (rendering, tokenizing and \
+         scheduling included); generation is from {context_at_generation} tokens of context, \
+         {generated} tokens (last run), while a 60 Hz loop drains the events. Peer: flash \
+         attention off, from {peer_context} tokens, {GENERATE} tokens."
     );
 
     println!("\n## Against llama.cpp's llama-bench, same run\n");
-    println!("| measure | bevy_npc_ai runtime | llama-bench | ratio |");
-    println!("|---|---|---|---|");
+    println!(
+        "| measure | runtime, default (flash attention off) | llama-bench -fa 0 | ratio | runtime, reproducible batching off | llama-bench -fa 1 | ratio |"
+    );
+    println!("|---|---|---|---|---|---|---|");
     match peer {
-        Some((peer_pp, peer_tg)) => {
+        Some(((off_pp, off_tg), (on_pp, on_tg))) => {
             println!(
-                "| prompt processing, 512 tokens, cold (tok/s) | {bench_pp:.0} | {peer_pp:.1} (pp512) | {:.2} |",
-                bench_pp / peer_pp
+                "| prompt processing, 512 tokens, cold (tok/s) | {bench_pp:.0} | {off_pp:.1} | {:.2} | {fa_pp:.0} | {on_pp:.1} | {:.2} |",
+                bench_pp / off_pp,
+                fa_pp / on_pp
             );
             println!(
-                "| generation, greedy, 128 tokens (tok/s) | {bench_tg:.0} | {peer_tg:.1} (tg128) | {:.2} |",
-                bench_tg / peer_tg
+                "| generation, greedy, 128 tokens (tok/s) | {bench_tg:.0} | {off_tg:.1} | {:.2} | {fa_tg:.0} | {on_tg:.1} | {:.2} |",
+                bench_tg / off_tg,
+                fa_tg / on_tg
             );
         }
         None => {
             println!(
-                "| prompt processing, 512 tokens, cold (tok/s) | {bench_pp:.0} | not built | |"
+                "| prompt processing, 512 tokens, cold (tok/s) | {bench_pp:.0} | not built | | {fa_pp:.0} | not built | |"
             );
-            println!("| generation, greedy, 128 tokens (tok/s) | {bench_tg:.0} | not built | |");
+            println!(
+                "| generation, greedy, 128 tokens (tok/s) | {bench_tg:.0} | not built | | {fa_tg:.0} | not built | |"
+            );
             println!("\n(llama.cpp's tools run under `cargo xtask bench`, which builds them.)");
         }
     }
@@ -314,4 +339,14 @@ fn main() {
          prompt processing over time to first token, generation after the first token. \
          llama-bench generates from an empty context without sampling."
     );
+}
+
+/// The bench's runtime configuration with reproducible batching off.
+fn config_off(threads: u32) -> RuntimeConfig {
+    RuntimeConfig::new(model())
+        .with_slots(1)
+        .with_context_size(CONTEXT)
+        .with_max_line_chars(10_000)
+        .with_threads(threads)
+        .with_reproducible_batching(false)
 }

@@ -973,14 +973,17 @@ fn four_replies(batched: bool, line: &str, tokens: u32) -> Vec<(String, usize)> 
 }
 
 #[test]
-#[ignore = "fails: with the action-grammar personas, greedy replies decoded in a shared batch \
-            diverge from solo ones within 16 tokens (issue 3 left open for it)"]
 fn batched_replies_agree_with_solo_replies_on_their_first_16_tokens() {
     let _serial = common::serial();
-    // llama.cpp's kernels may round differently when a batch holds several sequences, so
-    // greedy decoding is only guaranteed to agree until two candidate tokens are nearly tied.
-    // The issue's bound: the first 16 tokens must agree. Replies are capped at 16 tokens, so
-    // equal texts mean equal tokens.
+    // llama.cpp's kernels may round differently when a batch holds several sequences, and
+    // greedy decoding turns any difference at a near-tie into another word. The issue's bound
+    // is the first 16 tokens. The runtime's default `reproducible_batching` keeps the CPU
+    // build off the two batch-shape-dependent paths found here (flash attention's split-KV
+    // kernel for a single sequence, and prompt tokens sharing a micro-batch with generated
+    // ones), so the replies are expected to agree token for token; the bound stays the
+    // issue's. Replies are capped at 16 tokens, so equal texts mean equal tokens. (With only
+    // flash attention off, the guard's batched reply to the first line leaves its solo one at
+    // its third token, where its two best logits are 0.02 apart.)
     for line in [
         "Who are you?",
         "Good day! What can you tell me about this village?",

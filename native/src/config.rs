@@ -76,6 +76,19 @@ pub struct RuntimeConfig {
     pub eviction_dir: Option<PathBuf>,
     /// Number format of the KV cache (see [`KvPrecision`]).
     pub kv_precision: KvPrecision,
+    /// Make an NPC's reply independent of which other NPCs are decoded in the same steps
+    /// (on by default): with the same seed, a reply is the same token for token whether its
+    /// NPC speaks alone or beside others.
+    ///
+    /// llama.cpp computes the same numbers in the last bits differently depending on the
+    /// batch's shape, and greedy or seeded sampling turns a near-tie into a different word.
+    /// With this on, the CPU build avoids the two shape-dependent paths measured here:
+    /// flash attention is off (its CPU kernel splits one sequence's single query across
+    /// threads but not several sequences' queries), and prompt tokens never share a
+    /// `decode` call with generated ones (each step makes two calls when both are waiting).
+    /// It applies to the f16 KV cache: a quantized cache ([`KvPrecision::Q8_0`],
+    /// [`KvPrecision::Q4_0`]) needs flash attention. GPU kernels give no such guarantee.
+    pub reproducible_batching: bool,
     /// Text every NPC's system prompt starts with: the world, its rules, how NPCs speak.
     ///
     /// Being the same for every NPC, its tokens are computed once and copied into each new
@@ -108,6 +121,7 @@ impl Default for RuntimeConfig {
             evicted_kv_bytes: 256 << 20,
             evicted_kv_disk_bytes: 4 << 30,
             eviction_dir: None,
+            reproducible_batching: true,
             kv_precision: KvPrecision::F16,
             preamble: String::new(),
             escalation: crate::escalation::EscalationConfig::default(),
@@ -215,6 +229,13 @@ impl RuntimeConfig {
     #[must_use]
     pub fn with_kv_precision(mut self, precision: KvPrecision) -> Self {
         self.kv_precision = precision;
+        self
+    }
+
+    /// Turns [`reproducible_batching`](Self::reproducible_batching) on or off.
+    #[must_use]
+    pub fn with_reproducible_batching(mut self, on: bool) -> Self {
+        self.reproducible_batching = on;
         self
     }
 

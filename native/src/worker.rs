@@ -36,6 +36,8 @@ use crate::sampling::{SamplingParams, StopFilter};
 
 /// llama.cpp's `LLAMA_FLASH_ATTN_TYPE_ENABLED`.
 const FLASH_ATTENTION_ENABLED: i32 = 1;
+/// `LLAMA_FLASH_ATTN_TYPE_DISABLED`.
+const FLASH_ATTENTION_DISABLED: i32 = 0;
 
 /// llama.cpp's backend may be initialised once per process at a time; every runtime in the
 /// process shares this one, and it lives until the process exits.
@@ -82,6 +84,11 @@ fn serve(config: &RuntimeConfig, inbox: &Receiver<Request>, events: &Sender<Even
         .with_n_threads(threads_i32)
         .with_n_threads_batch(threads_i32);
     let params = match config.kv_precision {
+        // llama.cpp's CPU flash attention takes a different kernel for one sequence's single
+        // query (the keys split across threads) than for several sequences at once.
+        KvPrecision::F16 if config.reproducible_batching => {
+            params.with_flash_attention_policy(FLASH_ATTENTION_DISABLED)
+        }
         KvPrecision::F16 => params,
         // Quantized V needs flash attention; K follows V so both halves shrink alike.
         precision => {
@@ -252,6 +259,17 @@ struct Conversation {
     knowledge: Knowledge,
 }
 
+/// What one `decode` call of a step carries.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// The next token of every speaking NPC, and prompt chunks.
+    Both,
+    /// Only the next token of every speaking NPC.
+    Generated,
+    /// Only prompt chunks.
+    Prompts,
+}
+
 /// One reply being produced.
 struct Job {
     npc: NpcId,
@@ -269,6 +287,8 @@ struct Job {
     next_token: Option<LlamaToken>,
     /// Index in the current batch whose logits this job samples from.
     logits_at: Option<i32>,
+    /// Its `next_token` is in the batch being decoded.
+    token_in_batch: bool,
     sampler: LlamaSampler,
     filter: StopFilter,
     max_tokens: u32,
@@ -786,6 +806,7 @@ impl Engine<'_, '_> {
             n_past: cached,
             next_token: None,
             logits_at: None,
+            token_in_batch: false,
             sampler: actions::constrain(
                 self.model,
                 conversation.actions.grammar.as_deref(),
@@ -833,14 +854,32 @@ impl Engine<'_, '_> {
         // multi-sequence batch into one micro-batch per run of consecutive sequence ids, so an
         // unordered batch would decode one NPC at a time.
         self.active.sort_by_key(|job| job.slot);
-        let capacity = self.config.batch_size as usize;
-        // While any NPC is mid-sentence, prompts advance in small chunks, so a long prompt
-        // does not freeze its speech for seconds.
         let generating = self
             .active
             .iter()
             .filter(|job| job.next_token.is_some())
             .count();
+        let prompting = self
+            .active
+            .iter()
+            .any(|job| job.next_token.is_none() && job.pending_from < job.pending.len());
+        if self.config.reproducible_batching && generating > 0 && prompting {
+            // A micro-batch that mixes prompt tokens with generated ones computes the prompt's
+            // keys and values differently (in the last bits) from one that holds prompt tokens
+            // alone, so they go to llama.cpp in two calls.
+            self.decode(Phase::Generated, generating);
+            self.decode(Phase::Prompts, generating);
+        } else {
+            self.decode(Phase::Both, generating);
+        }
+    }
+
+    /// One `decode` call: the next token of every speaking NPC and/or prompt chunks, then
+    /// sampling for every NPC whose logits it produced.
+    fn decode(&mut self, phase: Phase, generating: usize) {
+        let capacity = self.config.batch_size as usize;
+        // While any NPC is mid-sentence, prompts advance in small chunks, so a long prompt
+        // does not freeze its speech for seconds.
         let prefill_capacity = if generating > 0 {
             capacity.min(generating + self.config.prefill_chunk as usize)
         } else {
@@ -850,41 +889,48 @@ impl Engine<'_, '_> {
         let mut used = 0;
         for job in &mut self.active {
             job.logits_at = None;
+            job.token_in_batch = false;
+            if phase == Phase::Prompts {
+                continue;
+            }
             if let Some(token) = job.next_token {
                 let added = self
                     .batch
                     .add(token, pos(job.n_past), &[seq_id(job.slot)], true);
                 debug_assert!(added.is_ok(), "batch holds one token per slot");
                 job.logits_at = Some(i32::try_from(used).unwrap_or(i32::MAX));
+                job.token_in_batch = true;
                 used += 1;
             }
         }
-        // Prompt chunks go to the most important NPC first.
-        let mut by_priority: Vec<usize> = (0..self.active.len()).collect();
-        by_priority.sort_by_key(|&at| std::cmp::Reverse(self.active[at].priority));
-        for at in by_priority {
-            let job = &mut self.active[at];
-            if job.next_token.is_some()
-                || job.pending_from >= job.pending.len()
-                || used >= prefill_capacity
-            {
-                continue;
-            }
-            let end = job
-                .pending
-                .len()
-                .min(job.pending_from + (prefill_capacity - used));
-            job.in_batch = end - job.pending_from;
-            for index in job.pending_from..end {
-                let last = index + 1 == job.pending.len();
-                let position = pos(job.n_past + index - job.pending_from);
-                let _ = self
-                    .batch
-                    .add(job.pending[index], position, &[seq_id(job.slot)], last);
-                if last {
-                    job.logits_at = Some(i32::try_from(used).unwrap_or(i32::MAX));
+        if phase != Phase::Generated {
+            // Prompt chunks go to the most important NPC first.
+            let mut by_priority: Vec<usize> = (0..self.active.len()).collect();
+            by_priority.sort_by_key(|&at| std::cmp::Reverse(self.active[at].priority));
+            for at in by_priority {
+                let job = &mut self.active[at];
+                if job.next_token.is_some()
+                    || job.pending_from >= job.pending.len()
+                    || used >= prefill_capacity
+                {
+                    continue;
                 }
-                used += 1;
+                let end = job
+                    .pending
+                    .len()
+                    .min(job.pending_from + (prefill_capacity - used));
+                job.in_batch = end - job.pending_from;
+                for index in job.pending_from..end {
+                    let last = index + 1 == job.pending.len();
+                    let position = pos(job.n_past + index - job.pending_from);
+                    let _ = self
+                        .batch
+                        .add(job.pending[index], position, &[seq_id(job.slot)], last);
+                    if last {
+                        job.logits_at = Some(i32::try_from(used).unwrap_or(i32::MAX));
+                    }
+                    used += 1;
+                }
             }
         }
         if used == 0 {
@@ -899,9 +945,11 @@ impl Engine<'_, '_> {
         // The batch is in the KV cache now: record what each sequence holds.
         let mut finished = Vec::new();
         for (at, job) in self.active.iter_mut().enumerate() {
-            if let Some(token) = job.next_token.take() {
-                self.kv.push(job.slot, token);
-                job.n_past += 1;
+            if std::mem::take(&mut job.token_in_batch) {
+                if let Some(token) = job.next_token.take() {
+                    self.kv.push(job.slot, token);
+                    job.n_past += 1;
+                }
             } else if job.in_batch > 0 {
                 let added = std::mem::take(&mut job.in_batch);
                 for &token in &job.pending[job.pending_from..job.pending_from + added] {

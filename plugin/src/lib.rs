@@ -131,6 +131,15 @@ impl NpcAiPlugin {
         self
     }
 
+    /// Turns reproducible batching on or off (on by default): with it, an NPC's seeded reply
+    /// does not depend on which other NPCs talk at the same time (see
+    /// [`RuntimeConfig::reproducible_batching`]).
+    #[must_use]
+    pub fn with_reproducible_batching(mut self, on: bool) -> Self {
+        self.config = self.config.with_reproducible_batching(on);
+        self
+    }
+
     /// Sets the escalation policy (routing hard questions to a cloud model).
     #[must_use]
     pub fn with_escalation(mut self, escalation: npc_native::EscalationConfig) -> Self {
