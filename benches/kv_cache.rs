@@ -139,8 +139,10 @@ fn resume(precision: KvPrecision) {
     // The same file with one byte of its KV section flipped: the checksum catches it and
     // the runtime recomputes the conversation from its text.
     let mut damaged = std::fs::read(&saved).unwrap();
-    let last = damaged.len() - 1;
-    damaged[last] ^= 1;
+    // The KV section is nearly all of the file (the conversation and the NPC's memories are
+    // small sections around it), so its middle byte is inside it.
+    let middle = damaged.len() / 2;
+    damaged[middle] ^= 1;
     let recompute = dir.join("recompute.state");
     std::fs::write(&recompute, damaged).unwrap();
 
