@@ -328,6 +328,103 @@ fn memories_survive_save_and_load() {
     assert!(stats.memories >= 2, "{stats:?}");
 }
 
+/// Saves the blacksmith after a memory and two turns; returns the file's bytes.
+fn save_brom(runtime: &Runtime, npc: NpcId, path: &std::path::Path) -> Vec<u8> {
+    runtime
+        .remember(npc, "The player saved the mill from a fire.", 7)
+        .unwrap();
+    assert!(matches!(next_event(runtime), Event::Remembered { .. }));
+    reply(runtime, npc, "Hello! My name is Aria.");
+    reply(runtime, npc, "Do you remember what happened at the mill?");
+    runtime.save_npc(npc, path).unwrap();
+    assert!(matches!(next_event(runtime), Event::NpcSaved { .. }));
+    std::fs::read(path).unwrap()
+}
+
+fn load(runtime: &Runtime, npc: NpcId, path: &std::path::Path) -> Event {
+    runtime.load_npc(npc, path).unwrap();
+    next_event(runtime)
+}
+
+#[test]
+fn a_damaged_memory_section_keeps_the_conversation_and_its_cache() {
+    let _serial = common::serial();
+    let dir = common::scratch_dir("damaged-mind");
+    let path = dir.join("brom.npc");
+    let npc = NpcId(4);
+    let runtime = start();
+    let prefix = set_persona(&runtime, npc, blacksmith_with_lore()).unwrap();
+    let good = save_brom(&runtime, npc, &path);
+    // The memory section is the file's last; its RON opens with `(memories:(`.
+    let mind_at = good
+        .windows(11)
+        .rposition(|w| w == b"(memories:(")
+        .expect("the memory section");
+
+    // Broken syntax: the mind is lost, the conversation and the KV are not.
+    let mut bytes = good.clone();
+    bytes[mind_at] = b'#';
+    std::fs::write(&path, &bytes).unwrap();
+    match load(&runtime, npc, &path) {
+        Event::NpcLoaded {
+            turns,
+            kv_tokens,
+            kv_note,
+            mind_note,
+            ..
+        } => {
+            assert_eq!((turns, kv_note), (2, None));
+            assert!(kv_tokens > prefix, "{kv_tokens}");
+            let note = mind_note.expect("the damage is reported");
+            assert!(note.contains("memories not restored"), "{note}");
+        }
+        other => panic!("expected NpcLoaded, got {other:?}"),
+    }
+    let mind_now = mind(&runtime, npc);
+    assert!(mind_now.memories.is_empty(), "{:?}", mind_now.memories);
+    // The next reply reuses the restored cache: the persona and the first exchange.
+    let (text, stats) = reply(&runtime, npc, "What do you sell?");
+    assert!(!text.trim().is_empty());
+    assert!(stats.cached_tokens > prefix, "{stats:?} prefix {prefix}");
+    assert_eq!(stats.memories, 0, "{stats:?}");
+
+    // A flipped letter inside a memory: its checksum fails, what still parses is kept.
+    let mut bytes = good.clone();
+    let mill = bytes[mind_at..]
+        .windows(4)
+        .position(|w| w == b"mill")
+        .unwrap()
+        + mind_at;
+    bytes[mill + 1] = b'a';
+    std::fs::write(&path, &bytes).unwrap();
+    match load(&runtime, npc, &path) {
+        Event::NpcLoaded {
+            turns, mind_note, ..
+        } => {
+            assert_eq!(turns, 2);
+            assert!(mind_note.unwrap().contains("checksum"));
+        }
+        other => panic!("expected NpcLoaded, got {other:?}"),
+    }
+    let memories = mind(&runtime, npc).memories;
+    assert!(
+        memories.contains(&"The player saved the mall from a fire.".to_owned()),
+        "{memories:?}"
+    );
+
+    // The file as saved loads cleanly.
+    std::fs::write(&path, &good).unwrap();
+    assert!(matches!(
+        load(&runtime, npc, &path),
+        Event::NpcLoaded {
+            mind_note: None,
+            turns: 2,
+            ..
+        }
+    ));
+    assert_eq!(mind(&runtime, npc).memories.len(), 2);
+}
+
 #[test]
 fn the_summary_is_triggered_at_the_budget_and_keeps_named_facts() {
     let _serial = common::serial();

@@ -116,6 +116,16 @@ impl Knowledge {
         self.summary = old.summary;
     }
 
+    /// Makes every memory and summary text safe for a prompt (after loading a save).
+    pub(crate) fn sanitize(&mut self, prompts: &PromptBuilder) {
+        for memory in &mut self.memories.memories {
+            memory.text = prompts.sanitize(&memory.text);
+        }
+        for fact in &mut self.summary.facts {
+            *fact = prompts.sanitize(fact);
+        }
+    }
+
     /// The designer's prompt budget, if any.
     pub(crate) fn budget(&self) -> Option<usize> {
         self.budget

@@ -240,6 +240,10 @@ pub enum Event {
         kv_tokens: usize,
         /// Why the KV state was not restored, if it was not.
         kv_note: Option<String>,
+        /// Why the NPC's memories and summary were not restored as saved, if they were not
+        /// (a damaged memory section: the NPC keeps what still parsed, else starts with an
+        /// empty mind; the conversation is restored either way).
+        mind_note: Option<String>,
     },
     /// An NPC's state could not be loaded; the NPC keeps what it had.
     NpcLoadFailed {

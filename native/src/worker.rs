@@ -570,18 +570,25 @@ impl Engine<'_, '_> {
                 path.display()
             );
         }
+        let mind_note = loaded.mind_note;
+        if let Some(note) = &mind_note {
+            tracing::warn!("NPC {npc:?}: {note} in {}", path.display());
+        }
         let turns = loaded.turns.len();
         if let Some(conversation) = self.npcs.get_mut(&npc) {
             conversation.turns = loaded.turns;
             let mind = loaded.mind.unwrap_or_default();
             conversation.knowledge.memories = mind.memories;
             conversation.knowledge.summary = mind.summary;
+            // Saved text is the player's file: it enters prompts only sanitized.
+            conversation.knowledge.sanitize(&self.prompts);
         }
         self.emit(Event::NpcLoaded {
             npc,
             turns,
             kv_tokens,
             kv_note,
+            mind_note,
         });
     }
 

@@ -273,6 +273,7 @@ fn receive_runtime_events(
                 turns,
                 kv_tokens,
                 kv_note,
+                mind_note,
             } => {
                 if let Some(entity) = live(npc, &npcs) {
                     commands.trigger(NpcStateLoaded {
@@ -280,6 +281,7 @@ fn receive_runtime_events(
                         turns,
                         kv_tokens,
                         kv_note,
+                        mind_note,
                     });
                 }
             }
