@@ -6,7 +6,8 @@ mod common;
 use std::time::Duration;
 
 use npc_native::{
-    Event, LoreBook, LoreIndex, NpcError, NpcId, Persona, ReplyStats, Runtime, RuntimeConfig,
+    DebugHook, Event, LoreBook, LoreIndex, NpcError, NpcId, Persona, Priority, ReplyStats, Request,
+    Runtime, RuntimeConfig, SayOptions,
 };
 
 const WAIT: Duration = Duration::from_secs(120);
@@ -63,29 +64,39 @@ fn reply(runtime: &Runtime, npc: NpcId, line: &str) -> (String, ReplyStats) {
     }
 }
 
+#[derive(Debug, PartialEq)]
 struct Mind {
     memories: Vec<String>,
     summary: Vec<String>,
     summarised_turns: usize,
     lore_entries: usize,
+    written_summary: Option<String>,
 }
 
 fn mind(runtime: &Runtime, npc: NpcId) -> Mind {
     runtime.inspect(npc).unwrap();
-    match next_event(runtime) {
-        Event::Mind {
-            memories,
-            summary,
-            summarised_turns,
-            lore_entries,
-            ..
-        } => Mind {
-            memories: memories.into_iter().map(|m| m.text).collect(),
-            summary,
-            summarised_turns,
-            lore_entries,
-        },
-        other => panic!("unexpected {other:?}"),
+    loop {
+        match next_event(runtime) {
+            Event::Mind {
+                memories,
+                summary,
+                summarised_turns,
+                lore_entries,
+                written_summary,
+                ..
+            } => {
+                return Mind {
+                    memories: memories.into_iter().map(|m| m.text).collect(),
+                    summary,
+                    summarised_turns,
+                    lore_entries,
+                    written_summary,
+                };
+            }
+            // A background summary may finish at any time.
+            Event::SummaryWritten { .. } => {}
+            other => panic!("unexpected {other:?}"),
+        }
     }
 }
 
@@ -328,6 +339,103 @@ fn memories_survive_save_and_load() {
     assert!(stats.memories >= 2, "{stats:?}");
 }
 
+/// Saves the blacksmith after a memory and two turns; returns the file's bytes.
+fn save_brom(runtime: &Runtime, npc: NpcId, path: &std::path::Path) -> Vec<u8> {
+    runtime
+        .remember(npc, "The player saved the mill from a fire.", 7)
+        .unwrap();
+    assert!(matches!(next_event(runtime), Event::Remembered { .. }));
+    reply(runtime, npc, "Hello! My name is Aria.");
+    reply(runtime, npc, "Do you remember what happened at the mill?");
+    runtime.save_npc(npc, path).unwrap();
+    assert!(matches!(next_event(runtime), Event::NpcSaved { .. }));
+    std::fs::read(path).unwrap()
+}
+
+fn load(runtime: &Runtime, npc: NpcId, path: &std::path::Path) -> Event {
+    runtime.load_npc(npc, path).unwrap();
+    next_event(runtime)
+}
+
+#[test]
+fn a_damaged_memory_section_keeps_the_conversation_and_its_cache() {
+    let _serial = common::serial();
+    let dir = common::scratch_dir("damaged-mind");
+    let path = dir.join("brom.npc");
+    let npc = NpcId(4);
+    let runtime = start();
+    let prefix = set_persona(&runtime, npc, blacksmith_with_lore()).unwrap();
+    let good = save_brom(&runtime, npc, &path);
+    // The memory section is the file's last; its RON opens with `(memories:(`.
+    let mind_at = good
+        .windows(11)
+        .rposition(|w| w == b"(memories:(")
+        .expect("the memory section");
+
+    // Broken syntax: the mind is lost, the conversation and the KV are not.
+    let mut bytes = good.clone();
+    bytes[mind_at] = b'#';
+    std::fs::write(&path, &bytes).unwrap();
+    match load(&runtime, npc, &path) {
+        Event::NpcLoaded {
+            turns,
+            kv_tokens,
+            kv_note,
+            mind_note,
+            ..
+        } => {
+            assert_eq!((turns, kv_note), (2, None));
+            assert!(kv_tokens > prefix, "{kv_tokens}");
+            let note = mind_note.expect("the damage is reported");
+            assert!(note.contains("memories not restored"), "{note}");
+        }
+        other => panic!("expected NpcLoaded, got {other:?}"),
+    }
+    let mind_now = mind(&runtime, npc);
+    assert!(mind_now.memories.is_empty(), "{:?}", mind_now.memories);
+    // The next reply reuses the restored cache: the persona and the first exchange.
+    let (text, stats) = reply(&runtime, npc, "What do you sell?");
+    assert!(!text.trim().is_empty());
+    assert!(stats.cached_tokens > prefix, "{stats:?} prefix {prefix}");
+    assert_eq!(stats.memories, 0, "{stats:?}");
+
+    // A flipped letter inside a memory: its checksum fails, what still parses is kept.
+    let mut bytes = good.clone();
+    let mill = bytes[mind_at..]
+        .windows(4)
+        .position(|w| w == b"mill")
+        .unwrap()
+        + mind_at;
+    bytes[mill + 1] = b'a';
+    std::fs::write(&path, &bytes).unwrap();
+    match load(&runtime, npc, &path) {
+        Event::NpcLoaded {
+            turns, mind_note, ..
+        } => {
+            assert_eq!(turns, 2);
+            assert!(mind_note.unwrap().contains("checksum"));
+        }
+        other => panic!("expected NpcLoaded, got {other:?}"),
+    }
+    let memories = mind(&runtime, npc).memories;
+    assert!(
+        memories.contains(&"The player saved the mall from a fire.".to_owned()),
+        "{memories:?}"
+    );
+
+    // The file as saved loads cleanly.
+    std::fs::write(&path, &good).unwrap();
+    assert!(matches!(
+        load(&runtime, npc, &path),
+        Event::NpcLoaded {
+            mind_note: None,
+            turns: 2,
+            ..
+        }
+    ));
+    assert_eq!(mind(&runtime, npc).memories.len(), 2);
+}
+
 #[test]
 fn the_summary_is_triggered_at_the_budget_and_keeps_named_facts() {
     let _serial = common::serial();
@@ -429,4 +537,199 @@ fn lore_is_compressed_once_and_then_read_from_the_disk_cache() {
         set_persona(&runtime, NpcId(1), persona),
         Err(NpcError::InvalidPersona(_))
     ));
+}
+
+/// The blacksmith without lore or recalled memories (each turn is the player's line alone,
+/// so a turn's prompt is a prefix of the next one's), short greedy replies, and a budget
+/// that folds the conversation after a few turns.
+fn folding_blacksmith(runtime: &Runtime, npc: NpcId) -> (Persona, usize) {
+    let mut persona = blacksmith_with_lore();
+    persona.lore = None;
+    persona.recall = Some(0);
+    persona.sampling.max_tokens = Some(24);
+    let prefix = set_persona(runtime, npc, persona.clone()).unwrap();
+    persona.prompt_budget = Some(u32::try_from(prefix + 300).unwrap());
+    (persona, prefix)
+}
+
+const FOLDING_LINES: [&str; 14] = [
+    "My sister Wren Holloway lives in Riverford.",
+    "I owe Marta 12 silver for the stew.",
+    "Nice weather today, is it not?",
+    "How is the forge doing?",
+    "Do you like your work?",
+    "What do you think of the village?",
+    "Is the fire hot today?",
+    "Have you eaten yet?",
+    "Do you ever rest?",
+    "Is it busy today?",
+    "Do you sell nails?",
+    "Are your tools old?",
+    "Do you have an apprentice?",
+    "Is the smoke bad today?",
+];
+
+fn hold(runtime: &Runtime) -> crossbeam_channel::Sender<()> {
+    let (open, gate) = crossbeam_channel::bounded(1);
+    runtime
+        .send(Request::Debug(DebugHook::WaitFor(gate)))
+        .unwrap();
+    open
+}
+
+fn written_after(runtime: &Runtime, npc: NpcId) -> (usize, Option<String>) {
+    loop {
+        match next_event(runtime) {
+            Event::SummaryWritten {
+                npc: n,
+                summarised_turns,
+                text,
+            } if n == npc => return (summarised_turns, text),
+            Event::WorkerDied { reason } => panic!("worker died: {reason}"),
+            _ => {}
+        }
+    }
+}
+
+#[test]
+fn the_model_writes_part_of_the_summary_in_the_background_after_the_replies() {
+    let _serial = common::serial();
+    let runtime = start();
+    let (npc, other) = (NpcId(5), NpcId(6));
+    let (persona, _) = folding_blacksmith(&runtime, npc);
+    set_persona(&runtime, npc, persona.clone()).unwrap();
+    let mut chatter = persona.clone();
+    chatter.prompt_budget = None;
+    set_persona(&runtime, other, chatter).unwrap();
+    let background = SayOptions {
+        priority: Priority::Background,
+        deadline: None,
+    };
+
+    // Each line goes in together with a background line to another NPC: the worker is held
+    // until both are queued. The turn that folds makes a summary job due while the other
+    // reply still waits, and that reply (the lowest priority a game can ask for) still goes
+    // first: the job runs only when no reply is queued or in progress.
+    let mut folded = None;
+    for line in FOLDING_LINES {
+        let gate = hold(&runtime);
+        let mine = runtime.say(npc, line).unwrap();
+        let theirs = runtime
+            .say_with(other, "Good day to you.", background)
+            .unwrap();
+        gate.send(()).unwrap();
+        let mut order = Vec::new();
+        let mut stats = None;
+        while order.len() < 2 {
+            match next_event(&runtime) {
+                Event::Replied {
+                    request, stats: s, ..
+                } => {
+                    if request == mine {
+                        stats = Some(s);
+                    }
+                    order.push(format!("replied {}", request.0));
+                }
+                Event::SummaryWritten { npc: n, .. } => order.push(format!("summary {}", n.0)),
+                Event::Failed { error, .. } => panic!("{line:?}: {error}"),
+                _ => {}
+            }
+        }
+        let stats = stats.expect("the NPC replied");
+        assert!(
+            stats.prompt_tokens <= persona.prompt_budget.unwrap() as usize,
+            "{stats:?}"
+        );
+        if stats.dropped_turns > 0 {
+            // Both replies, in either order, and nothing else in between.
+            order.sort();
+            let mut expected = [
+                format!("replied {}", mine.0),
+                format!("replied {}", theirs.0),
+            ];
+            expected.sort();
+            assert_eq!(order, expected);
+            folded = Some(stats);
+            break;
+        }
+    }
+    let folded = folded.expect("the conversation outgrew its budget and was folded");
+    let (covered, text) = written_after(&runtime, npc);
+    assert_eq!(covered, folded.dropped_turns);
+    let text = text.expect("the model's summary passed validation");
+    let after_job = mind(&runtime, npc);
+    assert_eq!(after_job.written_summary.as_deref(), Some(text.as_str()));
+    assert!(!text.is_empty() && text.len() <= 320, "{text}");
+    // The named facts are kept word for word, whatever the model wrote.
+    assert_eq!(
+        after_job.summary[..2],
+        [
+            "My sister Wren Holloway lives in Riverford.",
+            "I owe Marta 12 silver for the stew."
+        ]
+    );
+
+    // The block changed once (the written part arrived), so the next turn recomputes from
+    // it; from then on it is the same bytes, and the turn after reuses all of the previous
+    // turn's prompt, the system block included.
+    let (_, first) = reply(&runtime, npc, "What do you sell?");
+    let (_, second) = reply(&runtime, npc, "Is iron cheap here?");
+    assert_eq!(first.dropped_turns, folded.dropped_turns, "{first:?}");
+    assert_eq!(second.dropped_turns, folded.dropped_turns, "{second:?}");
+    assert!(
+        second.cached_tokens >= first.prompt_tokens,
+        "{first:?} {second:?}"
+    );
+    assert!(
+        second.cached_tokens > first.cached_tokens + 40,
+        "{first:?} {second:?}"
+    );
+    assert_eq!(mind(&runtime, npc), after_job);
+}
+
+#[test]
+fn a_summary_not_yet_written_at_save_is_written_after_load() {
+    let _serial = common::serial();
+    let dir = common::scratch_dir("summary-save");
+    let path = dir.join("brom.npc");
+    let npc = NpcId(8);
+    let runtime = start();
+    let (persona, _) = folding_blacksmith(&runtime, npc);
+    // Saved by a game with model summaries off: the file holds the extractive summary only.
+    let mut off = persona.clone();
+    off.model_summary = Some(false);
+    set_persona(&runtime, npc, off).unwrap();
+    let mut folded = 0;
+    for line in FOLDING_LINES {
+        let (_, stats) = reply(&runtime, npc, line);
+        if stats.dropped_turns > 0 {
+            folded = stats.dropped_turns;
+            break;
+        }
+    }
+    assert!(folded > 0, "the conversation was folded");
+    let before = mind(&runtime, npc);
+    assert_eq!(before.written_summary, None);
+    runtime.save_npc(npc, &path).unwrap();
+    assert!(matches!(next_event(&runtime), Event::NpcSaved { .. }));
+    drop(runtime);
+
+    // Loaded with summaries on: the job is derived from the saved summary and runs.
+    let runtime = start();
+    set_persona(&runtime, npc, persona).unwrap();
+    runtime.load_npc(npc, &path).unwrap();
+    assert!(matches!(
+        next_event(&runtime),
+        Event::NpcLoaded {
+            mind_note: None,
+            ..
+        }
+    ));
+    let (covered, text) = written_after(&runtime, npc);
+    assert_eq!(covered, folded);
+    let after = mind(&runtime, npc);
+    assert_eq!(after.written_summary, text);
+    assert!(after.written_summary.is_some(), "{after:?}");
+    assert_eq!(after.summary, before.summary);
+    assert_eq!(after.summarised_turns, before.summarised_turns);
 }

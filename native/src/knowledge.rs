@@ -21,6 +21,8 @@ use crate::memory::MemoryStore;
 use crate::persona::Persona;
 use crate::prompt::{PromptBuilder, Turn};
 use crate::protocol::NpcError;
+use crate::protocol::NpcId;
+use crate::summarizer::{Finished, SummaryInput};
 use crate::summary::Summary;
 
 /// Lore entries per turn when a persona does not say.
@@ -41,6 +43,8 @@ pub(crate) struct Knowledge {
     pub(crate) summary: Summary,
     /// Compressed texts of the lore entries (index order), when the persona asks for it.
     compressed: Option<Compressed>,
+    /// Whether the model writes part of the summary (the persona's `model_summary`).
+    model_summary: bool,
 }
 
 /// A prompt ready to decode, and what was put in or left out to build it.
@@ -74,6 +78,7 @@ impl Knowledge {
             memories: MemoryStore::default(),
             summary: Summary::default(),
             compressed: None,
+            model_summary: persona.model_summary.unwrap_or(true),
         })
     }
 
@@ -114,6 +119,54 @@ impl Knowledge {
     pub(crate) fn carry_over(&mut self, old: Knowledge) {
         self.memories = old.memories;
         self.summary = old.summary;
+    }
+
+    /// Makes every memory and summary text safe for a prompt (after loading a save).
+    pub(crate) fn sanitize(&mut self, prompts: &PromptBuilder) {
+        for memory in &mut self.memories.memories {
+            memory.text = prompts.sanitize(&memory.text);
+        }
+        for fact in &mut self.summary.facts {
+            *fact = prompts.sanitize(fact);
+        }
+        self.summary.written = prompts.sanitize(&self.summary.written);
+        self.summary.written_turns = self.summary.written_turns.min(self.summary.turns);
+    }
+
+    /// The summary job this NPC needs, if any: turns folded since the model last wrote its
+    /// part of the summary (see [`crate::summarizer`]).
+    pub(crate) fn summary_due(&self, npc: NpcId, turns: &[Turn]) -> Option<SummaryInput> {
+        let summary = &self.summary;
+        let to = summary.turns.min(turns.len());
+        (self.model_summary && summary.written_turns < to).then(|| SummaryInput {
+            npc,
+            from: summary.written_turns,
+            to,
+            previous: summary.written.clone(),
+            turns: turns[summary.written_turns..to].to_vec(),
+        })
+    }
+
+    /// Takes a finished summary job's text into the summary if the conversation is still the
+    /// one it was made from. A refused text still marks its turns as done (they keep their
+    /// extractive facts), so a model that writes nonsense is not asked again and again.
+    /// Returns whether the summary changed.
+    pub(crate) fn apply_written(&mut self, turns: &[Turn], done: &Finished) -> bool {
+        let summary = &mut self.summary;
+        let current = summary.written_turns == done.from
+            && done.to <= summary.turns.min(turns.len())
+            && SummaryInput::key(&summary.written, &turns[done.from..done.to]) == done.key;
+        if !self.model_summary || !current {
+            return false;
+        }
+        summary.written_turns = done.to;
+        match &done.text {
+            Some(text) => {
+                summary.written = text.clone();
+                true
+            }
+            None => false,
+        }
     }
 
     /// The designer's prompt budget, if any.

@@ -17,6 +17,7 @@ mod persona;
 mod prompt;
 mod protocol;
 mod sampling;
+mod summarizer;
 mod summary;
 mod worker;
 

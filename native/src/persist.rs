@@ -10,6 +10,8 @@
 //! A fourth section, after the KV bytes, holds what the NPC learned: its long-term memories
 //! and rolling summary. Files written before that section existed end after the KV section
 //! and load with no memories; older builds read new files and ignore the extra section.
+//! A damaged memory section never costs the conversation: the file loads with whatever of
+//! the section still parses (or an empty mind) and `mind_note` says what happened.
 //!
 //! Files are written to a temporary name and renamed, so a failed save (full disk) leaves the
 //! previous save intact.
@@ -69,8 +71,11 @@ pub(crate) struct LoadedState {
     /// Tokens and KV bytes, when the file's identity matches and its checksum holds;
     /// otherwise why not.
     pub(crate) kv: Result<(Vec<i32>, Vec<u8>), String>,
-    /// The memory section; `None` for files written before it existed.
+    /// The memory section; `None` for files written before it existed, or when it was too
+    /// damaged to read (then `mind_note` says why).
     pub(crate) mind: Option<SavedMind>,
+    /// Why the memory section was not restored as saved, if it was not.
+    pub(crate) mind_note: Option<String>,
 }
 
 /// Writes `path` atomically (temporary file, then rename).
@@ -156,15 +161,10 @@ pub(crate) fn load(path: &Path, expected: &StateIdentity) -> Result<LoadedState,
     let header = reader.section();
     let conversation = reader.section();
     let kv = reader.section();
-    let mind = if reader.at == bytes.len() {
-        None
+    let (mind, mind_note) = if reader.at == bytes.len() {
+        (None, None)
     } else {
-        let mind: SavedMind = reader
-            .section()
-            .and_then(|b| std::str::from_utf8(b).map_err(|e| e.to_string()))
-            .and_then(|text| ron::from_str(text).map_err(|e| e.to_string()))
-            .map_err(|e| format!("the memories in {} are damaged: {e}", path.display()))?;
-        Some(mind)
+        read_mind(reader.section_unchecked())
     };
 
     let conversation: SavedConversation = conversation
@@ -207,7 +207,42 @@ pub(crate) fn load(path: &Path, expected: &StateIdentity) -> Result<LoadedState,
             .collect();
         Ok((tokens, kv[end..].to_vec()))
     })();
-    Ok(LoadedState { turns, kv, mind })
+    Ok(LoadedState {
+        turns,
+        kv,
+        mind,
+        mind_note,
+    })
+}
+
+/// The memory section, as far as it can be trusted or salvaged: a section whose checksum
+/// fails is still parsed (its texts are the player's own memories, and every text is
+/// sanitized again before it enters a prompt), and one that does not parse is dropped.
+fn read_mind(section: Result<(&[u8], bool), String>) -> (Option<SavedMind>, Option<String>) {
+    let (body, checksum_ok) = match section {
+        Ok(read) => read,
+        Err(reason) => return (None, Some(format!("memories not restored ({reason})"))),
+    };
+    let parsed = std::str::from_utf8(body)
+        .map_err(|e| e.to_string())
+        .and_then(|text| ron::from_str::<SavedMind>(text).map_err(|e| e.to_string()));
+    match (parsed, checksum_ok) {
+        (Ok(mind), true) => (Some(mind), None),
+        (Ok(mind), false) => (
+            Some(mind),
+            Some("memory section failed its checksum; kept what still parses".into()),
+        ),
+        (Err(err), true) => (
+            None,
+            Some(format!("memories not restored (unreadable: {err})")),
+        ),
+        (Err(err), false) => (
+            None,
+            Some(format!(
+                "memories not restored (checksum mismatch, unreadable: {err})"
+            )),
+        ),
+    }
 }
 
 fn describe_mismatch(found: &StateIdentity, expected: &StateIdentity) -> String {
@@ -246,6 +281,15 @@ impl<'a> Sections<'a> {
 
     /// One section, verified against its sha256.
     fn section(&mut self) -> Result<&'a [u8], String> {
+        let (body, checksum_ok) = self.section_unchecked()?;
+        if !checksum_ok {
+            return Err("checksum mismatch".into());
+        }
+        Ok(body)
+    }
+
+    /// One section and whether its sha256 holds.
+    fn section_unchecked(&mut self) -> Result<(&'a [u8], bool), String> {
         let len = self
             .take(8)
             .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
@@ -255,10 +299,7 @@ impl<'a> Sections<'a> {
             .ok()
             .and_then(|len| self.take(len))
             .ok_or("truncated file")?;
-        if Sha256::digest(body).as_slice() != digest {
-            return Err("checksum mismatch".into());
-        }
-        Ok(body)
+        Ok((body, Sha256::digest(body).as_slice() == digest))
     }
 }
 
@@ -442,6 +483,45 @@ mod tests {
         assert_eq!(loaded.mind, None);
         assert_eq!(loaded.turns, turns());
         assert_eq!(loaded.kv.unwrap(), (vec![1], b"kv".to_vec()));
+    }
+
+    #[test]
+    fn a_damaged_memory_section_keeps_the_conversation_and_the_kv() {
+        let path = scratch("corrupt-mind");
+        let mut mind = SavedMind::default();
+        mind.memories.remember("The player's name is Aria.", 8);
+        save(&path, &identity(), &turns(), &[1, 2], b"kv", &mind).unwrap();
+        let good = std::fs::read(&path).unwrap();
+        let at = good.windows(4).position(|w| w == b"Aria").unwrap();
+        // A flipped letter: the checksum fails, the section still parses and is kept.
+        let mut bytes = good.clone();
+        bytes[at] = b'B';
+        std::fs::write(&path, &bytes).unwrap();
+        let loaded = load(&path, &identity()).unwrap();
+        assert_eq!(loaded.turns, turns());
+        assert_eq!(loaded.kv.unwrap(), (vec![1, 2], b"kv".to_vec()));
+        assert_eq!(
+            loaded.mind.unwrap().memories.memories[0].text,
+            "The player's name is Bria."
+        );
+        assert!(loaded.mind_note.unwrap().contains("checksum"));
+        // Broken syntax: nothing of the mind, everything else.
+        let mut bytes = good.clone();
+        let mind_at = good.len() - ron::to_string(&mind).unwrap().len();
+        assert_eq!(bytes[mind_at], b'(');
+        bytes[mind_at] = b'#';
+        std::fs::write(&path, &bytes).unwrap();
+        let loaded = load(&path, &identity()).unwrap();
+        assert_eq!(loaded.turns, turns());
+        assert!(loaded.kv.is_ok());
+        assert_eq!(loaded.mind, None);
+        assert!(loaded.mind_note.unwrap().contains("unreadable"));
+        // Cut off inside the memory section.
+        std::fs::write(&path, &good[..good.len() - 10]).unwrap();
+        let loaded = load(&path, &identity()).unwrap();
+        assert_eq!(loaded.turns, turns());
+        assert_eq!(loaded.mind, None);
+        assert!(loaded.mind_note.unwrap().contains("truncated"));
     }
 
     #[test]

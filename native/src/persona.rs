@@ -80,6 +80,11 @@ pub struct Persona {
     /// cached on disk; the first load pays one forward pass over the lore.
     #[serde(default)]
     pub compress_lore: Option<f32>,
+    /// Whether the rolling summary also gets a few sentences the model writes about the
+    /// folded turns, in the background at the lowest priority (default on; `Some(false)`
+    /// keeps only the extractive summary and costs no model time).
+    #[serde(default)]
+    pub model_summary: Option<bool>,
 }
 
 /// A persona file that could not be read: where, and why.

@@ -240,6 +240,10 @@ pub enum Event {
         kv_tokens: usize,
         /// Why the KV state was not restored, if it was not.
         kv_note: Option<String>,
+        /// Why the NPC's memories and summary were not restored as saved, if they were not
+        /// (a damaged memory section: the NPC keeps what still parsed, else starts with an
+        /// empty mind; the conversation is restored either way).
+        mind_note: Option<String>,
     },
     /// An NPC's state could not be loaded; the NPC keeps what it had.
     NpcLoadFailed {
@@ -271,6 +275,22 @@ pub enum Event {
         /// With `compress_lore`: lore tokens before and after compression, and whether the
         /// compressed text came from the disk cache.
         lore_compression: Option<(usize, usize, bool)>,
+        /// What the model wrote about the summarised turns, once its background job is done
+        /// (see [`Event::SummaryWritten`]).
+        written_summary: Option<String>,
+    },
+    /// The model finished writing its part of an NPC's rolling summary, in the background
+    /// (it never runs while a reply is queued or in progress). The summary block in the
+    /// NPC's prompt changes with it, once, and then stays the same until more turns are
+    /// folded.
+    SummaryWritten {
+        /// The NPC.
+        npc: NpcId,
+        /// Leading turns of the conversation the written summary covers.
+        summarised_turns: usize,
+        /// The validated text; `None` when the model's output was refused (empty, an echo
+        /// of its instructions, a loop), and the summary keeps its extractive facts alone.
+        text: Option<String>,
     },
     /// A memory could not be stored (or an NPC inspected).
     RememberFailed {

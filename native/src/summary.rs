@@ -2,10 +2,14 @@
 //! turns leave the prompt and what they said that matters stays, in one block that changes
 //! only when more turns are folded in (so the cached prefix stays warm in between).
 //!
-//! The summary is *extractive*: it keeps the player's sentences that carry a name or a
-//! number, or that state something about the player ("I …", "my …"), verbatim. It costs no
-//! model time and cannot invent a name; a summary written by the model itself is not built
-//! yet.
+//! The summary has two parts. The *extractive* part keeps the player's sentences that carry
+//! a name or a number, or that state something about the player ("I …", "my …"), verbatim:
+//! it costs no model time, is there the moment turns are folded, and cannot invent a name.
+//! The *written* part is a few sentences the local model writes about the folded turns in
+//! the background, at the lowest priority (see [`crate::summarizer`]); it adds the gist
+//! (what was asked, agreed, refused) that no single sentence carries. A small model may
+//! drop or garble a name in its gist; the extractive part is what guarantees named facts
+//! survive.
 
 use serde::{Deserialize, Serialize};
 
@@ -18,6 +22,13 @@ pub(crate) struct Summary {
     pub(crate) facts: Vec<String>,
     /// Leading turns of the conversation that this summary stands for.
     pub(crate) turns: usize,
+    /// What the model wrote about the folded turns (validated; empty until written).
+    #[serde(default)]
+    pub(crate) written: String,
+    /// Leading turns that `written` covers (at most `turns`); when `turns` is ahead, the
+    /// worker has a summary job to run.
+    #[serde(default)]
+    pub(crate) written_turns: usize,
 }
 
 /// Facts kept at most; past it, the oldest leave the summary (important ones should also
@@ -41,13 +52,23 @@ impl Summary {
 
     /// The block appended to the system prompt, or `None` when there is nothing to say.
     pub(crate) fn block(&self) -> Option<String> {
-        if self.facts.is_empty() {
+        if self.facts.is_empty() && self.written.is_empty() {
             return None;
         }
-        let mut block = String::from("Earlier in this conversation the player said:");
-        for fact in &self.facts {
-            block.push_str("\n- ");
-            block.push_str(fact);
+        let mut block = String::new();
+        if !self.facts.is_empty() {
+            block.push_str("Earlier in this conversation the player said:");
+            for fact in &self.facts {
+                block.push_str("\n- ");
+                block.push_str(fact);
+            }
+        }
+        if !self.written.is_empty() {
+            if !block.is_empty() {
+                block.push('\n');
+            }
+            block.push_str("In short, earlier: ");
+            block.push_str(&self.written);
         }
         Some(block)
     }
@@ -116,5 +137,17 @@ mod tests {
                 .contains("- I owe the baker 7 copper.")
         );
         assert_eq!(Summary::default().block(), None);
+        summary.written = "The player is looking for work.".into();
+        let block = summary.block().unwrap();
+        assert!(block.starts_with("Earlier in this conversation the player said:\n- My sister"));
+        assert!(block.ends_with("\nIn short, earlier: The player is looking for work."));
+    }
+
+    #[test]
+    fn summaries_saved_before_the_written_part_existed_still_load() {
+        let old = "(facts:[\"I owe Marta 12 silver.\"],turns:3)";
+        let summary: Summary = ron::from_str(old).unwrap();
+        assert_eq!((summary.turns, summary.written_turns), (3, 0));
+        assert!(summary.written.is_empty());
     }
 }

@@ -33,6 +33,7 @@ use crate::protocol::{
     Request, RequestId, SayOptions,
 };
 use crate::sampling::{SamplingParams, StopFilter};
+use crate::summarizer::Summarizer;
 
 /// llama.cpp's `LLAMA_FLASH_ATTN_TYPE_ENABLED`.
 const FLASH_ATTENTION_ENABLED: i32 = 1;
@@ -154,6 +155,7 @@ fn serve(config: &RuntimeConfig, inbox: &Receiver<Request>, events: &Sender<Even
         queue: VecDeque::new(),
         active: Vec::new(),
         escalator: Escalator::new(&config.escalation),
+        summarizer: Summarizer::new(threads),
     };
     engine.run(inbox);
 }
@@ -329,13 +331,15 @@ struct Engine<'m, 'e> {
     active: Vec<Job>,
     /// Routing to the cloud, spend and rate limits.
     escalator: Escalator,
+    /// Model-written summaries, run when nothing else is (see `crate::summarizer`).
+    summarizer: Summarizer<'m>,
 }
 
 impl Engine<'_, '_> {
     fn run(&mut self, inbox: &Receiver<Request>) {
         loop {
             // Idle: block until there is work. Busy: take what has arrived, then step.
-            if self.active.is_empty() && self.queue.is_empty() {
+            if self.active.is_empty() && self.queue.is_empty() && !self.summary_work() {
                 match inbox.recv() {
                     Ok(request) => {
                         if !self.handle(request) {
@@ -359,7 +363,57 @@ impl Engine<'_, '_> {
             self.admit_queued();
             if !self.active.is_empty() {
                 self.step();
+            } else if self.queue.is_empty() {
+                // Lowest priority: only when no reply is waiting or in progress.
+                self.step_summary();
             }
+        }
+    }
+
+    /// Whether a summary job is running or due.
+    fn summary_work(&self) -> bool {
+        self.summarizer.busy()
+            || (self.summarizer.available()
+                && self
+                    .npcs
+                    .iter()
+                    .any(|(&npc, c)| c.knowledge.summary_due(npc, &c.turns).is_some()))
+    }
+
+    /// One small step of the summary job, starting the next due one if none runs.
+    fn step_summary(&mut self) {
+        let finished = if let Some(npc) = self.summarizer.running_npc() {
+            if !self.npcs.contains_key(&npc) {
+                self.summarizer.cancel(npc);
+                return;
+            }
+            self.summarizer.step(self.model, &self.prompts)
+        } else {
+            if !self.summarizer.available() {
+                return;
+            }
+            // Lowest NPC id first, so the order does not depend on the map.
+            let due = self
+                .npcs
+                .iter()
+                .filter_map(|(&npc, c)| c.knowledge.summary_due(npc, &c.turns))
+                .min_by_key(|input| input.npc.0);
+            let Some(input) = due else { return };
+            self.summarizer.start(self.model, &self.prompts, input)
+        };
+        let Some(done) = finished else { return };
+        let Some(conversation) = self.npcs.get_mut(&done.npc) else {
+            return;
+        };
+        let changed = conversation
+            .knowledge
+            .apply_written(&conversation.turns, &done);
+        if changed || conversation.knowledge.summary.written_turns == done.to {
+            self.emit(Event::SummaryWritten {
+                npc: done.npc,
+                summarised_turns: done.to,
+                text: done.text,
+            });
         }
     }
 
@@ -398,6 +452,7 @@ impl Engine<'_, '_> {
             }
             Request::Forget { npc } => {
                 self.cancel(npc);
+                self.summarizer.cancel(npc);
                 self.npcs.remove(&npc);
                 self.kv.forget(&mut self.ctx, npc);
             }
@@ -554,6 +609,8 @@ impl Engine<'_, '_> {
             return fail(self, NpcError::Busy.to_string());
         }
         self.absorb_cloud_turns();
+        // A summary job for the old conversation is moot; the loaded one gets its own.
+        self.summarizer.cancel(npc);
         let loaded = match persist::load(path, &self.identity) {
             Ok(loaded) => loaded,
             Err(error) => return fail(self, error),
@@ -590,18 +647,25 @@ impl Engine<'_, '_> {
                 path.display()
             );
         }
+        let mind_note = loaded.mind_note;
+        if let Some(note) = &mind_note {
+            tracing::warn!("NPC {npc:?}: {note} in {}", path.display());
+        }
         let turns = loaded.turns.len();
         if let Some(conversation) = self.npcs.get_mut(&npc) {
             conversation.turns = loaded.turns;
             let mind = loaded.mind.unwrap_or_default();
             conversation.knowledge.memories = mind.memories;
             conversation.knowledge.summary = mind.summary;
+            // Saved text is the player's file: it enters prompts only sanitized.
+            conversation.knowledge.sanitize(&self.prompts);
         }
         self.emit(Event::NpcLoaded {
             npc,
             turns,
             kv_tokens,
             kv_note,
+            mind_note,
         });
     }
 
@@ -712,6 +776,7 @@ impl Engine<'_, '_> {
             summarised_turns: knowledge.summary.turns,
             lore_entries: knowledge.lore.len(),
             lore_compression: knowledge.compression(),
+            written_summary: Some(knowledge.summary.written.clone()).filter(|w| !w.is_empty()),
         });
     }
 

@@ -273,6 +273,7 @@ fn receive_runtime_events(
                 turns,
                 kv_tokens,
                 kv_note,
+                mind_note,
             } => {
                 if let Some(entity) = live(npc, &npcs) {
                     commands.trigger(NpcStateLoaded {
@@ -280,6 +281,7 @@ fn receive_runtime_events(
                         turns,
                         kv_tokens,
                         kv_note,
+                        mind_note,
                     });
                 }
             }
@@ -292,7 +294,7 @@ fn receive_runtime_events(
                 }
             }
             // Memories a game adds through the runtime: nothing to show in the world.
-            Event::Remembered { .. } | Event::Mind { .. } => {}
+            Event::Remembered { .. } | Event::Mind { .. } | Event::SummaryWritten { .. } => {}
             Event::RememberFailed { npc, error } => {
                 warn!("NPC {npc:?} could not store a memory: {error}");
             }

@@ -161,6 +161,9 @@ pub struct NpcStateLoaded {
     pub kv_tokens: usize,
     /// Why the KV state was recomputed instead, if it was.
     pub kv_note: Option<String>,
+    /// Why the NPC's memories and summary were not restored as saved, if they were not
+    /// (the conversation is restored either way).
+    pub mind_note: Option<String>,
 }
 
 /// The model is loaded and NPCs can talk.
