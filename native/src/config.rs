@@ -86,8 +86,10 @@ pub struct RuntimeConfig {
     /// flash attention is off (its CPU kernel splits one sequence's single query across
     /// threads but not several sequences' queries), and prompt tokens never share a
     /// `decode` call with generated ones (each step makes two calls when both are waiting).
-    /// It applies to the f16 KV cache: a quantized cache ([`KvPrecision::Q8_0`],
-    /// [`KvPrecision::Q4_0`]) needs flash attention. GPU kernels give no such guarantee.
+    /// It applies to the f16 KV cache of a CPU run: a quantized cache
+    /// ([`KvPrecision::Q8_0`], [`KvPrecision::Q4_0`]) needs flash attention, and with layers
+    /// on a GPU it is ignored (GPU kernels give no such guarantee; see
+    /// [`reproducible_batching_applies`](Self::reproducible_batching_applies)).
     pub reproducible_batching: bool,
     /// Text every NPC's system prompt starts with: the world, its rules, how NPCs speak.
     ///
@@ -230,6 +232,15 @@ impl RuntimeConfig {
     pub fn with_kv_precision(mut self, precision: KvPrecision) -> Self {
         self.kv_precision = precision;
         self
+    }
+
+    /// Whether [`reproducible_batching`](Self::reproducible_batching) takes effect: it is on,
+    /// the KV cache is f16 and no layer runs on a GPU.
+    #[must_use]
+    pub fn reproducible_batching_applies(&self) -> bool {
+        self.reproducible_batching
+            && self.kv_precision == KvPrecision::F16
+            && self.effective_gpu_layers() == 0
     }
 
     /// Turns [`reproducible_batching`](Self::reproducible_batching) on or off.

@@ -87,7 +87,7 @@ fn serve(config: &RuntimeConfig, inbox: &Receiver<Request>, events: &Sender<Even
     let params = match config.kv_precision {
         // llama.cpp's CPU flash attention takes a different kernel for one sequence's single
         // query (the keys split across threads) than for several sequences at once.
-        KvPrecision::F16 if config.reproducible_batching => {
+        KvPrecision::F16 if config.reproducible_batching_applies() => {
             params.with_flash_attention_policy(FLASH_ATTENTION_DISABLED)
         }
         KvPrecision::F16 => params,
@@ -928,7 +928,7 @@ impl Engine<'_, '_> {
             .active
             .iter()
             .any(|job| job.next_token.is_none() && job.pending_from < job.pending.len());
-        if self.config.reproducible_batching && generating > 0 && prompting {
+        if self.config.reproducible_batching_applies() && generating > 0 && prompting {
             // A micro-batch that mixes prompt tokens with generated ones computes the prompt's
             // keys and values differently (in the last bits) from one that holds prompt tokens
             // alone, so they go to llama.cpp in two calls.
