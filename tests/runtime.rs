@@ -687,9 +687,9 @@ fn deadlines_fail_queued_replies_and_cut_running_ones_short() {
     let _serial = common::serial();
     let runtime = default_runtime();
     let npc = NpcId(1);
-    let mut persona = greedy("guard");
-    // Deadlines, not actions: without its action grammar the guard counts on and on.
-    persona.actions.clear();
+    // The innkeeper (greedy, no repeat penalty) counts on and on when asked to, as in
+    // `a_long_prompt_does_not_stall_an_npc_mid_sentence`: the reply outlasts the deadline.
+    let mut persona = greedy("innkeeper");
     persona.sampling.max_tokens = Some(1000);
     persona.sampling.repeat_penalty = Some(1.0);
     accept(&runtime, npc, persona);
