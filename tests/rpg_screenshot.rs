@@ -1,6 +1,7 @@
 //! The RPG demo in a real window: run under Xvfb with Mesa's software Vulkan, it walks to the
 //! blacksmith, asks for a horseshoe on the real default model, saves a screenshot and exits.
-//! The picture must not be blank, and the speech bubble must hold text-coloured pixels.
+//! The picture must not be blank, and the speech bubble must hold text-coloured pixels in
+//! proportion to the letters of the reply it shows.
 //!
 //! Needs `xvfb-run` and Mesa's Vulkan driver (`cargo xtask setup` installs them) and the
 //! example built with the `demo` feature:
@@ -120,14 +121,25 @@ fn the_scripted_demo_draws_the_village_and_a_speech_bubble_with_text() {
             }
         }
     }
+    // What the bubble shows, as the demo noted it: its ink must match its letters.
+    let shown = note
+        .lines()
+        .find_map(|line| line.strip_prefix("shown "))
+        .unwrap_or_default();
+    let letters = shown.chars().filter(|c| c.is_alphanumeric()).count();
     println!(
-        "bubble {bubble:?}: {inked} text-coloured pixels, {paper} bubble pixels; {} colours",
+        "bubble {bubble:?} showing {shown:?} ({letters} letters): {inked} text-coloured pixels, \
+         {paper} bubble pixels; {} colours",
         colours.len()
     );
     assert!(paper > 1000, "the bubble is drawn: {paper} light pixels");
+    assert!(letters > 0, "the bubble shows the reply: {shown:?}");
+    // Only the cores of the antialiased 16-pixel glyphs are within the colour distance: "Oh, I
+    // can do that." gave 75 pixels for 12 letters (6.3 a letter). An empty or unrendered
+    // bubble gives none; 3 a letter leaves room for thin letters (i, l, t) in any reply.
     assert!(
-        inked > 100,
-        "the bubble holds text: {inked} text-coloured pixels"
+        inked >= 3 * letters,
+        "the bubble holds its {letters} letters: {inked} text-coloured pixels"
     );
 
     if std::env::var_os("NPC_AI_UPDATE_SCREENSHOT").is_some() {

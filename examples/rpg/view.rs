@@ -558,6 +558,7 @@ fn scripted_screenshot(
     script: Option<Res<Script>>,
     conversation: Res<Conversation>,
     backgrounds: Query<(&BubbleBackground, &Transform, &Sprite)>,
+    texts: Query<(&BubbleText, &Text2d)>,
     mut exit: MessageWriter<AppExit>,
 ) {
     let (Some(mut plan), Some(script)) = (plan, script) else {
@@ -590,8 +591,13 @@ fn scripted_screenshot(
     let bottom_center = transform.translation.truncate();
     let left = bottom_center.x - size.x / 2.0 + WINDOW.0 as f32 / 2.0;
     let top = WINDOW.1 as f32 / 2.0 - (bottom_center.y + size.y);
+    let shown = texts
+        .iter()
+        .find(|(owner, _)| owner.0 == npc)
+        .map(|(_, text)| text.0.replace('\n', " "))
+        .unwrap_or_default();
     let note = format!(
-        "bubble {} {} {} {}\ntext_rgb {} {} {}\n",
+        "bubble {} {} {} {}\ntext_rgb {} {} {}\nshown {shown}\n",
         left.round(),
         top.round(),
         size.x.round(),
