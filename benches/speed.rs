@@ -241,6 +241,7 @@ fn main() {
     // and an idle OpenMP thread team left behind by one user slows the next one down.
     let (peer_prompt, peer_context) = (708, 256);
     let (bare_pp, bare_tg) = peer_in_child(threads, peer_prompt, peer_context);
+    let config_off = config.clone().with_reproducible_batching(false);
     let runtime = Runtime::start(config);
     match runtime.events().recv().expect("worker") {
         Event::ModelLoaded(_) => {}
@@ -267,7 +268,7 @@ fn main() {
     drop(runtime);
     // The same measurement with reproducible batching off: flash attention as llama.cpp
     // chooses it (on, for this CPU build).
-    let fast = Runtime::start(config_off(threads));
+    let fast = Runtime::start(config_off);
     match fast.events().recv().expect("worker") {
         Event::ModelLoaded(_) => {}
         other => panic!("model did not load: {other:?}"),
@@ -345,14 +346,4 @@ fn main() {
          prompt processing over time to first token, generation after the first token. \
          llama-bench generates from an empty context without sampling."
     );
-}
-
-/// The bench's runtime configuration with reproducible batching off.
-fn config_off(threads: u32) -> RuntimeConfig {
-    RuntimeConfig::new(model())
-        .with_slots(1)
-        .with_context_size(CONTEXT)
-        .with_max_line_chars(10_000)
-        .with_threads(threads)
-        .with_reproducible_batching(false)
 }

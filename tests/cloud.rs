@@ -3,10 +3,11 @@
 //! garbage, 429). Feature `cloud`; `cargo xtask test` builds `llama-server` and runs these.
 
 mod common;
+#[path = "common/logs.rs"]
+mod logs;
 #[path = "common/servers.rs"]
 mod servers;
 
-use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -25,32 +26,8 @@ const KEY: &str = "sk-test-DO-NOT-LEAK-7f3a9c";
 /// `TRACE` output excepted, see the README), for the key test to search.
 fn captured_logs() -> Arc<Mutex<Vec<u8>>> {
     static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
-    LOGS.get_or_init(|| {
-        let logs = Arc::new(Mutex::new(Vec::new()));
-        let sink = Arc::clone(&logs);
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new("trace,ureq=debug"))
-            .with_ansi(false)
-            .with_writer(move || LogWriter(Arc::clone(&sink)))
-            .try_init();
-        logs
-    })
-    .clone()
-}
-
-struct LogWriter(Arc<Mutex<Vec<u8>>>);
-
-impl Write for LogWriter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
+    LOGS.get_or_init(|| logs::capture("trace,ureq=debug"))
+        .clone()
 }
 
 fn messages(question: &str) -> Vec<(String, String)> {
@@ -484,7 +461,7 @@ fn the_api_key_never_reaches_logs_debug_output_or_save_files() {
     drop(runtime);
     let saved = std::fs::read(&save).unwrap();
     assert!(!saved.windows(KEY.len()).any(|w| w == KEY.as_bytes()));
-    let logged = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+    let logged = logs::text(&logs);
     assert!(
         logged.contains("cloud reply failed"),
         "the failures were logged"

@@ -7,11 +7,11 @@
 //! key appears nowhere in the log, not even re-assembled from the dump's lines.
 
 mod common;
+#[path = "common/logs.rs"]
+mod logs;
 #[path = "common/servers.rs"]
 mod servers;
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use npc_native::cloud::{CloudClient, CloudError};
@@ -22,21 +22,6 @@ use npc_native::{
 use servers::LlamaServer;
 
 const KEY: &str = "sk-trace-DO-NOT-LEAK-51c2e8";
-
-struct LogWriter(Arc<Mutex<Vec<u8>>>);
-
-impl Write for LogWriter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 /// The printable column of `ureq_proto`'s dump lines, joined: the bytes it logged, with
 /// the unprintable ones as '.'.
@@ -50,13 +35,7 @@ fn reassembled_wire(logged: &str) -> String {
 
 #[test]
 fn with_wire_tracing_on_a_keyed_request_is_not_sent_and_the_key_is_never_logged() {
-    let logs = Arc::new(Mutex::new(Vec::new()));
-    let sink = Arc::clone(&logs);
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new("trace"))
-        .with_ansi(false)
-        .with_writer(move || LogWriter(Arc::clone(&sink)))
-        .init();
+    let logs = logs::capture("trace");
     let server = LlamaServer::start(&common::model_path(), None);
     let mut config = CloudConfig::new(server.base_url(), "default");
     config.read_timeout = Duration::from_secs(60);
@@ -67,7 +46,7 @@ fn with_wire_tracing_on_a_keyed_request_is_not_sent_and_the_key_is_never_logged(
         .chat_stream(&messages, 8, &|| false, &mut |_| true)
         .expect("llama-server replies");
     assert!(!reply.text.is_empty());
-    let logged = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+    let logged = logs::text(&logs);
     let wire = reassembled_wire(&logged);
     assert!(
         wire.contains("POST./v1/chat/completions") && wire.contains("accept:.text/event-stream"),
@@ -106,7 +85,7 @@ fn with_wire_tracing_on_a_keyed_request_is_not_sent_and_the_key_is_never_logged(
     assert_eq!(text, DEFAULT_FALLBACK_LINE);
     drop(runtime);
 
-    let logged = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+    let logged = logs::text(&logs);
     assert!(!logged.contains(KEY), "the key was logged");
     assert!(
         !reassembled_wire(&logged).contains(&KEY[..12]),
