@@ -1,12 +1,18 @@
 //! Many NPCs replying at once: aggregate generation tokens/s for 1, 4, 8 and 16 NPCs, each
 //! with a ~1,000-token context, decoded together in one batch per step vs one NPC after
-//! another, on the same runtime in one run.
+//! another, and against llama.cpp's own `llama-batched-bench -npp 1000 -ntg 64 -npl N`.
 //!
 //! ```text
-//! cargo xtask bench        # or: cargo bench -p npc_native --bench batching
+//! cargo xtask bench        # or: NPC_AI_PEER_BIN=<llama.cpp build/bin> cargo bench -p npc_native --bench batching
 //! ```
-//! Beside it, in the same run: a bare llama-cpp-2 batched loop (a child process) and, under
-//! `cargo xtask bench`, llama.cpp's own `llama-batched-bench -npp 1000 -ntg 64 -npl 1,4,8,16`.
+//!
+//! These shared 2-core machines drift by ±20 % over minutes, so the peer and the runtime are
+//! measured in pairs, one right after the other, for every size and [`REPS`] times over; each
+//! ratio is the median of its pairs. Every timed round starts from the same state: the NPCs'
+//! ~1,000-token conversations are computed once, saved with [`Runtime::save_npc`] and loaded
+//! back before each round. Without llama.cpp's tools (`NPC_AI_PEER_BIN` unset) the peer is a
+//! bare `llama-cpp-2` batched loop in a child process, driven the way `llama-batched-bench`
+//! drives llama.cpp.
 
 #[path = "peer.rs"]
 mod peer;
@@ -15,14 +21,26 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use npc_native::{Event, NpcId, Persona, Runtime, RuntimeConfig};
+use peer::{Pairs, median};
 
 const SIZES: [usize; 4] = [1, 4, 8, 16];
 const GENERATE: u32 = 64;
 /// Context tokens per NPC: a ~1,000-token conversation, a line and a reply fit.
 const CONTEXT: u32 = 1536;
+/// Measurement pairs (peer, runtime) per size.
+const REPS: usize = 3;
+/// The peer's prompt, and the context the runtime's NPCs hold when the timed line arrives.
+const PEER_PROMPT: usize = 1000;
+/// Repetitions of the history sentence that bring the innkeeper's context to ~1,000 tokens
+/// (persona, this line, a 64-token reply and the timed line); the table prints the actual count.
+const HISTORY_REPEATS: usize = 53;
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn model() -> PathBuf {
+    root().join(npc_native::DEFAULT_MODEL_PATH)
 }
 
 fn persona() -> Persona {
@@ -42,14 +60,22 @@ fn next(runtime: &Runtime) -> Event {
         .expect("worker answers")
 }
 
-/// Sends one line to each NPC at once and waits for every reply. Returns generated tokens
-/// and the seconds from the first reply token to the last.
-fn round(runtime: &Runtime, npcs: &[NpcId], line: &str) -> (usize, f64) {
+/// One round: the same line to each NPC at once, waiting for every reply.
+struct Round {
+    /// Tokens generated, all NPCs together.
+    tokens: usize,
+    /// From the first reply token of any NPC to the last of all.
+    seconds: f64,
+    /// The largest prompt (context before the reply) among the NPCs.
+    context: usize,
+}
+
+fn round(runtime: &Runtime, npcs: &[NpcId], line: &str) -> Round {
     let requests: Vec<_> = npcs
         .iter()
         .map(|&npc| runtime.say(npc, line).unwrap())
         .collect();
-    let (mut tokens, mut first, mut last) = (0, f64::MAX, 0f64);
+    let (mut tokens, mut first, mut last, mut context) = (0, f64::MAX, 0f64, 0);
     let mut done = 0;
     while done < requests.len() {
         match next(runtime) {
@@ -58,38 +84,83 @@ fn round(runtime: &Runtime, npcs: &[NpcId], line: &str) -> (usize, f64) {
                 first = first.min(start);
                 last = last.max(start + stats.generation_time.as_secs_f64());
                 tokens += stats.generated_tokens;
+                context = context.max(stats.prompt_tokens);
                 done += 1;
             }
             Event::Failed { error, .. } => panic!("{error}"),
             _ => {}
         }
     }
-    (tokens, last - first)
-}
-
-/// A fresh NPC (never seen before) with a ~1,000-token conversation already in its KV cache.
-fn fresh_npcs(runtime: &Runtime, next_id: &mut u64, n: usize) -> Vec<NpcId> {
-    let npcs: Vec<NpcId> = (0..n)
-        .map(|_| {
-            *next_id += 1;
-            NpcId(*next_id)
-        })
-        .collect();
-    for &npc in &npcs {
-        runtime.set_persona(npc, persona()).unwrap();
-        assert!(matches!(next(runtime), Event::PersonaAccepted { .. }));
+    Round {
+        tokens,
+        seconds: last - first,
+        context,
     }
-    // Not timed: prefilled together, replied to, so the timed turn starts from ~1,000 tokens.
-    let history = "The caravan from Riverford brought news of wolves and rain. ".repeat(65);
-    round(runtime, &npcs, &history);
-    npcs
 }
 
-/// The peer in a child process: llama-cpp-2 driven directly, the way llama.cpp's
-/// `llama-batched-bench` drives llama.cpp: `n` sequences of `PROMPT` prompt tokens in one
-/// context of the same shape as the runtime's, then [`GENERATE`] steps decoding one token
-/// for every sequence in one batch, greedy. Prints `BARE n tok/s`.
-fn bare(threads: u32, max: usize) {
+/// [`SIZES`]'s largest number of NPCs, each holding a ~1,000-token conversation, saved to
+/// files so every timed round can start from exactly that state.
+struct Group {
+    npcs: Vec<NpcId>,
+    files: Vec<PathBuf>,
+}
+
+impl Group {
+    fn prepare(runtime: &Runtime, first_id: u64, dir: &Path) -> Self {
+        let npcs: Vec<NpcId> = (0..*SIZES.last().unwrap() as u64)
+            .map(|k| NpcId(first_id + k))
+            .collect();
+        for &npc in &npcs {
+            runtime.set_persona(npc, persona()).unwrap();
+            assert!(matches!(next(runtime), Event::PersonaAccepted { .. }));
+        }
+        let history =
+            "The caravan from Riverford brought news of wolves and rain. ".repeat(HISTORY_REPEATS);
+        round(runtime, &npcs, &history);
+        let files: Vec<PathBuf> = npcs
+            .iter()
+            .map(|npc| dir.join(format!("npc-{}.state", npc.0)))
+            .collect();
+        for (&npc, file) in npcs.iter().zip(&files) {
+            runtime.save_npc(npc, file).unwrap();
+            match next(runtime) {
+                Event::NpcSaved { kv_tokens, .. } => assert!(kv_tokens > 0, "KV saved"),
+                other => panic!("save failed: {other:?}"),
+            }
+        }
+        Group { npcs, files }
+    }
+
+    /// Puts the first `n` NPCs back to their saved state (KV included) and returns them.
+    fn restore(&self, runtime: &Runtime, range: std::ops::Range<usize>) -> &[NpcId] {
+        for k in range.clone() {
+            runtime.load_npc(self.npcs[k], &self.files[k]).unwrap();
+            match next(runtime) {
+                Event::NpcLoaded {
+                    kv_tokens, kv_note, ..
+                } => assert!(kv_tokens > 0, "KV state restored: {kv_note:?}"),
+                other => panic!("load failed: {other:?}"),
+            }
+        }
+        &self.npcs[range]
+    }
+}
+
+/// The peer's generation rate for `n` sequences: `llama-batched-bench` when built, else the
+/// bare loop.
+fn peer_rate(threads: u32, n: usize, flash_attention: bool) -> f64 {
+    match peer::bin_dir() {
+        Some(dir) => peer::llama_batched_bench(&dir, &model(), threads, flash_attention, n),
+        None => bare_in_child(threads, n, flash_attention),
+    }
+}
+
+/// The bare peer in a child process (llama.cpp's thread pool is per process): llama-cpp-2
+/// driven directly, the way `llama-batched-bench -pps` drives llama.cpp. One context of the
+/// runtime's shape; a [`PEER_PROMPT`]-token prompt computed once and copied to `n`
+/// sequences; then [`GENERATE`] steps decoding one token for every sequence in one batch,
+/// greedy. Prints `BARE tok/s`.
+fn bare(threads: u32, n: usize, flash_attention: bool) {
     use llama_cpp_2::context::params::LlamaContextParams;
     use llama_cpp_2::llama_backend::LlamaBackend;
     use llama_cpp_2::llama_batch::LlamaBatch;
@@ -99,16 +170,12 @@ fn bare(threads: u32, max: usize) {
     use std::num::NonZeroU32;
     use std::time::Instant;
 
-    const PROMPT: usize = 1000;
     let backend = LlamaBackend::init().expect("backend");
     llama_cpp_2::send_logs_to_tracing(llama_cpp_2::LogOptions::default().with_logs_enabled(false));
-    let model = LlamaModel::load_from_file(
-        &backend,
-        root().join(npc_native::DEFAULT_MODEL_PATH),
-        &LlamaModelParams::default(),
-    )
-    .expect("model");
+    let model =
+        LlamaModel::load_from_file(&backend, model(), &LlamaModelParams::default()).expect("model");
     let threads = i32::try_from(threads).unwrap_or(1);
+    let max = *SIZES.last().unwrap();
     let params = LlamaContextParams::default()
         .with_n_ctx(NonZeroU32::new(CONTEXT * max as u32))
         .with_n_seq_max(max as u32)
@@ -117,56 +184,58 @@ fn bare(threads: u32, max: usize) {
         .with_n_ubatch(512)
         .with_n_threads(threads)
         .with_n_threads_batch(threads)
-        // As the runtime's default (reproducible batching) has it.
-        .with_flash_attention_policy(0);
+        .with_flash_attention_policy(i32::from(flash_attention));
     let mut ctx = model.new_context(&backend, params).expect("context");
     let tokens = model.vocab().tokenize(
         "The caravan from Riverford brought news of wolves and rain. "
-            .repeat(80)
+            .repeat(90)
             .as_bytes(),
         true,
         false,
     );
-    let prompt = &tokens[..PROMPT];
+    let prompt = &tokens[..PEER_PROMPT];
     let mut batch = LlamaBatch::new(512, max as i32);
-    for &n in &SIZES {
-        ctx.clear_kv_cache();
-        let mut samplers: Vec<LlamaSampler> = (0..n).map(|_| LlamaSampler::greedy()).collect();
-        let mut next_tokens = Vec::with_capacity(n);
-        for (seq, sampler) in samplers.iter_mut().enumerate() {
-            for start in (0..PROMPT).step_by(512) {
-                let end = (start + 512).min(PROMPT);
-                batch.clear();
-                for (at, &token) in prompt.iter().enumerate().take(end).skip(start) {
-                    batch
-                        .add(token, at as i32, &[seq as i32], at + 1 == PROMPT)
-                        .unwrap();
-                }
-                ctx.decode(&mut batch).unwrap();
-            }
-            next_tokens.push(sampler.sample(&ctx, batch.n_tokens() - 1));
+    for start in (0..PEER_PROMPT).step_by(512) {
+        let end = (start + 512).min(PEER_PROMPT);
+        batch.clear();
+        for (at, &token) in prompt.iter().enumerate().take(end).skip(start) {
+            batch
+                .add(token, at as i32, &[0], at + 1 == PEER_PROMPT)
+                .unwrap();
         }
-        let started = Instant::now();
-        for step in 0..GENERATE as usize {
-            batch.clear();
-            for (seq, &token) in next_tokens.iter().enumerate() {
-                batch
-                    .add(token, (PROMPT + step) as i32, &[seq as i32], true)
-                    .unwrap();
-            }
-            ctx.decode(&mut batch).unwrap();
-            for (seq, (sampler, token)) in samplers.iter_mut().zip(&mut next_tokens).enumerate() {
-                *token = sampler.sample(&ctx, seq as i32);
-            }
-        }
-        let seconds = started.elapsed().as_secs_f64();
-        println!("BARE {n} {}", (n * GENERATE as usize) as f64 / seconds);
+        ctx.decode(&mut batch).unwrap();
     }
+    let first = LlamaSampler::greedy().sample(&ctx, batch.n_tokens() - 1);
+    for seq in 1..n {
+        ctx.copy_kv_cache_seq(0, seq as i32, None, None).unwrap();
+    }
+    let mut samplers: Vec<LlamaSampler> = (0..n).map(|_| LlamaSampler::greedy()).collect();
+    let mut next_tokens = vec![first; n];
+    let started = Instant::now();
+    for step in 0..GENERATE as usize {
+        batch.clear();
+        for (seq, &token) in next_tokens.iter().enumerate() {
+            batch
+                .add(token, (PEER_PROMPT + step) as i32, &[seq as i32], true)
+                .unwrap();
+        }
+        ctx.decode(&mut batch).unwrap();
+        for (seq, (sampler, token)) in samplers.iter_mut().zip(&mut next_tokens).enumerate() {
+            *token = sampler.sample(&ctx, seq as i32);
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    println!("BARE {}", (n * GENERATE as usize) as f64 / seconds);
 }
 
-fn bare_in_child(threads: u32, max: usize) -> Vec<f64> {
+fn bare_in_child(threads: u32, n: usize, flash_attention: bool) -> f64 {
     let output = std::process::Command::new(std::env::current_exe().expect("own path"))
-        .args(["--bare", &threads.to_string(), &max.to_string()])
+        .args([
+            "--bare",
+            &threads.to_string(),
+            &n.to_string(),
+            if flash_attention { "1" } else { "0" },
+        ])
         .output()
         .expect("run the bare loop");
     assert!(
@@ -176,97 +245,118 @@ fn bare_in_child(threads: u32, max: usize) -> Vec<f64> {
     );
     String::from_utf8_lossy(&output.stdout)
         .lines()
-        .filter_map(|line| line.strip_prefix("BARE "))
-        .map(|rest| rest.split_whitespace().nth(1).unwrap().parse().unwrap())
-        .collect()
+        .find_map(|line| line.strip_prefix("BARE "))
+        .expect("the bare loop prints its rate")
+        .trim()
+        .parse()
+        .expect("a rate")
+}
+
+/// What one size measured: (runtime batched, peer) pairs, and the runtime one NPC at a time.
+#[derive(Default)]
+struct Row {
+    batched: Pairs,
+    sequential: Vec<f64>,
+    context: usize,
+}
+
+/// Measures every size [`REPS`] times, each runtime round right after its peer's.
+fn measure(runtime: &Runtime, group: &Group, threads: u32, fa: bool, sequential: bool) -> Vec<Row> {
+    let line = "Count from one to one hundred: 1, 2, 3, 4, 5, ...";
+    let mut rows: Vec<Row> = SIZES.iter().map(|_| Row::default()).collect();
+    for _ in 0..REPS {
+        for (&n, row) in SIZES.iter().zip(&mut rows) {
+            let peer = peer_rate(threads, n, fa);
+            let npcs = group.restore(runtime, 0..n);
+            let batched = round(runtime, npcs, line);
+            let rate = batched.tokens as f64 / batched.seconds;
+            row.context = row.context.max(batched.context);
+            row.batched.push(rate, peer);
+            if sequential {
+                let (mut tokens, mut seconds) = (0, 0.0);
+                for k in 0..n {
+                    let npc = group.restore(runtime, k..k + 1);
+                    let alone = round(runtime, npc, line);
+                    tokens += alone.tokens;
+                    seconds += alone.seconds;
+                }
+                row.sequential.push(tokens as f64 / seconds);
+            }
+        }
+    }
+    rows
 }
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(at) = args.iter().position(|a| a == "--bare") {
-        return bare(args[at + 1].parse().unwrap(), args[at + 2].parse().unwrap());
+        return bare(
+            args[at + 1].parse().unwrap(),
+            args[at + 2].parse().unwrap(),
+            args[at + 3] == "1",
+        );
     }
-    let model = root().join(npc_native::DEFAULT_MODEL_PATH);
-    assert!(model.is_file(), "run `cargo xtask setup` first");
-    let max = *SIZES.last().unwrap();
-    let config = RuntimeConfig::new(model)
-        .with_slots(max as u32)
+    assert!(model().is_file(), "run `cargo xtask setup` first");
+    let config = RuntimeConfig::new(model())
+        .with_slots(*SIZES.last().unwrap() as u32)
         .with_context_size(CONTEXT)
         .with_max_line_chars(20_000);
     let threads = config.effective_threads();
-    // The peers first, in their own processes (llama.cpp's thread pool is per process).
-    let bare = bare_in_child(threads, max);
-    let peer_rows = |flash_attention: bool| {
-        peer::bin_dir()
-            .map(|dir| {
-                peer::llama_batched_bench(
-                    &dir,
-                    &root().join(npc_native::DEFAULT_MODEL_PATH),
-                    threads,
-                    flash_attention,
-                )
-            })
-            .unwrap_or_default()
+    let peer_name = if peer::bin_dir().is_some() {
+        "llama-batched-bench S_TG"
+    } else {
+        "bare llama-cpp-2 batched loop"
     };
-    let (peer_off, peer_on) = (peer_rows(false), peer_rows(true));
+    let dir = std::env::temp_dir().join(format!("npc-batching-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("a temporary directory");
+
     let runtime = Runtime::start(config.clone());
     assert!(matches!(next(&runtime), Event::ModelLoaded(_)));
-
-    println!(
-        "Default model, {threads} threads, {GENERATE} tokens per reply, ~1,000 tokens of context per NPC\n"
-    );
-    println!(
-        "| NPCs | batched: tok/s total | per NPC | one after another: tok/s total | batched / sequential | bare llama-cpp-2 batched loop | runtime / bare | llama-batched-bench -fa 0 S_TG | runtime / llama-batched-bench |"
-    );
-    println!("|---|---|---|---|---|---|---|---|---|");
-    let line = "Count from one to one hundred: 1, 2, 3, 4, 5, ...";
-    let mut next_id = 0;
-    let peer_cell = |rows: &[(usize, f64)], n: usize, ours: f64| {
-        rows.iter()
-            .find(|&&(sequences, _)| sequences == n)
-            .map_or("not built | |".to_owned(), |&(_, rate)| {
-                format!("{rate:.1} | {:.2}", ours / rate)
-            })
-    };
-    for (&n, bare) in SIZES.iter().zip(bare) {
-        // Fresh NPCs for each measurement, so every timed turn starts from the same context.
-        let group = fresh_npcs(&runtime, &mut next_id, n);
-        let (tokens, seconds) = round(&runtime, &group, line);
-        let batched = tokens as f64 / seconds;
-        let (mut seq_tokens, mut seq_seconds) = (0, 0.0);
-        for _ in 0..n {
-            let npc = fresh_npcs(&runtime, &mut next_id, 1);
-            let (t, s) = round(&runtime, &npc, line);
-            seq_tokens += t;
-            seq_seconds += s;
-        }
-        let sequential = seq_tokens as f64 / seq_seconds;
-        println!(
-            "| {n} | {batched:.0} | {:.1} | {sequential:.0} | {:.2}× | {bare:.0} | {:.2} | {} |",
-            batched / n as f64,
-            batched / sequential,
-            batched / bare,
-            peer_cell(&peer_off, n, batched)
-        );
-    }
+    let group = Group::prepare(&runtime, 1, &dir);
+    let rows = measure(&runtime, &group, threads, false, true);
     drop(runtime);
 
+    println!(
+        "Default model, {threads} threads, {GENERATE} greedy tokens per reply; medians of {REPS} \
+         pairs, each runtime round measured right after its peer's\n"
+    );
+    println!(
+        "| NPCs | context per NPC | batched: tok/s total | per NPC | one after another: tok/s total | batched / one after another | {peer_name} -fa 0 (peer: {PEER_PROMPT} tokens) | runtime / peer (range) |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for (&n, row) in SIZES.iter().zip(&rows) {
+        let (batched, sequential) = (row.batched.ours(), median(row.sequential.clone()));
+        println!(
+            "| {n} | {} | {batched:.0} | {:.1} | {sequential:.0} | {:.2}× | {:.1} | {} |",
+            row.context,
+            batched / n as f64,
+            batched / sequential,
+            row.batched.peer(),
+            row.batched.ratio()
+        );
+    }
+
     // Reproducible batching off: flash attention on, as llama.cpp chooses for this build.
+    // Saved states carry the context's shape, so this runtime prepares its own.
     let runtime = Runtime::start(config.with_reproducible_batching(false));
     assert!(matches!(next(&runtime), Event::ModelLoaded(_)));
+    let group = Group::prepare(&runtime, 100, &dir);
+    let rows = measure(&runtime, &group, threads, true, false);
+    drop(runtime);
+    let _ = std::fs::remove_dir_all(&dir);
     println!("\nReproducible batching off (flash attention on):\n");
     println!(
-        "| NPCs | batched: tok/s total | per NPC | llama-batched-bench -fa 1 S_TG | runtime / llama-batched-bench |"
+        "| NPCs | context per NPC | batched: tok/s total | per NPC | {peer_name} -fa 1 | runtime / peer (range) |"
     );
-    println!("|---|---|---|---|---|");
-    for &n in &SIZES {
-        let group = fresh_npcs(&runtime, &mut next_id, n);
-        let (tokens, seconds) = round(&runtime, &group, line);
-        let batched = tokens as f64 / seconds;
+    println!("|---|---|---|---|---|---|");
+    for (&n, row) in SIZES.iter().zip(&rows) {
+        let batched = row.batched.ours();
         println!(
-            "| {n} | {batched:.0} | {:.1} | {} |",
+            "| {n} | {} | {batched:.0} | {:.1} | {:.1} | {} |",
+            row.context,
             batched / n as f64,
-            peer_cell(&peer_on, n, batched)
+            row.batched.peer(),
+            row.batched.ratio()
         );
     }
 }

@@ -28,68 +28,131 @@ fn output(command: &mut Command) -> String {
     )
 }
 
-/// `llama-bench -p 512 -n 128 -fa 0|1`: (prompt processing tok/s, generation tok/s).
-pub fn llama_bench(dir: &Path, model: &Path, threads: u32, flash_attention: bool) -> (f64, f64) {
-    let text = output(
-        Command::new(dir.join("llama-bench"))
-            .arg("-m")
-            .arg(model)
-            .args(["-p", "512", "-n", "128", "-o", "csv", "-fa"])
-            .arg(if flash_attention { "1" } else { "0" })
-            .arg("-t")
-            .arg(threads.to_string()),
-    );
-    let mut lines = text
-        .lines()
-        .filter(|l| l.starts_with('"') || l.contains("avg_ts"));
-    let header: Vec<String> = lines
-        .next()
-        .expect("csv header")
-        .split(',')
-        .map(|f| f.trim_matches('"').to_owned())
-        .collect();
-    let column = |name: &str| header.iter().position(|h| h == name).expect(name);
-    let (prompt, generated, rate) = (column("n_prompt"), column("n_gen"), column("avg_ts"));
-    let (mut pp, mut tg) = (0.0, 0.0);
-    for line in lines {
-        let fields: Vec<&str> = line.split(',').map(|f| f.trim_matches('"')).collect();
-        let value: f64 = fields[rate].parse().expect("avg_ts");
-        if fields[prompt] == "512" {
-            pp = value;
-        } else if fields[generated] == "128" {
-            tg = value;
-        }
-    }
-    (pp, tg)
+/// `llama-bench -p 512 -n 0` and `llama-bench -p 0 -n 128 -d <depth>` with `-fa 0|1`, one
+/// repetition each (callers pair it with one of their own; see [`Pairs`]): (prompt
+/// processing tok/s from an empty context, generation tok/s after `depth` tokens of
+/// context). The depth lets generation start from as much context as the runtime's does:
+/// attention over it is part of each token's cost.
+pub fn llama_bench(
+    dir: &Path,
+    model: &Path,
+    threads: u32,
+    flash_attention: bool,
+    depth: usize,
+) -> (f64, f64) {
+    let run = |args: &[&str]| {
+        let text = output(
+            Command::new(dir.join("llama-bench"))
+                .arg("-m")
+                .arg(model)
+                .args(args)
+                .args(["-r", "1", "-o", "csv", "-fa"])
+                .arg(if flash_attention { "1" } else { "0" })
+                .arg("-t")
+                .arg(threads.to_string()),
+        );
+        let mut lines = text
+            .lines()
+            .filter(|l| l.starts_with('"') || l.contains("avg_ts"));
+        let header: Vec<String> = lines
+            .next()
+            .expect("csv header")
+            .split(',')
+            .map(|f| f.trim_matches('"').to_owned())
+            .collect();
+        let rate = header
+            .iter()
+            .position(|h| h == "avg_ts")
+            .expect("avg_ts column");
+        let row = lines.next().expect("one result row");
+        let fields: Vec<&str> = row.split(',').map(|f| f.trim_matches('"')).collect();
+        fields[rate].parse::<f64>().expect("avg_ts")
+    };
+    let depth = depth.to_string();
+    (
+        run(&["-p", "512", "-n", "0"]),
+        run(&["-p", "0", "-n", "128", "-d", &depth]),
+    )
 }
 
-/// `llama-batched-bench -npp 1000 -ntg 64 -npl 1,4,8,16 -fa 0|1`: (sequences, S_TG tok/s)
-/// per row.
+/// `llama-batched-bench -npp 1000 -ntg 64 -npl <sequences> -pps -fa 0|1`: its generation
+/// rate S_TG (tok/s, all sequences together). `-pps` computes the 1,000-token prompt once and
+/// copies it to every sequence, which leaves each sequence's generation (attention over its own
+/// 1,000 tokens) as it would be with distinct prompts and saves minutes of prompt processing.
 pub fn llama_batched_bench(
     dir: &Path,
     model: &Path,
     threads: u32,
     flash_attention: bool,
-) -> Vec<(usize, f64)> {
+    sequences: usize,
+) -> f64 {
     let text = output(
         Command::new(dir.join("llama-batched-bench"))
             .arg("-m")
             .arg(model)
             .args([
-                "-c", "17408", "-b", "2048", "-npp", "1000", "-ntg", "64", "-npl", "1,4,8,16",
-                "-fa",
+                "-c", "17408", "-b", "2048", "-npp", "1000", "-ntg", "64", "-pps",
             ])
+            .arg("-npl")
+            .arg(sequences.to_string())
+            .arg("-fa")
             .arg(if flash_attention { "1" } else { "0" })
             .arg("-t")
             .arg(threads.to_string()),
     );
     // | PP | TG | B | N_KV | T_PP s | S_PP t/s | T_TG s | S_TG t/s | T s | S t/s |
     text.lines()
-        .filter_map(|line| {
+        .find_map(|line| {
             let cells: Vec<&str> = line.split('|').map(str::trim).collect();
-            let sequences = cells.get(3)?.parse().ok()?;
+            let rows: usize = cells.get(3)?.parse().ok()?;
             let rate = cells.get(8)?.parse().ok()?;
-            Some((sequences, rate))
+            (rows == sequences).then_some(rate)
         })
-        .collect()
+        .expect("llama-batched-bench printed its row")
+}
+
+/// The median of `values` (the upper one of an even count).
+pub fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// Measurements taken in pairs, the runtime's right after its peer's, so that the ratio of
+/// each pair is free of the drift these shared machines show over minutes (up to ±20 %).
+#[derive(Default)]
+pub struct Pairs {
+    ours: Vec<f64>,
+    peer: Vec<f64>,
+}
+
+impl Pairs {
+    /// Records one pair.
+    pub fn push(&mut self, ours: f64, peer: f64) {
+        self.ours.push(ours);
+        self.peer.push(peer);
+    }
+
+    /// The runtime's median.
+    pub fn ours(&self) -> f64 {
+        median(self.ours.clone())
+    }
+
+    /// The peer's median.
+    pub fn peer(&self) -> f64 {
+        median(self.peer.clone())
+    }
+
+    /// The median of the pairs' ratios, with their range: `0.97 (0.93–1.01)`.
+    pub fn ratio(&self) -> String {
+        let ratios: Vec<f64> = self
+            .ours
+            .iter()
+            .zip(&self.peer)
+            .map(|(o, p)| o / p)
+            .collect();
+        let (low, high) = ratios
+            .iter()
+            .fold((f64::MAX, 0f64), |(lo, hi), &r| (lo.min(r), hi.max(r)));
+        format!("{:.2} ({low:.2}–{high:.2})", median(ratios))
+    }
 }

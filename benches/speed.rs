@@ -23,10 +23,13 @@ use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::sampling::LlamaSampler;
 use npc_native::{Event, NpcId, Persona, ReplyStats, Runtime, RuntimeConfig};
+use peer::{Pairs, median};
 
 const RUNS: usize = 5;
 const CONTEXT: u32 = 2048;
 const GENERATE: usize = 128;
+/// The line both generation measurements answer.
+const COUNT: &str = "Count slowly from one to one hundred, one number per line.";
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -42,15 +45,10 @@ fn model() -> PathBuf {
     path
 }
 
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
-}
-
 /// The peer: llama-cpp-2 used directly, as its examples do. Prompt processing of `prompt`
 /// tokens in one batch; then, from `context` tokens, generation of [`GENERATE`] tokens with
 /// the same sampler chain the runtime builds for temperature 0.7.
-fn bare_loop(threads: u32, prompt: usize, context: usize) -> (f64, f64) {
+fn bare_loop(threads: u32, prompt: usize, context: usize, runs: usize) -> (f64, f64) {
     let backend = LlamaBackend::init().expect("no other backend is alive yet");
     llama_cpp_2::send_logs_to_tracing(llama_cpp_2::LogOptions::default().with_logs_enabled(false));
     let model =
@@ -78,7 +76,7 @@ fn bare_loop(threads: u32, prompt: usize, context: usize) -> (f64, f64) {
     batch.add(tokens[0], 0, &[0], true).unwrap();
     ctx.decode(&mut batch).unwrap();
     let (mut pp, mut tg) = (Vec::new(), Vec::new());
-    for _ in 0..RUNS {
+    for _ in 0..runs {
         ctx.clear_kv_cache();
         batch.clear();
         batch.add_sequence(tokens, 0, false).unwrap();
@@ -113,6 +111,7 @@ fn bare_loop(threads: u32, prompt: usize, context: usize) -> (f64, f64) {
     (median(pp), median(tg))
 }
 
+/// One run of [`bare_loop`] in a child process.
 fn peer_in_child(threads: u32, prompt: usize, context: usize) -> (f64, f64) {
     let output = std::process::Command::new(std::env::current_exe().expect("own path"))
         .args([
@@ -139,13 +138,13 @@ fn peer_in_child(threads: u32, prompt: usize, context: usize) -> (f64, f64) {
     (numbers[0], numbers[1])
 }
 
-fn persona(max_tokens: u32, temperature: f32) -> Persona {
+fn persona(max_tokens: u32, temperature: f32, seed: u32) -> Persona {
     let source = std::fs::read_to_string(root().join("assets/personas/innkeeper.persona.ron"))
         .expect("persona");
     let mut persona = Persona::from_ron(&source, None).expect("persona parses");
     persona.sampling.max_tokens = Some(max_tokens);
     persona.sampling.temperature = Some(temperature);
-    persona.sampling.seed = Some(1);
+    persona.sampling.seed = Some(seed);
     persona
 }
 
@@ -180,29 +179,57 @@ fn minimal(max_tokens: u32) -> Persona {
     persona
 }
 
-/// The runtime measured the way `llama-bench -p 512 -n 128` measures llama.cpp: a cold
-/// 512-token prompt, and 128 greedy tokens from a short context. Returns (pp, tg) tok/s.
-fn like_llama_bench(runtime: &Runtime) -> (f64, f64) {
-    // One token per repetition: learn the persona's own share, then size the line so the
-    // whole prompt is 512 tokens.
+/// The runtime measured the way `llama-bench -p 512` and `-n 128` measure llama.cpp, one
+/// repetition: a cold 512-token prompt (`line` sizes it, see [`line_for_512`]), and
+/// [`GENERATE`] greedy tokens from the minimal persona's short context. Returns (pp, tg)
+/// tok/s and the context before generation.
+fn like_llama_bench(runtime: &Runtime, line: &str) -> (f64, f64, usize) {
+    let stats = reply(runtime, fresh(runtime, minimal(1)), line);
+    assert_eq!(
+        stats.prompt_tokens, 512,
+        "the prompt is sized to llama-bench's"
+    );
+    let pp = stats.prompt_tokens as f64 / stats.time_to_first_token.as_secs_f64();
+    let stats = reply(runtime, fresh(runtime, minimal(GENERATE as u32)), COUNT);
+    assert_eq!(
+        stats.generated_tokens, GENERATE,
+        "greedy counting runs to max_tokens"
+    );
+    (pp, stats.tokens_per_second(), stats.prompt_tokens)
+}
+
+/// A line that makes the minimal persona's whole prompt 512 tokens: one token per
+/// repetition, after learning the persona's own share.
+fn line_for_512(runtime: &Runtime) -> String {
     let probe = reply(runtime, fresh(runtime, minimal(1)), &" rain".repeat(100));
-    let line = " rain".repeat(512 + 100 - probe.prompt_tokens);
-    let (mut pp, mut tg) = (Vec::new(), Vec::new());
+    " rain".repeat(512 + 100 - probe.prompt_tokens)
+}
+
+/// [`like_llama_bench`] [`RUNS`] times, each right after one repetition of `llama-bench`
+/// with the same flash-attention setting. Returns (pp pairs, tg pairs, generation depth);
+/// without llama.cpp's tools the pairs hold only the runtime's numbers (peer 0).
+fn against_llama_bench(
+    runtime: &Runtime,
+    flash_attention: bool,
+    threads: u32,
+) -> (Pairs, Pairs, usize) {
+    let line = line_for_512(runtime);
+    // The minimal persona's context before generation, for llama-bench's `-d`.
+    let depth = reply(runtime, fresh(runtime, minimal(1)), COUNT).prompt_tokens;
+    let (mut pp, mut tg) = (Pairs::default(), Pairs::default());
     for _ in 0..RUNS {
-        let stats = reply(runtime, fresh(runtime, minimal(1)), &line);
+        let (peer_pp, peer_tg) = peer::bin_dir().map_or((0.0, 0.0), |dir| {
+            peer::llama_bench(&dir, &model(), threads, flash_attention, depth)
+        });
+        let (ours_pp, ours_tg, context) = like_llama_bench(runtime, &line);
         assert_eq!(
-            stats.prompt_tokens, 512,
-            "the prompt is sized to llama-bench's"
+            context, depth,
+            "generation starts from the depth llama-bench was given"
         );
-        pp.push(stats.prompt_tokens as f64 / stats.time_to_first_token.as_secs_f64());
-        let stats = reply(
-            runtime,
-            fresh(runtime, minimal(GENERATE as u32)),
-            "Count slowly from one to one hundred, one number per line.",
-        );
-        tg.push(stats.tokens_per_second());
+        pp.push(ours_pp, peer_pp);
+        tg.push(ours_tg, peer_tg);
     }
-    (median(pp), median(tg))
+    (pp, tg, depth)
 }
 
 /// A new NPC with `persona`, so nothing of it is cached.
@@ -217,7 +244,7 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(at) = args.iter().position(|a| a == "--peer") {
         let number = |k: usize| args[at + k].parse::<usize>().expect("peer argument");
-        let (pp, tg) = bare_loop(number(1) as u32, number(2), number(3));
+        let (pp, tg) = bare_loop(number(1) as u32, number(2), number(3), 1);
         println!("PEER {pp} {tg}");
         return;
     }
@@ -236,35 +263,46 @@ fn main() {
 
     // A ~700-token player line: prompt processing dominates its time to first token.
     let long_line = "The caravan from Riverford brought news of wolves, of rain, and of a merchant who sells blue glass. ".repeat(22);
-    let count = "Count slowly from one to one hundred, one number per line.";
     // The peer runs in a child process of this bench: llama.cpp's backend is one per process,
     // and an idle OpenMP thread team left behind by one user slows the next one down.
     let (peer_prompt, peer_context) = (708, 256);
-    let (bare_pp, bare_tg) = peer_in_child(threads, peer_prompt, peer_context);
     let config_off = config.clone().with_reproducible_batching(false);
     let runtime = Runtime::start(config);
     match runtime.events().recv().expect("worker") {
         Event::ModelLoaded(_) => {}
         other => panic!("model did not load: {other:?}"),
     }
-    let (mut prefill, mut sampled) = (Vec::new(), Vec::new());
-    let (mut prompt_tokens, mut context_at_generation, mut generated) = (0, 0, 0);
+    let (mut prefill, mut sampled) = (Pairs::default(), Pairs::default());
+    let (mut prompt_tokens, mut context_at_generation) = (0, 0);
     for run in 0..RUNS {
+        let (bare_pp, bare_tg) = peer_in_child(threads, peer_prompt, peer_context);
         // A fresh NPC each time, so nothing is cached.
-        let npc = |k: u64| NpcId(run as u64 * 3 + k);
-        runtime.set_persona(npc(0), persona(1, 0.0)).unwrap();
-        let stats = reply(&runtime, npc(0), &long_line);
+        let stats = reply(&runtime, fresh(&runtime, persona(1, 0.0, 1)), &long_line);
         prompt_tokens = stats.prompt_tokens;
-        prefill.push(stats.prompt_tokens as f64 / stats.time_to_first_token.as_secs_f64());
-        runtime
-            .set_persona(npc(1), persona(GENERATE as u32, 0.7))
-            .unwrap();
-        let stats = reply(&runtime, npc(1), count);
+        prefill.push(
+            stats.prompt_tokens as f64 / stats.time_to_first_token.as_secs_f64(),
+            bare_pp,
+        );
+        // Sampling may end a reply early; the bare loop always makes GENERATE tokens, so
+        // seeds are tried until a reply runs as long.
+        let stats = (0..20)
+            .find_map(|attempt| {
+                let npc = fresh(
+                    &runtime,
+                    persona(GENERATE as u32, 0.7, run as u32 * 100 + attempt),
+                );
+                let stats = reply(&runtime, npc, COUNT);
+                (stats.generated_tokens == GENERATE).then_some(stats)
+            })
+            .expect("one of 20 seeds samples a full-length reply");
         context_at_generation = stats.prompt_tokens;
-        generated = stats.generated_tokens;
-        sampled.push(stats.tokens_per_second());
+        sampled.push(stats.tokens_per_second(), bare_tg);
     }
-    let (bench_pp, bench_tg) = like_llama_bench(&runtime);
+    assert_eq!(
+        prompt_tokens, peer_prompt,
+        "the peer processed a prompt of the same length"
+    );
+    let (pp_off, tg_off, depth) = against_llama_bench(&runtime, false, threads);
     drop(runtime);
     // The same measurement with reproducible batching off: flash attention as llama.cpp
     // chooses it (on, for this CPU build).
@@ -273,39 +311,32 @@ fn main() {
         Event::ModelLoaded(_) => {}
         other => panic!("model did not load: {other:?}"),
     }
-    let (fa_pp, fa_tg) = like_llama_bench(&fast);
+    let (pp_on, tg_on, _) = against_llama_bench(&fast, true, threads);
     drop(fast);
-    let peer = peer::bin_dir().map(|dir| {
-        (
-            peer::llama_bench(&dir, &model(), threads, false),
-            peer::llama_bench(&dir, &model(), threads, true),
-        )
-    });
-    assert_eq!(
-        prompt_tokens, peer_prompt,
-        "the peer processed a prompt of the same length"
-    );
-    let (pp, tg) = (median(prefill), median(sampled));
 
     println!(
-        "Default model (SmolLM2-135M Q4_1), {threads} threads, {CONTEXT}-token context, median of {RUNS} runs\n"
+        "Default model (SmolLM2-135M Q4_1), {threads} threads, {CONTEXT}-token context; medians of {RUNS} pairs, each runtime measurement right after its peer's (ratio: median of the pairs' ratios, and their range)\n"
     );
     println!("| measure | bevy_npc_ai runtime | bare llama-cpp-2 loop | ratio |");
     println!("|---|---|---|---|");
     println!(
-        "| prompt processing, {prompt_tokens} tokens, cold (tok/s) | {pp:.0} | {bare_pp:.0} | {:.2} |",
-        pp / bare_pp
+        "| prompt processing, {prompt_tokens} tokens, cold (tok/s) | {:.0} | {:.0} | {} |",
+        prefill.ours(),
+        prefill.peer(),
+        prefill.ratio()
     );
     println!(
-        "| generation, temperature 0.7, top-k 40, top-p, min-p, repeat penalty (tok/s) | {tg:.0} | {bare_tg:.0} | {:.2} |",
-        tg / bare_tg
+        "| generation, temperature 0.7, top-k 40, top-p, min-p, repeat penalty (tok/s) | {:.0} | {:.0} | {} |",
+        sampled.ours(),
+        sampled.peer(),
+        sampled.ratio()
     );
     println!(
         "\nRuntime: default configuration (reproducible batching: flash attention off); prompt \
          processing is prompt tokens over time to first token (rendering, tokenizing and \
          scheduling included); generation is from {context_at_generation} tokens of context, \
-         {generated} tokens (last run), while a 60 Hz loop drains the events. Peer: flash \
-         attention off, from {peer_context} tokens, {GENERATE} tokens."
+         {GENERATE} tokens, while a 60 Hz loop drains the events. Peer: flash attention off, \
+         from {peer_context} tokens, {GENERATE} tokens."
     );
 
     println!("\n## Against llama.cpp's llama-bench, same run\n");
@@ -318,32 +349,36 @@ fn main() {
         }
     );
     println!("|---|---|---|---|---|---|---|");
-    match peer {
-        Some(((off_pp, off_tg), (on_pp, on_tg))) => {
-            println!(
-                "| prompt processing, 512 tokens, cold (tok/s) | {bench_pp:.0} | {off_pp:.1} | {:.2} | {fa_pp:.0} | {on_pp:.1} | {:.2} |",
-                bench_pp / off_pp,
-                fa_pp / on_pp
-            );
-            println!(
-                "| generation, greedy, 128 tokens (tok/s) | {bench_tg:.0} | {off_tg:.1} | {:.2} | {fa_tg:.0} | {on_tg:.1} | {:.2} |",
-                bench_tg / off_tg,
-                fa_tg / on_tg
-            );
+    let built = peer::bin_dir().is_some();
+    let cells = |pairs: &Pairs| {
+        if built {
+            format!(
+                "{:.0} | {:.1} | {}",
+                pairs.ours(),
+                pairs.peer(),
+                pairs.ratio()
+            )
+        } else {
+            format!("{:.0} | not built |", pairs.ours())
         }
-        None => {
-            println!(
-                "| prompt processing, 512 tokens, cold (tok/s) | {bench_pp:.0} | not built | | {fa_pp:.0} | not built | |"
-            );
-            println!(
-                "| generation, greedy, 128 tokens (tok/s) | {bench_tg:.0} | not built | | {fa_tg:.0} | not built | |"
-            );
-            println!("\n(llama.cpp's tools run under `cargo xtask bench`, which builds them.)");
-        }
+    };
+    println!(
+        "| prompt processing, 512 tokens, cold (tok/s) | {} | {} |",
+        cells(&pp_off),
+        cells(&pp_on)
+    );
+    println!(
+        "| generation, greedy, {GENERATE} tokens after {depth} of context (tok/s) | {} | {} |",
+        cells(&tg_off),
+        cells(&tg_on)
+    );
+    if !built {
+        println!("\n(llama.cpp's tools run under `cargo xtask bench`, which builds them.)");
     }
     println!(
         "\nRuntime: a minimal persona (a few dozen prompt tokens), greedy, no repeat penalty; \
          prompt processing over time to first token, generation after the first token. \
-         llama-bench generates from an empty context without sampling."
+         llama-bench: `-p 512 -n 0`, and `-p 0 -n 128 -d {depth}` so that it generates from as \
+         much context; one repetition right before each of the runtime's. It does not sample."
     );
 }
