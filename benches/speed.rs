@@ -25,7 +25,7 @@ use llama_cpp_2::sampling::LlamaSampler;
 use npc_native::{Event, NpcId, Persona, ReplyStats, Runtime, RuntimeConfig};
 use peer::{Pairs, median};
 
-const RUNS: usize = 5;
+const RUNS: usize = 9;
 const CONTEXT: u32 = 2048;
 const GENERATE: usize = 128;
 /// The line both generation measurements answer.

@@ -86,8 +86,10 @@ pub struct RuntimeConfig {
     /// flash attention is off (its CPU kernel splits one sequence's single query across
     /// threads but not several sequences' queries), and prompt tokens never share a
     /// `decode` call with generated ones (each step makes two calls when both are waiting).
-    /// Measured once on 2 CPU cores: generation about 11 % slower than with it off, prompt
-    /// processing about the same.
+    /// What it costs is flash attention's effect on llama.cpp itself: against llama.cpp with
+    /// the same setting the runtime measures the same ratio either way (README, "Measured
+    /// speed"), and on 2 CPU cores flash attention off was faster in some runs and slower in
+    /// others.
     /// It applies to the f16 KV cache of a CPU run: a quantized cache
     /// ([`KvPrecision::Q8_0`], [`KvPrecision::Q4_0`]) needs flash attention, and with layers
     /// on a GPU it is ignored (GPU kernels give no such guarantee; see
