@@ -636,25 +636,76 @@ impl NpcActions {
     }
 }
 
-/// `base` behind the grammar of `grammar`, applied first so every later sampler only sees
-/// tokens the grammar allows (and a token it refuses is never accepted: llama.cpp aborts on
-/// that). Without a grammar, `base` as is.
-pub(crate) fn constrain(
-    model: &llama_cpp_2::model::LlamaModel,
-    grammar: Option<&str>,
-    base: llama_cpp_2::sampling::LlamaSampler,
-) -> llama_cpp_2::sampling::LlamaSampler {
-    use llama_cpp_2::sampling::LlamaSampler;
-    let Some(grammar) = grammar else {
-        return base;
-    };
-    match LlamaSampler::grammar(model, grammar, "root") {
-        Ok(constraint) => LlamaSampler::chain_simple([constraint, base]),
-        Err(err) => {
-            // Checked when the persona was set; the parser still refuses anything undeclared.
-            tracing::error!("action grammar refused at reply time: {err}");
-            base
-        }
+/// A reply's sampler: the persona's chain, held to the NPC's action grammar if it has one.
+///
+/// The grammar is checked against the token the chain picks, and applied to every candidate
+/// only when it refuses that token, as llama.cpp's own common sampler does. Applied to all
+/// 49,152 candidates before the chain, it had nearly halved the blacksmith's generation speed
+/// (about 50 against 93 tok/s on 2 CPU cores). Greedy picks the same token either way (the
+/// best token the grammar allows); seeded sampling keeps the chain's pick whenever the grammar
+/// allows it. A token the grammar refuses is never accepted into it (llama.cpp aborts on that).
+pub(crate) struct ReplySampler {
+    chain: llama_cpp_2::sampling::LlamaSampler,
+    grammar: Option<llama_cpp_2::sampling::LlamaSampler>,
+}
+
+impl ReplySampler {
+    /// `chain` held to `grammar` (GBNF with a `root` rule); without a grammar, `chain` as is.
+    pub(crate) fn new(
+        model: &llama_cpp_2::model::LlamaModel,
+        grammar: Option<&str>,
+        chain: llama_cpp_2::sampling::LlamaSampler,
+    ) -> Self {
+        use llama_cpp_2::sampling::LlamaSampler;
+        let grammar = grammar.and_then(|grammar| {
+            LlamaSampler::grammar(model, grammar, "root")
+                .map_err(|err| {
+                    // Checked when the persona was set; the parser still refuses anything
+                    // undeclared.
+                    tracing::error!("action grammar refused at reply time: {err}");
+                })
+                .ok()
+        });
+        Self { chain, grammar }
+    }
+
+    /// Picks the next token from the logits of batch entry `index` and accepts it into the
+    /// chain (and the grammar). `None` only if the grammar allows no token at all.
+    pub(crate) fn sample(
+        &mut self,
+        ctx: &llama_cpp_2::context::LlamaContext<'_>,
+        index: i32,
+    ) -> Option<llama_cpp_2::token::LlamaToken> {
+        use llama_cpp_2::token::data::LlamaTokenData;
+        use llama_cpp_2::token::data_array::LlamaTokenDataArray;
+        let Some(grammar) = self.grammar.as_mut() else {
+            return Some(self.chain.sample(ctx, index));
+        };
+        let pick = |chain: &mut _, grammar: Option<&mut _>| {
+            let mut candidates = ctx.token_data_array_ith(index);
+            if let Some(grammar) = grammar {
+                candidates.apply_sampler(grammar);
+            }
+            candidates.apply_sampler(chain);
+            candidates
+                .selected
+                .and_then(|at| candidates.data.get(at))
+                .filter(|data| data.logit().is_finite())
+                .map(LlamaTokenData::id)
+        };
+        let allowed = |grammar: &mut _, token| {
+            let mut one =
+                LlamaTokenDataArray::new(vec![LlamaTokenData::new(token, 1.0, 0.0)], false);
+            one.apply_sampler(grammar);
+            one.data[0].logit().is_finite()
+        };
+        let token = match pick(&mut self.chain, None) {
+            Some(token) if allowed(grammar, token) => token,
+            _ => pick(&mut self.chain, Some(grammar)).filter(|&token| allowed(grammar, token))?,
+        };
+        self.chain.accept(token);
+        grammar.accept(token);
+        Some(token)
     }
 }
 

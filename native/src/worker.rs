@@ -291,7 +291,7 @@ struct Job {
     logits_at: Option<i32>,
     /// Its `next_token` is in the batch being decoded.
     token_in_batch: bool,
-    sampler: LlamaSampler,
+    sampler: actions::ReplySampler,
     filter: StopFilter,
     max_tokens: u32,
     stats: ReplyStats,
@@ -872,7 +872,7 @@ impl Engine<'_, '_> {
             next_token: None,
             logits_at: None,
             token_in_batch: false,
-            sampler: actions::constrain(
+            sampler: actions::ReplySampler::new(
                 self.model,
                 conversation.actions.grammar.as_deref(),
                 sampling.sampler(self.model.n_vocab(), seed),
@@ -1024,7 +1024,11 @@ impl Engine<'_, '_> {
                 job.n_past += added;
             }
             let Some(index) = job.logits_at else { continue };
-            let token = job.sampler.sample(&self.ctx, index);
+            let Some(token) = job.sampler.sample(&self.ctx, index) else {
+                // The action grammar allows no token at all: the reply ends here.
+                finished.push((at, FinishReason::EndOfTurn));
+                continue;
+            };
             job.confidence
                 .observe(self.ctx.get_logits_ith(index), token.0);
             let now = Instant::now();
