@@ -7,7 +7,9 @@
 //! ```
 //! Prints markdown tables. Threads default to the machine's cores (`NPC_BENCH_THREADS`
 //! overrides). Under `cargo xtask bench`, llama.cpp's own `llama-bench -p 512 -n 128` runs in
-//! the same run and a second table sets the runtime's greedy speed beside it.
+//! the same run and a second table sets the runtime's greedy speed beside it. A third table
+//! measures what a persona's action grammar costs; `cargo bench -p npc_native --bench speed --
+//! grammar` prints only that one.
 
 #[path = "peer.rs"]
 mod peer;
@@ -232,6 +234,33 @@ fn against_llama_bench(
     (pp, tg, depth)
 }
 
+/// What the action grammar costs: the blacksmith with its declared actions (every reply
+/// sampled under their grammar) against the same persona without them, greedy, in pairs.
+/// Returns the pairs (with, without) and the tokens each reply generated (last run).
+fn action_grammar(runtime: &Runtime) -> (Pairs, usize, usize) {
+    let source = std::fs::read_to_string(root().join("assets/personas/blacksmith.persona.ron"))
+        .expect("persona");
+    let persona = |actions: bool| {
+        let mut persona = Persona::from_ron(&source, None).expect("persona parses");
+        persona.sampling.temperature = Some(0.0);
+        persona.sampling.max_tokens = Some(64);
+        if !actions {
+            persona.actions.clear();
+        }
+        persona
+    };
+    let line = "Tell me everything about your forge and your prices, in detail.";
+    let mut pairs = Pairs::default();
+    let (mut with_tokens, mut without_tokens) = (0, 0);
+    for _ in 0..RUNS {
+        let without = reply(runtime, fresh(runtime, persona(false)), line);
+        let with = reply(runtime, fresh(runtime, persona(true)), line);
+        pairs.push(with.tokens_per_second(), without.tokens_per_second());
+        (with_tokens, without_tokens) = (with.generated_tokens, without.generated_tokens);
+    }
+    (pairs, with_tokens, without_tokens)
+}
+
 /// A new NPC with `persona`, so nothing of it is cached.
 fn fresh(runtime: &Runtime, persona: Persona) -> NpcId {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1_000);
@@ -260,6 +289,15 @@ fn main() {
     }
     let threads = config.effective_threads();
     let reproducible = config.reproducible_batching_applies();
+    if args.iter().any(|a| a == "grammar") {
+        let runtime = Runtime::start(config);
+        match runtime.events().recv().expect("worker") {
+            Event::ModelLoaded(_) => {}
+            other => panic!("model did not load: {other:?}"),
+        }
+        let (grammar, with_tokens, without_tokens) = action_grammar(&runtime);
+        return print_grammar(&grammar, with_tokens, without_tokens);
+    }
 
     // A ~700-token player line: prompt processing dominates its time to first token.
     let long_line = "The caravan from Riverford brought news of wolves, of rain, and of a merchant who sells blue glass. ".repeat(22);
@@ -303,6 +341,7 @@ fn main() {
         "the peer processed a prompt of the same length"
     );
     let (pp_off, tg_off, depth) = against_llama_bench(&runtime, false, threads);
+    let (grammar, with_tokens, without_tokens) = action_grammar(&runtime);
     drop(runtime);
     // The same measurement with reproducible batching off: flash attention as llama.cpp
     // chooses it (on, for this CPU build).
@@ -380,5 +419,21 @@ fn main() {
          prompt processing over time to first token, generation after the first token. \
          llama-bench: `-p 512 -n 0`, and `-p 0 -n 128 -d {depth}` so that it generates from as \
          much context; one repetition right before each of the runtime's. It does not sample."
+    );
+
+    print_grammar(&grammar, with_tokens, without_tokens);
+}
+
+fn print_grammar(grammar: &Pairs, with_tokens: usize, without_tokens: usize) {
+    println!("\n## The action grammar ({RUNS} pairs)\n");
+    println!(
+        "| blacksmith, greedy, up to 64 tokens | with its actions (grammar) | without actions | ratio (range) |"
+    );
+    println!("|---|---|---|---|");
+    println!(
+        "| generation (tok/s) | {:.0} ({with_tokens} tokens) | {:.0} ({without_tokens} tokens) | {} |",
+        grammar.ours(),
+        grammar.peer(),
+        grammar.ratio()
     );
 }
