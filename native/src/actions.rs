@@ -641,9 +641,11 @@ impl NpcActions {
 /// The grammar is checked against the token the chain picks, and applied to every candidate
 /// only when it refuses that token, as llama.cpp's own common sampler does. Applied to all
 /// 49,152 candidates before the chain, it had nearly halved the blacksmith's generation speed
-/// (about 50 against 93 tok/s on 2 CPU cores). Greedy picks the same token either way (the
-/// best token the grammar allows); seeded sampling keeps the chain's pick whenever the grammar
-/// allows it. A token the grammar refuses is never accepted into it (llama.cpp aborts on that).
+/// (0.55× the same persona without actions on 2 CPU cores, 0.72× now: the speed bench's
+/// `grammar` table). Greedy picks the same token either way (the best token the grammar
+/// allows); seeded sampling keeps the chain's pick whenever the grammar allows it, so its
+/// draws differ from filtering first. A token the grammar refuses is never accepted into it
+/// (llama.cpp aborts on that).
 pub(crate) struct ReplySampler {
     chain: llama_cpp_2::sampling::LlamaSampler,
     grammar: Option<llama_cpp_2::sampling::LlamaSampler>,
