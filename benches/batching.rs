@@ -10,7 +10,8 @@
 //! measured in pairs, one right after the other, for every size and [`REPS`] times over; each
 //! ratio is the median of its pairs. Every timed round starts from the same state: the NPCs'
 //! ~1,000-token conversations are computed once, saved with [`Runtime::save_npc`] and loaded
-//! back before each round. Without llama.cpp's tools (`NPC_AI_PEER_BIN` unset) the peer is a
+//! back before each round, sent together with the round's lines so that every NPC's line
+//! starts in the same step (the table prints how far apart their first tokens came). Without llama.cpp's tools (`NPC_AI_PEER_BIN` unset) the peer is a
 //! bare `llama-cpp-2` batched loop in a child process, driven the way `llama-batched-bench`
 //! drives llama.cpp.
 
@@ -28,7 +29,7 @@ const GENERATE: u32 = 64;
 /// Context tokens per NPC: a ~1,000-token conversation, a line and a reply fit.
 const CONTEXT: u32 = 1536;
 /// Measurement pairs (peer, runtime) per size.
-const REPS: usize = 3;
+const REPS: usize = 5;
 /// The peer's prompt, and the context the runtime's NPCs hold when the timed line arrives.
 const PEER_PROMPT: usize = 1000;
 /// Repetitions of the history sentence that bring the innkeeper's context to ~1,000 tokens
@@ -68,17 +69,37 @@ struct Round {
     seconds: f64,
     /// The largest prompt (context before the reply) among the NPCs.
     context: usize,
+    /// Between the first streamed text of the first NPC and that of the last: how far the
+    /// NPCs' replies started apart (0 when all lines went into the same step).
+    spread: f64,
 }
 
-fn round(runtime: &Runtime, npcs: &[NpcId], line: &str) -> Round {
+/// Sends `npcs` their saved states (`restore`, if any) and then the line, all at once: the
+/// worker handles a load before it looks at its inbox again, so by the time it steps every
+/// line is waiting and all of them start in the same step, as the peer's sequences do.
+fn round(runtime: &Runtime, npcs: &[NpcId], restore: Option<&[PathBuf]>, line: &str) -> Round {
+    if let Some(files) = restore {
+        for (&npc, file) in npcs.iter().zip(files) {
+            runtime.load_npc(npc, file).unwrap();
+        }
+    }
     let requests: Vec<_> = npcs
         .iter()
         .map(|&npc| runtime.say(npc, line).unwrap())
         .collect();
     let (mut tokens, mut first, mut last, mut context) = (0, f64::MAX, 0f64, 0);
+    let mut started: Vec<std::time::Instant> = Vec::new();
+    let mut seen = Vec::new();
     let mut done = 0;
     while done < requests.len() {
         match next(runtime) {
+            Event::NpcLoaded {
+                kv_tokens, kv_note, ..
+            } => assert!(kv_tokens > 0, "KV state restored: {kv_note:?}"),
+            Event::Delta { request, .. } if !seen.contains(&request) => {
+                seen.push(request);
+                started.push(std::time::Instant::now());
+            }
             Event::Replied { request, stats, .. } if requests.contains(&request) => {
                 let start = stats.time_to_first_token.as_secs_f64();
                 first = first.min(start);
@@ -88,13 +109,19 @@ fn round(runtime: &Runtime, npcs: &[NpcId], line: &str) -> Round {
                 done += 1;
             }
             Event::Failed { error, .. } => panic!("{error}"),
+            Event::NpcLoadFailed { error, .. } => panic!("{error}"),
             _ => {}
         }
     }
+    let spread = match (started.iter().min(), started.iter().max()) {
+        (Some(a), Some(b)) => (*b - *a).as_secs_f64(),
+        _ => 0.0,
+    };
     Round {
         tokens,
         seconds: last - first,
         context,
+        spread,
     }
 }
 
@@ -116,7 +143,7 @@ impl Group {
         }
         let history =
             "The caravan from Riverford brought news of wolves and rain. ".repeat(HISTORY_REPEATS);
-        round(runtime, &npcs, &history);
+        round(runtime, &npcs, None, &history);
         let files: Vec<PathBuf> = npcs
             .iter()
             .map(|npc| dir.join(format!("npc-{}.state", npc.0)))
@@ -131,18 +158,9 @@ impl Group {
         Group { npcs, files }
     }
 
-    /// Puts the first `n` NPCs back to their saved state (KV included) and returns them.
-    fn restore(&self, runtime: &Runtime, range: std::ops::Range<usize>) -> &[NpcId] {
-        for k in range.clone() {
-            runtime.load_npc(self.npcs[k], &self.files[k]).unwrap();
-            match next(runtime) {
-                Event::NpcLoaded {
-                    kv_tokens, kv_note, ..
-                } => assert!(kv_tokens > 0, "KV state restored: {kv_note:?}"),
-                other => panic!("load failed: {other:?}"),
-            }
-        }
-        &self.npcs[range]
+    /// NPCs `range` and their saved states.
+    fn slice(&self, range: std::ops::Range<usize>) -> (&[NpcId], &[PathBuf]) {
+        (&self.npcs[range.clone()], &self.files[range])
     }
 }
 
@@ -258,6 +276,8 @@ struct Row {
     batched: Pairs,
     sequential: Vec<f64>,
     context: usize,
+    /// The widest first-token spread of its batched rounds, seconds.
+    spread: f64,
 }
 
 /// Measures every size [`REPS`] times, each runtime round right after its peer's.
@@ -267,16 +287,17 @@ fn measure(runtime: &Runtime, group: &Group, threads: u32, fa: bool, sequential:
     for _ in 0..REPS {
         for (&n, row) in SIZES.iter().zip(&mut rows) {
             let peer = peer_rate(threads, n, fa);
-            let npcs = group.restore(runtime, 0..n);
-            let batched = round(runtime, npcs, line);
+            let (npcs, files) = group.slice(0..n);
+            let batched = round(runtime, npcs, Some(files), line);
             let rate = batched.tokens as f64 / batched.seconds;
             row.context = row.context.max(batched.context);
+            row.spread = row.spread.max(batched.spread);
             row.batched.push(rate, peer);
             if sequential {
                 let (mut tokens, mut seconds) = (0, 0.0);
                 for k in 0..n {
-                    let npc = group.restore(runtime, k..k + 1);
-                    let alone = round(runtime, npc, line);
+                    let (npc, file) = group.slice(k..k + 1);
+                    let alone = round(runtime, npc, Some(file), line);
                     tokens += alone.tokens;
                     seconds += alone.seconds;
                 }
@@ -321,14 +342,15 @@ fn main() {
          pairs, each runtime round measured right after its peer's\n"
     );
     println!(
-        "| NPCs | context per NPC | batched: tok/s total | per NPC | one after another: tok/s total | batched / one after another | {peer_name} -fa 0 (peer: {PEER_PROMPT} tokens) | runtime / peer (range) |"
+        "| NPCs | context per NPC | first-token spread (ms) | batched: tok/s total | per NPC | one after another: tok/s total | batched / one after another | {peer_name} -fa 0 (peer: {PEER_PROMPT} tokens) | runtime / peer (range) |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for (&n, row) in SIZES.iter().zip(&rows) {
         let (batched, sequential) = (row.batched.ours(), median(row.sequential.clone()));
         println!(
-            "| {n} | {} | {batched:.0} | {:.1} | {sequential:.0} | {:.2}× | {:.1} | {} |",
+            "| {n} | {} | {:.0} | {batched:.0} | {:.1} | {sequential:.0} | {:.2}× | {:.1} | {} |",
             row.context,
+            row.spread * 1e3,
             batched / n as f64,
             batched / sequential,
             row.batched.peer(),
@@ -346,14 +368,15 @@ fn main() {
     let _ = std::fs::remove_dir_all(&dir);
     println!("\nReproducible batching off (flash attention on):\n");
     println!(
-        "| NPCs | context per NPC | batched: tok/s total | per NPC | {peer_name} -fa 1 | runtime / peer (range) |"
+        "| NPCs | context per NPC | first-token spread (ms) | batched: tok/s total | per NPC | {peer_name} -fa 1 | runtime / peer (range) |"
     );
-    println!("|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|");
     for (&n, row) in SIZES.iter().zip(&rows) {
         let batched = row.batched.ours();
         println!(
-            "| {n} | {} | {batched:.0} | {:.1} | {:.1} | {} |",
+            "| {n} | {} | {:.0} | {batched:.0} | {:.1} | {:.1} | {} |",
             row.context,
+            row.spread * 1e3,
             batched / n as f64,
             row.batched.peer(),
             row.batched.ratio()
