@@ -6,8 +6,8 @@ mod common;
 use std::time::Duration;
 
 use npc_native::{
-    DebugHook, Event, LoreBook, LoreIndex, NpcError, NpcId, Persona, Priority, ReplyStats, Request,
-    Runtime, RuntimeConfig, SayOptions,
+    Event, LoreBook, LoreIndex, NpcError, NpcId, Persona, Priority, ReplyStats, Runtime,
+    RuntimeConfig, SayOptions,
 };
 
 const WAIT: Duration = Duration::from_secs(120);
@@ -449,18 +449,9 @@ fn the_summary_is_triggered_at_the_budget_and_keeps_named_facts() {
     persona.prompt_budget = Some(u32::try_from(budget).unwrap());
     set_persona(&runtime, npc, persona).unwrap();
 
-    reply(&runtime, npc, "My sister Wren Holloway lives in Riverford.");
-    reply(&runtime, npc, "I owe Marta 12 silver for the stew.");
-    let small_talk = [
-        "Nice weather today, is it not?",
-        "How is the forge doing?",
-        "Do you like your work?",
-        "What do you think of the village?",
-        "Is the fire hot today?",
-        "Have you eaten yet?",
-        "Do you ever rest?",
-        "Is it busy today?",
-    ];
+    reply(&runtime, npc, FOLDING_LINES[0]);
+    reply(&runtime, npc, FOLDING_LINES[1]);
+    let small_talk = &FOLDING_LINES[2..10];
     let mut first_fold = None;
     for (at, line) in small_talk.iter().enumerate() {
         let (_, stats) = reply(&runtime, npc, line);
@@ -569,14 +560,6 @@ const FOLDING_LINES: [&str; 14] = [
     "Is the smoke bad today?",
 ];
 
-fn hold(runtime: &Runtime) -> crossbeam_channel::Sender<()> {
-    let (open, gate) = crossbeam_channel::bounded(1);
-    runtime
-        .send(Request::Debug(DebugHook::WaitFor(gate)))
-        .unwrap();
-    open
-}
-
 fn written_after(runtime: &Runtime, npc: NpcId) -> (usize, Option<String>) {
     loop {
         match next_event(runtime) {
@@ -612,7 +595,7 @@ fn the_model_writes_part_of_the_summary_in_the_background_after_the_replies() {
     // first: the job runs only when no reply is queued or in progress.
     let mut folded = None;
     for line in FOLDING_LINES {
-        let gate = hold(&runtime);
+        let gate = common::hold(&runtime);
         let mine = runtime.say(npc, line).unwrap();
         let theirs = runtime
             .say_with(other, "Good day to you.", background)

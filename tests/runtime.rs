@@ -643,14 +643,6 @@ fn more_npcs_than_slots_lose_no_conversation_and_restore_from_ram() {
 // ---- Scheduling: priority, deadlines, chunked prompts ----
 
 /// Holds the worker until the returned sender is used (or dropped).
-fn hold(runtime: &Runtime) -> crossbeam_channel::Sender<()> {
-    let (open, gate) = crossbeam_channel::bounded(1);
-    runtime
-        .send(Request::Debug(DebugHook::WaitFor(gate)))
-        .unwrap();
-    open
-}
-
 #[test]
 fn the_player_goes_first_and_background_chatter_last() {
     let _serial = common::serial();
@@ -658,7 +650,7 @@ fn the_player_goes_first_and_background_chatter_last() {
     for npc in 1..=3 {
         accept(&runtime, NpcId(npc), greedy("guard"));
     }
-    let gate = hold(&runtime);
+    let gate = common::hold(&runtime);
     let with = |priority| SayOptions {
         priority,
         deadline: None,
@@ -695,7 +687,7 @@ fn deadlines_fail_queued_replies_and_cut_running_ones_short() {
     accept(&runtime, npc, persona);
 
     // Not started in time: fails.
-    let gate = hold(&runtime);
+    let gate = common::hold(&runtime);
     let options = SayOptions {
         priority: Priority::Normal,
         deadline: Some(Duration::from_millis(1)),

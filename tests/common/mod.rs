@@ -48,3 +48,15 @@ pub fn scratch_dir(name: &str) -> PathBuf {
     std::fs::create_dir_all(&dir).expect("create scratch dir");
     dir
 }
+
+/// Blocks the worker until the returned sender sends or is dropped, so a test can queue
+/// several requests that the worker then sees at once.
+pub fn hold(runtime: &npc_native::Runtime) -> crossbeam_channel::Sender<()> {
+    let (open, gate) = crossbeam_channel::bounded(1);
+    runtime
+        .send(npc_native::Request::Debug(npc_native::DebugHook::WaitFor(
+            gate,
+        )))
+        .expect("the worker takes requests");
+    open
+}
