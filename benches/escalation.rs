@@ -9,7 +9,9 @@
 //!    fit, said so in the table); the knowledge-match threshold is the runtime's default.
 //! 2. **Cost per player-hour** of the seed workload (5 interactions a minute, ~100-token
 //!    replies, long lore): an 11-turn session with the blacksmith, escalating to llama.cpp's
-//!    `llama-server` on loopback (its real token counts), metered by [`CostMeter`]; against
+//!    `llama-server` on loopback (its real token counts), metered by [`CostMeter`], once per
+//!    [`CloudRole`] (the cloud speaks as the NPC; the cloud supplies a fact the local model
+//!    voices); against
 //!    cloud-only, where every turn goes to a GPT-4-class model with the full context (persona,
 //!    long lore and the whole history, counted by the server's tokenizer). It also prints the
 //!    share of escalated turns up to which ours stays within 1/100 of cloud-only, from the
@@ -25,7 +27,7 @@ mod servers;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use npc_native::escalation::{self, EscalationConfig};
+use npc_native::escalation::{self, CloudRole, EscalationConfig};
 use npc_native::{
     CloudConfig, CostMeter, Event, FinishReason, NpcId, Persona, ReplySource, ReplyStats,
     RequestId, Runtime, RuntimeConfig,
@@ -372,30 +374,20 @@ fn count_tokens(port: u16, text: &str) -> u64 {
     value["tokens"].as_array().expect("tokens").len() as u64
 }
 
+/// One design's run of the session: what ours cost, what cloud-only would have cost for
+/// the same conversation, and how the turns went.
+struct Session {
+    role: CloudRole,
+    ours: CostMeter,
+    cloud_only: CostMeter,
+    turns: usize,
+    escalated: usize,
+    fallback: usize,
+}
+
 fn cost_per_player_hour() {
     let model = root().join(npc_native::DEFAULT_MODEL_PATH);
     let server = servers::LlamaServer::start(&model, None);
-    let mut cloud = CloudConfig::new(server.base_url(), "default");
-    cloud.read_timeout = Duration::from_secs(120);
-    cloud.total_timeout = Duration::from_secs(300);
-    // Generous caps: this measures what routing costs, not what the caps forbid.
-    let mut policy = EscalationConfig::enabled(Some(cloud));
-    policy.max_spend_per_hour = 100.0;
-    policy.max_spend_per_day = 1000.0;
-    policy.max_escalations_per_minute = 100;
-    policy.cloud_max_tokens = 100;
-    let runtime = start(
-        // The machine's cores, as a game would run it: the server computes only while the
-        // runtime waits for an escalation, so the two do not compete.
-        RuntimeConfig::new(&model)
-            .with_slots(1)
-            .with_escalation(policy),
-    );
-    let npc = NpcId(1);
-    let mut brom = persona("blacksmith");
-    brom.sampling.max_tokens = Some(100);
-    let system = brom.system_prompt();
-    accept(&runtime, npc, brom);
     let source = std::fs::read_to_string(root().join("tests/data/escalation.ron")).expect("set");
     let set: QuestionSet = ron::from_str(&source).expect("set parses");
     // Small talk, then the blacksmith's first four answerable and first four unanswerable
@@ -418,20 +410,125 @@ fn cost_per_player_hour() {
     }
     let lore = long_lore(245);
     let lore_tokens = count_tokens(server.port, &lore);
+    let per_hour = 300.0;
+    let sessions: Vec<Session> = [CloudRole::Speak, CloudRole::Inform]
+        .into_iter()
+        .map(|role| session(&server, &model, role, &lines, &lore))
+        .collect();
+    println!(
+        "\n## Cost per player-hour: seed workload (5 interactions/min = {per_hour} a player-hour), {} turns, long lore of {lore_tokens} tokens",
+        lines.len()
+    );
+    for s in &sessions {
+        println!(
+            "\nOurs, cloud role {:?} ({} local, {} escalated to the cloud, {} fallback):",
+            s.role,
+            s.turns - s.escalated - s.fallback,
+            s.escalated,
+            s.fallback
+        );
+        println!("{}", s.ours.report(per_hour));
+    }
+    println!(
+        "\nCloud-only (every turn, full context; the {:?} session's conversation):",
+        sessions[0].role
+    );
+    println!("{}", sessions[0].cloud_only.report(per_hour));
+    println!("\n| design | cost per reply | per player-hour | ratio to cloud-only |");
+    println!("|---|---:|---:|---:|");
+    let cloud_hour = sessions[0].cloud_only.per_player_hour(per_hour);
+    println!(
+        "| cloud-only, GPT-4-class, full context | ${:.5} | ${:.3} | 1 |",
+        sessions[0].cloud_only.cost_per_reply(),
+        cloud_hour
+    );
+    for s in &sessions {
+        // Each design against cloud-only on its own conversation (the replies differ).
+        let cloud_hour = s.cloud_only.per_player_hour(per_hour);
+        let ours_hour = s.ours.per_player_hour(per_hour);
+        println!(
+            "| ours, cloud role {:?}: local (priced at ${}/GPU-hour) + escalations | ${:.5} | ${:.3} | 1/{:.0} |",
+            s.role,
+            s.ours.prices.local_per_hour,
+            s.ours.cost_per_reply(),
+            ours_hour,
+            cloud_hour / ours_hour.max(1e-12)
+        );
+    }
+    for s in &sessions {
+        // Where the target holds: the share of escalated turns at which ours reaches 1/100
+        // of cloud-only, at this run's measured cost of a local reply and of an escalation
+        // (for `Inform`, the cloud's fact plus one local reply).
+        let total = s.ours.total();
+        let local_each = total.local_cost(&s.ours.prices)
+            / (total.local_replies + total.informed_replies).max(1) as f64;
+        let escalations = (total.cloud_replies + total.informed_replies).max(1) as f64;
+        let mut escalation_each = total.cloud_cost(&s.ours.prices) / escalations;
+        if s.role == CloudRole::Inform {
+            escalation_each += local_each;
+        }
+        let budget = s.cloud_only.cost_per_reply() / 100.0;
+        let share = ((budget - local_each) / (escalation_each - local_each)).clamp(0.0, 1.0);
+        println!(
+            "\n{:?}: at this run's ${local_each:.6} per local reply and ${escalation_each:.5} per \
+             escalation, ours stays within 1/100 of cloud-only (${budget:.5} a reply) while at \
+             most {:.1} % of turns escalate; this mix escalated {:.1} %.",
+            s.role,
+            share * 100.0,
+            s.escalated as f64 * 100.0 / s.turns as f64
+        );
+    }
+}
+
+/// The session with the blacksmith, escalating with `role`, metered side by side with
+/// cloud-only on the same conversation.
+fn session(
+    server: &servers::LlamaServer,
+    model: &Path,
+    role: CloudRole,
+    lines: &[String],
+    lore: &str,
+) -> Session {
+    let mut cloud = CloudConfig::new(server.base_url(), "default");
+    cloud.read_timeout = Duration::from_secs(120);
+    cloud.total_timeout = Duration::from_secs(300);
+    // Generous caps: this measures what routing costs, not what the caps forbid.
+    let mut policy = EscalationConfig::enabled(Some(cloud));
+    policy.max_spend_per_hour = 100.0;
+    policy.max_spend_per_day = 1000.0;
+    policy.max_escalations_per_minute = 100;
+    policy.cloud_max_tokens = 100;
+    policy.cloud_role = role;
+    let runtime = start(
+        // The machine's cores, as a game would run it: the server computes only while the
+        // runtime waits for an escalation, so the two do not compete.
+        RuntimeConfig::new(model)
+            .with_slots(1)
+            .with_escalation(policy),
+    );
+    let npc = NpcId(1);
+    let mut brom = persona("blacksmith");
+    brom.sampling.max_tokens = Some(100);
+    let system = brom.system_prompt();
+    accept(&runtime, npc, brom);
     let mut ours = CostMeter::default();
     let mut cloud_only = CostMeter::default();
     let mut history = String::new();
     let (mut escalated, mut fallback) = (0, 0);
-    for line in &lines {
+    for line in lines {
         let request = runtime.say(npc, line.as_str()).expect("worker");
         let (text, stats) = reply(&runtime, request);
         eprintln!(
-            "[cost] {:?} {line:?} -> {text:?} ({} prompt, {} cached, {} generated)",
-            stats.source, stats.prompt_tokens, stats.cached_tokens, stats.generated_tokens
+            "[cost {role:?}] {:?} {line:?} -> {text:?} ({} prompt, {} cached, {} generated, cloud fact {:?})",
+            stats.source,
+            stats.prompt_tokens,
+            stats.cached_tokens,
+            stats.generated_tokens,
+            stats.cloud_fact
         );
         ours.record(npc, &stats);
         match stats.source {
-            ReplySource::Cloud => escalated += 1,
+            ReplySource::Cloud | ReplySource::Informed => escalated += 1,
             ReplySource::Fallback => fallback += 1,
             ReplySource::Local => {}
         }
@@ -465,52 +562,29 @@ fn cost_per_player_hour() {
                 dropped_turns: 0,
                 source: ReplySource::Cloud,
                 confidence: None,
+                cloud_fact: None,
             },
         );
     }
-    drop(runtime);
-    let per_hour = 300.0;
-    let ours_hour = ours.per_player_hour(per_hour);
-    let cloud_hour = cloud_only.per_player_hour(per_hour);
-    println!(
-        "\n## Cost per player-hour: seed workload (5 interactions/min = {per_hour} a player-hour), {} turns, long lore of {lore_tokens} tokens",
-        lines.len()
-    );
-    println!(
-        "\nOurs ({} local, {escalated} escalated to the cloud, {fallback} fallback):",
-        lines.len() - escalated - fallback
-    );
-    println!("{}", ours.report(per_hour));
-    println!("\nCloud-only (every turn, full context):");
-    println!("{}", cloud_only.report(per_hour));
-    println!("\n| design | cost per reply | per player-hour | ratio to cloud-only |");
-    println!("|---|---:|---:|---:|");
-    println!(
-        "| cloud-only, GPT-4-class, full context | ${:.5} | ${:.3} | 1 |",
-        cloud_only.cost_per_reply(),
-        cloud_hour
-    );
-    println!(
-        "| ours: local (priced at ${}/GPU-hour) + escalations | ${:.5} | ${:.3} | 1/{:.0} |",
-        ours.prices.local_per_hour,
-        ours.cost_per_reply(),
-        ours_hour,
-        cloud_hour / ours_hour.max(1e-12)
-    );
-    // Where the target holds: the share of escalated turns at which ours reaches 1/100 of
-    // cloud-only, at this run's measured cost of a local reply and of an escalation.
-    let total = ours.total();
-    let local_each = total.local_cost(&ours.prices) / total.local_replies.max(1) as f64;
-    let escalation_each = total.cloud_cost(&ours.prices) / total.cloud_replies.max(1) as f64;
-    let budget = cloud_only.cost_per_reply() / 100.0;
-    let share = ((budget - local_each) / (escalation_each - local_each)).clamp(0.0, 1.0);
-    println!(
-        "\nAt this run's ${local_each:.6} per local reply and ${escalation_each:.5} per \
-         escalation, ours stays within 1/100 of cloud-only (${budget:.5} a reply) while at most \
-         {:.1} % of turns escalate; this mix escalated {:.1} %.",
-        share * 100.0,
-        escalated as f64 * 100.0 / lines.len() as f64
-    );
+    if role == CloudRole::Inform {
+        runtime.inspect(npc).expect("worker");
+        for event in runtime.events() {
+            if let Event::Mind { memories, .. } = event {
+                for memory in memories {
+                    eprintln!("[cost {role:?}] remembers: {}", memory.text);
+                }
+                break;
+            }
+        }
+    }
+    Session {
+        role,
+        ours,
+        cloud_only,
+        turns: lines.len(),
+        escalated,
+        fallback,
+    }
 }
 
 fn main() {

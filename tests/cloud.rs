@@ -15,8 +15,8 @@ use std::time::Duration;
 use npc_native::cloud::{CloudClient, CloudError};
 use npc_native::escalation::DEFAULT_FALLBACK_LINE;
 use npc_native::{
-    CloudConfig, EscalationConfig, Event, NpcId, Persona, ReplySource, ReplyStats, Runtime,
-    RuntimeConfig,
+    CloudConfig, CloudRole, EscalationConfig, Event, NpcId, Persona, ReplySource, ReplyStats,
+    Runtime, RuntimeConfig,
 };
 use servers::{LlamaServer, MisbehavingServer, Misbehaviour};
 
@@ -282,10 +282,74 @@ fn out_of_knowledge_questions_escalate_and_known_ones_stay_local() {
 }
 
 #[test]
+fn with_the_inform_role_the_cloud_supplies_a_fact_and_the_local_model_voices_it() {
+    let _serial = common::serial();
+    let server = LlamaServer::start(&common::model_path(), None);
+    let mut escalation = EscalationConfig::enabled(Some(llama_config(&server)));
+    escalation.cloud_role = CloudRole::Inform;
+    let runtime = runtime_with(escalation);
+    let npc = NpcId(1);
+    add_npc(&runtime, npc, blacksmith());
+    let (streamed, text, stats) = ask(&runtime, npc, OUT_OF_KNOWLEDGE);
+    assert_eq!(stats.source, ReplySource::Informed, "{text}");
+    assert_eq!(streamed.trim(), text);
+    assert!(!text.is_empty());
+    // The local model wrote the rest, with the fact as a note before the line.
+    assert!(
+        stats.generated_tokens > 0 && stats.confidence.is_some(),
+        "{stats:?}"
+    );
+    assert!(stats.lore_entries >= 1, "{stats:?}");
+    // The cloud saw a short prompt and wrote a short answer: no persona, no history.
+    let fact = stats.cloud_fact.expect("the cloud's tokens are reported");
+    assert!(
+        (10..120).contains(&fact.prompt_tokens),
+        "{fact:?}: a short prompt"
+    );
+    assert!(
+        (1..=u64::from(EscalationConfig::default().fact_max_tokens))
+            .contains(&fact.completion_tokens),
+        "{fact:?}"
+    );
+    // The NPC remembers the fact: asked again, it knows and stays local.
+    runtime.inspect(npc).unwrap();
+    let memories = loop {
+        match runtime.events().recv_timeout(Duration::from_secs(60)) {
+            Ok(Event::Mind { memories, .. }) => break memories,
+            Ok(_) => {}
+            Err(err) => panic!("no mind: {err}"),
+        }
+    };
+    let learned = memories
+        .iter()
+        .find_map(|m| {
+            m.text
+                .strip_prefix(&format!("Asked \"{OUT_OF_KNOWLEDGE}\", you found out: "))
+        })
+        .unwrap_or_else(|| panic!("the fact is remembered: {memories:?}"));
+    // The reply opens with the fact, then the local model goes on in character.
+    assert!(text.starts_with(learned), "{text:?} opens with {learned:?}");
+    let (_, again, stats) = ask(&runtime, npc, OUT_OF_KNOWLEDGE);
+    assert_eq!(stats.source, ReplySource::Local, "{again}");
+    assert!(stats.memories >= 1, "the fact was recalled: {stats:?}");
+    // A question the persona knows never goes out.
+    let (_, local, stats) = ask(&runtime, npc, IN_KNOWLEDGE);
+    assert_eq!(stats.source, ReplySource::Local, "{local}");
+}
+
+#[test]
 fn the_cloud_reply_can_be_cancelled() {
     let _serial = common::serial();
     let server = LlamaServer::start(&common::model_path(), None);
-    let runtime = runtime_with(EscalationConfig::enabled(Some(llama_config(&server))));
+    for role in [CloudRole::Speak, CloudRole::Inform] {
+        cancel_a_cloud_reply(&server, role);
+    }
+}
+
+fn cancel_a_cloud_reply(server: &LlamaServer, role: CloudRole) {
+    let mut escalation = EscalationConfig::enabled(Some(llama_config(server)));
+    escalation.cloud_role = role;
+    let runtime = runtime_with(escalation);
     let npc = NpcId(1);
     add_npc(&runtime, npc, blacksmith());
     let request = runtime.say(npc, OUT_OF_KNOWLEDGE).unwrap();
@@ -294,7 +358,7 @@ fn the_cloud_reply_can_be_cancelled() {
         match runtime.events().recv_timeout(Duration::from_secs(60)) {
             Ok(Event::Cancelled { request: r, .. }) if r == request => break,
             Ok(Event::Replied { request: r, .. }) if r == request => {
-                panic!("a cancelled reply completed")
+                panic!("{role:?}: a cancelled reply completed")
             }
             Ok(_) => {}
             Err(err) => panic!("no answer to the cancel: {err}"),
@@ -306,7 +370,7 @@ fn the_cloud_reply_can_be_cancelled() {
     // Nothing more arrives for the cancelled reply.
     while let Ok(event) = runtime.events().recv_timeout(Duration::from_millis(500)) {
         if let Event::Delta { request: r, .. } | Event::Replied { request: r, .. } = event {
-            assert_ne!(r, request, "an event for the cancelled reply");
+            assert_ne!(r, request, "{role:?}: an event for the cancelled reply");
         }
     }
 }
@@ -321,25 +385,36 @@ fn a_failing_cloud_gets_the_fallback_line_and_the_game_goes_on() {
         then_port: None,
     });
     let down = format!("http://127.0.0.1:{}/v1", servers::free_port());
-    for (what, url) in [
+    let cases = [
         ("down", down),
         ("silent", silent.base_url()),
         ("garbage", garbage.base_url()),
         ("429", limited.base_url()),
-    ] {
-        let runtime = runtime_with(EscalationConfig::enabled(Some(fast_config(url))));
-        let npc = NpcId(1);
-        let mut persona = blacksmith();
-        persona.escalation.fallback_line = Some("Can't help you there, friend.".into());
-        add_npc(&runtime, npc, persona);
-        let (streamed, text, stats) = ask(&runtime, npc, OUT_OF_KNOWLEDGE);
-        assert_eq!(stats.source, ReplySource::Fallback, "{what}");
-        assert_eq!(text, "Can't help you there, friend.", "{what}");
-        assert_eq!(streamed, text, "{what}");
-        let (_, local, stats) = ask(&runtime, npc, IN_KNOWLEDGE);
-        assert_eq!(stats.source, ReplySource::Local, "{what}: {local}");
-        assert!(!local.is_empty(), "{what}");
+    ];
+    for role in [CloudRole::Speak, CloudRole::Inform] {
+        for (what, url) in &cases {
+            let what = format!("{what}, {role:?}");
+            let mut escalation = EscalationConfig::enabled(Some(fast_config(url.clone())));
+            escalation.cloud_role = role;
+            fallback_then_local(escalation, &what);
+        }
     }
+}
+
+/// An out-of-knowledge line gets the persona's fallback line; a known one stays local.
+fn fallback_then_local(escalation: EscalationConfig, what: &str) {
+    let runtime = runtime_with(escalation);
+    let npc = NpcId(1);
+    let mut persona = blacksmith();
+    persona.escalation.fallback_line = Some("Can't help you there, friend.".into());
+    add_npc(&runtime, npc, persona);
+    let (streamed, text, stats) = ask(&runtime, npc, OUT_OF_KNOWLEDGE);
+    assert_eq!(stats.source, ReplySource::Fallback, "{what}");
+    assert_eq!(text, "Can't help you there, friend.", "{what}");
+    assert_eq!(streamed, text, "{what}");
+    let (_, local, stats) = ask(&runtime, npc, IN_KNOWLEDGE);
+    assert_eq!(stats.source, ReplySource::Local, "{what}: {local}");
+    assert!(!local.is_empty(), "{what}");
 }
 
 #[test]
@@ -366,10 +441,11 @@ fn spend_cap_and_rate_limit_hold_under_a_burst() {
     let mut rate = EscalationConfig::enabled(Some(llama_config(&server)));
     rate.max_escalations_per_minute = 2;
     rate.cloud_max_tokens = 16;
-    // Spend cap: room for one escalation an hour. Its estimate is about $0.0028 (the
-    // ~1,100-character prompt at 4 characters a token and $10/M, plus 16 tokens at $30/M).
+    // Spend cap: room for one escalation an hour. Its estimate is about $0.0012 (the
+    // compressed persona prompt, ~300 characters at 4 characters a token and $10/M, plus
+    // 16 tokens at $30/M).
     let mut spend = EscalationConfig::enabled(Some(llama_config(&server)));
-    spend.max_spend_per_hour = 0.004;
+    spend.max_spend_per_hour = 0.002;
     spend.cloud_max_tokens = 16;
     for (what, escalation, allowed) in [("rate limit", rate, 2), ("spend cap", spend, 1)] {
         let runtime = runtime_with(escalation);

@@ -66,6 +66,9 @@ pub struct CostTotals {
     pub local_replies: u64,
     /// Replies produced by the cloud model.
     pub cloud_replies: u64,
+    /// Replies the local model produced from a fact the cloud supplied
+    /// ([`ReplySource::Informed`]); their tokens count on both sides.
+    pub informed_replies: u64,
     /// Replies that were the persona's fallback line (escalation refused or the cloud
     /// failed).
     pub fallback_replies: u64,
@@ -86,9 +89,17 @@ pub struct CostTotals {
 impl CostTotals {
     fn add(&mut self, stats: &ReplyStats) {
         self.replies += 1;
+        if let Some(fact) = stats.cloud_fact {
+            self.cloud_input_tokens += fact.prompt_tokens;
+            self.cloud_output_tokens += fact.completion_tokens;
+        }
         match stats.source {
-            ReplySource::Local => {
-                self.local_replies += 1;
+            ReplySource::Local | ReplySource::Informed => {
+                if stats.source == ReplySource::Local {
+                    self.local_replies += 1;
+                } else {
+                    self.informed_replies += 1;
+                }
                 let prompt = stats.prompt_tokens as u64;
                 let cached = (stats.cached_tokens as u64).min(prompt);
                 self.prefilled_tokens += prompt - cached;
@@ -234,11 +245,12 @@ impl fmt::Display for CostReport<'_> {
         let c = &m.prices.currency;
         writeln!(
             f,
-            "{:<10} {:>7} {:>6} {:>6} {:>9} {:>8} {:>9} {:>9} {:>9} {:>9} {:>11}",
+            "{:<10} {:>7} {:>6} {:>6} {:>8} {:>9} {:>8} {:>9} {:>9} {:>9} {:>9} {:>11}",
             "npc",
             "replies",
             "local",
             "cloud",
+            "informed",
             "prefilled",
             "reused",
             "generated",
@@ -250,11 +262,12 @@ impl fmt::Display for CostReport<'_> {
         let row = |f: &mut fmt::Formatter<'_>, name: String, t: &CostTotals| {
             writeln!(
                 f,
-                "{:<10} {:>7} {:>6} {:>6} {:>9} {:>8} {:>9} {:>9.2} {:>9} {:>9} {:>10.6}{c}",
+                "{:<10} {:>7} {:>6} {:>6} {:>8} {:>9} {:>8} {:>9} {:>9.2} {:>9} {:>9} {:>10.6}{c}",
                 name,
                 t.replies,
                 t.local_replies,
                 t.cloud_replies,
+                t.informed_replies,
                 t.prefilled_tokens,
                 t.reused_tokens,
                 t.generated_tokens,
@@ -286,7 +299,7 @@ impl fmt::Display for CostReport<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::FinishReason;
+    use crate::protocol::{CloudUsage, FinishReason};
 
     fn stats(source: ReplySource, prompt: usize, cached: usize, generated: usize) -> ReplyStats {
         ReplyStats {
@@ -304,6 +317,7 @@ mod tests {
             dropped_turns: 0,
             source,
             confidence: None,
+            cloud_fact: None,
         }
     }
 
@@ -331,6 +345,34 @@ mod tests {
         assert!((per_hour - t.total_cost(&meter.prices) / 4.0 * 300.0).abs() < 1e-9);
         let report = meter.report(300.0).to_string();
         assert!(report.contains("total"), "{report}");
+    }
+
+    #[test]
+    fn an_informed_reply_counts_the_local_model_and_the_clouds_fact() {
+        let mut meter = CostMeter::default();
+        let mut informed = stats(ReplySource::Informed, 200, 150, 30);
+        informed.cloud_fact = Some(CloudUsage {
+            prompt_tokens: 60,
+            completion_tokens: 12,
+        });
+        meter.record(NpcId(1), &informed);
+        // A fact the cloud did not know: the fallback line, but the tokens were paid for.
+        let mut unknown = stats(ReplySource::Fallback, 0, 0, 0);
+        unknown.cloud_fact = Some(CloudUsage {
+            prompt_tokens: 55,
+            completion_tokens: 5,
+        });
+        meter.record(NpcId(1), &unknown);
+        let t = meter.total();
+        assert_eq!(
+            (t.informed_replies, t.local_replies, t.cloud_replies),
+            (1, 0, 0)
+        );
+        assert_eq!(t.fallback_replies, 1);
+        assert_eq!((t.prefilled_tokens, t.reused_tokens), (50, 150));
+        assert_eq!(t.generated_tokens, 30);
+        assert_eq!((t.cloud_input_tokens, t.cloud_output_tokens), (115, 17));
+        assert_eq!(t.local_compute, Duration::from_secs(2));
     }
 
     #[test]

@@ -13,6 +13,10 @@
 //! persona's optional [`PersonaEscalation`] decide; spend caps, a rate limit and `offline`
 //! mode bound it. When a question should escalate but may not, or the cloud fails, the NPC
 //! says its fallback line in character: never an error string, never a hang.
+//!
+//! What the cloud does with a line is its [`CloudRole`]: answer as the NPC from a compressed
+//! persona prompt, or supply only the fact, which opens a local reply and which the NPC
+//! remembers.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -25,7 +29,9 @@ use serde::{Deserialize, Serialize};
 use crate::cost::PriceTable;
 use crate::persona::Persona;
 use crate::prompt::Turn;
-use crate::protocol::{Event, FinishReason, NpcError, NpcId, ReplySource, ReplyStats, RequestId};
+use crate::protocol::{
+    CloudUsage, Event, FinishReason, NpcError, NpcId, ReplySource, ReplyStats, RequestId,
+};
 
 /// The line an NPC says when a question should go to the cloud but cannot.
 pub const DEFAULT_FALLBACK_LINE: &str = "I couldn't say, traveller.";
@@ -440,8 +446,13 @@ pub struct EscalationConfig {
     pub prices: PriceTable,
     /// Most completion tokens asked of the cloud per reply.
     pub cloud_max_tokens: u32,
-    /// Conversation turns sent to the cloud with the persona prompt (the oldest are dropped).
+    /// Conversation turns sent to the cloud with the persona prompt (the oldest are dropped);
+    /// [`CloudRole::Speak`] only.
     pub cloud_history_turns: usize,
+    /// What the cloud does with an escalated line; personas may override it.
+    pub cloud_role: CloudRole,
+    /// Most completion tokens asked of the cloud for a fact ([`CloudRole::Inform`]).
+    pub fact_max_tokens: u32,
     /// What NPCs say when a question should escalate but cannot; personas may override it.
     pub fallback_line: String,
 }
@@ -461,7 +472,9 @@ impl Default for EscalationConfig {
             max_escalations_per_minute: 6,
             prices: PriceTable::default(),
             cloud_max_tokens: 128,
-            cloud_history_turns: 2,
+            cloud_history_turns: 1,
+            cloud_role: CloudRole::default(),
+            fact_max_tokens: 40,
             fallback_line: DEFAULT_FALLBACK_LINE.into(),
         }
     }
@@ -477,6 +490,28 @@ impl EscalationConfig {
             ..Self::default()
         }
     }
+}
+
+/// What the cloud model does with an escalated line.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CloudRole {
+    /// The cloud model answers as the NPC: it gets the persona prompt, compressed (who the
+    /// NPC is, how it talks, and at most three of its knowledge entries, those that share
+    /// the most words with the line; no secrets, goals, actions or world preamble), the last
+    /// [`EscalationConfig::cloud_history_turns`] turns and the line, and its reply streams to
+    /// the game ([`ReplySource::Cloud`]).
+    #[default]
+    Speak,
+    /// The cloud model supplies only the missing fact: it gets a short prompt (the NPC's
+    /// name and role and the player's line) and answers in one plain sentence of at most
+    /// [`EscalationConfig::fact_max_tokens`] tokens (a sentence the limit cut short is
+    /// dropped). The local model then answers ([`ReplySource::Informed`]): the fact is a note
+    /// before the line and opens the reply, the model going on in character after it. The
+    /// NPC remembers the fact, so asking again stays local. A fraction of
+    /// [`CloudRole::Speak`]'s cloud tokens; the fact is in the cloud's words, and the reply
+    /// starts after the cloud's answer. A fact that says it is unknown gets the fallback
+    /// line.
+    Inform,
 }
 
 /// A persona's own escalation settings (the optional `escalation` section of a persona
@@ -496,6 +531,8 @@ pub struct PersonaEscalation {
     pub never_topics: Vec<String>,
     /// What this NPC says when it cannot answer.
     pub fallback_line: Option<String>,
+    /// Overrides [`EscalationConfig::cloud_role`].
+    pub cloud_role: Option<CloudRole>,
 }
 
 impl PersonaEscalation {
@@ -570,15 +607,136 @@ pub enum Route {
 pub(crate) struct NpcProfile {
     pub(crate) settings: PersonaEscalation,
     pub(crate) documents: Vec<String>,
+    /// "Name, role": who the cloud supplies a fact for ([`CloudRole::Inform`]).
+    pub(crate) identity: String,
+    /// Who the NPC is and how it talks, for the cloud ([`CloudRole::Speak`]).
+    pub(crate) header: String,
+    /// The persona's knowledge entries, of which the cloud gets those the line mentions.
+    pub(crate) knowledge: Vec<String>,
 }
 
 impl NpcProfile {
     pub(crate) fn new(persona: &Persona) -> Self {
+        let identity = format!("{}, {}", persona.name.trim(), persona.role.trim());
+        let mut header = format!(
+            "You are {identity}. Stay in character and answer in one or two short sentences."
+        );
+        for (title, body) in [
+            ("Personality", &persona.personality),
+            ("Speech style", &persona.speech_style),
+        ] {
+            if !body.trim().is_empty() {
+                header.push_str(&format!("\n\n{title}: {}", body.trim()));
+            }
+        }
         Self {
             settings: persona.escalation.clone(),
             documents: persona_documents(persona),
+            identity,
+            header,
+            knowledge: persona
+                .knowledge
+                .iter()
+                .map(|k| k.trim().to_owned())
+                .filter(|k| !k.is_empty())
+                .collect(),
         }
     }
+
+    /// The persona prompt the cloud gets when it speaks as the NPC, compressed: who the NPC
+    /// is and how it talks, and the (at most [`CLOUD_KNOWLEDGE`]) knowledge entries that
+    /// share the most words with `line`. Secrets, goals, actions and the world preamble are
+    /// not sent.
+    fn cloud_prompt(&self, line: &str) -> String {
+        let words = content_words(line);
+        let mut scored: Vec<(usize, &String)> = self
+            .knowledge
+            .iter()
+            .map(|entry| {
+                let entry_words = content_words(entry);
+                (
+                    words.iter().filter(|w| entry_words.contains(w)).count(),
+                    entry,
+                )
+            })
+            .filter(|(shared, _)| *shared > 0)
+            .collect();
+        // Most shared words first; the persona's order among equals.
+        scored.sort_by_key(|(shared, _)| std::cmp::Reverse(*shared));
+        let mut prompt = self.header.clone();
+        if !scored.is_empty() {
+            prompt.push_str("\n\nWhat you know:");
+            for (_, entry) in scored.into_iter().take(CLOUD_KNOWLEDGE) {
+                prompt.push_str("\n- ");
+                prompt.push_str(entry);
+            }
+        }
+        prompt
+    }
+}
+
+/// Most knowledge entries sent to the cloud with one escalated line.
+const CLOUD_KNOWLEDGE: usize = 3;
+
+/// How an NPC remembers a fact the cloud supplied for `line` ([`CloudRole::Inform`]).
+pub(crate) fn learned_memory(line: &str, fact: &str) -> String {
+    format!("{LEARNED_PREFIX}{line}{LEARNED_MIDDLE}{fact}")
+}
+
+const LEARNED_PREFIX: &str = "Asked \"";
+const LEARNED_MIDDLE: &str = "\", you found out: ";
+
+/// The question of a memory made by [`learned_memory`]: what routing matches a new line
+/// against (the fact's own words would make unrelated questions look known).
+pub(crate) fn learned_question(memory: &str) -> Option<&str> {
+    let rest = memory.strip_prefix(LEARNED_PREFIX)?;
+    rest.split_once(LEARNED_MIDDLE)
+        .map(|(question, _)| question)
+}
+
+/// A fact the cloud supplied for a line ([`CloudRole::Inform`]), waiting for the worker to
+/// have the local model voice it.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Informed {
+    pub(crate) npc: NpcId,
+    pub(crate) request: RequestId,
+    pub(crate) line: String,
+    pub(crate) fact: String,
+    pub(crate) usage: CloudUsage,
+}
+
+/// `text` without a sentence the token limit cut short (`truncated`): up to its last `.`,
+/// `!` or `?` followed by a space or the end. Text with no complete sentence is kept whole.
+pub(crate) fn complete_sentences(text: &str, truncated: bool) -> &str {
+    if !truncated {
+        return text;
+    }
+    let mut ends = text.char_indices().filter(|&(at, c)| {
+        matches!(c, '.' | '!' | '?')
+            && text[at + c.len_utf8()..]
+                .chars()
+                .next()
+                .is_none_or(char::is_whitespace)
+    });
+    match ends.next_back() {
+        Some((at, c)) => &text[..at + c.len_utf8()],
+        None => text,
+    }
+}
+
+/// The prompt that asks the cloud for the fact behind `line`, for the NPC `identity`.
+fn fact_prompt(identity: &str, line: &str) -> Vec<(String, String)> {
+    vec![
+        (
+            "system".to_owned(),
+            format!(
+                "You supply facts to a game character, {identity}, who was asked something \
+                 they do not know. Answer the question in one short, plain sentence of fact, \
+                 without role-play. If it cannot be known, answer: I don't know."
+            ),
+        ),
+        ("user".to_owned(), line.to_owned()),
+    ]
 }
 
 fn mentions(line: &str, topics: &[String]) -> Option<String> {
@@ -629,6 +787,9 @@ struct Shared {
     in_flight: HashMap<NpcId, RequestId>,
     /// Turns finished by the cloud, not yet added to the worker's conversations.
     finished: Vec<(NpcId, Turn)>,
+    /// Facts the cloud supplied, not yet taken by the worker. Their NPCs stay in
+    /// `in_flight` (busy, cancellable) until the worker takes them.
+    informed: Vec<Informed>,
     /// (when, cost) of each escalation; estimates until the cloud reports its usage.
     spend: VecDeque<(Instant, f64, RequestId)>,
     /// When each escalation started, for the rate limit.
@@ -680,7 +841,13 @@ impl Escalator {
 
     /// Whether an escalation for `reason` may reach the cloud now; reserves its estimated
     /// spend and a rate-limit slot when it may.
-    fn admit(&self, reason: EscalationReason, prompt_chars: usize, request: RequestId) -> Route {
+    fn admit(
+        &self,
+        reason: EscalationReason,
+        prompt_chars: usize,
+        max_tokens: u32,
+        request: RequestId,
+    ) -> Route {
         if self.config.offline {
             return Route::Fallback(reason, Blocked::Offline);
         }
@@ -707,10 +874,10 @@ impl Escalator {
             return Route::Fallback(reason, Blocked::RateLimited);
         }
         // About four characters a token; the whole completion budget is assumed.
-        let estimate = self.config.prices.cloud_cost(
-            (prompt_chars / 4) as u64,
-            u64::from(self.config.cloud_max_tokens),
-        );
+        let estimate = self
+            .config
+            .prices
+            .cloud_cost((prompt_chars / 4) as u64, u64::from(max_tokens));
         let day: f64 = shared.spend.iter().map(|(_, c, _)| c).sum();
         let hour: f64 = shared
             .spend
@@ -731,6 +898,37 @@ impl Escalator {
     /// Whether `npc` has a cloud reply in flight.
     pub(crate) fn busy(&self, npc: NpcId) -> bool {
         lock(&self.shared).in_flight.contains_key(&npc)
+    }
+
+    /// Whether any cloud call is in flight or its fact waits (the worker then polls
+    /// [`Escalator::take_informed`] instead of blocking on its inbox).
+    pub(crate) fn awaiting_cloud(&self) -> bool {
+        !lock(&self.shared).in_flight.is_empty()
+    }
+
+    /// Facts the cloud supplied since the last call, for lines still wanted (not
+    /// cancelled); their NPCs are no longer busy with the cloud.
+    pub(crate) fn take_informed(&self) -> Vec<Informed> {
+        let mut shared = lock(&self.shared);
+        let informed = std::mem::take(&mut shared.informed);
+        informed
+            .into_iter()
+            .filter(|i| {
+                let live = shared.in_flight.get(&i.npc) == Some(&i.request);
+                if live {
+                    shared.in_flight.remove(&i.npc);
+                }
+                live
+            })
+            .collect()
+    }
+
+    /// The cloud role for an NPC.
+    fn role(&self, profile: &NpcProfile) -> CloudRole {
+        profile
+            .settings
+            .cloud_role
+            .unwrap_or(self.config.cloud_role)
     }
 
     /// Cloud turns finished since the last call, to add to the conversations.
@@ -789,7 +987,10 @@ impl Escalator {
     }
 
     /// Routes one player line: `false` leaves it to the local model; `true` means the cloud
-    /// or the fallback line answers it (events and the conversation turn follow from here).
+    /// or the fallback line answers it (events and the conversation turn follow from here),
+    /// or the cloud supplies a fact for the local model ([`Escalator::take_informed`]).
+    /// `learned` are the NPC's memories: the questions it found answers to count as
+    /// knowledge.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn divert(
         &self,
@@ -797,13 +998,19 @@ impl Escalator {
         request: RequestId,
         line: &str,
         profile: &NpcProfile,
-        system: &str,
         turns: &[Turn],
+        learned: &[&str],
         events: &Sender<Event>,
     ) -> bool {
-        let knowledge = knowledge_match(&profile.documents, line);
+        let documents: Vec<&str> = profile
+            .documents
+            .iter()
+            .map(String::as_str)
+            .chain(learned.iter().filter_map(|m| learned_question(m)))
+            .collect();
+        let knowledge = knowledge_match(&documents, line);
         let reason = should_escalate(&self.config, &profile.settings, line, knowledge);
-        self.dispatch(reason, npc, request, line, profile, system, turns, events)
+        self.dispatch(reason, npc, request, line, profile, turns, events)
     }
 
     /// Whether replies of this NPC are held back until their confidence is known (only
@@ -828,7 +1035,6 @@ impl Escalator {
         reply: &str,
         confidence: Option<&ReplyConfidence>,
         profile: &NpcProfile,
-        system: &str,
         turns: &[Turn],
         events: &Sender<Event>,
     ) -> bool {
@@ -853,7 +1059,7 @@ impl Escalator {
                 _ => None,
             }
         };
-        self.dispatch(reason, npc, request, line, profile, system, turns, events)
+        self.dispatch(reason, npc, request, line, profile, turns, events)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -864,32 +1070,47 @@ impl Escalator {
         request: RequestId,
         line: &str,
         profile: &NpcProfile,
-        system: &str,
         turns: &[Turn],
         events: &Sender<Event>,
     ) -> bool {
         let Some(reason) = reason else {
             return false;
         };
-        let keep = turns.len().saturating_sub(self.config.cloud_history_turns);
-        let mut messages = vec![("system".to_owned(), system.to_owned())];
-        for turn in &turns[keep..] {
-            messages.push(("user".to_owned(), turn.player.clone()));
-            messages.push(("assistant".to_owned(), turn.npc.clone()));
-        }
-        messages.push(("user".to_owned(), line.to_owned()));
+        let role = self.role(profile);
+        let (messages, max_tokens) = match role {
+            CloudRole::Speak => {
+                let keep = turns.len().saturating_sub(self.config.cloud_history_turns);
+                let mut messages = vec![("system".to_owned(), profile.cloud_prompt(line))];
+                for turn in &turns[keep..] {
+                    // Without the local model's action calls: the cloud gets no actions.
+                    let spoken = turn.npc.split(crate::actions::ACTION_MARKER).next();
+                    messages.push(("user".to_owned(), turn.player.clone()));
+                    messages.push(("assistant".to_owned(), spoken.unwrap_or("").to_owned()));
+                }
+                messages.push(("user".to_owned(), line.to_owned()));
+                (messages, self.config.cloud_max_tokens)
+            }
+            CloudRole::Inform => (
+                fact_prompt(&profile.identity, line),
+                self.config.fact_max_tokens,
+            ),
+        };
         let chars = messages.iter().map(|(_, c)| c.len()).sum();
         let fallback = self.fallback_line(profile);
-        match self.admit(reason, chars, request) {
+        match self.admit(reason, chars, max_tokens, request) {
             Route::Local => false,
             Route::Cloud(reason) => {
-                tracing::info!("NPC {npc:?}: escalating to the cloud ({reason:?})");
+                tracing::info!("NPC {npc:?}: escalating to the cloud ({reason:?}, {role:?})");
                 self.start_cloud(
-                    npc,
-                    request,
-                    line.to_owned(),
-                    messages,
-                    fallback,
+                    CloudCall {
+                        npc,
+                        request,
+                        player_line: line.to_owned(),
+                        messages,
+                        max_tokens,
+                        role,
+                        fallback,
+                    },
                     events.clone(),
                 );
                 true
@@ -911,38 +1132,26 @@ impl Escalator {
         }
     }
 
-    /// Starts a cloud reply on its own thread. `messages` are (role, content) pairs. When
-    /// the cloud fails before saying anything, the NPC says `fallback` instead.
-    #[cfg_attr(not(feature = "cloud"), allow(unused_variables))]
-    pub(crate) fn start_cloud(
-        &self,
-        npc: NpcId,
-        request: RequestId,
-        player_line: String,
-        messages: Vec<(String, String)>,
-        fallback: String,
-        events: Sender<Event>,
-    ) {
+    /// Starts a cloud call on its own thread. When the cloud fails before saying anything,
+    /// the NPC says the call's fallback line instead.
+    fn start_cloud(&self, call: CloudCall, events: Sender<Event>) {
+        let CloudCall {
+            npc,
+            request,
+            player_line,
+            fallback,
+            ..
+        } = call.clone();
         #[cfg(feature = "cloud")]
         if let Some(client) = self.client.clone() {
             lock(&self.shared).in_flight.insert(npc, request);
             let shared = Arc::clone(&self.shared);
             let prices = self.config.prices.clone();
-            let max_tokens = self.config.cloud_max_tokens;
-            let job = CloudJob {
-                npc,
-                request,
-                player_line: player_line.clone(),
-                messages: messages.clone(),
-                fallback: fallback.clone(),
-                max_tokens,
-                prices,
-            };
             let spawned = std::thread::Builder::new()
                 .name("npc_native cloud".into())
                 .spawn({
                     let events = events.clone();
-                    move || run_cloud_job(&client, &shared, &job, &events)
+                    move || run_cloud_job(&client, &shared, &call, &prices, &events)
                 });
             if spawned.is_ok() {
                 return;
@@ -950,6 +1159,8 @@ impl Escalator {
             tracing::warn!("could not spawn a cloud thread; answering with the fallback line");
             lock(&self.shared).in_flight.remove(&npc);
         }
+        #[cfg(not(feature = "cloud"))]
+        drop(call);
         let mut shared = lock(&self.shared);
         shared.finished.push((
             npc,
@@ -980,37 +1191,44 @@ fn fallback_stats() -> ReplyStats {
         dropped_turns: 0,
         source: ReplySource::Fallback,
         confidence: None,
+        cloud_fact: None,
     }
 }
 
-#[cfg(feature = "cloud")]
-struct CloudJob {
+/// One cloud call: what to send, and what to do with its answer.
+#[derive(Clone)]
+#[cfg_attr(not(feature = "cloud"), allow(dead_code))]
+struct CloudCall {
     npc: NpcId,
     request: RequestId,
     player_line: String,
+    /// (role, content) pairs.
     messages: Vec<(String, String)>,
-    fallback: String,
     max_tokens: u32,
-    prices: PriceTable,
+    role: CloudRole,
+    fallback: String,
 }
 
-/// Body of a cloud thread: stream the reply, then finish exactly once (unless cancelled,
-/// in which case the worker already answered).
+/// Body of a cloud thread: stream the reply (or fetch the fact), then finish exactly once
+/// (unless cancelled, in which case the worker already answered). A fact is handed to the
+/// worker, whose local reply finishes the line.
 #[cfg(feature = "cloud")]
 fn run_cloud_job(
     client: &crate::cloud::CloudClient,
     shared: &Mutex<Shared>,
-    job: &CloudJob,
+    job: &CloudCall,
+    prices: &PriceTable,
     events: &Sender<Event>,
 ) {
     let started = Instant::now();
     let mut first_at: Option<Instant> = None;
+    let speak = job.role == CloudRole::Speak;
     let live = |shared: &Shared| shared.in_flight.get(&job.npc) == Some(&job.request);
     let cancelled = || !live(&lock(shared));
     let result = client.chat_stream(&job.messages, job.max_tokens, &cancelled, &mut |delta| {
         let guard = lock(shared);
         let live = live(&guard);
-        if live {
+        if live && speak {
             first_at.get_or_insert_with(Instant::now);
             let _ = events.send(Event::Delta {
                 npc: job.npc,
@@ -1025,18 +1243,71 @@ fn run_cloud_job(
         // Cancelled, or the runtime shut down: the worker has answered already.
         return;
     }
+    let usage = result.as_ref().ok().map(|reply| CloudUsage {
+        prompt_tokens: reply.prompt_tokens.unwrap_or(reply.estimated_prompt_tokens),
+        completion_tokens: reply
+            .completion_tokens
+            .unwrap_or(reply.streamed_chunks as u64),
+    });
+    if let Some(usage) = usage
+        && let Some(entry) = guard.spend.iter_mut().find(|e| e.2 == job.request)
+    {
+        // Replace this escalation's estimate by its actual cost.
+        entry.1 = prices.cloud_cost(usage.prompt_tokens, usage.completion_tokens);
+    }
+    if !speak {
+        match &result {
+            Ok(reply) if !reply.text.trim().is_empty() && !is_refusal(&reply.text) => {
+                // The NPC stays busy (and cancellable) until the worker takes the fact.
+                guard.informed.push(Informed {
+                    npc: job.npc,
+                    request: job.request,
+                    line: job.player_line.clone(),
+                    fact: complete_sentences(reply.text.trim(), reply.truncated).to_owned(),
+                    usage: usage.unwrap_or_default(),
+                });
+                return;
+            }
+            Ok(_) => tracing::info!(
+                "NPC {:?}: the cloud did not know either; answering with the fallback line",
+                job.npc
+            ),
+            Err(error) => tracing::warn!(
+                "NPC {:?}: cloud fact failed ({error}); answering with the fallback line",
+                job.npc
+            ),
+        }
+        guard.in_flight.remove(&job.npc);
+        guard.finished.push((
+            job.npc,
+            Turn {
+                player: job.player_line.clone(),
+                npc: job.fallback.clone(),
+            },
+        ));
+        drop(guard);
+        let mut stats = fallback_stats();
+        // What the cloud was paid for an answer it could not give.
+        stats.cloud_fact = usage;
+        let _ = events.send(Event::Delta {
+            npc: job.npc,
+            request: job.request,
+            text: job.fallback.clone(),
+        });
+        let _ = events.send(Event::Replied {
+            npc: job.npc,
+            request: job.request,
+            text: job.fallback.clone(),
+            stats,
+        });
+        return;
+    }
     guard.in_flight.remove(&job.npc);
     let (text, stats) = match result {
         Ok(reply) if !reply.text.trim().is_empty() => {
-            let prompt = reply.prompt_tokens.unwrap_or(reply.estimated_prompt_tokens);
-            let completion = reply
-                .completion_tokens
-                .unwrap_or(reply.streamed_chunks as u64);
-            // Replace this escalation's estimate by its actual cost.
-            let actual = job.prices.cloud_cost(prompt, completion);
-            if let Some(entry) = guard.spend.iter_mut().find(|e| e.2 == job.request) {
-                entry.1 = actual;
-            }
+            let (prompt, completion) = usage
+                .map(|u| (u.prompt_tokens, u.completion_tokens))
+                .unwrap_or_default();
             let now = Instant::now();
             let first = first_at.unwrap_or(now);
             let stats = ReplyStats {
@@ -1058,6 +1329,7 @@ fn run_cloud_job(
                 dropped_turns: 0,
                 source: ReplySource::Cloud,
                 confidence: None,
+                cloud_fact: None,
             };
             (reply.text.trim().to_owned(), stats)
         }
@@ -1251,6 +1523,49 @@ mod tests {
             should_escalate(&config, &persona, "dragon", Some(0.0)),
             None
         );
+    }
+
+    #[test]
+    fn a_truncated_fact_keeps_its_complete_sentences() {
+        let cut = "The forest is far. It lies beyond the river and the";
+        assert_eq!(complete_sentences(cut, true), "The forest is far.");
+        assert_eq!(complete_sentences(cut, false), cut);
+        assert_eq!(
+            complete_sentences("It costs 3.5 gold and", true),
+            "It costs 3.5 gold and"
+        );
+        assert_eq!(complete_sentences("Why? Because", true), "Why?");
+        assert_eq!(complete_sentences("", true), "");
+    }
+
+    #[test]
+    fn learned_facts_route_by_their_question_only() {
+        let memory = learned_memory("Who rules the north?", "Queen Maud, since the war.");
+        assert_eq!(learned_question(&memory), Some("Who rules the north?"));
+        assert_eq!(learned_question("The player is called Aria."), None);
+    }
+
+    #[test]
+    fn the_cloud_gets_a_compressed_persona() {
+        let persona = Persona::from_ron(
+            r#"(name: "Brom", role: "the blacksmith", personality: "Gruff.",
+                speech_style: "Short sentences.",
+                knowledge: ["A horseshoe costs 3 gold.", "An iron sword costs 40 gold.",
+                            "Pip is the apprentice."],
+                secrets: ["You owe Marta 12 gold."], goals: ["Sell swords."])"#,
+            None,
+        )
+        .unwrap();
+        let prompt = NpcProfile::new(&persona).cloud_prompt("Tell me about your swords.");
+        assert!(
+            prompt.starts_with("You are Brom, the blacksmith."),
+            "{prompt}"
+        );
+        assert!(prompt.contains("Short sentences."), "{prompt}");
+        assert!(prompt.contains("An iron sword costs 40 gold."), "{prompt}");
+        for left_out in ["horseshoe", "Pip", "Marta", "Sell swords"] {
+            assert!(!prompt.contains(left_out), "{left_out} in {prompt}");
+        }
     }
 
     #[test]

@@ -182,7 +182,9 @@ impl Knowledge {
         }
     }
 
-    /// Builds the prompt for `line` after `turns`, inside the budget (the persona's, and the
+    /// Builds the prompt for `line` after `turns`, inside the budget. A `fact` the cloud
+    /// supplied for the line goes before the retrieved lore and also opens the NPC's reply
+    /// (the model continues after it), inside the budget (the persona's, and the
     /// context less `reply_budget`). To fit it folds the oldest turns into the summary (all
     /// but [`KEEP_RECENT`]), then drops the weakest lore entries, then memories, then folds
     /// the remaining turns.
@@ -194,6 +196,7 @@ impl Knowledge {
         system: &str,
         turns: &[Turn],
         line: &str,
+        fact: Option<&str>,
         context: usize,
         reply_budget: usize,
     ) -> Result<Assembled, NpcError> {
@@ -213,6 +216,10 @@ impl Knowledge {
             })
             .map(|text| prompts.sanitize(text.trim()))
             .collect();
+        if let Some(fact) = fact {
+            // First, so it is the last note dropped to fit the budget.
+            lore.insert(0, fact.to_owned());
+        }
         let mut memories: Vec<String> = self
             .memories
             .recall(line, self.recall)
@@ -230,8 +237,11 @@ impl Knowledge {
                 Some(block) => format!("{system}\n\n{block}"),
                 None => system.to_owned(),
             };
-            let text =
+            let mut text =
                 prompts.render(model, &system, verbatim, &user_turn(&lore, &memories, line))?;
+            if let Some(fact) = fact {
+                text.push_str(fact);
+            }
             let tokens = PromptBuilder::tokenize(model, &text);
             if tokens.len() <= limit {
                 self.summary = summary;

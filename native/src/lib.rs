@@ -29,15 +29,17 @@ use crossbeam_channel::{Receiver, Sender};
 pub use actions::{ActionCall, ActionSpec, ActionValue, ParamKind, ParamSpec};
 pub use config::{KvPrecision, RuntimeConfig};
 pub use cost::{CostMeter, CostTotals, PriceTable};
-pub use escalation::{CloudConfig, EscalationConfig, PersonaEscalation, ReplyConfidence};
+pub use escalation::{
+    CloudConfig, CloudRole, EscalationConfig, PersonaEscalation, ReplyConfidence,
+};
 pub use knowledge::{DEFAULT_RECALL, DEFAULT_RETRIEVE};
 pub use lore::{LoreBook, LoreEntry, LoreHit, LoreIndex, terms as lore_terms};
 pub use memory::Memory;
 pub use persona::{Persona, PersonaError, VoiceSettings};
 pub use prompt::Turn;
 pub use protocol::{
-    DebugHook, Event, FinishReason, ModelError, ModelInfo, NpcError, NpcId, Priority, ReplySource,
-    ReplyStats, Request, RequestId, SayOptions,
+    CloudUsage, DebugHook, Event, FinishReason, ModelError, ModelInfo, NpcError, NpcId, Priority,
+    ReplySource, ReplyStats, Request, RequestId, SayOptions,
 };
 pub use sampling::{SamplingOverrides, SamplingParams};
 

@@ -36,6 +36,11 @@ pub(crate) struct MemoryStore {
 }
 
 impl MemoryStore {
+    /// Every memory's text.
+    pub(crate) fn texts(&self) -> Vec<&str> {
+        self.memories.iter().map(|m| m.text.as_str()).collect()
+    }
+
     /// Stores a memory (importance clamped to 1..=10). A memory with the same text replaces
     /// the old one, keeping the higher importance. Returns how many memories there are.
     pub(crate) fn remember(&mut self, text: &str, importance: u8) -> usize {

@@ -431,6 +431,19 @@ pub struct ReplyStats {
     pub memories: usize,
     /// Recalled memories left out to stay inside the budget.
     pub dropped_memories: usize,
+    /// For [`ReplySource::Informed`]: what the cloud spent supplying the fact the local
+    /// model voiced (the other counts are the local model's). `None` otherwise.
+    pub cloud_fact: Option<CloudUsage>,
+}
+
+/// Tokens one cloud call spent, as the server counted them (or estimated when it reports no
+/// usage).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CloudUsage {
+    /// Prompt tokens sent.
+    pub prompt_tokens: u64,
+    /// Completion tokens received.
+    pub completion_tokens: u64,
 }
 
 /// Who produced a reply.
@@ -439,8 +452,13 @@ pub enum ReplySource {
     /// The local model.
     #[default]
     Local,
-    /// The cloud model the question was escalated to.
+    /// The cloud model the question was escalated to, speaking as the NPC
+    /// ([`CloudRole::Speak`](crate::escalation::CloudRole::Speak)).
     Cloud,
+    /// The local model, voicing a fact it asked the cloud model for
+    /// ([`CloudRole::Inform`](crate::escalation::CloudRole::Inform)); the cloud's tokens are in
+    /// [`ReplyStats::cloud_fact`].
+    Informed,
     /// The persona's in-character fallback line: escalation was not allowed or the cloud
     /// failed.
     Fallback,

@@ -8,9 +8,9 @@ use std::num::NonZeroU32;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
 use std::sync::OnceLock;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crossbeam_channel::{Receiver, Sender, TryRecvError};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::context::params::{KvCacheType, LlamaContextParams};
 use llama_cpp_2::llama_backend::LlamaBackend;
@@ -29,8 +29,8 @@ use crate::persist::{self, StateIdentity};
 use crate::persona::Persona;
 use crate::prompt::{PromptBuilder, Turn};
 use crate::protocol::{
-    DebugHook, Event, FinishReason, ModelError, ModelInfo, NpcError, NpcId, Priority, ReplyStats,
-    Request, RequestId, SayOptions,
+    CloudUsage, DebugHook, Event, FinishReason, ModelError, ModelInfo, NpcError, NpcId, Priority,
+    ReplySource, ReplyStats, Request, RequestId, SayOptions,
 };
 use crate::sampling::{SamplingParams, StopFilter};
 use crate::summarizer::Summarizer;
@@ -39,6 +39,13 @@ use crate::summarizer::Summarizer;
 const FLASH_ATTENTION_ENABLED: i32 = 1;
 /// `LLAMA_FLASH_ATTN_TYPE_DISABLED`.
 const FLASH_ATTENTION_DISABLED: i32 = 0;
+
+/// How long an idle worker waits on its inbox before looking for a fact the cloud supplied.
+const CLOUD_POLL: Duration = Duration::from_millis(5);
+
+/// Importance of a fact the cloud supplied, as the NPC remembers it (mid-scale: recalled
+/// when a line shares its words, not always).
+const LEARNED_FACT_IMPORTANCE: u8 = 5;
 
 /// llama.cpp's backend may be initialised once per process at a time; every runtime in the
 /// process shares this one, and it lives until the process exits.
@@ -303,6 +310,8 @@ struct Job {
     confidence: TokenConfidence,
     /// Text is held back until the reply's confidence decides whether it stays local.
     hold: bool,
+    /// The cloud's fact this reply voices; the NPC remembers it when the reply is done.
+    fact: Option<String>,
 }
 
 /// A reply waiting for a free slot.
@@ -314,6 +323,11 @@ struct Queued {
     /// When the reply must have started, counted from when the game sent the line.
     deadline: Option<Instant>,
     received: Instant,
+    /// The fact the cloud supplied for this line
+    /// ([`CloudRole::Inform`](crate::escalation::CloudRole::Inform)).
+    fact: Option<String>,
+    /// What the cloud spent on it (set even when the fact was unusable).
+    cloud_fact: Option<CloudUsage>,
 }
 
 struct Engine<'m, 'e> {
@@ -340,13 +354,23 @@ impl Engine<'_, '_> {
         loop {
             // Idle: block until there is work. Busy: take what has arrived, then step.
             if self.active.is_empty() && self.queue.is_empty() && !self.summary_work() {
-                match inbox.recv() {
-                    Ok(request) => {
-                        if !self.handle(request) {
-                            return;
-                        }
+                // A cloud call in flight may hand over a fact: wait for it in short naps.
+                let next = if self.escalator.awaiting_cloud() {
+                    match inbox.recv_timeout(CLOUD_POLL) {
+                        Ok(request) => Some(request),
+                        Err(RecvTimeoutError::Timeout) => None,
+                        Err(RecvTimeoutError::Disconnected) => return,
                     }
-                    Err(_) => return,
+                } else {
+                    match inbox.recv() {
+                        Ok(request) => Some(request),
+                        Err(_) => return,
+                    }
+                };
+                if let Some(request) = next
+                    && !self.handle(request)
+                {
+                    return;
                 }
             }
             loop {
@@ -360,6 +384,7 @@ impl Engine<'_, '_> {
                     Err(TryRecvError::Disconnected) => return,
                 }
             }
+            self.absorb_informed();
             self.admit_queued();
             if !self.active.is_empty() {
                 self.step();
@@ -714,8 +739,8 @@ impl Engine<'_, '_> {
                 request,
                 &line,
                 &c.profile,
-                &c.system,
                 &c.turns,
+                &c.knowledge.memories.texts(),
                 self.events,
             )
         {
@@ -736,8 +761,48 @@ impl Engine<'_, '_> {
                 options,
                 deadline: options.deadline.map(|d| sent + d),
                 received: Instant::now(),
+                fact: None,
+                cloud_fact: None,
             },
         );
+    }
+
+    /// Queues a local reply for each fact the cloud supplied, with the fact before the line.
+    fn absorb_informed(&mut self) {
+        for informed in self.escalator.take_informed() {
+            let Some(conversation) = self.npcs.get(&informed.npc) else {
+                continue;
+            };
+            // Nothing in it may end the reply or open an action call.
+            let mut fact = self.prompts.sanitize(&informed.fact);
+            for marker in conversation
+                .sampling
+                .stop
+                .iter()
+                .map(String::as_str)
+                .chain([actions::ACTION_MARKER.trim()])
+            {
+                if let Some(at) = fact.find(marker) {
+                    fact.truncate(at);
+                }
+            }
+            let fact = Some(fact.trim().to_owned()).filter(|fact| !fact.is_empty());
+            if fact.is_none() {
+                // Nothing usable: the local model answers the line on its own.
+                tracing::info!("NPC {:?}: the cloud's fact was unusable", informed.npc);
+            }
+            // Ahead of every waiting line: the player has waited for the cloud already.
+            self.queue.push_front(Queued {
+                npc: informed.npc,
+                request: informed.request,
+                line: informed.line,
+                options: SayOptions::default(),
+                deadline: None,
+                received: Instant::now(),
+                fact,
+                cloud_fact: Some(informed.usage),
+            });
+        }
     }
 
     /// Adds the turns the cloud (or the fallback line) answered to their conversations.
@@ -829,6 +894,8 @@ impl Engine<'_, '_> {
             options,
             deadline,
             received,
+            fact,
+            cloud_fact,
         } = queued;
         let Some(conversation) = self.npcs.get_mut(&npc) else {
             return Err((request, NpcError::UnknownNpc(npc)));
@@ -843,6 +910,7 @@ impl Engine<'_, '_> {
                 &conversation.system,
                 &conversation.turns,
                 &line,
+                fact.as_deref(),
                 self.context_per_npc,
                 sampling.max_tokens as usize,
             )
@@ -861,6 +929,21 @@ impl Engine<'_, '_> {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.subsec_nanos())
             ^ (request.0 as u32);
+        let mut filter = actions::filter(
+            &conversation.actions,
+            StopFilter::new(sampling.stop.clone()),
+        );
+        if let Some(fact) = &fact {
+            // The reply opens with the fact (the prompt ends with it): the game gets it now.
+            let (opening, _) = filter.push(fact.as_bytes());
+            if !opening.is_empty() {
+                let _ = self.events.send(Event::Delta {
+                    npc,
+                    request,
+                    text: opening,
+                });
+            }
+        }
         Ok(Job {
             npc,
             request,
@@ -877,10 +960,7 @@ impl Engine<'_, '_> {
                 conversation.actions.grammar.as_deref(),
                 sampling.sampler(self.model.n_vocab(), seed),
             ),
-            filter: actions::filter(
-                &conversation.actions,
-                StopFilter::new(sampling.stop.clone()),
-            ),
+            filter,
             max_tokens: sampling.max_tokens,
             stats: ReplyStats {
                 finish: FinishReason::EndOfTurn,
@@ -891,15 +971,22 @@ impl Engine<'_, '_> {
                 time_to_first_token: Default::default(),
                 generation_time: Default::default(),
                 dropped_turns,
-                source: Default::default(),
+                source: if cloud_fact.is_some() {
+                    ReplySource::Informed
+                } else {
+                    ReplySource::Local
+                },
                 confidence: None,
+                cloud_fact,
                 lore_entries: assembled.lore_entries,
                 dropped_lore: assembled.dropped_lore,
                 memories: assembled.memories,
                 dropped_memories: assembled.dropped_memories,
             },
             confidence: TokenConfidence::default(),
-            hold: self.escalator.holds(&conversation.profile),
+            // A line the cloud was asked about is not sent to the cloud again.
+            hold: cloud_fact.is_none() && self.escalator.holds(&conversation.profile),
+            fact,
             pending: prompt,
             received,
             first_token_at: None,
@@ -1126,6 +1213,12 @@ impl Engine<'_, '_> {
         if let Some(conversation) = self.npcs.get_mut(&job.npc) {
             action = actions::parse_action(&conversation.actions.specs, job.filter.hidden());
             conversation.knowledge.learn_from(&job.line);
+            if let Some(fact) = &job.fact {
+                conversation.knowledge.memories.remember(
+                    &crate::escalation::learned_memory(&job.line, fact),
+                    LEARNED_FACT_IMPORTANCE,
+                );
+            }
             conversation.turns.push(Turn {
                 player: job.line,
                 npc: actions::turn_text(job.filter.text(), job.filter.hidden()),
@@ -1161,7 +1254,6 @@ impl Engine<'_, '_> {
                 &text,
                 job.stats.confidence.as_ref(),
                 &c.profile,
-                &c.system,
                 &c.turns,
                 self.events,
             )
