@@ -6,7 +6,8 @@
 //! Options: `--model PATH`, `--threads N`, `--context N`, `--seed N`, `--escalate` (questions
 //! outside the persona's knowledge go to the cloud model named by `NPC_AI_CLOUD_URL`,
 //! `NPC_AI_CLOUD_MODEL` and `NPC_AI_CLOUD_KEY`, when built with the `cloud` feature; otherwise
-//! the NPC says its fallback line).
+//! the NPC says its fallback line), `--inform` (the same, but the cloud only supplies the fact
+//! and the local model says it: `CloudRole::Inform`).
 //! Type a line and press Enter; the reply streams token by token, followed by its speed.
 //! Ctrl-D ends the conversation and prints what it cost (see the README's "Cost meter").
 //!
@@ -25,8 +26,8 @@ use std::time::Duration;
 use crossbeam_channel::RecvTimeoutError;
 
 use npc_native::{
-    CloudConfig, CostMeter, EscalationConfig, Event, NpcId, Persona, ReplySource, Runtime,
-    RuntimeConfig,
+    CloudConfig, CloudRole, CostMeter, EscalationConfig, Event, NpcId, Persona, ReplySource,
+    Runtime, RuntimeConfig,
 };
 
 #[cfg_attr(not(feature = "voice"), allow(dead_code))]
@@ -59,6 +60,11 @@ fn parse_args() -> Result<Args, String> {
             "--escalate" => {
                 config = config.with_escalation(EscalationConfig::enabled(CloudConfig::from_env()));
             }
+            "--inform" => {
+                let mut escalation = EscalationConfig::enabled(CloudConfig::from_env());
+                escalation.cloud_role = CloudRole::Inform;
+                config = config.with_escalation(escalation);
+            }
             "--voice" => voice = true,
             "--voice-out" => voice_out = Some(value()?.into()),
             "--help" | "-h" => return Err(String::new()),
@@ -85,7 +91,7 @@ fn main() -> ExitCode {
                 eprintln!("chat: {err}");
             }
             eprintln!(
-                "usage: chat --persona FILE [--model GGUF] [--threads N] [--context N] [--seed N] [--escalate] [--voice] [--voice-out DIR]"
+                "usage: chat --persona FILE [--model GGUF] [--threads N] [--context N] [--seed N] [--escalate | --inform] [--voice] [--voice-out DIR]"
             );
             return ExitCode::from(2);
         }

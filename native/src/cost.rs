@@ -78,7 +78,8 @@ pub struct CostTotals {
     pub reused_tokens: u64,
     /// Tokens the local model generated.
     pub generated_tokens: u64,
-    /// Wall time the local model spent on replies (prompt plus generation).
+    /// Wall time the local model spent on replies (prompt plus generation; for informed
+    /// replies, from the fact opening the reply to its end).
     pub local_compute: Duration,
     /// Prompt tokens sent to the cloud.
     pub cloud_input_tokens: u64,
@@ -105,7 +106,12 @@ impl CostTotals {
                 self.prefilled_tokens += prompt - cached;
                 self.reused_tokens += cached;
                 self.generated_tokens += stats.generated_tokens as u64;
-                self.local_compute += stats.time_to_first_token + stats.generation_time;
+                self.local_compute += if stats.source == ReplySource::Informed {
+                    // Its time to first token is the cloud's: the local work came after.
+                    stats.generation_time
+                } else {
+                    stats.time_to_first_token + stats.generation_time
+                };
             }
             ReplySource::Cloud => {
                 self.cloud_replies += 1;
@@ -372,7 +378,9 @@ mod tests {
         assert_eq!((t.prefilled_tokens, t.reused_tokens), (50, 150));
         assert_eq!(t.generated_tokens, 30);
         assert_eq!((t.cloud_input_tokens, t.cloud_output_tokens), (115, 17));
-        assert_eq!(t.local_compute, Duration::from_secs(2));
+        // The informed reply's 1.5 s after its opening; its 0.5 s to the opening was the
+        // cloud's.
+        assert_eq!(t.local_compute, Duration::from_millis(1500));
     }
 
     #[test]

@@ -507,7 +507,7 @@ pub enum CloudRole {
     /// [`EscalationConfig::fact_max_tokens`] tokens (a sentence the limit cut short is
     /// dropped). The local model then answers ([`ReplySource::Informed`]): the fact is a note
     /// before the line and opens the reply, the model going on in character after it. The
-    /// NPC remembers the fact, so asking again stays local. A fraction of
+    /// NPC remembers the fact: the same question asked again stays local and opens with it. A fraction of
     /// [`CloudRole::Speak`]'s cloud tokens; the fact is in the cloud's words, and the reply
     /// starts after the cloud's answer. A fact that says it is unknown gets the fallback
     /// line.
@@ -686,12 +686,27 @@ pub(crate) fn learned_memory(line: &str, fact: &str) -> String {
 const LEARNED_PREFIX: &str = "Asked \"";
 const LEARNED_MIDDLE: &str = "\", you found out: ";
 
+/// The question and the fact of a memory made by [`learned_memory`].
+fn learned(memory: &str) -> Option<(&str, &str)> {
+    memory
+        .strip_prefix(LEARNED_PREFIX)?
+        .split_once(LEARNED_MIDDLE)
+}
+
 /// The question of a memory made by [`learned_memory`]: what routing matches a new line
 /// against (the fact's own words would make unrelated questions look known).
 pub(crate) fn learned_question(memory: &str) -> Option<&str> {
-    let rest = memory.strip_prefix(LEARNED_PREFIX)?;
-    rest.split_once(LEARNED_MIDDLE)
-        .map(|(question, _)| question)
+    learned(memory).map(|(question, _)| question)
+}
+
+/// The fact the NPC learned for a question that holds every content word of `line` (the
+/// same question, asked again): it opens the local reply again, at no cloud cost. The most
+/// recent such memory wins.
+pub(crate) fn learned_answer<'m>(memories: &[&'m str], line: &str) -> Option<&'m str> {
+    memories.iter().rev().find_map(|memory| {
+        let (question, fact) = learned(memory)?;
+        (knowledge_match(&[question], line)? >= 1.0).then_some(fact)
+    })
 }
 
 /// A fact the cloud supplied for a line ([`CloudRole::Inform`]), waiting for the worker to
@@ -703,6 +718,8 @@ pub(crate) struct Informed {
     pub(crate) line: String,
     pub(crate) fact: String,
     pub(crate) usage: CloudUsage,
+    /// When the line was sent to the cloud: the reply's time to first token counts from here.
+    pub(crate) asked: Instant,
 }
 
 /// `text` without a sentence the token limit cut short (`truncated`): up to its last `.`,
@@ -1110,6 +1127,7 @@ impl Escalator {
                         max_tokens,
                         role,
                         fallback,
+                        asked: Instant::now(),
                     },
                     events.clone(),
                 );
@@ -1207,6 +1225,7 @@ struct CloudCall {
     max_tokens: u32,
     role: CloudRole,
     fallback: String,
+    asked: Instant,
 }
 
 /// Body of a cloud thread: stream the reply (or fetch the fact), then finish exactly once
@@ -1265,6 +1284,7 @@ fn run_cloud_job(
                     line: job.player_line.clone(),
                     fact: complete_sentences(reply.text.trim(), reply.truncated).to_owned(),
                     usage: usage.unwrap_or_default(),
+                    asked: job.asked,
                 });
                 return;
             }
@@ -1543,6 +1563,15 @@ mod tests {
         let memory = learned_memory("Who rules the north?", "Queen Maud, since the war.");
         assert_eq!(learned_question(&memory), Some("Who rules the north?"));
         assert_eq!(learned_question("The player is called Aria."), None);
+        let memories = [memory.as_str(), "The player is called Aria."];
+        let fact = Some("Queen Maud, since the war.");
+        assert_eq!(learned_answer(&memories, "Who rules the North?"), fact);
+        assert_eq!(learned_answer(&memories, "So who rules the north?"), fact);
+        assert_eq!(
+            learned_answer(&memories, "Who rules the north and the south?"),
+            None
+        );
+        assert_eq!(learned_answer(&memories, "Hello!"), None);
     }
 
     #[test]

@@ -411,9 +411,12 @@ pub struct ReplyStats {
     pub shared_tokens: usize,
     /// Tokens generated.
     pub generated_tokens: usize,
-    /// From the request reaching the worker to the first reply token.
+    /// From the request reaching the worker to the first reply token. For
+    /// [`ReplySource::Informed`]: from the line going to the cloud to the fact opening the
+    /// reply.
     pub time_to_first_token: Duration,
-    /// From the first reply token to the last.
+    /// From the first reply token to the last (for [`ReplySource::Informed`], the local
+    /// prefill included).
     pub generation_time: Duration,
     /// Older turns dropped to make the prompt fit the context (or the persona's prompt
     /// budget); with lore or memory in use they are summarised, not forgotten.

@@ -310,7 +310,8 @@ struct Job {
     confidence: TokenConfidence,
     /// Text is held back until the reply's confidence decides whether it stays local.
     hold: bool,
-    /// The cloud's fact this reply voices; the NPC remembers it when the reply is done.
+    /// The cloud's fact this reply opens with; the NPC remembers it when the reply is done
+    /// (if the cloud supplied it for this reply).
     fact: Option<String>,
 }
 
@@ -324,7 +325,8 @@ struct Queued {
     deadline: Option<Instant>,
     received: Instant,
     /// The fact the cloud supplied for this line
-    /// ([`CloudRole::Inform`](crate::escalation::CloudRole::Inform)).
+    /// ([`CloudRole::Inform`](crate::escalation::CloudRole::Inform)), now or for the same
+    /// question before.
     fact: Option<String>,
     /// What the cloud spent on it (set even when the fact was unusable).
     cloud_fact: Option<CloudUsage>,
@@ -746,6 +748,11 @@ impl Engine<'_, '_> {
         {
             return;
         }
+        // The same question as one the cloud answered before: its fact opens the reply again.
+        let learned = self.npcs.get(&npc).and_then(|c| {
+            crate::escalation::learned_answer(&c.knowledge.memories.texts(), &line)
+                .map(str::to_owned)
+        });
         // Highest priority first, first come first served within a priority.
         let at = self
             .queue
@@ -761,7 +768,7 @@ impl Engine<'_, '_> {
                 options,
                 deadline: options.deadline.map(|d| sent + d),
                 received: Instant::now(),
-                fact: None,
+                fact: learned,
                 cloud_fact: None,
             },
         );
@@ -798,7 +805,7 @@ impl Engine<'_, '_> {
                 line: informed.line,
                 options: SayOptions::default(),
                 deadline: None,
-                received: Instant::now(),
+                received: informed.asked,
                 fact,
                 cloud_fact: Some(informed.usage),
             });
@@ -933,10 +940,13 @@ impl Engine<'_, '_> {
             &conversation.actions,
             StopFilter::new(sampling.stop.clone()),
         );
+        let mut opened_at = None;
         if let Some(fact) = &fact {
-            // The reply opens with the fact (the prompt ends with it): the game gets it now.
+            // The reply opens with the fact (the prompt ends with it): the game gets it now,
+            // and this is its first token.
             let (opening, _) = filter.push(fact.as_bytes());
             if !opening.is_empty() {
+                opened_at = Some(Instant::now());
                 let _ = self.events.send(Event::Delta {
                     npc,
                     request,
@@ -968,7 +978,7 @@ impl Engine<'_, '_> {
                 cached_tokens: cached,
                 shared_tokens: reuse.copied,
                 generated_tokens: 0,
-                time_to_first_token: Default::default(),
+                time_to_first_token: opened_at.map_or(Duration::ZERO, |at| at - received),
                 generation_time: Default::default(),
                 dropped_turns,
                 source: if cloud_fact.is_some() {
@@ -984,12 +994,15 @@ impl Engine<'_, '_> {
                 dropped_memories: assembled.dropped_memories,
             },
             confidence: TokenConfidence::default(),
-            // A line the cloud was asked about is not sent to the cloud again.
-            hold: cloud_fact.is_none() && self.escalator.holds(&conversation.profile),
+            // A line the cloud was asked about is not sent to the cloud again, and a reply
+            // that opens with a fact has streamed already.
+            hold: cloud_fact.is_none()
+                && fact.is_none()
+                && self.escalator.holds(&conversation.profile),
             fact,
             pending: prompt,
             received,
-            first_token_at: None,
+            first_token_at: opened_at,
             priority: options.priority,
             deadline,
         })
@@ -1119,10 +1132,10 @@ impl Engine<'_, '_> {
             job.confidence
                 .observe(self.ctx.get_logits_ith(index), token.0);
             let now = Instant::now();
-            let first = *job.first_token_at.get_or_insert(now);
-            if job.stats.generated_tokens == 0 {
+            if job.first_token_at.is_none() {
                 job.stats.time_to_first_token = now - job.received;
             }
+            let first = *job.first_token_at.get_or_insert(now);
             job.stats.generation_time = now - first;
             let vocab = self.model.vocab();
             if vocab.is_eog(token) || vocab.is_control(token) {
@@ -1213,7 +1226,7 @@ impl Engine<'_, '_> {
         if let Some(conversation) = self.npcs.get_mut(&job.npc) {
             action = actions::parse_action(&conversation.actions.specs, job.filter.hidden());
             conversation.knowledge.learn_from(&job.line);
-            if let Some(fact) = &job.fact {
+            if let Some(fact) = job.fact.as_ref().filter(|_| job.stats.cloud_fact.is_some()) {
                 conversation.knowledge.memories.remember(
                     &crate::escalation::learned_memory(&job.line, fact),
                     LEARNED_FACT_IMPORTANCE,
