@@ -425,6 +425,36 @@ fn fallback_then_local(escalation: EscalationConfig, what: &str) {
 }
 
 #[test]
+fn a_question_the_npcs_lore_answers_stays_local() {
+    let _serial = common::serial();
+    // No cloud: a line that escalates gets the fallback line, which shows the routing.
+    let runtime = runtime_with(EscalationConfig::enabled(None));
+    let npc = NpcId(1);
+    let mut persona = blacksmith();
+    persona.lore_entries = vec![npc_native::LoreEntry {
+        id: "inn".into(),
+        title: "The Golden Goose".into(),
+        text: "Marta runs the Golden Goose inn by the village well.".into(),
+        keywords: Vec::new(),
+    }];
+    add_npc(&runtime, npc, persona.clone());
+    let question = "Who runs the Golden Goose inn?";
+    let (_, text, stats) = ask(&runtime, npc, question);
+    assert_eq!(stats.source, ReplySource::Local, "{text}");
+    assert!(
+        stats.lore_entries >= 1,
+        "the entry was in the prompt: {stats:?}"
+    );
+    let (_, text, stats) = ask(&runtime, npc, OUT_OF_KNOWLEDGE);
+    assert_eq!(stats.source, ReplySource::Fallback, "{text}");
+    // With lore off for this NPC (`retrieve: 0`) the entry is not in its prompt: not known.
+    persona.retrieve = Some(0);
+    add_npc(&runtime, NpcId(2), persona);
+    let (_, text, stats) = ask(&runtime, NpcId(2), question);
+    assert_eq!(stats.source, ReplySource::Fallback, "{text}");
+}
+
+#[test]
 fn offline_mode_and_builds_without_a_cloud_answer_in_character() {
     let _serial = common::serial();
     let mut offline = EscalationConfig::enabled(Some(fast_config("http://127.0.0.1:9/v1".into())));

@@ -286,9 +286,10 @@ fn content_words(text: &str) -> Vec<String> {
 /// words found in one document, 0..=1. `None` when the question has no content words
 /// (greetings, small talk), so there is nothing to match.
 ///
-/// **Placeholder**: a simple word-overlap score over the persona's own facts, to be replaced
-/// by the best score of the BM25 lore retriever (`lore.rs`) when it lands; the policy only
-/// takes the resulting `Option<f32>`.
+/// The runtime matches the persona's facts, the lore entries BM25 retrieves for the line (the
+/// retriever picks the candidates; this share scores them, on the same 0..=1 scale for every
+/// persona, where BM25's own scores depend on the corpus) and the questions the NPC learned
+/// answers to. The policy only takes the resulting `Option<f32>`.
 #[must_use]
 pub fn knowledge_match<S: AsRef<str>>(documents: &[S], question: &str) -> Option<f32> {
     let words = content_words(question);
@@ -1006,8 +1007,8 @@ impl Escalator {
     /// Routes one player line: `false` leaves it to the local model; `true` means the cloud
     /// or the fallback line answers it (events and the conversation turn follow from here),
     /// or the cloud supplies a fact for the local model ([`Escalator::take_informed`]).
-    /// `learned` are the NPC's memories: the questions it found answers to count as
-    /// knowledge.
+    /// `known` are more documents that count as knowledge: the lore retrieved for the line
+    /// and the questions the NPC learned answers to.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn divert(
         &self,
@@ -1016,14 +1017,14 @@ impl Escalator {
         line: &str,
         profile: &NpcProfile,
         turns: &[Turn],
-        learned: &[&str],
+        known: &[&str],
         events: &Sender<Event>,
     ) -> bool {
         let documents: Vec<&str> = profile
             .documents
             .iter()
             .map(String::as_str)
-            .chain(learned.iter().filter_map(|m| learned_question(m)))
+            .chain(known.iter().copied())
             .collect();
         let knowledge = knowledge_match(&documents, line);
         let reason = should_escalate(&self.config, &profile.settings, line, knowledge);

@@ -174,6 +174,25 @@ impl Knowledge {
         self.budget
     }
 
+    /// What escalation routing matches `line` against besides the persona's own facts: what
+    /// the prompt for it will hold (the lore entries retrieved for it) and the questions the
+    /// NPC learned answers to from the cloud.
+    pub(crate) fn routing_documents(&self, line: &str) -> Vec<&str> {
+        let mut documents: Vec<&str> = self
+            .lore
+            .search(line, self.retrieve)
+            .into_iter()
+            .filter_map(|hit| self.lore.entry(hit.index).map(|entry| entry.text.as_str()))
+            .collect();
+        documents.extend(
+            self.memories
+                .memories
+                .iter()
+                .filter_map(|memory| crate::escalation::learned_question(&memory.text)),
+        );
+        documents
+    }
+
     /// After a turn: the clock moves on and what the player said of themselves is kept.
     pub(crate) fn learn_from(&mut self, line: &str) {
         self.memories.clock += 1;

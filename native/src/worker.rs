@@ -742,7 +742,7 @@ impl Engine<'_, '_> {
                 &line,
                 &c.profile,
                 &c.turns,
-                &c.knowledge.memories.texts(),
+                &c.knowledge.routing_documents(&line),
                 self.events,
             )
         {
