@@ -383,6 +383,8 @@ struct Session {
     turns: usize,
     escalated: usize,
     fallback: usize,
+    /// Time to first token of each escalated reply.
+    escalated_ttft: Vec<Duration>,
 }
 
 fn cost_per_player_hour() {
@@ -456,6 +458,15 @@ fn cost_per_player_hour() {
         );
     }
     for s in &sessions {
+        let mut ttft: Vec<u128> = s.escalated_ttft.iter().map(Duration::as_millis).collect();
+        ttft.sort_unstable();
+        println!(
+            "\n{:?}: time to the first token of an escalated reply, ms: {ttft:?} (median {})",
+            s.role,
+            ttft.get(ttft.len() / 2).copied().unwrap_or(0)
+        );
+    }
+    for s in &sessions {
         // Where the target holds: the share of escalated turns at which ours reaches 1/100
         // of cloud-only, at this run's measured cost of a local reply and of an escalation
         // (for `Inform`, the cloud's fact plus one local reply).
@@ -515,6 +526,7 @@ fn session(
     let mut cloud_only = CostMeter::default();
     let mut history = String::new();
     let (mut escalated, mut fallback) = (0, 0);
+    let mut escalated_ttft = Vec::new();
     for line in lines {
         let request = runtime.say(npc, line.as_str()).expect("worker");
         let (text, stats) = reply(&runtime, request);
@@ -528,7 +540,10 @@ fn session(
         );
         ours.record(npc, &stats);
         match stats.source {
-            ReplySource::Cloud | ReplySource::Informed => escalated += 1,
+            ReplySource::Cloud | ReplySource::Informed => {
+                escalated += 1;
+                escalated_ttft.push(stats.time_to_first_token);
+            }
             ReplySource::Fallback => fallback += 1,
             ReplySource::Local => {}
         }
@@ -584,6 +599,7 @@ fn session(
         turns: lines.len(),
         escalated,
         fallback,
+        escalated_ttft,
     }
 }
 
