@@ -294,11 +294,9 @@ fn with_the_inform_role_the_cloud_supplies_a_fact_and_the_local_model_voices_it(
     assert_eq!(stats.source, ReplySource::Informed, "{text}");
     assert_eq!(streamed.trim(), text);
     assert!(!text.is_empty());
-    // The local model wrote the rest, with the fact as a note before the line.
-    assert!(
-        stats.generated_tokens > 0 && stats.confidence.is_some(),
-        "{stats:?}"
-    );
+    // The local model wrote the rest (perhaps only its end-of-turn token), with the fact as
+    // a note before the line.
+    assert!(stats.confidence.is_some_and(|c| c.tokens >= 1), "{stats:?}");
     assert!(stats.lore_entries >= 1, "{stats:?}");
     // Its first token is the fact, after the cloud's answer.
     assert!(stats.time_to_first_token > Duration::ZERO, "{stats:?}");

@@ -367,6 +367,26 @@ mod tests {
     }
 
     #[test]
+    fn the_escalation_section_sets_the_cloud_role() {
+        let source = r#"(
+            name: "Brom",
+            role: "the blacksmith",
+            escalation: (cloud_role: Some(Inform), fallback_line: "Ask the mayor."),
+        )"#;
+        let persona = Persona::from_ron(source, None).unwrap();
+        assert_eq!(
+            persona.escalation.cloud_role,
+            Some(crate::escalation::CloudRole::Inform)
+        );
+        let err = Persona::from_ron(
+            &source.replace("Some(Inform)", "Some(Shout)"),
+            Some("brom.persona.ron"),
+        )
+        .unwrap_err();
+        assert_eq!(err.line, 4, "{err}");
+    }
+
+    #[test]
     fn unknown_field_names_line_column_and_field() {
         let source = "(\n  name: \"Brom\",\n  role: \"smith\",\n  favourite_colour: \"red\",\n)";
         let err = Persona::from_ron(source, Some("brom.persona.ron")).unwrap_err();
