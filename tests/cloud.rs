@@ -381,6 +381,56 @@ fn cancel_a_cloud_reply(server: &LlamaServer, role: CloudRole) {
 }
 
 #[test]
+fn a_fact_that_arrives_for_a_cancelled_line_is_dropped() {
+    let _serial = common::serial();
+    let server = LlamaServer::start(&common::model_path(), None);
+    let mut escalation = EscalationConfig::enabled(Some(llama_config(&server)));
+    escalation.cloud_role = CloudRole::Inform;
+    let runtime = runtime_with(escalation);
+    let npc = NpcId(1);
+    add_npc(&runtime, npc, blacksmith());
+    let request = runtime.say(npc, OUT_OF_KNOWLEDGE).unwrap();
+    // The worker sends the line to the cloud, then waits here while the fact comes back
+    // (well under a second on loopback); the cancel reaches it after the fact has.
+    let gate = common::hold(&runtime);
+    std::thread::sleep(Duration::from_secs(3));
+    runtime.cancel(npc).unwrap();
+    drop(gate);
+    loop {
+        match runtime.events().recv_timeout(Duration::from_secs(60)) {
+            Ok(Event::Cancelled { request: r, .. }) if r == request => break,
+            Ok(Event::Delta { request: r, .. } | Event::Replied { request: r, .. })
+                if r == request =>
+            {
+                panic!("the cancelled line was answered")
+            }
+            Ok(_) => {}
+            Err(err) => panic!("no answer to the cancel: {err}"),
+        }
+    }
+    // The NPC is free, learned nothing, and nothing more arrives for the cancelled line.
+    let (_, text, stats) = ask(&runtime, npc, IN_KNOWLEDGE);
+    assert_eq!(stats.source, ReplySource::Local, "{text}");
+    runtime.inspect(npc).unwrap();
+    loop {
+        match runtime.events().recv_timeout(Duration::from_secs(60)) {
+            Ok(Event::Mind { memories, .. }) => {
+                assert!(
+                    memories.iter().all(|m| !m.text.contains(OUT_OF_KNOWLEDGE)),
+                    "{memories:?}"
+                );
+                break;
+            }
+            Ok(Event::Delta { request: r, .. } | Event::Replied { request: r, .. }) => {
+                assert_ne!(r, request, "an event for the cancelled line");
+            }
+            Ok(_) => {}
+            Err(err) => panic!("no mind: {err}"),
+        }
+    }
+}
+
+#[test]
 fn a_failing_cloud_gets_the_fallback_line_and_the_game_goes_on() {
     let _serial = common::serial();
     let silent = MisbehavingServer::start(Misbehaviour::Silent);
