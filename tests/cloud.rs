@@ -208,6 +208,15 @@ fn runtime_with(escalation: EscalationConfig) -> Runtime {
     }
 }
 
+/// A runtime escalating to `server` with `role`, and the blacksmith as NPC 1.
+fn blacksmith_escalating(server: &LlamaServer, role: CloudRole) -> Runtime {
+    let mut escalation = EscalationConfig::enabled(Some(llama_config(server)));
+    escalation.cloud_role = role;
+    let runtime = runtime_with(escalation);
+    add_npc(&runtime, NpcId(1), blacksmith());
+    runtime
+}
+
 fn add_npc(runtime: &Runtime, npc: NpcId, persona: Persona) {
     runtime.set_persona(npc, persona).unwrap();
     match runtime.events().recv_timeout(Duration::from_secs(60)) {
@@ -285,11 +294,8 @@ fn out_of_knowledge_questions_escalate_and_known_ones_stay_local() {
 fn with_the_inform_role_the_cloud_supplies_a_fact_and_the_local_model_voices_it() {
     let _serial = common::serial();
     let server = LlamaServer::start(&common::model_path(), None);
-    let mut escalation = EscalationConfig::enabled(Some(llama_config(&server)));
-    escalation.cloud_role = CloudRole::Inform;
-    let runtime = runtime_with(escalation);
+    let runtime = blacksmith_escalating(&server, CloudRole::Inform);
     let npc = NpcId(1);
-    add_npc(&runtime, npc, blacksmith());
     let (streamed, text, stats) = ask(&runtime, npc, OUT_OF_KNOWLEDGE);
     assert_eq!(stats.source, ReplySource::Informed, "{text}");
     assert_eq!(streamed.trim(), text);
@@ -352,11 +358,8 @@ fn the_cloud_reply_can_be_cancelled() {
 }
 
 fn cancel_a_cloud_reply(server: &LlamaServer, role: CloudRole) {
-    let mut escalation = EscalationConfig::enabled(Some(llama_config(server)));
-    escalation.cloud_role = role;
-    let runtime = runtime_with(escalation);
+    let runtime = blacksmith_escalating(server, role);
     let npc = NpcId(1);
-    add_npc(&runtime, npc, blacksmith());
     let request = runtime.say(npc, OUT_OF_KNOWLEDGE).unwrap();
     runtime.cancel(npc).unwrap();
     loop {
@@ -384,11 +387,8 @@ fn cancel_a_cloud_reply(server: &LlamaServer, role: CloudRole) {
 fn a_fact_that_arrives_for_a_cancelled_line_is_dropped() {
     let _serial = common::serial();
     let server = LlamaServer::start(&common::model_path(), None);
-    let mut escalation = EscalationConfig::enabled(Some(llama_config(&server)));
-    escalation.cloud_role = CloudRole::Inform;
-    let runtime = runtime_with(escalation);
+    let runtime = blacksmith_escalating(&server, CloudRole::Inform);
     let npc = NpcId(1);
-    add_npc(&runtime, npc, blacksmith());
     let request = runtime.say(npc, OUT_OF_KNOWLEDGE).unwrap();
     // The worker sends the line to the cloud, then waits here while the fact comes back
     // (well under a second on loopback); the cancel reaches it after the fact has.
