@@ -10,12 +10,12 @@
 //! 2. **Cost per player-hour** of the seed workload (5 interactions a minute, ~100-token
 //!    replies, long lore): an 11-turn session with the blacksmith, escalating to llama.cpp's
 //!    `llama-server` on loopback (its real token counts), metered by [`CostMeter`], once per
-//!    [`CloudRole`] (the cloud speaks as the NPC; the cloud supplies a fact the local model
-//!    voices); against
-//!    cloud-only, where every turn goes to a GPT-4-class model with the full context (persona,
-//!    long lore and the whole history, counted by the server's tokenizer). It also prints the
-//!    share of escalated turns up to which ours stays within 1/100 of cloud-only, from the
-//!    run's measured cost of a local reply and of an escalation.
+//!    [`CloudRole`] (the cloud speaks as the NPC; the cloud supplies a fact the local reply
+//!    opens with); against cloud-only, where every turn goes to a GPT-4-class model with the
+//!    full context (persona, long lore and the whole history, counted by the server's
+//!    tokenizer). It also prints, per role, the time to the first token of the escalated
+//!    replies and the share of escalated turns up to which ours stays within 1/100 of
+//!    cloud-only, from the run's measured cost of a local reply and of an escalation.
 //!
 //! ```text
 //! cargo xtask llama-server && cargo bench -p npc_native --features cloud --bench escalation
