@@ -298,13 +298,17 @@ pub fn knowledge_match<S: AsRef<str>>(documents: &[S], question: &str) -> Option
     }
     let best = documents
         .iter()
-        .map(|doc| {
-            let doc_words = content_words(doc.as_ref());
-            words.iter().filter(|w| doc_words.contains(w)).count()
-        })
+        .map(|doc| shared_words(&words, doc.as_ref()))
         .max()
         .unwrap_or(0);
     Some(best as f32 / words.len() as f32)
+}
+
+/// How many of `words` (content words, see [`content_words`]) are content words of
+/// `document`.
+fn shared_words(words: &[String], document: &str) -> usize {
+    let document = content_words(document);
+    words.iter().filter(|w| document.contains(w)).count()
 }
 
 /// What a persona knows, as documents for [`knowledge_match`]: its knowledge entries, goals,
@@ -653,13 +657,7 @@ impl NpcProfile {
         let mut scored: Vec<(usize, &String)> = self
             .knowledge
             .iter()
-            .map(|entry| {
-                let entry_words = content_words(entry);
-                (
-                    words.iter().filter(|w| entry_words.contains(w)).count(),
-                    entry,
-                )
-            })
+            .map(|entry| (shared_words(&words, entry), entry))
             .filter(|(shared, _)| *shared > 0)
             .collect();
         // Most shared words first; the persona's order among equals.
@@ -1031,10 +1029,16 @@ impl Escalator {
         self.dispatch(reason, npc, request, line, profile, turns, events)
     }
 
+    /// Whether this NPC's lines are routed at all (the persona may opt out of the runtime's
+    /// setting); [`Escalator::divert`] is only worth its documents when they are.
+    pub(crate) fn routes(&self, profile: &NpcProfile) -> bool {
+        profile.settings.enabled.unwrap_or(self.config.enabled)
+    }
+
     /// Whether replies of this NPC are held back until their confidence is known (only
     /// when a confidence threshold is set: holding costs the streaming of local replies).
     pub(crate) fn holds(&self, profile: &NpcProfile) -> bool {
-        profile.settings.enabled.unwrap_or(self.config.enabled)
+        self.routes(profile)
             && profile
                 .settings
                 .min_confidence

@@ -735,7 +735,9 @@ impl Engine<'_, '_> {
             return fail(self, NpcError::Busy);
         }
         self.absorb_cloud_turns();
+        // The routing documents cost a lore search: only for NPCs whose lines are routed.
         if let Some(c) = self.npcs.get(&npc)
+            && self.escalator.routes(&c.profile)
             && self.escalator.divert(
                 npc,
                 request,
