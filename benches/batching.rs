@@ -15,6 +15,8 @@
 //! bare `llama-cpp-2` batched loop in a child process, driven the way `llama-batched-bench`
 //! drives llama.cpp.
 
+#[path = "model.rs"]
+mod model;
 #[path = "peer.rs"]
 mod peer;
 
@@ -32,16 +34,15 @@ const CONTEXT: u32 = 1536;
 const REPS: usize = 5;
 /// The peer's prompt, and the context the runtime's NPCs hold when the timed line arrives.
 const PEER_PROMPT: usize = 1000;
-/// Repetitions of the history sentence that bring the innkeeper's context to ~1,000 tokens
-/// (persona, this line, a 64-token reply and the timed line); the table prints the actual count.
-const HISTORY_REPEATS: usize = 53;
+/// The sentence the NPCs' ~1,000-token history repeats.
+const HISTORY: &str = "The caravan from Riverford brought news of wolves and rain. ";
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
 fn model() -> PathBuf {
-    root().join(npc_native::DEFAULT_MODEL_PATH)
+    model::path()
 }
 
 fn persona() -> Persona {
@@ -141,8 +142,7 @@ impl Group {
             runtime.set_persona(npc, persona()).unwrap();
             assert!(matches!(next(runtime), Event::PersonaAccepted { .. }));
         }
-        let history =
-            "The caravan from Riverford brought news of wolves and rain. ".repeat(HISTORY_REPEATS);
+        let history = HISTORY.repeat(history_repeats(runtime, first_id + 1000));
         round(runtime, &npcs, None, &history);
         let files: Vec<PathBuf> = npcs
             .iter()
@@ -162,6 +162,35 @@ impl Group {
     fn slice(&self, range: std::ops::Range<usize>) -> (&[NpcId], &[PathBuf]) {
         (&self.npcs[range.clone()], &self.files[range])
     }
+}
+
+/// How many repetitions of [`HISTORY`] make the timed line arrive at ~[`PEER_PROMPT`] tokens
+/// of context (the persona, the history line, a 64-token reply, the timed line): measured
+/// with two probe lines, since it depends on the model's tokenizer. The table prints the
+/// context each NPC really had.
+fn history_repeats(runtime: &Runtime, probe: u64) -> usize {
+    let prompt = |npc: u64, repeats: usize| {
+        let npc = NpcId(npc);
+        runtime.set_persona(npc, persona()).unwrap();
+        let request = runtime.say(npc, HISTORY.repeat(repeats)).unwrap();
+        let tokens = loop {
+            match next(runtime) {
+                Event::Replied {
+                    request: r, stats, ..
+                } if r == request => break stats.prompt_tokens,
+                Event::Failed { error, .. } => panic!("{error}"),
+                _ => {}
+            }
+        };
+        runtime.forget(npc).unwrap();
+        tokens
+    };
+    let (ten, twenty) = (prompt(probe, 10), prompt(probe + 1, 20));
+    let per_repeat = (twenty - ten) as f64 / 10.0;
+    let base = ten as f64 - 10.0 * per_repeat;
+    // Room left for the reply and the timed line (about 25 tokens).
+    let target = PEER_PROMPT as f64 - f64::from(GENERATE) - 25.0;
+    ((target - base) / per_repeat).round().max(1.0) as usize
 }
 
 /// The peer's generation rate for `n` sequences: `llama-batched-bench` when built, else the
@@ -282,7 +311,8 @@ struct Row {
 
 /// Measures every size [`REPS`] times, each runtime round right after its peer's.
 fn measure(runtime: &Runtime, group: &Group, threads: u32, fa: bool, sequential: bool) -> Vec<Row> {
-    let line = "Count from one to one hundred: 1, 2, 3, 4, 5, ...";
+    // Long enough that every reply runs to its 64 tokens, as the peer's sequences do.
+    let line = "Say every number from 1 to 300, separated by commas, and nothing else.";
     let mut rows: Vec<Row> = SIZES.iter().map(|_| Row::default()).collect();
     for _ in 0..REPS {
         for (&n, row) in SIZES.iter().zip(&mut rows) {
@@ -318,7 +348,10 @@ fn main() {
         );
     }
     assert!(model().is_file(), "run `cargo xtask setup` first");
+    // No prewarm: every round starts from loaded states, and the setup reads its events in
+    // order.
     let config = RuntimeConfig::new(model())
+        .with_prewarm(false)
         .with_slots(*SIZES.last().unwrap() as u32)
         .with_context_size(CONTEXT)
         .with_max_line_chars(20_000);
@@ -338,8 +371,9 @@ fn main() {
     drop(runtime);
 
     println!(
-        "Default model, {threads} threads, {GENERATE} greedy tokens per reply; medians of {REPS} \
-         pairs, each runtime round measured right after its peer's\n"
+        "{}, {threads} threads, {GENERATE} greedy tokens per reply; medians of {REPS} \
+         pairs, each runtime round measured right after its peer's\n",
+        model::name()
     );
     println!(
         "| NPCs | context per NPC | first-token spread (ms) | batched: tok/s total | per NPC | one after another: tok/s total | batched / one after another | {peer_name} -fa 0 (peer: {PEER_PROMPT} tokens) | runtime / peer (range) |"

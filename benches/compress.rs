@@ -6,6 +6,8 @@
 //!
 //! Run: `cargo bench -p npc_native --bench compress`.
 
+#[path = "model.rs"]
+mod model;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -79,7 +81,7 @@ fn ms(duration: Duration) -> String {
 }
 
 fn main() {
-    let model = root().join(npc_native::DEFAULT_MODEL_PATH);
+    let model = model::path();
     let cache = std::env::temp_dir().join(format!("npc-compress-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&cache);
     let load_before = load_average();

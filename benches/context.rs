@@ -12,6 +12,8 @@
 //! It prints prompt tokens computed per interaction and the fact-retention accuracy of both.
 //! Run: `cargo bench -p npc_native --bench context`.
 
+#[path = "model.rs"]
+mod model;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -149,7 +151,7 @@ fn mean(values: impl Iterator<Item = usize>) -> f64 {
 }
 
 fn main() {
-    let model = root().join(npc_native::DEFAULT_MODEL_PATH);
+    let model = model::path();
     let workload: Workload = ron::Options::default()
         .with_default_extension(ron::extensions::Extensions::IMPLICIT_SOME)
         .from_str(

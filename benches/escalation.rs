@@ -21,6 +21,8 @@
 //! cargo xtask llama-server && cargo bench -p npc_native --features cloud --bench escalation
 //! ```
 
+#[path = "model.rs"]
+mod model;
 #[path = "../tests/common/servers.rs"]
 mod servers;
 
@@ -187,7 +189,7 @@ fn routing_quality() {
     // One thread: this part measures answers, not speed, and one thread wastes least on a
     // shared machine.
     let runtime = start(
-        RuntimeConfig::new(root().join(npc_native::DEFAULT_MODEL_PATH))
+        RuntimeConfig::new(model::path())
             .with_slots(1)
             .with_threads(1),
     );
@@ -388,7 +390,7 @@ struct Session {
 }
 
 fn cost_per_player_hour() {
-    let model = root().join(npc_native::DEFAULT_MODEL_PATH);
+    let model = model::path();
     let server = servers::LlamaServer::start(&model, None);
     let source = std::fs::read_to_string(root().join("tests/data/escalation.ron")).expect("set");
     let set: QuestionSet = ron::from_str(&source).expect("set parses");
@@ -578,6 +580,7 @@ fn session(
                 source: ReplySource::Cloud,
                 confidence: None,
                 cloud_fact: None,
+                timing: Default::default(),
             },
         );
     }

@@ -8,6 +8,8 @@
 //! `NpcAiSystems::ReceiveEvents`, on a single-threaded `Update` schedule with nothing else
 //! in it.
 
+#[path = "model.rs"]
+mod model;
 use std::time::{Duration, Instant};
 
 use bevy::ecs::schedule::SingleThreadedExecutor;
@@ -47,10 +49,7 @@ fn main() {
             ..default()
         },
         NpcAiPlugin::default()
-            .with_model(format!(
-                "{root}/{}",
-                bevy_npc_ai::npc_native::DEFAULT_MODEL_PATH
-            ))
+            .with_model(model::path())
             .with_slots(TALKING as u32)
             .with_context_size(1024),
     ))

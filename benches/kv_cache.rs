@@ -8,6 +8,11 @@
 //!    for f16 and q8_0 keys and values.
 //! 3. **Shared preamble**: a new NPC's first reply when another NPC's sequence already holds
 //!    the world preamble (copied, not computed) vs in a runtime where no other NPC is resident.
+//! 4. **Prewarm**: the first line's time to first token when the worker computed the persona
+//!    in the background after it was set, against the later turns of the same conversation.
+//!
+//! The first three turn prewarm off ([`RuntimeConfig::prewarm`]), so that what they measure
+//! is the first reply computing its own prompt.
 //!
 //! ```text
 //! cargo bench -p npc_native --bench kv_cache
@@ -15,6 +20,8 @@
 //! Each configuration runs in a child process of this bench, one after the other (llama.cpp
 //! keeps per-thread state that would otherwise leak from one measurement into the next).
 
+#[path = "model.rs"]
+mod model;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -91,9 +98,34 @@ fn reply(runtime: &Runtime, npc: NpcId, line: &str) -> ReplyStats {
 }
 
 fn config(context: u32) -> RuntimeConfig {
-    RuntimeConfig::new(root().join(npc_native::DEFAULT_MODEL_PATH))
+    RuntimeConfig::new(model::path())
         .with_slots(1)
         .with_context_size(context)
+        .with_prewarm(false)
+}
+
+/// Child: the blacksmith gets his persona, the worker prewarms it, then 6 turns; prints
+/// `PREWARM prompt_tokens cached_tokens ttft_ms` per turn (the first line first).
+fn prewarm() {
+    let runtime = start(config(4096).with_prewarm(true));
+    let npc = NpcId(1);
+    runtime.set_persona(npc, blacksmith(48)).unwrap();
+    loop {
+        match next(&runtime) {
+            Event::Prewarmed { .. } => break,
+            Event::PersonaRejected { error, .. } => panic!("{error}"),
+            _ => {}
+        }
+    }
+    for question in &QUESTIONS[..6] {
+        let stats = reply(&runtime, npc, question);
+        println!(
+            "PREWARM {} {} {:.1}",
+            stats.prompt_tokens,
+            stats.cached_tokens,
+            stats.time_to_first_token.as_secs_f64() * 1e3
+        );
+    }
 }
 
 /// Child: 20 turns; prints `TURN prompt_tokens cached_tokens ttft_ms` per turn.
@@ -217,7 +249,7 @@ fn child(args: &[&str]) -> Vec<Vec<f64>> {
     String::from_utf8_lossy(&output.stdout)
         .lines()
         .filter(|l| {
-            ["TURN ", "RESUME ", "SHARED "]
+            ["TURN ", "RESUME ", "SHARED ", "PREWARM "]
                 .iter()
                 .any(|p| l.starts_with(p))
         })
@@ -241,16 +273,18 @@ fn main() {
             });
         }
         Some("--shared") => return shared(args[2] == "with"),
+        Some("--prewarm") => return prewarm(),
         _ => {}
     }
-    let model = root().join(npc_native::DEFAULT_MODEL_PATH);
+    let model = model::path();
     assert!(model.is_file(), "run `cargo xtask setup` first");
     let threads = config(4096).effective_threads();
     let cached = child(&["--turns", "on"]);
     let full = child(&["--turns", "off"]);
     println!("## Turn cost over a long conversation\n");
     println!(
-        "Default model, {threads} threads, greedy, one NPC, 20 turns (replies up to 48 tokens).\n"
+        "{}, {threads} threads, greedy, one NPC, 20 turns (replies up to 48 tokens).\n",
+        model::name()
     );
     println!(
         "| turn | prompt tokens | computed with KV reuse | TTFT with reuse (ms) | TTFT, full prompt each turn (ms) | full / reuse |"
@@ -315,5 +349,35 @@ fn main() {
     println!(
         "\nCopying the preamble: first-reply TTFT {:.1}× lower.",
         alone[3] / with[3]
+    );
+
+    let warm = child(&["--prewarm"]);
+    println!("\n## Prewarm: the persona computed before the player speaks\n");
+    println!(
+        "The blacksmith's persona is set, the worker computes it in the background \
+         (`Event::Prewarmed`), then the player speaks; greedy, replies up to 48 tokens.\n"
+    );
+    println!("| turn | prompt tokens | computed | TTFT (ms) | TTFT without prewarm (ms) |");
+    println!("|---|---|---|---|---|");
+    for (turn, row) in warm.iter().enumerate() {
+        println!(
+            "| {} | {:.0} | {:.0} | {:.0} | {:.0} |",
+            turn + 1,
+            row[0],
+            row[0] - row[1],
+            row[2],
+            cached[turn][2]
+        );
+    }
+    let mut later: Vec<f64> = warm[1..].iter().map(|row| row[2]).collect();
+    later.sort_by(f64::total_cmp);
+    let later = later[later.len() / 2];
+    println!(
+        "\nFirst line after prewarm: TTFT {:.0} ms, {:.2}× the median of turns 2-{} ({later:.0} ms; target ≤ 1.5×). Without prewarm the first line took {:.0} ms ({:.1}× that median).",
+        warm[0][2],
+        warm[0][2] / later,
+        warm.len(),
+        cached[0][2],
+        cached[0][2] / later
     );
 }

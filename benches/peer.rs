@@ -156,3 +156,62 @@ impl Pairs {
         format!("{:.2} ({low:.2}–{high:.2})", median(ratios))
     }
 }
+
+/// Where the runtime's generated tokens spent their time, summed over several replies (from
+/// [`npc_native::ReplyTiming`]): the table row says, per generated token, how long llama.cpp's
+/// decode took and how long each part of the runtime's own work.
+#[derive(Default)]
+pub struct Breakdown {
+    tokens: usize,
+    intervals: usize,
+    generation: std::time::Duration,
+    decode: std::time::Duration,
+    sampling: std::time::Duration,
+    confidence: std::time::Duration,
+    text: std::time::Duration,
+}
+
+impl Breakdown {
+    /// Adds one reply.
+    pub fn add(&mut self, stats: &npc_native::ReplyStats) {
+        self.tokens += stats.generated_tokens;
+        self.intervals += stats.generated_tokens.saturating_sub(1);
+        self.generation += stats.generation_time;
+        self.decode += stats.timing.decode;
+        self.sampling += stats.timing.sampling;
+        self.confidence += stats.timing.confidence;
+        self.text += stats.timing.text;
+    }
+
+    /// The header of [`Breakdown::row`]'s table.
+    pub fn header() -> &'static str {
+        "| reply | per token (µs) | decode (llama.cpp) | sampling | confidence | text and events | rest of the step | host share | peer per token (µs) |\n|---|---|---|---|---|---|---|---|---|"
+    }
+
+    /// One row: `what`, then per-token microseconds; `peer_tok_s` is the peer's speed.
+    ///
+    /// A reply of n tokens has n − 1 intervals between its first and last token, each one
+    /// decode (of the token before) and one pick (sampling, confidence, text) of the next:
+    /// the decode time is over n − 1 decodes, the picks over n tokens.
+    pub fn row(&self, what: &str, peer_tok_s: f64) -> String {
+        let per = |d: std::time::Duration| d.as_secs_f64() * 1e6 / self.tokens.max(1) as f64;
+        let intervals = self.intervals.max(1) as f64;
+        let decode = self.decode.as_secs_f64() * 1e6 / intervals;
+        let total = self.generation.as_secs_f64() * 1e6 / intervals;
+        let parts = decode + per(self.sampling) + per(self.confidence) + per(self.text);
+        let host = total - decode;
+        let peer = if peer_tok_s > 0.0 {
+            format!("{:.0}", 1e6 / peer_tok_s)
+        } else {
+            "not run".into()
+        };
+        format!(
+            "| {what} | {total:.0} | {decode:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.1} % | {peer} |",
+            per(self.sampling),
+            per(self.confidence),
+            per(self.text),
+            (total - parts).max(0.0),
+            100.0 * host / total.max(f64::MIN_POSITIVE),
+        )
+    }
+}

@@ -11,6 +11,8 @@
 //! measures what a persona's action grammar costs; `cargo bench -p npc_native --bench speed --
 //! grammar` prints only that one.
 
+#[path = "model.rs"]
+mod model;
 #[path = "peer.rs"]
 mod peer;
 
@@ -25,26 +27,26 @@ use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::sampling::LlamaSampler;
 use npc_native::{Event, NpcId, Persona, ReplyStats, Runtime, RuntimeConfig};
-use peer::{Pairs, median};
+use peer::{Breakdown, Pairs, median};
 
-const RUNS: usize = 9;
+/// Pairs per measurement; `NPC_BENCH_RUNS` overrides it (for a quick look, not a table).
+fn runs() -> usize {
+    std::env::var("NPC_BENCH_RUNS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(9)
+}
 const CONTEXT: u32 = 2048;
 const GENERATE: usize = 128;
 /// The line both generation measurements answer.
-const COUNT: &str = "Count slowly from one to one hundred, one number per line.";
+const COUNT: &str = "Say every number from 1 to 300, separated by commas, and nothing else.";
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
 fn model() -> PathBuf {
-    let path = root().join(npc_native::DEFAULT_MODEL_PATH);
-    assert!(
-        path.is_file(),
-        "run `cargo xtask setup` first: {} is missing",
-        path.display()
-    );
-    path
+    model::path()
 }
 
 /// The peer: llama-cpp-2 used directly, as its examples do. Prompt processing of `prompt`
@@ -184,8 +186,8 @@ fn minimal(max_tokens: u32) -> Persona {
 /// The runtime measured the way `llama-bench -p 512` and `-n 128` measure llama.cpp, one
 /// repetition: a cold 512-token prompt (`line` sizes it, see [`line_for_512`]), and
 /// [`GENERATE`] greedy tokens from the minimal persona's short context. Returns (pp, tg)
-/// tok/s and the context before generation.
-fn like_llama_bench(runtime: &Runtime, line: &str) -> (f64, f64, usize) {
+/// tok/s, the context before generation and the greedy reply's stats.
+fn like_llama_bench(runtime: &Runtime, line: &str) -> (f64, f64, usize, ReplyStats) {
     let stats = reply(runtime, fresh(runtime, minimal(1)), line);
     assert_eq!(
         stats.prompt_tokens, 512,
@@ -197,7 +199,7 @@ fn like_llama_bench(runtime: &Runtime, line: &str) -> (f64, f64, usize) {
         stats.generated_tokens, GENERATE,
         "greedy counting runs to max_tokens"
     );
-    (pp, stats.tokens_per_second(), stats.prompt_tokens)
+    (pp, stats.tokens_per_second(), stats.prompt_tokens, stats)
 }
 
 /// A line that makes the minimal persona's whole prompt 512 tokens: one token per
@@ -207,23 +209,26 @@ fn line_for_512(runtime: &Runtime) -> String {
     " rain".repeat(512 + 100 - probe.prompt_tokens)
 }
 
-/// [`like_llama_bench`] [`RUNS`] times, each right after one repetition of `llama-bench`
-/// with the same flash-attention setting. Returns (pp pairs, tg pairs, generation depth);
-/// without llama.cpp's tools the pairs hold only the runtime's numbers (peer 0).
+/// [`like_llama_bench`] [`runs`] times, each right after one repetition of `llama-bench`
+/// with the same flash-attention setting. Returns (pp pairs, tg pairs, generation depth,
+/// where the greedy tokens' time went); without llama.cpp's tools the pairs hold only the
+/// runtime's numbers (peer 0).
 fn against_llama_bench(
     runtime: &Runtime,
     flash_attention: bool,
     threads: u32,
-) -> (Pairs, Pairs, usize) {
+) -> (Pairs, Pairs, usize, Breakdown) {
     let line = line_for_512(runtime);
     // The minimal persona's context before generation, for llama-bench's `-d`.
     let depth = reply(runtime, fresh(runtime, minimal(1)), COUNT).prompt_tokens;
     let (mut pp, mut tg) = (Pairs::default(), Pairs::default());
-    for _ in 0..RUNS {
+    let mut breakdown = Breakdown::default();
+    for _ in 0..runs() {
         let (peer_pp, peer_tg) = peer::bin_dir().map_or((0.0, 0.0), |dir| {
             peer::llama_bench(&dir, &model(), threads, flash_attention, depth)
         });
-        let (ours_pp, ours_tg, context) = like_llama_bench(runtime, &line);
+        let (ours_pp, ours_tg, context, stats) = like_llama_bench(runtime, &line);
+        breakdown.add(&stats);
         assert_eq!(
             context, depth,
             "generation starts from the depth llama-bench was given"
@@ -231,7 +236,7 @@ fn against_llama_bench(
         pp.push(ours_pp, peer_pp);
         tg.push(ours_tg, peer_tg);
     }
-    (pp, tg, depth)
+    (pp, tg, depth, breakdown)
 }
 
 /// What the action grammar costs: the blacksmith with its declared actions (every reply
@@ -252,7 +257,7 @@ fn action_grammar(runtime: &Runtime) -> (Pairs, usize, usize) {
     let line = "Tell me everything about your forge and your prices, in detail.";
     let mut pairs = Pairs::default();
     let (mut with_tokens, mut without_tokens) = (0, 0);
-    for _ in 0..RUNS {
+    for _ in 0..runs() {
         let without = reply(runtime, fresh(runtime, persona(false)), line);
         let with = reply(runtime, fresh(runtime, persona(true)), line);
         pairs.push(with.tokens_per_second(), without.tokens_per_second());
@@ -277,7 +282,9 @@ fn main() {
         println!("PEER {pp} {tg}");
         return;
     }
+    // Every measurement is of a cold NPC: no prewarm may compute its prompt early.
     let mut config = RuntimeConfig::new(model())
+        .with_prewarm(false)
         .with_slots(1)
         .with_context_size(CONTEXT)
         .with_max_line_chars(10_000);
@@ -303,16 +310,19 @@ fn main() {
     let long_line = "The caravan from Riverford brought news of wolves, of rain, and of a merchant who sells blue glass. ".repeat(22);
     // The peer runs in a child process of this bench: llama.cpp's backend is one per process,
     // and an idle OpenMP thread team left behind by one user slows the next one down.
-    let (peer_prompt, peer_context) = (708, 256);
     let config_off = config.clone().with_reproducible_batching(false);
     let runtime = Runtime::start(config);
     match runtime.events().recv().expect("worker") {
         Event::ModelLoaded(_) => {}
         other => panic!("model did not load: {other:?}"),
     }
+    // The peer processes a prompt as long as the runtime's (which depends on the tokenizer).
+    let peer_prompt = reply(&runtime, fresh(&runtime, persona(1, 0.0, 1)), &long_line).prompt_tokens;
+    let peer_context = 256;
     let (mut prefill, mut sampled) = (Pairs::default(), Pairs::default());
+    let mut sampled_breakdown = Breakdown::default();
     let (mut prompt_tokens, mut context_at_generation) = (0, 0);
-    for run in 0..RUNS {
+    for run in 0..runs() {
         let (bare_pp, bare_tg) = peer_in_child(threads, peer_prompt, peer_context);
         // A fresh NPC each time, so nothing is cached.
         let stats = reply(&runtime, fresh(&runtime, persona(1, 0.0, 1)), &long_line);
@@ -334,13 +344,14 @@ fn main() {
             })
             .expect("one of 20 seeds samples a full-length reply");
         context_at_generation = stats.prompt_tokens;
+        sampled_breakdown.add(&stats);
         sampled.push(stats.tokens_per_second(), bare_tg);
     }
     assert_eq!(
         prompt_tokens, peer_prompt,
         "the peer processed a prompt of the same length"
     );
-    let (pp_off, tg_off, depth) = against_llama_bench(&runtime, false, threads);
+    let (pp_off, tg_off, depth, greedy_breakdown) = against_llama_bench(&runtime, false, threads);
     let (grammar, with_tokens, without_tokens) = action_grammar(&runtime);
     drop(runtime);
     // The same measurement with reproducible batching off: flash attention as llama.cpp
@@ -350,11 +361,13 @@ fn main() {
         Event::ModelLoaded(_) => {}
         other => panic!("model did not load: {other:?}"),
     }
-    let (pp_on, tg_on, _) = against_llama_bench(&fast, true, threads);
+    let (pp_on, tg_on, _, _) = against_llama_bench(&fast, true, threads);
     drop(fast);
 
     println!(
-        "Default model (SmolLM2-135M Q4_1), {threads} threads, {CONTEXT}-token context; medians of {RUNS} pairs, each runtime measurement right after its peer's (ratio: median of the pairs' ratios, and their range)\n"
+        "{}, {threads} threads, {CONTEXT}-token context; medians of {} pairs, each runtime measurement right after its peer's (ratio: median of the pairs' ratios, and their range)\n",
+        model::name(),
+        runs()
     );
     println!("| measure | bevy_npc_ai runtime | bare llama-cpp-2 loop | ratio |");
     println!("|---|---|---|---|");
@@ -422,10 +435,34 @@ fn main() {
     );
 
     print_grammar(&grammar, with_tokens, without_tokens);
+
+    println!("\n## Where a generated token's time goes\n");
+    println!("{}", Breakdown::header());
+    println!(
+        "{}",
+        sampled_breakdown.row(
+            "temperature 0.7, top-k 40, top-p, min-p, repeat penalty (peer: bare loop)",
+            sampled.peer()
+        )
+    );
+    println!(
+        "{}",
+        greedy_breakdown.row(
+            "greedy, no repeat penalty (peer: llama-bench -fa 0)",
+            tg_off.peer()
+        )
+    );
+    println!(
+        "\nMeans over the runs above, per generated token, from each reply's `ReplyStats::timing`: \
+         decode is the time inside llama.cpp's decode calls; sampling the sampler chain; \
+         confidence the token's probability and entropy; text detokenizing, the stop filter \
+         and the delta event; the rest of the step is the worker's loop (inbox, scheduling, \
+         batch building). Host share: everything but decode, of the time per token."
+    );
 }
 
 fn print_grammar(grammar: &Pairs, with_tokens: usize, without_tokens: usize) {
-    println!("\n## The action grammar ({RUNS} pairs)\n");
+    println!("\n## The action grammar ({} pairs)\n", runs());
     println!(
         "| blacksmith, greedy, up to 64 tokens | with its actions (grammar) | without actions | ratio (range) |"
     );

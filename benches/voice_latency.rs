@@ -13,6 +13,8 @@
 //! `NPC_VOICE_HELPER` overrides where the helper is looked for (default: beside the bench's
 //! target directory).
 
+#[path = "model.rs"]
+mod model;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -61,7 +63,7 @@ struct Run {
 }
 
 fn main() {
-    let model = need(root().join(npc_native::DEFAULT_MODEL_PATH));
+    let model = need(model::path());
     let whisper = need(root().join("assets/models/ggml-tiny.en.bin"));
     let helper = VoiceConfig::find_helper().unwrap_or_else(|| {
         panic!("npc-voice not found: run `cargo build --release -p npc_voice_helper` or set NPC_VOICE_HELPER")

@@ -28,10 +28,8 @@ fn main() -> AppExit {
                 ..default()
             },
         ))
-        .add_plugins(
-            NpcAiPlugin::default()
-                .with_model(format!("{assets}/models/SmolLM2-135M-Instruct.Q4_1.gguf")),
-        )
+        // The default catalog model, found in the AssetPlugin's folder (`models/`).
+        .add_plugins(NpcAiPlugin::default())
         .insert_resource(Question(question))
         .add_systems(Startup, spawn_blacksmith)
         .add_systems(Update, ask.before(NpcAiSystems::SendRequests))

@@ -3,11 +3,13 @@
 //! ```text
 //! cargo run --release --example chat -- --persona assets/personas/blacksmith.persona.ron
 //! ```
-//! Options: `--model PATH`, `--threads N`, `--context N`, `--seed N`, `--escalate` (questions
+//! Options: `--model ID|PATH` (a catalog id such as `qwen2.5-coder-0.5b`, fetched by `cargo
+//! xtask setup --model ID`, or a GGUF file; default: the catalog's default model), `--threads N`, `--context N`, `--seed N`, `--escalate` (questions
 //! outside the persona's knowledge go to the cloud model named by `NPC_AI_CLOUD_URL`,
 //! `NPC_AI_CLOUD_MODEL` and `NPC_AI_CLOUD_KEY`, when built with the `cloud` feature; otherwise
 //! the NPC says its fallback line), `--inform` (the same, but the cloud only supplies the fact
 //! and the local model says it: `CloudRole::Inform`).
+//! `--llama-logs` lets llama.cpp print its own log (model, KV cache and compute buffer sizes).
 //! Type a line and press Enter; the reply streams token by token, followed by its speed.
 //! Ctrl-D ends the conversation and prints what it cost (see the README's "Cost meter").
 //!
@@ -42,7 +44,9 @@ struct Args {
 
 fn parse_args() -> Result<Args, String> {
     let mut persona = None;
-    let mut config = RuntimeConfig::default();
+    // This example lives in the workspace: models and lore are in the project's assets.
+    let mut config = RuntimeConfig::default()
+        .with_assets_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../assets"));
     let (mut voice, mut voice_out) = (false, None);
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -50,7 +54,16 @@ fn parse_args() -> Result<Args, String> {
         let number = |text: String| text.parse::<u32>().map_err(|e| format!("{flag}: {e}"));
         match flag.as_str() {
             "--persona" => persona = Some(value()?),
-            "--model" => config = config.with_model(value()?),
+            "--model" => {
+                let model = value()?;
+                config = if npc_native::catalog::find(&model).is_some() {
+                    config.with_catalog_model(model)
+                } else {
+                    // A file named on the command line is relative to the working directory.
+                    let path = std::path::absolute(&model).map_err(|e| format!("{model}: {e}"))?;
+                    config.with_model(path)
+                };
+            }
             "--threads" => config = config.with_threads(number(value()?)?),
             "--context" => config = config.with_context_size(number(value()?)?),
             "--seed" => {
@@ -65,6 +78,7 @@ fn parse_args() -> Result<Args, String> {
                 escalation.cloud_role = CloudRole::Inform;
                 config = config.with_escalation(escalation);
             }
+            "--llama-logs" => config = config.with_llama_logs(true),
             "--voice" => voice = true,
             "--voice-out" => voice_out = Some(value()?.into()),
             "--help" | "-h" => return Err(String::new()),
@@ -91,7 +105,7 @@ fn main() -> ExitCode {
                 eprintln!("chat: {err}");
             }
             eprintln!(
-                "usage: chat --persona FILE [--model GGUF] [--threads N] [--context N] [--seed N] [--escalate | --inform] [--voice] [--voice-out DIR]"
+                "usage: chat --persona FILE [--model ID|GGUF] [--threads N] [--context N] [--seed N] [--escalate | --inform] [--llama-logs] [--voice] [--voice-out DIR]"
             );
             return ExitCode::from(2);
         }

@@ -41,7 +41,18 @@ fn accept(runtime: &Runtime, npc: NpcId, persona: Persona) -> usize {
     }
 }
 
+/// The next event, skipping [`Event::Prewarmed`] notes (a prewarm runs in the background
+/// whenever the worker is idle; the prewarm tests read them with [`next_raw_event`]).
 fn next_event(runtime: &Runtime) -> Event {
+    loop {
+        match next_raw_event(runtime) {
+            Event::Prewarmed { .. } => {}
+            event => return event,
+        }
+    }
+}
+
+fn next_raw_event(runtime: &Runtime) -> Event {
     runtime
         .events()
         .recv_timeout(WAIT)
@@ -119,7 +130,8 @@ fn failure(runtime: &Runtime, npc: NpcId, line: &str) -> NpcError {
 #[test]
 fn answers_a_persona_question_from_its_knowledge() {
     let _serial = common::serial();
-    let runtime = default_runtime();
+    // What an NPC says: on the default model, the one a game gets.
+    let runtime = start(RuntimeConfig::new(common::default_model_path()).with_slots(1));
     let brom = NpcId(1);
     accept(&runtime, brom, greedy("blacksmith"));
     let (text, stats) = reply(&runtime, brom, "How much does an iron sword cost?");
@@ -772,10 +784,12 @@ fn preamble() -> String {
 #[test]
 fn the_shared_preamble_is_computed_once_and_copied_into_new_npcs() {
     let _serial = common::serial();
+    // Without prewarm, so that each NPC's first reply is where the copy happens.
     let config = || {
         RuntimeConfig::new(common::model_path())
             .with_slots(2)
             .with_preamble(preamble())
+            .with_prewarm(false)
     };
     let mut guard = greedy("guard");
     guard.sampling.max_tokens = Some(12);
@@ -810,6 +824,88 @@ fn the_shared_preamble_is_computed_once_and_copied_into_new_npcs() {
     assert_eq!(alone.shared_tokens, 0);
     assert_eq!(alone.prompt_tokens, second.prompt_tokens);
     assert_eq!(shared_text, alone_text);
+}
+
+/// Waits for `npc`'s prewarm; returns (prefix tokens, tokens it computed).
+fn prewarmed(runtime: &Runtime, npc: NpcId) -> (usize, usize) {
+    loop {
+        match next_raw_event(runtime) {
+            Event::Prewarmed {
+                npc: got,
+                prefix_tokens,
+                computed_tokens,
+            } if got == npc => return (prefix_tokens, computed_tokens),
+            Event::PersonaRejected { error, .. } => panic!("persona rejected: {error}"),
+            _ => {}
+        }
+    }
+}
+
+#[test]
+fn a_new_npc_is_prewarmed_and_its_first_line_costs_only_its_own_tokens() {
+    let _serial = common::serial();
+    let runtime = start(RuntimeConfig::new(common::model_path()).with_slots(2));
+    let brom = NpcId(1);
+    runtime.set_persona(brom, greedy("blacksmith")).unwrap();
+    let (prefix, computed) = prewarmed(&runtime, brom);
+    assert_eq!(computed, prefix, "a fresh NPC computes its whole prefix");
+    let (_, first) = reply(&runtime, brom, "How much is a horseshoe?");
+    assert_eq!(first.cached_tokens, prefix, "{first:?}");
+    assert!(
+        first.prompt_tokens - first.cached_tokens < 30,
+        "only the line and the turn's template tokens are computed: {first:?}"
+    );
+
+    // A hot reload (here: the persona's knowledge changes) prewarms the new prefix, keeping
+    // the conversation, and the next line again computes only its own tokens.
+    let mut edited = greedy("blacksmith");
+    edited.knowledge.push("A pair of iron tongs costs 6 gold.".into());
+    runtime.set_persona(brom, edited).unwrap();
+    let (prefix_after, computed_after) = prewarmed(&runtime, brom);
+    assert!(
+        prefix_after > prefix && computed_after > 0 && computed_after < prefix_after,
+        "the edit recomputes from where the system prompt changed: {prefix_after} tokens, \
+         {computed_after} computed"
+    );
+    let (_, next) = reply(&runtime, brom, "And tongs?");
+    assert_eq!(next.cached_tokens, prefix_after, "{next:?}");
+}
+
+#[test]
+fn a_prewarm_never_pushes_a_conversation_out_and_gives_way_to_the_player() {
+    let _serial = common::serial();
+    let runtime = start(RuntimeConfig::new(common::model_path()).with_slots(1));
+    let (brom, mara) = (NpcId(1), NpcId(2));
+    accept(&runtime, brom, greedy("blacksmith"));
+    let (_, first) = reply(&runtime, brom, "Good morning, Brom.");
+    // The only slot is Brom's: Mara's prewarm must not evict him.
+    accept(&runtime, mara, greedy("innkeeper"));
+    let (_, again) = reply(&runtime, brom, "What do you sell?");
+    assert!(
+        again.cached_tokens > first.prompt_tokens,
+        "Brom kept his cache: {again:?}"
+    );
+    drop(runtime);
+
+    // A line that arrives with the persona is answered at once; no prewarm runs for it.
+    let runtime = start(RuntimeConfig::new(common::model_path()).with_slots(2));
+    let open = common::hold(&runtime);
+    runtime.set_persona(mara, greedy("innkeeper")).unwrap();
+    let request = runtime.say(mara, "Is there a room free tonight?").unwrap();
+    drop(open);
+    let mut prewarms = 0;
+    let stats = loop {
+        match next_raw_event(&runtime) {
+            Event::Prewarmed { .. } => prewarms += 1,
+            Event::Replied {
+                request: r, stats, ..
+            } if r == request => break stats,
+            Event::Failed { error, .. } => panic!("{error}"),
+            _ => {}
+        }
+    };
+    assert_eq!(prewarms, 0);
+    assert_eq!(stats.cached_tokens, 0, "{stats:?}");
 }
 
 fn kv_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {

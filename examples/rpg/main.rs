@@ -4,6 +4,7 @@
 //!
 //! ```sh
 //! cargo run --release -p bevy_npc_ai --example rpg --features demo
+//! cargo run --release -p bevy_npc_ai --example rpg --features demo -- --model qwen2.5-coder-0.5b
 //! cargo run --release -p bevy_npc_ai --example rpg --features demo -- --model other.gguf
 //! # Scripted: walk to the blacksmith, ask for a horseshoe, save a screenshot, exit.
 //! cargo run --release -p bevy_npc_ai --example rpg --features demo -- --script shot.png
@@ -23,7 +24,8 @@ use bevy::window::WindowResolution;
 use bevy_npc_ai::prelude::*;
 
 struct Args {
-    model: PathBuf,
+    /// A catalog id or a GGUF file; `None` is the catalog's default model.
+    model: Option<String>,
     threads: Option<u32>,
     script: Option<PathBuf>,
     max_frames: u32,
@@ -36,7 +38,7 @@ fn root() -> PathBuf {
 
 fn parse_args() -> Result<Args, String> {
     let mut args = Args {
-        model: root().join(bevy_npc_ai::npc_native::DEFAULT_MODEL_PATH),
+        model: None,
         threads: None,
         script: None,
         max_frames: 20_000,
@@ -46,7 +48,7 @@ fn parse_args() -> Result<Args, String> {
     while let Some(flag) = it.next() {
         let mut value = || it.next().ok_or(format!("{flag} needs a value"));
         match flag.as_str() {
-            "--model" => args.model = value()?.into(),
+            "--model" => args.model = Some(value()?),
             "--threads" => {
                 args.threads = Some(value()?.parse().map_err(|e| format!("--threads: {e}"))?)
             }
@@ -56,7 +58,7 @@ fn parse_args() -> Result<Args, String> {
             }
             "--seed" => args.seed = value()?.parse().map_err(|e| format!("--seed: {e}"))?,
             "--help" | "-h" => {
-                return Err("usage: rpg [--model FILE.gguf] [--threads N] [--seed N] \
+                return Err("usage: rpg [--model ID|FILE.gguf] [--threads N] [--seed N] \
                             [--script SHOT.png [--max-frames N]]"
                     .into());
             }
@@ -75,7 +77,6 @@ fn main() -> ExitCode {
         }
     };
     let mut ai = NpcAiPlugin::default()
-        .with_model(&args.model)
         .with_context_size(1536)
         .with_sampling(SamplingParams {
             seed: Some(args.seed),
@@ -83,6 +84,20 @@ fn main() -> ExitCode {
         });
     if let Some(threads) = args.threads {
         ai = ai.with_threads(threads);
+    }
+    match args.model {
+        Some(id) if bevy_npc_ai::npc_native::catalog::find(&id).is_some() => {
+            ai = ai.with_catalog_model(id);
+        }
+        // A file named on the command line is relative to the working directory.
+        Some(file) => match std::path::absolute(&file) {
+            Ok(path) => ai = ai.with_model(path),
+            Err(err) => {
+                eprintln!("--model {file}: {err}");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => {}
     }
     let mut app = App::new();
     app.add_plugins(

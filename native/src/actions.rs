@@ -641,22 +641,35 @@ impl NpcActions {
 /// The grammar is checked against the token the chain picks, and applied to every candidate
 /// only when it refuses that token, as llama.cpp's own common sampler does. Applied to all
 /// 49,152 candidates before the chain, it had nearly halved the blacksmith's generation speed
-/// (0.55× the same persona without actions on 2 CPU cores, 0.72× now: the speed bench's
+/// (0.55× the same persona without actions on 2 CPU cores, 0.72× after: the speed bench's
 /// `grammar` table). Greedy picks the same token either way (the best token the grammar
 /// allows); seeded sampling keeps the chain's pick whenever the grammar allows it, so its
 /// draws differ from filtering first. A token the grammar refuses is never accepted into it
 /// (llama.cpp aborts on that).
+///
+/// When the chain can only pick among the best few tokens (it starts with top-k, or it is
+/// greedy, either after a repeat penalty or not), it runs over just those: the `k` best, plus
+/// one per token the penalty may push down (at most `repeat_last_n`), which holds every token
+/// it would keep from the whole vocabulary. That saves passes of llama.cpp's samplers over
+/// every vocabulary entry per token (151,936 for Qwen2.5).
 pub(crate) struct ReplySampler {
     chain: llama_cpp_2::sampling::LlamaSampler,
     grammar: Option<llama_cpp_2::sampling::LlamaSampler>,
+    /// How many of the best tokens the chain needs to see; `None`: all of them.
+    candidates: Option<usize>,
+    /// The candidate array, kept between tokens so that none is allocated per token.
+    buffer: Vec<llama_cpp_2::token::data::LlamaTokenData>,
 }
 
 impl ReplySampler {
     /// `chain` held to `grammar` (GBNF with a `root` rule); without a grammar, `chain` as is.
+    /// `candidates` is [`SamplingParams::candidates_needed`](crate::SamplingParams) for the
+    /// settings `chain` was built from.
     pub(crate) fn new(
         model: &llama_cpp_2::model::LlamaModel,
         grammar: Option<&str>,
         chain: llama_cpp_2::sampling::LlamaSampler,
+        candidates: Option<usize>,
     ) -> Self {
         use llama_cpp_2::sampling::LlamaSampler;
         let grammar = grammar.and_then(|grammar| {
@@ -668,7 +681,12 @@ impl ReplySampler {
                 })
                 .ok()
         });
-        Self { chain, grammar }
+        Self {
+            chain,
+            grammar,
+            candidates,
+            buffer: Vec::with_capacity(candidates.unwrap_or(0)),
+        }
     }
 
     /// Picks the next token from the logits of batch entry `index` and accepts it into the
@@ -680,33 +698,53 @@ impl ReplySampler {
     ) -> Option<llama_cpp_2::token::LlamaToken> {
         use llama_cpp_2::token::data::LlamaTokenData;
         use llama_cpp_2::token::data_array::LlamaTokenDataArray;
-        let Some(grammar) = self.grammar.as_mut() else {
-            return Some(self.chain.sample(ctx, index));
-        };
-        let pick = |chain: &mut _, grammar: Option<&mut _>| {
-            let mut candidates = ctx.token_data_array_ith(index);
-            if let Some(grammar) = grammar {
-                candidates.apply_sampler(grammar);
-            }
-            candidates.apply_sampler(chain);
-            candidates
+        let selected = |array: &LlamaTokenDataArray| {
+            array
                 .selected
-                .and_then(|at| candidates.data.get(at))
+                .and_then(|at| array.data.get(at))
                 .filter(|data| data.logit().is_finite())
                 .map(LlamaTokenData::id)
         };
-        let allowed = |grammar: &mut _, token| {
-            let mut one =
-                LlamaTokenDataArray::new(vec![LlamaTokenData::new(token, 1.0, 0.0)], false);
-            one.apply_sampler(grammar);
-            one.data[0].logit().is_finite()
+        // The chain over the best candidates (or, without a bound, every token).
+        let pick = |chain: &mut llama_cpp_2::sampling::LlamaSampler, buffer: &mut Vec<_>| {
+            let Some(k) = self.candidates else {
+                let mut all = ctx.token_data_array_ith(index);
+                all.apply_sampler(chain);
+                return selected(&all);
+            };
+            let logits = ctx.get_logits_ith(index);
+            crate::logits::top_candidates(logits, k, buffer);
+            let mut array = LlamaTokenDataArray::new(std::mem::take(buffer), false);
+            array.apply_sampler(chain);
+            let token = selected(&array);
+            *buffer = array.data;
+            token
         };
-        let token = match pick(&mut self.chain, None) {
-            Some(token) if allowed(grammar, token) => token,
-            _ => pick(&mut self.chain, Some(grammar)).filter(|&token| allowed(grammar, token))?,
+        let token = match self.grammar.as_mut() {
+            None => pick(&mut self.chain, &mut self.buffer)?,
+            Some(grammar) => {
+                let allowed = |grammar: &mut _, token| {
+                    let mut one =
+                        LlamaTokenDataArray::new(vec![LlamaTokenData::new(token, 1.0, 0.0)], false);
+                    one.apply_sampler(grammar);
+                    one.data[0].logit().is_finite()
+                };
+                match pick(&mut self.chain, &mut self.buffer) {
+                    Some(token) if allowed(grammar, token) => token,
+                    _ => {
+                        // The grammar refused the chain's pick: filter every token, then pick.
+                        let mut all = ctx.token_data_array_ith(index);
+                        all.apply_sampler(grammar);
+                        all.apply_sampler(&mut self.chain);
+                        selected(&all).filter(|&token| allowed(grammar, token))?
+                    }
+                }
+            }
         };
         self.chain.accept(token);
-        grammar.accept(token);
+        if let Some(grammar) = self.grammar.as_mut() {
+            grammar.accept(token);
+        }
         Some(token)
     }
 }

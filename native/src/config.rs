@@ -1,6 +1,6 @@
 //! [`RuntimeConfig`]: which model, how many threads, how much context.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -34,11 +34,52 @@ impl KvPrecision {
     }
 }
 
+/// Tokens per model pass on the CPU when [`RuntimeConfig::ubatch_size`] is not set.
+pub const CPU_UBATCH: u32 = 128;
+
+/// Which model the runtime loads.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ModelSource {
+    /// A model of the [catalog](crate::catalog) by id (`qwen2.5-coder-1.5b`): the file
+    /// `models/<file name>` in [`RuntimeConfig::assets_dir`], where `cargo xtask setup --model
+    /// ID` puts it and where a shipped game puts it beside its other assets.
+    Catalog(String),
+    /// A GGUF file. A relative path is relative to [`RuntimeConfig::assets_dir`], as Bevy's
+    /// asset paths are; an absolute one is used as it is.
+    File(PathBuf),
+}
+
+impl Default for ModelSource {
+    /// The catalog's default model ([`catalog::DEFAULT_MODEL`](crate::catalog::DEFAULT_MODEL)).
+    fn default() -> Self {
+        Self::Catalog(crate::catalog::DEFAULT_MODEL.id.to_owned())
+    }
+}
+
+/// The folder a game's assets are read from when nothing says otherwise, found the way Bevy
+/// finds its asset folder: `assets/` under `$BEVY_ASSET_ROOT` if set, else under
+/// `$CARGO_MANIFEST_DIR` (set by `cargo run`), else beside the executable. So a game started
+/// from a launcher or a shortcut, in any working directory, finds the same files.
+#[must_use]
+pub fn default_assets_dir() -> PathBuf {
+    let base = std::env::var_os("BEVY_ASSET_ROOT")
+        .or_else(|| std::env::var_os("CARGO_MANIFEST_DIR"))
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::current_exe()
+                .ok()
+                .and_then(|exe| exe.parent().map(Path::to_path_buf))
+        })
+        .unwrap_or_default();
+    base.join("assets")
+}
+
 /// How the runtime loads and runs its model. Build it with the `with_*` methods.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RuntimeConfig {
-    /// The GGUF model file.
-    pub model_path: PathBuf,
+    /// The model: a catalog id (the default: the catalog's default model) or a GGUF file.
+    /// [`RuntimeConfig::model_file`] says where it is looked for.
+    pub model: ModelSource,
     /// Decode threads; `None` uses the machine's available cores. More threads than cores
     /// makes decoding several times slower, so do not oversubscribe.
     pub threads: Option<u32>,
@@ -49,6 +90,14 @@ pub struct RuntimeConfig {
     pub slots: u32,
     /// Most tokens one decode call may carry (long prompts are split into chunks of this size).
     pub batch_size: u32,
+    /// Tokens llama.cpp computes in one pass of the model (a decode call of more is split into
+    /// passes); `None`: 512 with layers on a GPU, [`CPU_UBATCH`] otherwise.
+    ///
+    /// llama.cpp's compute buffer holds one row of logits per token of a pass: for Qwen2.5's
+    /// 151,936-token vocabulary that is 317 MB at 512 tokens, about 80 MB at 128. On 2 CPU
+    /// cores prompt processing is as fast at 128 as at 512 (`llama-bench -ub`, README
+    /// "Models"), so CPU runs take the smaller buffer; GPUs gain from larger passes.
+    pub ubatch_size: Option<u32>,
     /// Layers offloaded to the GPU; `None` means all of them when a GPU backend (`cuda`,
     /// `vulkan`, `metal`) is compiled in, and none otherwise.
     pub gpu_layers: Option<u32>,
@@ -61,6 +110,12 @@ pub struct RuntimeConfig {
     pub prefill_chunk: u32,
     /// Let llama.cpp print its own log lines to stderr.
     pub llama_logs: bool,
+    /// Compute an NPC's system prompt into its KV cache as soon as it gets its persona (at
+    /// spawn and after a hot reload), in the background, so the player's first line costs
+    /// only its own tokens (on by default). It runs only while no reply is queued or in
+    /// progress, in small chunks with the inbox read between them, and only into a free KV
+    /// slot or the NPC's own: it never pushes another conversation out.
+    pub prewarm: bool,
     /// Reuse each NPC's cached tokens across turns (the default). `false` recomputes every
     /// prompt from scratch: only useful as a benchmark baseline.
     pub kv_reuse: bool,
@@ -102,8 +157,10 @@ pub struct RuntimeConfig {
     pub preamble: String,
     /// Routing of hard questions to a cloud model; off by default.
     pub escalation: crate::escalation::EscalationConfig,
-    /// The folder persona lore files ([`Persona::lore`](crate::Persona::lore)) are relative
-    /// to. Default `assets`, Bevy's asset folder.
+    /// The game's asset folder: a catalog model and a relative model path are found in it, and
+    /// persona lore files ([`Persona::lore`](crate::Persona::lore)) are relative to it.
+    /// Default: [`default_assets_dir`], the folder Bevy's `AssetPlugin` reads by default (the
+    /// Bevy plugin sets it to the `AssetPlugin`'s folder).
     pub assets_dir: PathBuf,
     /// Where compressed lore is cached ([`Persona::compress_lore`](crate::Persona)). Default
     /// `$XDG_CACHE_HOME/bevy_npc_ai/compressed-lore` (or `~/.cache/…`).
@@ -113,16 +170,18 @@ pub struct RuntimeConfig {
 impl Default for RuntimeConfig {
     fn default() -> Self {
         Self {
-            model_path: PathBuf::from(crate::DEFAULT_MODEL_PATH),
+            model: ModelSource::default(),
             threads: None,
             context_size: 2048,
             slots: 4,
             batch_size: 512,
+            ubatch_size: None,
             gpu_layers: None,
             sampling: SamplingParams::default(),
             max_line_chars: 2000,
             prefill_chunk: 128,
             llama_logs: false,
+            prewarm: true,
             kv_reuse: true,
             evicted_kv_bytes: 256 << 20,
             evicted_kv_disk_bytes: 4 << 30,
@@ -131,27 +190,49 @@ impl Default for RuntimeConfig {
             kv_precision: KvPrecision::F16,
             preamble: String::new(),
             escalation: crate::escalation::EscalationConfig::default(),
-            assets_dir: PathBuf::from("assets"),
+            assets_dir: default_assets_dir(),
             cache_dir: crate::compress::default_cache_dir(),
         }
     }
 }
 
 impl RuntimeConfig {
-    /// A configuration for the model at `path`, with defaults for everything else.
+    /// A configuration for the GGUF file at `path` (relative paths are relative to
+    /// [`assets_dir`](Self::assets_dir)), with defaults for everything else.
     #[must_use]
     pub fn new(model_path: impl Into<PathBuf>) -> Self {
-        Self {
-            model_path: model_path.into(),
-            ..Self::default()
-        }
+        Self::default().with_model(model_path)
     }
 
-    /// Sets the model file.
+    /// Sets the model file (relative paths are relative to [`assets_dir`](Self::assets_dir)).
     #[must_use]
     pub fn with_model(mut self, path: impl Into<PathBuf>) -> Self {
-        self.model_path = path.into();
+        self.model = ModelSource::File(path.into());
         self
+    }
+
+    /// Sets the model to a [catalog](crate::catalog) model by id (`"qwen2.5-coder-0.5b"`).
+    /// An unknown id is reported when the runtime starts, as
+    /// [`ModelError::UnknownCatalogModel`](crate::ModelError::UnknownCatalogModel).
+    #[must_use]
+    pub fn with_catalog_model(mut self, id: impl Into<String>) -> Self {
+        self.model = ModelSource::Catalog(id.into());
+        self
+    }
+
+    /// The model file this configuration loads: a catalog model's `models/<file name>` or a
+    /// relative path, in [`assets_dir`](Self::assets_dir); an absolute path as it is.
+    ///
+    /// # Errors
+    /// [`ModelError::UnknownCatalogModel`](crate::ModelError::UnknownCatalogModel) for an id
+    /// the catalog does not have.
+    pub fn model_file(&self) -> Result<PathBuf, crate::ModelError> {
+        match &self.model {
+            ModelSource::Catalog(id) => crate::catalog::find(id)
+                .map(|model| self.assets_dir.join(model.asset_path()))
+                .ok_or_else(|| crate::ModelError::UnknownCatalogModel(id.clone())),
+            ModelSource::File(path) => Ok(self.assets_dir.join(path)),
+        }
     }
 
     /// Sets the number of decode threads.
@@ -200,6 +281,13 @@ impl RuntimeConfig {
     #[must_use]
     pub fn with_llama_logs(mut self, enabled: bool) -> Self {
         self.llama_logs = enabled;
+        self
+    }
+
+    /// Turns [`prewarm`](Self::prewarm) on (default) or off.
+    #[must_use]
+    pub fn with_prewarm(mut self, enabled: bool) -> Self {
+        self.prewarm = enabled;
         self
     }
 
@@ -291,6 +379,25 @@ impl RuntimeConfig {
         })
     }
 
+    /// Tokens per model pass: the configured number, else 512 with layers on a GPU and
+    /// [`CPU_UBATCH`] on the CPU; never more than [`batch_size`](Self::batch_size).
+    #[must_use]
+    pub fn effective_ubatch_size(&self) -> u32 {
+        let default = if self.effective_gpu_layers() > 0 {
+            512
+        } else {
+            CPU_UBATCH
+        };
+        self.ubatch_size.unwrap_or(default).min(self.batch_size)
+    }
+
+    /// Sets the tokens per model pass (see [`ubatch_size`](Self::ubatch_size)).
+    #[must_use]
+    pub fn with_ubatch_size(mut self, tokens: u32) -> Self {
+        self.ubatch_size = Some(tokens);
+        self
+    }
+
     /// Layers to offload: the configured number, else all (GPU build) or none (CPU build).
     #[must_use]
     pub fn effective_gpu_layers(&self) -> u32 {
@@ -326,6 +433,14 @@ impl RuntimeConfig {
             return Err(format!(
                 "batch_size {} is below slots {}",
                 self.batch_size, self.slots
+            ));
+        }
+        if let Some(ubatch) = self.ubatch_size
+            && ubatch < self.slots
+        {
+            return Err(format!(
+                "ubatch_size {ubatch} is below slots {}",
+                self.slots
             ));
         }
         if self.max_line_chars == 0 {

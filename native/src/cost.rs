@@ -324,6 +324,7 @@ mod tests {
             source,
             confidence: None,
             cloud_fact: None,
+            timing: Default::default(),
         }
     }
 

@@ -55,36 +55,18 @@ pub struct ReplyConfidence {
     pub mean_entropy: f32,
 }
 
-/// Logits further than this below the largest one are left out of the sums: each would add
-/// less than `exp(-24)` ≈ 3.8e-11 of the largest term, so even 100,000 of them move the
-/// log-probability and the entropy by under 1e-5 nats. Leaving them out skips one `exp` for
-/// nearly every entry of a 49,152-token vocabulary, which on a GPU build cost more time per
-/// token than the decode itself.
-const NEGLIGIBLE_LOGIT: f32 = 24.0;
-
 /// Log-probability of `token` and the entropy (nats) of the distribution given by `logits`.
-/// `None` when the token is out of range or the logits are not finite.
+/// `None` when the token is out of range or the logits are not finite. Logits more than 24
+/// below the best are left out of the sums (together they weigh less than 10⁻⁵ of it).
 #[must_use]
 pub fn token_logprob_entropy(logits: &[f32], token: usize) -> Option<(f32, f32)> {
     let chosen = *logits.get(token)?;
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    if !max.is_finite() || !chosen.is_finite() {
+    let scan = crate::logits::LogitScan::of(logits)?;
+    if !chosen.is_finite() {
         return None;
     }
-    // log Z = max + log Σ exp(l - max); H = log Z - Σ p l.
-    let floor = max - NEGLIGIBLE_LOGIT;
-    let mut sum = 0.0f64;
-    let mut weighted = 0.0f64;
-    for &logit in logits.iter().filter(|&&logit| logit > floor) {
-        let shifted = f64::from(logit - max);
-        let e = shifted.exp();
-        sum += e;
-        weighted += e * shifted;
-    }
-    let log_z = sum.ln();
-    let logprob = f64::from(chosen - max) - log_z;
-    let entropy = log_z - weighted / sum;
-    Some((logprob as f32, entropy.max(0.0) as f32))
+    #[allow(clippy::cast_possible_truncation)]
+    Some((scan.logprob(chosen) as f32, scan.entropy as f32))
 }
 
 /// Accumulates token confidence while a reply is generated (one call per sampled token).
@@ -723,6 +705,7 @@ pub(crate) struct Informed {
 
 /// `text` without a sentence the token limit cut short (`truncated`): up to its last `.`,
 /// `!` or `?` followed by a space or the end. Text with no complete sentence is kept whole.
+#[cfg_attr(not(feature = "cloud"), allow(dead_code))]
 pub(crate) fn complete_sentences(text: &str, truncated: bool) -> &str {
     if !truncated {
         return text;
@@ -1215,6 +1198,7 @@ fn fallback_stats() -> ReplyStats {
         source: ReplySource::Fallback,
         confidence: None,
         cloud_fact: None,
+        timing: Default::default(),
     }
 }
 
@@ -1355,6 +1339,7 @@ fn run_cloud_job(
                 source: ReplySource::Cloud,
                 confidence: None,
                 cloud_fact: None,
+                timing: Default::default(),
             };
             (reply.text.trim().to_owned(), stats)
         }

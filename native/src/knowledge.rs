@@ -201,6 +201,34 @@ impl Knowledge {
         }
     }
 
+    /// The tokens every prompt of this NPC's next turn starts with, whatever the player says:
+    /// the system prompt (with the summary block) and the verbatim turns, up to where the new
+    /// user turn's text begins. Found as the common start of two prompts for different lines,
+    /// so it holds for any chat template. A prewarm computes these before the player speaks.
+    pub(crate) fn stable_prefix(
+        &self,
+        prompts: &PromptBuilder,
+        model: &LlamaModel,
+        system: &str,
+        turns: &[Turn],
+    ) -> Result<Vec<LlamaToken>, NpcError> {
+        let folded = self.summary.turns.min(turns.len());
+        let system = match self.summary.block() {
+            Some(block) => format!("{system}\n\n{block}"),
+            None => system.to_owned(),
+        };
+        let verbatim = &turns[folded..];
+        let prompt_for = |line: &str| -> Result<Vec<LlamaToken>, NpcError> {
+            let text = prompts.render(model, &system, verbatim, line)?;
+            Ok(PromptBuilder::tokenize(model, &text))
+        };
+        let (one, other) = (prompt_for("Hello.")?, prompt_for("What?")?);
+        let common = one.iter().zip(&other).take_while(|(a, b)| a == b).count();
+        let mut prefix = one;
+        prefix.truncate(common);
+        Ok(prefix)
+    }
+
     /// Builds the prompt for `line` after `turns`, inside the budget. A `fact` the cloud
     /// supplied for the line goes before the retrieved lore and also opens the NPC's reply
     /// (the model continues after it), inside the budget (the persona's, and the

@@ -239,6 +239,25 @@ impl KvCacheManager {
     /// A slot for `npc` for one reply, marked busy: its own if it has one, else a free one,
     /// else the least recently used idle one (evicted). `None` when every slot is busy.
     pub(crate) fn acquire(&mut self, ctx: &mut LlamaContext<'_>, npc: NpcId) -> Option<usize> {
+        self.acquire_with(ctx, npc, true)
+    }
+
+    /// [`acquire`](Self::acquire) without evicting anyone: `npc`'s own slot or a free one.
+    /// For background work (a prewarm), which must not push a conversation out of its slot.
+    pub(crate) fn acquire_unused(
+        &mut self,
+        ctx: &mut LlamaContext<'_>,
+        npc: NpcId,
+    ) -> Option<usize> {
+        self.acquire_with(ctx, npc, false)
+    }
+
+    fn acquire_with(
+        &mut self,
+        ctx: &mut LlamaContext<'_>,
+        npc: NpcId,
+        evict: bool,
+    ) -> Option<usize> {
         let index = self
             .slots
             .iter()
@@ -248,7 +267,7 @@ impl KvCacheManager {
                 self.slots
                     .iter()
                     .enumerate()
-                    .filter(|(_, slot)| !slot.busy)
+                    .filter(|(_, slot)| evict && !slot.busy)
                     .min_by_key(|(_, slot)| slot.last_used)
                     .map(|(index, _)| index)
             })?;
@@ -280,11 +299,24 @@ impl KvCacheManager {
         index: usize,
         prompt: &[LlamaToken],
     ) -> PrefixReuse {
+        self.reuse_prefix_leaving(ctx, index, prompt, 1)
+    }
+
+    /// [`reuse_prefix`](Self::reuse_prefix) that leaves at least `uncomputed` tokens of
+    /// `prompt` to compute: 1 for a reply (its last token's logits start it), 0 for a prewarm,
+    /// which only fills the cache.
+    pub(crate) fn reuse_prefix_leaving(
+        &mut self,
+        ctx: &mut LlamaContext<'_>,
+        index: usize,
+        prompt: &[LlamaToken],
+        uncomputed: usize,
+    ) -> PrefixReuse {
         if !self.reuse {
             self.clear_tokens(ctx, index);
             return PrefixReuse::default();
         }
-        let usable = prompt.len().saturating_sub(1);
+        let usable = prompt.len().saturating_sub(uncomputed);
         let common_with = |tokens: &[LlamaToken]| {
             tokens
                 .iter()

@@ -10,6 +10,7 @@ pub mod cost;
 pub mod escalation;
 mod knowledge;
 mod kv_cache;
+mod logits;
 mod lore;
 mod memory;
 mod persist;
@@ -26,8 +27,13 @@ use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender};
 
+/// The model catalog: every model the project can fetch (`cargo xtask setup --model ID`),
+/// with its source, hashes, size, licence and chat-template expectations. See the
+/// `npc_catalog` crate.
+pub use npc_catalog as catalog;
+
 pub use actions::{ActionCall, ActionSpec, ActionValue, ParamKind, ParamSpec};
-pub use config::{KvPrecision, RuntimeConfig};
+pub use config::{CPU_UBATCH, KvPrecision, ModelSource, RuntimeConfig, default_assets_dir};
 pub use cost::{CostMeter, CostTotals, PriceTable};
 pub use escalation::{
     CloudConfig, CloudRole, EscalationConfig, PersonaEscalation, ReplyConfidence,
@@ -39,7 +45,7 @@ pub use persona::{Persona, PersonaError, VoiceSettings};
 pub use prompt::Turn;
 pub use protocol::{
     CloudUsage, DebugHook, Event, FinishReason, ModelError, ModelInfo, NpcError, NpcId, Priority,
-    ReplySource, ReplyStats, Request, RequestId, SayOptions,
+    ReplySource, ReplyStats, ReplyTiming, Request, RequestId, SayOptions,
 };
 pub use sampling::{SamplingOverrides, SamplingParams};
 
@@ -47,9 +53,6 @@ pub use sampling::{SamplingOverrides, SamplingParams};
 /// sentence streaming, and the Whisper model converter. See the `npc_voice` crate.
 #[cfg(feature = "voice")]
 pub use npc_voice as voice;
-
-/// Where the setup command puts the embedded default model, relative to the project root.
-pub const DEFAULT_MODEL_PATH: &str = "assets/models/SmolLM2-135M-Instruct.Q4_1.gguf";
 
 /// The GPU backend compiled in (`cuda`, `vulkan` or `metal` feature), if any.
 pub const GPU_BACKEND: Option<&str> = if cfg!(feature = "cuda") {

@@ -292,6 +292,19 @@ pub enum Event {
         /// of its instructions, a loop), and the summary keeps its extractive facts alone.
         text: Option<String>,
     },
+    /// An NPC's prompt prefix (its system prompt and earlier turns) is in its KV cache, computed
+    /// in the background after its persona was set ([`RuntimeConfig::prewarm`](crate::RuntimeConfig::prewarm)),
+    /// so the player's next line costs only its own tokens. Not sent when the player spoke
+    /// first (the reply computes the prefix itself) or when no KV slot was free.
+    Prewarmed {
+        /// The NPC.
+        npc: NpcId,
+        /// Tokens of the prefix now cached.
+        prefix_tokens: usize,
+        /// Of those, the tokens this prewarm computed (the rest were cached already, or
+        /// copied from another NPC's shared preamble).
+        computed_tokens: usize,
+    },
     /// A memory could not be stored (or an NPC inspected).
     RememberFailed {
         /// The NPC.
@@ -311,6 +324,8 @@ pub enum Event {
 pub struct ModelInfo {
     /// The file loaded.
     pub path: PathBuf,
+    /// The catalog model this file is (by file name), if it is one.
+    pub catalog_id: Option<&'static str>,
     /// Model parameters.
     pub n_params: u64,
     /// Context tokens available to each NPC conversation.
@@ -330,9 +345,13 @@ pub struct ModelInfo {
 /// Why a model could not be loaded.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
 pub enum ModelError {
-    /// No file at the path.
-    #[error("model file not found: {0}")]
+    /// No file at the path (the message says how to get it for a catalog model).
+    #[error("model file not found: {}{}", .0.display(), not_found_hint(.0))]
     NotFound(PathBuf),
+    /// [`RuntimeConfig::with_catalog_model`](crate::RuntimeConfig::with_catalog_model) named
+    /// an id the catalog does not have.
+    #[error("no model {id:?} in the catalog; it has {known}", id = .0, known = catalog_ids())]
+    UnknownCatalogModel(String),
     /// The file exists but does not start with the GGUF magic bytes.
     #[error("{0} is not a GGUF model file")]
     NotGguf(PathBuf),
@@ -350,6 +369,28 @@ pub enum ModelError {
     /// The configuration makes no sense.
     #[error("invalid runtime configuration: {0}")]
     Config(String),
+}
+
+/// What to do about a missing model file: fetch it (a catalog model) or ship it.
+fn not_found_hint(path: &std::path::Path) -> String {
+    let catalog = path
+        .file_name()
+        .and_then(|name| crate::catalog::by_file_name(&name.to_string_lossy()));
+    match catalog {
+        Some(model) => format!(
+            " (catalog model {}: `cargo xtask setup --model {}` fetches it in this project; a \
+             shipped game puts it at {} in its asset folder, beside the executable)",
+            model.id,
+            model.id,
+            model.asset_path()
+        ),
+        None => String::new(),
+    }
+}
+
+fn catalog_ids() -> String {
+    let ids: Vec<&str> = crate::catalog::MODELS.iter().map(|m| m.id).collect();
+    ids.join(", ")
 }
 
 /// Why a request failed. None of these stop the runtime.
@@ -437,6 +478,39 @@ pub struct ReplyStats {
     /// For [`ReplySource::Informed`]: what the cloud spent supplying the fact the local
     /// model voiced (the other counts are the local model's). `None` otherwise.
     pub cloud_fact: Option<CloudUsage>,
+    /// Where the worker's time for this reply went (zero for cloud and fallback replies).
+    pub timing: ReplyTiming,
+}
+
+/// Where a local reply's time on the worker went, summed over the steps it took part in.
+///
+/// `decode` is llama.cpp's; everything else is the runtime's own work on the worker thread
+/// (its host work), which a benchmark compares against a bare llama.cpp loop.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReplyTiming {
+    /// Building the prompt: retrieval, memories, rendering the chat template, tokenizing,
+    /// aligning with the KV cache, setting up the sampler.
+    pub prompt: Duration,
+    /// Inside llama.cpp's `decode` calls that carried this reply's prompt tokens. A call that
+    /// carried several NPCs counts in full for each of them.
+    pub prefill: Duration,
+    /// Inside llama.cpp's `decode` calls that carried this reply's generated tokens (as for
+    /// `prefill`, a shared call counts in full).
+    pub decode: Duration,
+    /// Picking each token: the sampler chain over the logits, and the action grammar.
+    pub sampling: Duration,
+    /// Scoring each token's probability and entropy (the escalation's confidence signal).
+    pub confidence: Duration,
+    /// Turning tokens into text: detokenizing, the stop-string filter, sending deltas.
+    pub text: Duration,
+}
+
+impl ReplyTiming {
+    /// The runtime's own work: everything but `prefill` and `decode`.
+    #[must_use]
+    pub fn host(&self) -> Duration {
+        self.prompt + self.sampling + self.confidence + self.text
+    }
 }
 
 /// Tokens one cloud call spent, as the server counted them (or estimated when it reports no

@@ -136,11 +136,37 @@ impl SamplingParams {
         Ok(())
     }
 
+    /// How many of the best tokens [`SamplingParams::sampler`]'s chain needs to see to pick
+    /// exactly as it would from the whole vocabulary; `None` when it needs them all (top-p or
+    /// min-p without top-k normalise over every token).
+    ///
+    /// The repeat penalty only lowers the logits of the tokens in its window (at most
+    /// `repeat_last_n` of them), so the best `k` after it are among the best
+    /// `k + repeat_last_n` before it.
+    pub(crate) fn candidates_needed(&self) -> Option<usize> {
+        let penalized = if self.has_repeat_penalty() {
+            usize::try_from(self.repeat_last_n).unwrap_or(0)
+        } else {
+            0
+        };
+        if self.temperature <= 0.0 {
+            Some(1 + penalized)
+        } else if self.top_k > 0 {
+            Some(usize::try_from(self.top_k).unwrap_or(usize::MAX).saturating_add(penalized))
+        } else {
+            None
+        }
+    }
+
+    fn has_repeat_penalty(&self) -> bool {
+        (self.repeat_penalty - 1.0).abs() > f32::EPSILON && self.repeat_last_n > 0
+    }
+
     /// The llama.cpp sampler chain for these settings. `fallback_seed` is used when
     /// [`SamplingParams::seed`] is `None`.
     pub(crate) fn sampler(&self, n_vocab: i32, fallback_seed: u32) -> LlamaSampler {
         let mut chain = Vec::with_capacity(5);
-        if (self.repeat_penalty - 1.0).abs() > f32::EPSILON && self.repeat_last_n > 0 {
+        if self.has_repeat_penalty() {
             chain.push(LlamaSampler::penalties(
                 n_vocab,
                 self.repeat_last_n,

@@ -444,12 +444,12 @@ mod tests {
         );
     }
 
-    /// The default model, run through a summary job as the worker runs it.
+    /// The test model, run through a summary job as the worker runs it.
     #[test]
-    fn the_default_model_writes_a_summary_that_passes_validation() {
+    fn the_test_model_writes_a_summary_that_passes_validation() {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("..")
-            .join(crate::DEFAULT_MODEL_PATH);
+            .join("../assets")
+            .join(crate::catalog::TEST_MODEL.asset_path());
         let model = LlamaModel::load_from_file(
             crate::worker::backend(),
             &path,

@@ -43,6 +43,10 @@ const FLASH_ATTENTION_DISABLED: i32 = 0;
 /// How long an idle worker waits on its inbox before looking for a fact the cloud supplied.
 const CLOUD_POLL: Duration = Duration::from_millis(5);
 
+/// Most prompt tokens one prewarm step computes: a player line that arrives meanwhile waits at
+/// most this long (about 0.3 s with the default model on 2 cores).
+const PREWARM_CHUNK: usize = 32;
+
 /// Importance of a fact the cloud supplied, as the NPC remembers it (mid-scale: recalled
 /// when a line shares its words, not always).
 const LEARNED_FACT_IMPORTANCE: u8 = 5;
@@ -76,11 +80,19 @@ fn serve(config: &RuntimeConfig, inbox: &Receiver<Request>, events: &Sender<Even
             llama_cpp_2::LogOptions::default().with_logs_enabled(false),
         );
     }
-    let loaded = load_model(config);
-    let model = match loaded {
-        Ok(model) => model,
+    let loaded = config
+        .model_file()
+        .and_then(|path| Ok((load_model(config, &path)?, path)));
+    let (model, model_path) = match loaded {
+        Ok(loaded) => loaded,
         Err(error) => return serve_without_model(&error, inbox, events),
     };
+    let catalog = model_path
+        .file_name()
+        .and_then(|name| crate::catalog::by_file_name(&name.to_string_lossy()));
+    if let Some(entry) = catalog {
+        check_catalog_expectations(&model, entry);
+    }
     let threads = config.effective_threads();
     let threads_i32 = i32::try_from(threads).unwrap_or(i32::MAX);
     let params = LlamaContextParams::default()
@@ -88,7 +100,7 @@ fn serve(config: &RuntimeConfig, inbox: &Receiver<Request>, events: &Sender<Even
         .with_n_seq_max(config.slots)
         .with_kv_unified(false)
         .with_n_batch(config.batch_size)
-        .with_n_ubatch(config.batch_size.min(512))
+        .with_n_ubatch(config.effective_ubatch_size())
         .with_n_threads(threads_i32)
         .with_n_threads_batch(threads_i32);
     let params = match config.kv_precision {
@@ -120,7 +132,8 @@ fn serve(config: &RuntimeConfig, inbox: &Receiver<Request>, events: &Sender<Even
     let prompts = PromptBuilder::new(&model);
     let context_per_npc = (ctx.n_ctx() / config.slots) as usize;
     let info = ModelInfo {
-        path: config.model_path.clone(),
+        path: model_path.clone(),
+        catalog_id: catalog.map(|entry| entry.id),
         n_params: model.n_params(),
         context_per_npc: u32::try_from(context_per_npc).unwrap_or(u32::MAX),
         slots: config.slots,
@@ -132,7 +145,7 @@ fn serve(config: &RuntimeConfig, inbox: &Receiver<Request>, events: &Sender<Even
     let identity = StateIdentity {
         format: persist::FORMAT_VERSION,
         // The file was readable a moment ago; if that changed, saved KV just never matches.
-        model: persist::model_fingerprint(&config.model_path).unwrap_or_default(),
+        model: persist::model_fingerprint(&model_path).unwrap_or_default(),
         template: persist::text_hash(&prompts.template_text),
         context_per_npc: info.context_per_npc,
         kv_precision: config.kv_precision.name().to_owned(),
@@ -163,6 +176,7 @@ fn serve(config: &RuntimeConfig, inbox: &Receiver<Request>, events: &Sender<Even
         active: Vec::new(),
         escalator: Escalator::new(&config.escalation),
         summarizer: Summarizer::new(threads),
+        prewarm: VecDeque::new(),
     };
     engine.run(inbox);
 }
@@ -179,15 +193,38 @@ fn warm_up(model: &LlamaModel, ctx: &mut LlamaContext<'_>) {
 
 /// Checks the file before llama.cpp sees it (llama.cpp may abort on some bad input), then
 /// loads it.
-fn load_model(config: &RuntimeConfig) -> Result<LlamaModel, ModelError> {
+fn load_model(config: &RuntimeConfig, path: &Path) -> Result<LlamaModel, ModelError> {
     config.validate().map_err(ModelError::Config)?;
-    let path = &config.model_path;
     check_gguf(path)?;
     let params = LlamaModelParams::default().with_n_gpu_layers(config.effective_gpu_layers());
     LlamaModel::load_from_file(backend(), path, &params).map_err(|err| ModelError::LoadFailed {
-        path: path.clone(),
+        path: path.to_path_buf(),
         reason: err.to_string(),
     })
+}
+
+/// A file named like a catalog model should be that model: a vocabulary or end-of-turn token
+/// other than the catalog's means another file under its name (the runtime still uses it,
+/// with the template the file carries).
+fn check_catalog_expectations(model: &LlamaModel, entry: &crate::catalog::CatalogModel) {
+    let expected = &entry.chat_template;
+    let vocab = model.vocab();
+    let end_of_turn = LlamaToken(expected.end_of_turn_id);
+    if model.n_vocab() != expected.vocab_size
+        || !(0..model.n_vocab()).contains(&expected.end_of_turn_id)
+        || !vocab.is_eog(end_of_turn)
+    {
+        tracing::warn!(
+            "{} is named like the catalog's {} but does not match it (vocabulary {} tokens, \
+             expected {}; end of turn {} expected as token {}): is it another file?",
+            entry.file_name,
+            entry.id,
+            model.n_vocab(),
+            expected.vocab_size,
+            expected.end_of_turn,
+            expected.end_of_turn_id
+        );
+    }
 }
 
 fn check_gguf(path: &Path) -> Result<(), ModelError> {
@@ -349,13 +386,26 @@ struct Engine<'m, 'e> {
     escalator: Escalator,
     /// Model-written summaries, run when nothing else is (see `crate::summarizer`).
     summarizer: Summarizer<'m>,
+    /// NPCs whose prompt prefix is to be computed before they are spoken to, oldest first
+    /// (see [`RuntimeConfig::prewarm`]).
+    prewarm: VecDeque<Prewarm>,
+}
+
+/// A prewarm in progress: the NPC and the tokens it has computed so far.
+struct Prewarm {
+    npc: NpcId,
+    computed: usize,
 }
 
 impl Engine<'_, '_> {
     fn run(&mut self, inbox: &Receiver<Request>) {
         loop {
             // Idle: block until there is work. Busy: take what has arrived, then step.
-            if self.active.is_empty() && self.queue.is_empty() && !self.summary_work() {
+            if self.active.is_empty()
+                && self.queue.is_empty()
+                && self.prewarm.is_empty()
+                && !self.summary_work()
+            {
                 // A cloud call in flight may hand over a fact: wait for it in short naps.
                 let next = if self.escalator.awaiting_cloud() {
                     match inbox.recv_timeout(CLOUD_POLL) {
@@ -390,11 +440,97 @@ impl Engine<'_, '_> {
             self.admit_queued();
             if !self.active.is_empty() {
                 self.step();
-            } else if self.queue.is_empty() {
+            } else if self.queue.is_empty() && !self.step_prewarm() {
                 // Lowest priority: only when no reply is waiting or in progress.
                 self.step_summary();
             }
         }
+    }
+
+    /// One chunk of the oldest prewarm ([`RuntimeConfig::prewarm`]): up to
+    /// [`PREWARM_CHUNK`] tokens of the NPC's prompt prefix into its KV sequence. Returns
+    /// `false` when no prewarm was waiting.
+    fn step_prewarm(&mut self) -> bool {
+        while let Some(front) = self.prewarm.front() {
+            let npc = front.npc;
+            match self.prewarm_chunk(npc) {
+                Ok(None) => return true,
+                Ok(Some(prefix_tokens)) => {
+                    let done = self.prewarm.pop_front().expect("front exists");
+                    self.emit(Event::Prewarmed {
+                        npc,
+                        prefix_tokens,
+                        computed_tokens: done.computed,
+                    });
+                }
+                Err(why) => {
+                    self.prewarm.pop_front();
+                    tracing::debug!("NPC {npc:?}: no prewarm ({why})");
+                }
+            }
+        }
+        false
+    }
+
+    /// Computes the next chunk of `npc`'s prefix. `Ok(Some(tokens))` when the whole prefix
+    /// is cached, `Ok(None)` after a chunk, `Err` when the prewarm is dropped.
+    fn prewarm_chunk(&mut self, npc: NpcId) -> Result<Option<usize>, String> {
+        let conversation = self.npcs.get(&npc).ok_or("the NPC is gone")?;
+        let target = conversation
+            .knowledge
+            .stable_prefix(&self.prompts, self.model, &conversation.system, &conversation.turns)
+            .map_err(|err| err.to_string())?;
+        let room = self
+            .context_per_npc
+            .saturating_sub(conversation.sampling.max_tokens as usize);
+        if target.is_empty() || target.len() >= room {
+            return Err(format!("a prefix of {} tokens leaves no room", target.len()));
+        }
+        let slot = self
+            .kv
+            .acquire_unused(&mut self.ctx, npc)
+            .ok_or("no free KV slot")?;
+        let held = self.kv.tokens(slot);
+        let common = held.iter().zip(&target).take_while(|(a, b)| a == b).count();
+        let cached = if common == target.len() {
+            // Already there (this NPC's cache may hold more: never cut it back).
+            common
+        } else {
+            self.kv
+                .reuse_prefix_leaving(&mut self.ctx, slot, &target, 0)
+                .cached
+        };
+        if cached >= target.len() {
+            self.kv.release(slot);
+            return Ok(Some(target.len()));
+        }
+        let end = target.len().min(cached + PREWARM_CHUNK);
+        self.batch.clear();
+        for (at, &token) in target.iter().enumerate().take(end).skip(cached) {
+            if self.batch.add(token, pos(at), &[seq_id(slot)], false).is_err() {
+                self.kv.release(slot);
+                return Err("the batch is smaller than a prewarm chunk".into());
+            }
+        }
+        let decoded = self.ctx.decode(&mut self.batch);
+        self.kv.decoded();
+        if let Err(err) = decoded {
+            self.kv.clear(&mut self.ctx, slot);
+            return Err(format!("decode failed: {err}"));
+        }
+        for &token in &target[cached..end] {
+            self.kv.push(slot, token);
+        }
+        self.kv.release(slot);
+        if let Some(prewarm) = self.prewarm.front_mut() {
+            prewarm.computed += end - cached;
+        }
+        Ok(None)
+    }
+
+    /// Drops `npc`'s prewarm, if it has one waiting (it is about to speak or be replaced).
+    fn drop_prewarm(&mut self, npc: NpcId) {
+        self.prewarm.retain(|prewarm| prewarm.npc != npc);
     }
 
     /// Whether a summary job is running or due.
@@ -478,6 +614,7 @@ impl Engine<'_, '_> {
                 }
             }
             Request::Forget { npc } => {
+                self.drop_prewarm(npc);
                 self.cancel(npc);
                 self.summarizer.cancel(npc);
                 self.npcs.remove(&npc);
@@ -583,6 +720,10 @@ impl Engine<'_, '_> {
                     },
                 );
                 self.emit(Event::PersonaAccepted { npc, prefix_tokens });
+                if self.config.prewarm && self.config.kv_reuse {
+                    self.drop_prewarm(npc);
+                    self.prewarm.push_back(Prewarm { npc, computed: 0 });
+                }
             }
             Err(error) => self.emit(Event::PersonaRejected { npc, error }),
         }
@@ -636,6 +777,8 @@ impl Engine<'_, '_> {
             return fail(self, NpcError::Busy.to_string());
         }
         self.absorb_cloud_turns();
+        // The loaded state is what the NPC continues from.
+        self.drop_prewarm(npc);
         // A summary job for the old conversation is moot; the loaded one gets its own.
         self.summarizer.cancel(npc);
         let loaded = match persist::load(path, &self.identity) {
@@ -735,6 +878,8 @@ impl Engine<'_, '_> {
             return fail(self, NpcError::Busy);
         }
         self.absorb_cloud_turns();
+        // The reply computes the prefix itself.
+        self.drop_prewarm(npc);
         // The routing documents cost a lore search: only for NPCs whose lines are routed.
         if let Some(c) = self.npcs.get(&npc)
             && self.escalator.routes(&c.profile)
@@ -909,6 +1054,7 @@ impl Engine<'_, '_> {
         let Some(conversation) = self.npcs.get_mut(&npc) else {
             return Err((request, NpcError::UnknownNpc(npc)));
         };
+        let prompt_started = Instant::now();
         let line = conversation.actions.take_notes_into(line);
         let sampling = conversation.sampling.clone();
         let assembled = conversation
@@ -971,6 +1117,7 @@ impl Engine<'_, '_> {
                 self.model,
                 conversation.actions.grammar.as_deref(),
                 sampling.sampler(self.model.n_vocab(), seed),
+                sampling.candidates_needed(),
             ),
             filter,
             max_tokens: sampling.max_tokens,
@@ -994,6 +1141,10 @@ impl Engine<'_, '_> {
                 dropped_lore: assembled.dropped_lore,
                 memories: assembled.memories,
                 dropped_memories: assembled.dropped_memories,
+                timing: crate::protocol::ReplyTiming {
+                    prompt: prompt_started.elapsed(),
+                    ..Default::default()
+                },
             },
             confidence: TokenConfidence::default(),
             // A line the cloud was asked about is not sent to the cloud again, and a reply
@@ -1103,7 +1254,9 @@ impl Engine<'_, '_> {
         if used == 0 {
             return;
         }
+        let decode_started = Instant::now();
         let decoded = self.ctx.decode(&mut self.batch);
+        let decode_time = decode_started.elapsed();
         // Pending sequence copies ran at the start of the decode, whatever its outcome.
         self.kv.decoded();
         if let Err(err) = decoded {
@@ -1112,6 +1265,11 @@ impl Engine<'_, '_> {
         // The batch is in the KV cache now: record what each sequence holds.
         let mut finished = Vec::new();
         for (at, job) in self.active.iter_mut().enumerate() {
+            if job.token_in_batch {
+                job.stats.timing.decode += decode_time;
+            } else if job.in_batch > 0 {
+                job.stats.timing.prefill += decode_time;
+            }
             if std::mem::take(&mut job.token_in_batch) {
                 if let Some(token) = job.next_token.take() {
                     self.kv.push(job.slot, token);
@@ -1126,7 +1284,11 @@ impl Engine<'_, '_> {
                 job.n_past += added;
             }
             let Some(index) = job.logits_at else { continue };
-            let Some(token) = job.sampler.sample(&self.ctx, index) else {
+            let sampling_started = Instant::now();
+            let sampled = job.sampler.sample(&self.ctx, index);
+            let scoring_started = Instant::now();
+            job.stats.timing.sampling += scoring_started - sampling_started;
+            let Some(token) = sampled else {
                 // The action grammar allows no token at all: the reply ends here.
                 finished.push((at, FinishReason::EndOfTurn));
                 continue;
@@ -1134,6 +1296,7 @@ impl Engine<'_, '_> {
             job.confidence
                 .observe(self.ctx.get_logits_ith(index), token.0);
             let now = Instant::now();
+            job.stats.timing.confidence += now - scoring_started;
             if job.first_token_at.is_none() {
                 job.stats.time_to_first_token = now - job.received;
             }
@@ -1153,6 +1316,7 @@ impl Engine<'_, '_> {
                     text,
                 });
             }
+            job.stats.timing.text += now.elapsed();
             if stopped {
                 finished.push((at, FinishReason::StopString));
             } else if job.stats.generated_tokens >= job.max_tokens as usize {

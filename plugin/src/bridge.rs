@@ -294,7 +294,10 @@ fn receive_runtime_events(
                 }
             }
             // Memories a game adds through the runtime: nothing to show in the world.
-            Event::Remembered { .. } | Event::Mind { .. } | Event::SummaryWritten { .. } => {}
+            Event::Remembered { .. }
+            | Event::Mind { .. }
+            | Event::SummaryWritten { .. }
+            | Event::Prewarmed { .. } => {}
             Event::RememberFailed { npc, error } => {
                 warn!("NPC {npc:?} could not store a memory: {error}");
             }

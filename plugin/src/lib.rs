@@ -62,22 +62,55 @@ pub enum NpcAiSystems {
 ///     .add_plugins(NpcAiPlugin::default().with_threads(2).with_context_size(2048))
 ///     .run();
 /// ```
+///
+/// Files are found the way Bevy finds assets: the model (a catalog model's
+/// `models/<file name>`, or a relative path given to [`NpcAiPlugin::with_model`]) and persona
+/// lore files are looked for in the `AssetPlugin`'s folder (`assets/` under
+/// `$BEVY_ASSET_ROOT`, `$CARGO_MANIFEST_DIR` under `cargo run`, or beside the executable), so
+/// a game started from any working directory finds them. Add the `AssetPlugin` (or
+/// `DefaultPlugins`) before this plugin; [`NpcAiPlugin::with_assets_dir`] overrides the folder.
 #[derive(Clone, Debug, Default)]
 pub struct NpcAiPlugin {
     config: RuntimeConfig,
+    /// The asset folder was set explicitly (not taken from the `AssetPlugin`).
+    assets_dir_set: bool,
 }
 
 impl NpcAiPlugin {
-    /// A plugin running the given runtime configuration.
+    /// A plugin running the given runtime configuration. Its `assets_dir` is kept if it is not
+    /// the default; otherwise the `AssetPlugin`'s folder is used.
     #[must_use]
     pub fn from_config(config: RuntimeConfig) -> Self {
-        Self { config }
+        let assets_dir_set = config.assets_dir != npc_native::default_assets_dir();
+        Self {
+            config,
+            assets_dir_set,
+        }
     }
 
-    /// Sets the GGUF model file (default: the embedded SmolLM2-135M, see the README).
+    /// Sets the GGUF model file. A relative path is relative to the asset folder, like any
+    /// asset path (`"models/my-model.gguf"`); an absolute one is used as it is. Default: the
+    /// catalog's default model (see [`npc_native::catalog::DEFAULT_MODEL`]).
     #[must_use]
     pub fn with_model(mut self, path: impl Into<PathBuf>) -> Self {
         self.config = self.config.with_model(path);
+        self
+    }
+
+    /// Sets the model to a catalog model by id (`"qwen2.5-coder-0.5b"`; the ids are in
+    /// [`npc_native::catalog::MODELS`]). Its file is `models/<file name>` in the asset folder,
+    /// where `cargo xtask setup --model ID` puts it. An unknown id arrives as [`ModelFailed`].
+    #[must_use]
+    pub fn with_catalog_model(mut self, id: impl Into<String>) -> Self {
+        self.config = self.config.with_catalog_model(id);
+        self
+    }
+
+    /// Sets the folder the model and lore files are found in, instead of the `AssetPlugin`'s.
+    #[must_use]
+    pub fn with_assets_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.config = self.config.with_assets_dir(dir);
+        self.assets_dir_set = true;
         self
     }
 
@@ -161,6 +194,21 @@ impl Plugin for NpcAiPlugin {
             (NpcAiSystems::SendRequests, NpcAiSystems::ReceiveEvents).chain(),
         )
         .add_plugins((dialogue::plugin, persona::plugin, actions::plugin));
-        bridge::plugin(app, Runtime::start(self.config.clone()));
+        let mut config = self.config.clone();
+        if !self.assets_dir_set {
+            config.assets_dir = asset_folder(app);
+        }
+        bridge::plugin(app, Runtime::start(config));
+    }
+}
+
+/// The folder the app's `AssetPlugin` reads: its `file_path` under Bevy's base path (an
+/// absolute `file_path` stands alone). Without an `AssetPlugin` yet, Bevy's default folder.
+fn asset_folder(app: &App) -> PathBuf {
+    match app.get_added_plugins::<AssetPlugin>().first() {
+        Some(assets) => {
+            bevy::asset::io::file::FileAssetReader::get_base_path().join(&assets.file_path)
+        }
+        None => npc_native::default_assets_dir(),
     }
 }

@@ -1,5 +1,6 @@
-//! Helpers shared by the integration tests. Every test runs the real default model
-//! (fetched by `cargo xtask setup`).
+//! Helpers shared by the integration tests. Every test runs a real model: tests of mechanics
+//! (scheduling, caching, saving, bad input) the catalog's small test model, tests of what NPCs
+//! say the default model (both fetched by `cargo xtask test`).
 #![allow(dead_code)]
 
 use std::path::PathBuf;
@@ -10,15 +11,29 @@ pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// The default model, or a clear panic telling how to fetch it.
-pub fn model_path() -> PathBuf {
-    let path = root().join(npc_native::DEFAULT_MODEL_PATH);
+/// The file of a catalog model in `assets/models/`, or a clear panic telling how to fetch it.
+pub fn catalog_model_path(model: &npc_native::catalog::CatalogModel) -> PathBuf {
+    let path = root()
+        .join("assets")
+        .join(model.asset_path());
     assert!(
         path.is_file(),
-        "{} is missing: run `cargo xtask setup` (the README's test command does)",
-        path.display()
+        "{} is missing: run `cargo xtask setup --model {}` (the README's test command does)",
+        path.display(),
+        model.id
     );
     path
+}
+
+/// The model tests of mechanics run: the catalog's test model (SmolLM2-135M), fast enough
+/// that a reply takes a fraction of a second.
+pub fn model_path() -> PathBuf {
+    catalog_model_path(&npc_native::catalog::TEST_MODEL)
+}
+
+/// The default model, for tests of what an NPC says.
+pub fn default_model_path() -> PathBuf {
+    catalog_model_path(&npc_native::catalog::DEFAULT_MODEL)
 }
 
 /// A shipped persona file's text.
