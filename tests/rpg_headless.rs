@@ -89,8 +89,9 @@ fn handed_over_with(seed: u32) -> bool {
             file_path: common::root().join("assets").display().to_string(),
             ..default()
         },
+        // What the villagers say: on the default model, as the demo runs it.
         NpcAiPlugin::default()
-            .with_model(common::model_path())
+            .with_model(common::default_model_path())
             .with_context_size(1536)
             .with_sampling(SamplingParams {
                 seed: Some(seed),

@@ -200,10 +200,10 @@ pub(crate) struct StopFilter {
     held: String,
     /// Everything released so far.
     released: String,
-    /// From this marker on, text is kept back from the stream (a game action, see
-    /// `crate::actions`); `None` releases everything.
-    hide_from: Option<&'static str>,
-    /// Text at and after `hide_from`, never released.
+    /// From the first of these markers on, text is kept back from the stream (a game action,
+    /// see `crate::actions`); empty releases everything.
+    hide_from: Vec<String>,
+    /// Text at and after the first marker, never released.
     hidden: String,
 }
 
@@ -214,20 +214,19 @@ impl StopFilter {
             pending_bytes: Vec::new(),
             held: String::new(),
             released: String::new(),
-            hide_from: None,
+            hide_from: Vec::new(),
             hidden: String::new(),
         }
     }
 
-    /// Keeps everything from the first `marker` on out of the stream and the reply text;
+    /// Keeps everything from the first of `markers` on out of the stream and the reply text;
     /// read it with [`StopFilter::hidden`].
-    pub(crate) fn with_hidden_tail(mut self, marker: &'static str) -> Self {
-        self.hide_from = Some(marker);
+    pub(crate) fn with_hidden_tail(mut self, markers: Vec<String>) -> Self {
+        self.hide_from = markers;
         self
     }
 
-    /// The text kept back by [`StopFilter::with_hidden_tail`] (empty if the marker never
-    /// came).
+    /// The text kept back by [`StopFilter::with_hidden_tail`] (empty if no marker came).
     pub(crate) fn hidden(&self) -> &str {
         &self.hidden
     }
@@ -257,9 +256,7 @@ impl StopFilter {
             return (String::new(), false);
         }
         self.held.push_str(text);
-        if let Some(at) = self.hide_from.and_then(|marker| self.held.find(marker)) {
-            self.hidden = self.held.split_off(at);
-        }
+        self.split_hidden();
         if let Some(at) = self
             .stop
             .iter()
@@ -269,11 +266,11 @@ impl StopFilter {
             self.held.truncate(at);
             return (self.release_all(), true);
         }
+        let markers = self.hide_from.iter().filter(|_| self.hidden.is_empty());
         let keep = self
             .stop
             .iter()
-            .map(String::as_str)
-            .chain(self.hide_from.filter(|_| self.hidden.is_empty()))
+            .chain(markers)
             .map(|stop| partial_suffix_len(&self.held, stop))
             .max()
             .unwrap_or(0);
@@ -294,10 +291,20 @@ impl StopFilter {
                 self.hidden.push_str(&text);
             }
         }
-        if let Some(at) = self.hide_from.and_then(|marker| self.held.find(marker)) {
+        self.split_hidden();
+        self.release_all()
+    }
+
+    /// Moves the held text from the first hide marker on into `hidden`.
+    fn split_hidden(&mut self) {
+        let first = self
+            .hide_from
+            .iter()
+            .filter_map(|marker| self.held.find(marker.as_str()))
+            .min();
+        if let Some(at) = first {
             self.hidden = self.held.split_off(at);
         }
-        self.release_all()
     }
 
     fn release_all(&mut self) -> String {
@@ -385,7 +392,8 @@ mod tests {
 
     #[test]
     fn hidden_tail_never_streams() {
-        let mut filter = StopFilter::new(vec!["Player:".into()]).with_hidden_tail("\n[ACTION] ");
+        let mut filter =
+            StopFilter::new(vec!["Player:".into()]).with_hidden_tail(vec!["\n[ACTION] ".into()]);
         let mut shown = String::new();
         for piece in [
             "Here",
