@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bevy::prelude::*;
 use bevy_npc_ai::NpcAiStatus;
-use bevy_npc_ai::npc_native::{DebugHook, FinishReason, NpcError, Request};
+use bevy_npc_ai::npc_native::{DebugHook, FinishReason, ModelError, NpcError, Request};
 use bevy_npc_ai::prelude::*;
 
 /// Upper bound on frames a test waits for anything (with a 5 ms pause per frame: ~2 min).
@@ -301,6 +301,55 @@ fn a_missing_model_is_reported_and_the_game_keeps_running() {
             .iter()
             .any(|e| matches!(e, NpcAiError::ModelFailed(_)))
     );
+}
+
+#[test]
+fn a_catalog_model_is_found_in_the_asset_plugins_folder() {
+    let _serial = common::serial();
+    // The AssetPlugin reads the project's assets; the plugin finds the model there by id,
+    // whatever the working directory (cargo runs tests in the crate's folder, not the root).
+    let test_model = bevy_npc_ai::npc_native::catalog::TEST_MODEL;
+    let mut app = app_with(
+        &common::root().join("assets"),
+        NpcAiPlugin::default().with_catalog_model(test_model.id),
+    );
+    update_until(&mut app, "the model", |app| {
+        !matches!(app.world().resource::<NpcAiStatus>(), NpcAiStatus::Loading)
+    });
+    match app.world().resource::<NpcAiStatus>() {
+        NpcAiStatus::Ready(info) => {
+            assert_eq!(info.catalog_id, Some(test_model.id));
+            assert_eq!(
+                info.path,
+                common::root().join("assets").join(test_model.asset_path())
+            );
+        }
+        other => panic!("the catalog model did not load: {other:?}"),
+    }
+    let npc = spawn_npc(&mut app, "personas/guard.persona.ron");
+    say(&mut app, npc, "Good morning.");
+    let reply = wait_for_reply(&mut app, 1);
+    assert!(reply.stats.generated_tokens > 0);
+
+    // An id the catalog does not have is reported, naming the ids it has.
+    let mut app = app_with(
+        &common::root().join("assets"),
+        NpcAiPlugin::default().with_catalog_model("llama-70b"),
+    );
+    update_until(&mut app, "the model failure", |app| {
+        matches!(
+            app.world().resource::<NpcAiStatus>(),
+            NpcAiStatus::Failed(_)
+        )
+    });
+    let NpcAiStatus::Failed(error) = app.world().resource::<NpcAiStatus>() else {
+        unreachable!()
+    };
+    assert!(
+        matches!(error, ModelError::UnknownCatalogModel(id) if id == "llama-70b"),
+        "{error:?}"
+    );
+    assert!(error.to_string().contains(test_model.id), "{error}");
 }
 
 #[test]

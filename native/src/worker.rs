@@ -205,26 +205,38 @@ fn load_model(config: &RuntimeConfig, path: &Path) -> Result<LlamaModel, ModelEr
 
 /// A file named like a catalog model should be that model: a vocabulary or end-of-turn token
 /// other than the catalog's means another file under its name (the runtime still uses it,
-/// with the template the file carries).
+/// with the template the file carries, and warns).
 fn check_catalog_expectations(model: &LlamaModel, entry: &crate::catalog::CatalogModel) {
-    let expected = &entry.chat_template;
-    let vocab = model.vocab();
-    let end_of_turn = LlamaToken(expected.end_of_turn_id);
-    if model.n_vocab() != expected.vocab_size
-        || !(0..model.n_vocab()).contains(&expected.end_of_turn_id)
-        || !vocab.is_eog(end_of_turn)
-    {
+    if let Some(mismatch) = catalog_mismatch(model, entry) {
         tracing::warn!(
-            "{} is named like the catalog's {} but does not match it (vocabulary {} tokens, \
-             expected {}; end of turn {} expected as token {}): is it another file?",
+            "{} is named like the catalog's {} but does not match it ({mismatch}): is it \
+             another file?",
             entry.file_name,
-            entry.id,
-            model.n_vocab(),
-            expected.vocab_size,
-            expected.end_of_turn,
-            expected.end_of_turn_id
+            entry.id
         );
     }
+}
+
+/// How `model` differs from what the catalog says of `entry`, if it does.
+fn catalog_mismatch(model: &LlamaModel, entry: &crate::catalog::CatalogModel) -> Option<String> {
+    let expected = &entry.chat_template;
+    if model.n_vocab() != expected.vocab_size {
+        return Some(format!(
+            "vocabulary of {} tokens, expected {}",
+            model.n_vocab(),
+            expected.vocab_size
+        ));
+    }
+    let end_of_turn = LlamaToken(expected.end_of_turn_id);
+    let vocab = model.vocab();
+    let text = String::from_utf8_lossy(&vocab.token_to_piece(end_of_turn, true, None)).into_owned();
+    if !vocab.is_eog(end_of_turn) || text != expected.end_of_turn {
+        return Some(format!(
+            "token {} is {text:?}, expected the end of turn {}",
+            expected.end_of_turn_id, expected.end_of_turn
+        ));
+    }
+    None
 }
 
 fn check_gguf(path: &Path) -> Result<(), ModelError> {
@@ -1301,12 +1313,14 @@ impl Engine<'_, '_> {
                 job.stats.time_to_first_token = now - job.received;
             }
             let first = *job.first_token_at.get_or_insert(now);
-            job.stats.generation_time = now - first;
             let vocab = self.model.vocab();
             if vocab.is_eog(token) || vocab.is_control(token) {
                 finished.push((at, FinishReason::EndOfTurn));
                 continue;
             }
+            // Up to the last token of the reply: the end-of-turn token is not one, and
+            // neither is the decode before it (tokens per second counts n - 1 intervals).
+            job.stats.generation_time = now - first;
             job.stats.generated_tokens += 1;
             let (text, stopped) = job.filter.push(&vocab.token_to_piece(token, false, None));
             if !text.is_empty() && !job.hold {
@@ -1540,4 +1554,34 @@ fn with_preamble(preamble: &str, persona: &str) -> String {
 
 fn pos(n: usize) -> i32 {
     i32::try_from(n).expect("positions are bounded by the context size")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every catalog model whose file the setup fetched matches its entry (vocabulary size,
+    /// end-of-turn token), and a file under another model's entry does not.
+    #[test]
+    fn the_fetched_catalog_models_match_their_entries() {
+        let assets = Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets");
+        let params = LlamaModelParams::default().with_vocab_only(true);
+        let mut checked = 0;
+        for entry in crate::catalog::MODELS {
+            let path = assets.join(entry.asset_path());
+            if !path.is_file() {
+                continue;
+            }
+            let model = LlamaModel::load_from_file(backend(), &path, &params).unwrap();
+            assert_eq!(catalog_mismatch(&model, entry), None, "{}", entry.id);
+            let other = crate::catalog::MODELS
+                .iter()
+                .find(|other| other.chat_template != entry.chat_template)
+                .unwrap();
+            assert!(catalog_mismatch(&model, other).is_some(), "{} as {}", entry.id, other.id);
+            checked += 1;
+        }
+        // `cargo xtask test` fetches the default and the test model.
+        assert!(checked >= 2, "only {checked} catalog models are in {}", assets.display());
+    }
 }
