@@ -88,7 +88,8 @@ fn main() {
     let runtime = Runtime::start(
         RuntimeConfig::new(&model)
             .with_assets_dir(root().join("assets"))
-            .with_cache_dir(&cache),
+            .with_cache_dir(&cache)
+            .with_prewarm(false),
     );
     let info = match next(&runtime) {
         Event::ModelLoaded(info) => info,
@@ -117,7 +118,8 @@ fn main() {
     let _ = std::fs::remove_dir_all(&cache);
 
     println!(
-        "token-level lore compression: {LORE}, SmolLM2-135M Q4_1, {} threads; load average {load_before} before, {} after\n",
+        "token-level lore compression: {LORE}, {}, {} threads; load average {load_before} before, {} after\n",
+        model::name(),
         info.threads,
         load_average()
     );

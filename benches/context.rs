@@ -162,7 +162,12 @@ fn main() {
     let book = LoreBook::load(&root().join("assets").join(LORE)).expect("lore parses");
 
     // Ours: retrieval, memory, summary, budget, KV cache, default context.
-    let ours_runtime = start(RuntimeConfig::new(&model).with_assets_dir(root().join("assets")));
+    // No prewarm: every prompt token a turn costs is counted in that turn.
+    let ours_runtime = start(
+        RuntimeConfig::new(&model)
+            .with_assets_dir(root().join("assets"))
+            .with_prewarm(false),
+    );
     let plain_prefix = accept(&ours_runtime, NpcId(1), blacksmith());
     let mut persona = blacksmith();
     persona.lore = Some(LORE.into());
@@ -175,7 +180,8 @@ fn main() {
     let full_runtime = start(
         RuntimeConfig::new(&model)
             .with_context_size(12_288)
-            .with_slots(1),
+            .with_slots(1)
+            .with_prewarm(false),
     );
     let mut persona = blacksmith();
     persona
@@ -187,9 +193,10 @@ fn main() {
 
     let lore_tokens = full_prefix - plain_prefix;
     println!(
-        "seed workload: {} lore entries, {lore_tokens} lore tokens; {} turns; SmolLM2-135M Q4_1, greedy, replies ≤ {MAX_TOKENS} tokens\n",
+        "seed workload: {} lore entries, {lore_tokens} lore tokens; {} turns; {}, greedy, replies ≤ {MAX_TOKENS} tokens\n",
         book.entries.len(),
-        workload.turns.len()
+        workload.turns.len(),
+        model::name()
     );
     println!(
         "turn | full: prompt | ours: prompt | ours: cached | ours: computed | lore | memories | summarised turns | ours right | full right"

@@ -191,7 +191,8 @@ fn routing_quality() {
     let runtime = start(
         RuntimeConfig::new(model::path())
             .with_slots(1)
-            .with_threads(1),
+            .with_threads(1)
+            .with_prewarm(false),
     );
     let mut items = Vec::new();
     for (at, q) in set.questions.iter().enumerate() {
@@ -515,8 +516,10 @@ fn session(
     let runtime = start(
         // The machine's cores, as a game would run it: the server computes only while the
         // runtime waits for an escalation, so the two do not compete.
+        // No prewarm: the meter counts every local second of every turn.
         RuntimeConfig::new(model)
             .with_slots(1)
+            .with_prewarm(false)
             .with_escalation(policy),
     );
     let npc = NpcId(1);
