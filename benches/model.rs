@@ -12,7 +12,10 @@ pub fn catalog_model() -> &'static CatalogModel {
     match std::env::var("NPC_BENCH_MODEL") {
         Ok(id) => catalog::find(&id).unwrap_or_else(|| {
             let ids: Vec<&str> = catalog::MODELS.iter().map(|m| m.id).collect();
-            panic!("NPC_BENCH_MODEL={id:?} is not in the catalog ({})", ids.join(", "))
+            panic!(
+                "NPC_BENCH_MODEL={id:?} is not in the catalog ({})",
+                ids.join(", ")
+            )
         }),
         Err(_) => &catalog::DEFAULT_MODEL,
     }

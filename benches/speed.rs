@@ -317,7 +317,8 @@ fn main() {
         other => panic!("model did not load: {other:?}"),
     }
     // The peer processes a prompt as long as the runtime's (which depends on the tokenizer).
-    let peer_prompt = reply(&runtime, fresh(&runtime, persona(1, 0.0, 1)), &long_line).prompt_tokens;
+    let peer_prompt =
+        reply(&runtime, fresh(&runtime, persona(1, 0.0, 1)), &long_line).prompt_tokens;
     let peer_context = 256;
     let (mut prefill, mut sampled) = (Pairs::default(), Pairs::default());
     let mut sampled_breakdown = Breakdown::default();

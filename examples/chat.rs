@@ -45,8 +45,8 @@ struct Args {
 fn parse_args() -> Result<Args, String> {
     let mut persona = None;
     // This example lives in the workspace: models and lore are in the project's assets.
-    let mut config = RuntimeConfig::default()
-        .with_assets_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../assets"));
+    let mut config =
+        RuntimeConfig::default().with_assets_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../assets"));
     let (mut voice, mut voice_out) = (false, None);
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {

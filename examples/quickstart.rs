@@ -19,9 +19,12 @@ fn main() -> AppExit {
         .add_plugins((MinimalPlugins, AssetPlugin::default()))
         .add_plugins(NpcAiPlugin::default())
         .insert_resource(Line(line))
-        .add_systems(Startup, |mut commands: Commands, assets: Res<AssetServer>| {
-            commands.spawn(Npc::new(assets.load("personas/blacksmith.persona.ron")));
-        })
+        .add_systems(
+            Startup,
+            |mut commands: Commands, assets: Res<AssetServer>| {
+                commands.spawn(Npc::new(assets.load("personas/blacksmith.persona.ron")));
+            },
+        )
         .add_systems(Update, talk.before(NpcAiSystems::SendRequests))
         .add_systems(Update, (show, fail).after(NpcAiSystems::ReceiveEvents))
         .add_observer(|reply: On<NpcReplied>, mut exit: MessageWriter<AppExit>| {

@@ -1,4 +1,4 @@
-//! Game actions against the real default model: the grammar built from a persona's
+//! Game actions against a real model (the test model): the grammar built from a persona's
 //! declarations lets a reply carry at most one declared action with in-type parameters,
 //! whatever the player says, and the game's verdict reaches the NPC's next turn.
 

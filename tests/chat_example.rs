@@ -29,7 +29,12 @@ fn the_demo_answers_from_the_persona_and_reuses_its_cache() {
     // The default model must be there (the binary finds it in the project's assets).
     common::default_model_path();
     let mut child = Command::new(chat_binary())
-        .args(["--persona", "assets/personas/blacksmith.persona.ron", "--seed", "7"])
+        .args([
+            "--persona",
+            "assets/personas/blacksmith.persona.ron",
+            "--seed",
+            "7",
+        ])
         .current_dir(common::root())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -50,8 +55,14 @@ fn the_demo_answers_from_the_persona_and_reuses_its_cache() {
         .filter_map(|line| line.strip_prefix("> Brom Ironhand: "))
         .collect();
     assert_eq!(replies.len(), 2, "{stdout}");
-    assert!(replies[0].contains("40"), "the sword costs 40 gold: {replies:?}");
-    assert!(replies[1].contains("Pip"), "the apprentice is Pip: {replies:?}");
+    assert!(
+        replies[0].contains("40"),
+        "the sword costs 40 gold: {replies:?}"
+    );
+    assert!(
+        replies[1].contains("Pip"),
+        "the apprentice is Pip: {replies:?}"
+    );
     // Each reply ends with its statistics; the second turn reuses the first one's tokens.
     let stats: Vec<&str> = stdout
         .lines()
@@ -61,7 +72,10 @@ fn the_demo_answers_from_the_persona_and_reuses_its_cache() {
     let cached = |line: &str| -> (usize, usize) {
         let words: Vec<&str> = line.split_whitespace().collect();
         let at = words.iter().position(|w| *w == "of").unwrap();
-        (words[at - 1].parse().unwrap(), words[at + 1].parse().unwrap())
+        (
+            words[at - 1].parse().unwrap(),
+            words[at + 1].parse().unwrap(),
+        )
     };
     let (reused, prompt) = cached(stats[1]);
     assert!(

@@ -1,5 +1,5 @@
 //! Escalation to a cloud model, against llama.cpp's real `llama-server` on loopback (serving
-//! the default model), and loopback servers that fail the ways a paid API can (down, silent,
+//! the test model), and loopback servers that fail the ways a paid API can (down, silent,
 //! garbage, 429). Feature `cloud`; `cargo xtask test` builds `llama-server` and runs these.
 
 mod common;

@@ -1,5 +1,5 @@
-//! Lore retrieval, budgets, long-term memory and the rolling summary, against the real
-//! default model.
+//! Lore retrieval, budgets, long-term memory and the rolling summary, against a real model
+//! (the test model; the model-written summary tests the default model).
 
 mod common;
 

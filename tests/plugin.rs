@@ -1,4 +1,5 @@
-//! The Bevy plugin, headless (`MinimalPlugins` + `AssetPlugin`), on the real default model.
+//! The Bevy plugin, headless (`MinimalPlugins` + `AssetPlugin`), on a real model (the test
+//! model).
 
 mod common;
 

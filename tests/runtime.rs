@@ -1,4 +1,5 @@
-//! The runtime against the real default model: replies, sampling, cancellation, and bad input.
+//! The runtime against a real model (the test model; the persona-answer test the default
+//! model): replies, sampling, cancellation, prewarm, and bad input.
 
 mod common;
 
@@ -61,6 +62,8 @@ fn next_raw_event(runtime: &Runtime) -> Event {
 
 /// How a request ended, with the streamed text.
 #[derive(Debug)]
+// A test helper, matched once per reply: boxing the stats would buy nothing.
+#[allow(clippy::large_enum_variant)]
 enum Outcome {
     Replied {
         text: String,
@@ -859,7 +862,9 @@ fn a_new_npc_is_prewarmed_and_its_first_line_costs_only_its_own_tokens() {
     // A hot reload (here: the persona's knowledge changes) prewarms the new prefix, keeping
     // the conversation, and the next line again computes only its own tokens.
     let mut edited = greedy("blacksmith");
-    edited.knowledge.push("A pair of iron tongs costs 6 gold.".into());
+    edited
+        .knowledge
+        .push("A pair of iron tongs costs 6 gold.".into());
     runtime.set_persona(brom, edited).unwrap();
     let (prefix_after, computed_after) = prewarmed(&runtime, brom);
     assert!(

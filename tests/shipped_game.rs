@@ -48,7 +48,10 @@ fn ship(dir: &Path, with_model: bool) -> PathBuf {
     let personas = common::root().join("assets/personas");
     for entry in std::fs::read_dir(&personas).unwrap() {
         let path = entry.unwrap().path();
-        place(&path, &game.join("assets/personas").join(path.file_name().unwrap()));
+        place(
+            &path,
+            &game.join("assets/personas").join(path.file_name().unwrap()),
+        );
     }
     if with_model {
         place(

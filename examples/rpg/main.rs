@@ -58,9 +58,11 @@ fn parse_args() -> Result<Args, String> {
             }
             "--seed" => args.seed = value()?.parse().map_err(|e| format!("--seed: {e}"))?,
             "--help" | "-h" => {
-                return Err("usage: rpg [--model ID|FILE.gguf] [--threads N] [--seed N] \
+                return Err(
+                    "usage: rpg [--model ID|FILE.gguf] [--threads N] [--seed N] \
                             [--script SHOT.png [--max-frames N]]"
-                    .into());
+                        .into(),
+                );
             }
             other => return Err(format!("unknown argument {other:?} (try --help)")),
         }

@@ -650,9 +650,9 @@ impl NpcActions {
 ///
 /// The grammar is checked against the token the chain picks, and applied to every candidate
 /// only when it refuses that token, as llama.cpp's own common sampler does. Applied to all
-/// 49,152 candidates before the chain, it had nearly halved the blacksmith's generation speed
-/// (0.55× the same persona without actions on 2 CPU cores, 0.72× after: the speed bench's
-/// `grammar` table). Greedy picks the same token either way (the best token the grammar
+/// 49,152 candidates of SmolLM2 before the chain, it had nearly halved the blacksmith's
+/// generation speed (0.55× the same persona without actions on 2 CPU cores, 0.72× after: the
+/// speed bench's `grammar` table). Greedy picks the same token either way (the best token the grammar
 /// allows); seeded sampling keeps the chain's pick whenever the grammar allows it, so its
 /// draws differ from filtering first. A token the grammar refuses is never accepted into it
 /// (llama.cpp aborts on that).

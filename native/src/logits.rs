@@ -141,7 +141,10 @@ pub(crate) fn top_candidates(logits: &[f32], k: usize, out: &mut Vec<LlamaTokenD
     for (block, chunk) in logits.chunks(LANES).enumerate() {
         // `fold`, not `any`: no early exit, so the comparisons vectorize.
         #[allow(clippy::unnecessary_fold)]
-        if !chunk.iter().fold(false, |seen, &logit| seen | (logit >= bar)) {
+        if !chunk
+            .iter()
+            .fold(false, |seen, &logit| seen | (logit >= bar))
+        {
             continue;
         }
         for (at, &logit) in chunk.iter().enumerate() {
@@ -215,8 +218,16 @@ mod tests {
             let scan = LogitScan::of(&logits).unwrap();
             let (max, log_z, entropy) = exact(&logits);
             assert_eq!(f64::from(scan.max), max);
-            assert!((scan.log_z - log_z).abs() < 1e-4, "{n}: {} vs {log_z}", scan.log_z);
-            assert!((scan.entropy - entropy).abs() < 1e-3, "{n}: {} vs {entropy}", scan.entropy);
+            assert!(
+                (scan.log_z - log_z).abs() < 1e-4,
+                "{n}: {} vs {log_z}",
+                scan.log_z
+            );
+            assert!(
+                (scan.entropy - entropy).abs() < 1e-3,
+                "{n}: {} vs {entropy}",
+                scan.entropy
+            );
         }
         assert_eq!(LogitScan::of(&[f32::NAN, f32::NAN]), None);
         assert_eq!(LogitScan::of(&[]), None);

@@ -152,7 +152,11 @@ impl SamplingParams {
         if self.temperature <= 0.0 {
             Some(1 + penalized)
         } else if self.top_k > 0 {
-            Some(usize::try_from(self.top_k).unwrap_or(usize::MAX).saturating_add(penalized))
+            Some(
+                usize::try_from(self.top_k)
+                    .unwrap_or(usize::MAX)
+                    .saturating_add(penalized),
+            )
         } else {
             None
         }

@@ -2,15 +2,16 @@
 //! to put the folded turns of a conversation into a few short sentences.
 //!
 //! Scheduling: a summary job is the lowest priority work the worker has. It runs only while
-//! no reply of any priority is queued or in progress, one small step at a time (a chunk of
-//! [`CHUNK`] prompt tokens, or one generated token), and the worker reads its inbox between
-//! steps; a player line that arrives mid-summary waits for at most one such step, then has
-//! the model to itself until it is answered. The job resumes afterwards.
+//! no reply of any priority is queued or in progress and no persona waits to be prewarmed,
+//! one small step at a time (a chunk of [`CHUNK`] prompt tokens, or one generated token),
+//! and the worker reads its inbox between steps; a player line that arrives mid-summary
+//! waits for at most one such step, then has the model to itself until it is answered. The
+//! job resumes afterwards.
 //!
 //! Memory: the job decodes in a small context of its own ([`CONTEXT`] tokens, created on
 //! the first summary and kept), so it never takes an NPC's slot, never evicts or disturbs a
-//! cached conversation, and is not counted by the KV cache manager. With the default
-//! 135M model that context holds about 24 MB of keys and values.
+//! cached conversation, and is not counted by the KV cache manager. With the default model
+//! (Qwen2.5-Coder-1.5B) that context holds 28 MiB of keys and values (SmolLM2-135M: 22.5).
 //!
 //! Nothing about a job is saved: what is pending is derived from the summary itself
 //! (`turns` ahead of `written_turns`), so an NPC saved while its job was pending gets the
@@ -455,7 +456,7 @@ mod tests {
             &path,
             &llama_cpp_2::model::params::LlamaModelParams::default(),
         )
-        .expect("the default model (run `cargo xtask setup`)");
+        .expect("the test model (run `cargo xtask setup --model smollm2-135m`)");
         let prompts = PromptBuilder::new(&model);
         let turn = |player: &str, npc: &str| Turn {
             player: player.into(),

@@ -44,7 +44,7 @@ const FLASH_ATTENTION_DISABLED: i32 = 0;
 const CLOUD_POLL: Duration = Duration::from_millis(5);
 
 /// Most prompt tokens one prewarm step computes: a player line that arrives meanwhile waits at
-/// most this long (about 0.3 s with the default model on 2 cores).
+/// most this long (about 0.2 s with the default model on 2 cores).
 const PREWARM_CHUNK: usize = 32;
 
 /// Importance of a fact the cloud supplied, as the NPC remembers it (mid-scale: recalled
@@ -490,13 +490,21 @@ impl Engine<'_, '_> {
         let conversation = self.npcs.get(&npc).ok_or("the NPC is gone")?;
         let target = conversation
             .knowledge
-            .stable_prefix(&self.prompts, self.model, &conversation.system, &conversation.turns)
+            .stable_prefix(
+                &self.prompts,
+                self.model,
+                &conversation.system,
+                &conversation.turns,
+            )
             .map_err(|err| err.to_string())?;
         let room = self
             .context_per_npc
             .saturating_sub(conversation.sampling.max_tokens as usize);
         if target.is_empty() || target.len() >= room {
-            return Err(format!("a prefix of {} tokens leaves no room", target.len()));
+            return Err(format!(
+                "a prefix of {} tokens leaves no room",
+                target.len()
+            ));
         }
         let slot = self
             .kv
@@ -519,7 +527,11 @@ impl Engine<'_, '_> {
         let end = target.len().min(cached + PREWARM_CHUNK);
         self.batch.clear();
         for (at, &token) in target.iter().enumerate().take(end).skip(cached) {
-            if self.batch.add(token, pos(at), &[seq_id(slot)], false).is_err() {
+            if self
+                .batch
+                .add(token, pos(at), &[seq_id(slot)], false)
+                .is_err()
+            {
                 self.kv.release(slot);
                 return Err("the batch is smaller than a prewarm chunk".into());
             }
@@ -1578,10 +1590,19 @@ mod tests {
                 .iter()
                 .find(|other| other.chat_template != entry.chat_template)
                 .unwrap();
-            assert!(catalog_mismatch(&model, other).is_some(), "{} as {}", entry.id, other.id);
+            assert!(
+                catalog_mismatch(&model, other).is_some(),
+                "{} as {}",
+                entry.id,
+                other.id
+            );
             checked += 1;
         }
         // `cargo xtask test` fetches the default and the test model.
-        assert!(checked >= 2, "only {checked} catalog models are in {}", assets.display());
+        assert!(
+            checked >= 2,
+            "only {checked} catalog models are in {}",
+            assets.display()
+        );
     }
 }

@@ -204,7 +204,7 @@ impl Plugin for NpcAiPlugin {
 
 /// The folder the app's `AssetPlugin` reads: its `file_path` under Bevy's base path (an
 /// absolute `file_path` stands alone). Without an `AssetPlugin` yet, Bevy's default folder.
-fn asset_folder(app: &App) -> PathBuf {
+pub(crate) fn asset_folder(app: &App) -> PathBuf {
     match app.get_added_plugins::<AssetPlugin>().first() {
         Some(assets) => {
             bevy::asset::io::file::FileAssetReader::get_base_path().join(&assets.file_path)

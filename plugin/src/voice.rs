@@ -55,7 +55,7 @@ impl Default for NpcVoicePlugin {
     fn default() -> Self {
         Self {
             output: SpeechOutput::Device,
-            whisper_model: PathBuf::from("assets/models/ggml-tiny.en.bin"),
+            whisper_model: PathBuf::from("models/ggml-tiny.en.bin"),
             helper: None,
             push_to_talk: None,
         }
@@ -70,8 +70,9 @@ impl NpcVoicePlugin {
         self
     }
 
-    /// The whisper.cpp model for recognition (default `assets/models/ggml-tiny.en.bin`, made
-    /// by `cargo xtask setup`).
+    /// The whisper.cpp model for recognition (default `models/ggml-tiny.en.bin`, made by
+    /// `cargo xtask setup`). A relative path is relative to the `AssetPlugin`'s folder, where
+    /// [`NpcAiPlugin`](crate::NpcAiPlugin) finds the LLM; an absolute one is used as it is.
     #[must_use]
     pub fn with_whisper_model(mut self, path: impl Into<PathBuf>) -> Self {
         self.whisper_model = path.into();
@@ -198,7 +199,7 @@ impl Plugin for NpcVoicePlugin {
                 }
             }
         }
-        let mut config = VoiceConfig::new(&self.whisper_model);
+        let mut config = VoiceConfig::new(crate::asset_folder(app).join(&self.whisper_model));
         if let Some(helper) = &self.helper {
             config = config.with_helper(helper);
         }

@@ -13,9 +13,7 @@ pub fn root() -> PathBuf {
 
 /// The file of a catalog model in `assets/models/`, or a clear panic telling how to fetch it.
 pub fn catalog_model_path(model: &npc_native::catalog::CatalogModel) -> PathBuf {
-    let path = root()
-        .join("assets")
-        .join(model.asset_path());
+    let path = root().join("assets").join(model.asset_path());
     assert!(
         path.is_file(),
         "{} is missing: run `cargo xtask setup --model {}` (the README's test command does)",

@@ -39,7 +39,7 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// A running `llama-server` serving the default model; killed on drop.
+/// A running `llama-server` serving a model (the tests: the test model); killed on drop.
 pub struct LlamaServer {
     child: Child,
     /// Its port on 127.0.0.1.

@@ -49,8 +49,7 @@ fn main() -> ExitCode {
     let command = args.next().unwrap_or_default();
     let rest: Vec<String> = args.skip_while(|a| a == "--").collect();
     let result = match command.as_str() {
-        "setup" => model_flag(&rest)
-            .and_then(|named| setup(&with_default(named))),
+        "setup" => model_flag(&rest).and_then(|named| setup(&with_default(named))),
         "demo" => catalog_model_in(&rest)
             .and_then(|named| setup(&with_default(named)))
             .and_then(|()| demo(&rest)),

