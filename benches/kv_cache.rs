@@ -118,14 +118,18 @@ fn prewarm() {
         }
     }
     for question in &QUESTIONS[..6] {
-        let stats = reply(&runtime, npc, question);
-        println!(
-            "PREWARM {} {} {:.1}",
-            stats.prompt_tokens,
-            stats.cached_tokens,
-            stats.time_to_first_token.as_secs_f64() * 1e3
-        );
+        print_turn("PREWARM", &reply(&runtime, npc, question));
     }
+}
+
+/// One turn as a child prints it: `TAG prompt_tokens cached_tokens ttft_ms`.
+fn print_turn(tag: &str, stats: &ReplyStats) {
+    println!(
+        "{tag} {} {} {:.1}",
+        stats.prompt_tokens,
+        stats.cached_tokens,
+        stats.time_to_first_token.as_secs_f64() * 1e3
+    );
 }
 
 /// Child: 20 turns; prints `TURN prompt_tokens cached_tokens ttft_ms` per turn.
@@ -134,13 +138,7 @@ fn turns(reuse: bool) {
     let npc = NpcId(1);
     runtime.set_persona(npc, blacksmith(48)).unwrap();
     for question in QUESTIONS {
-        let stats = reply(&runtime, npc, question);
-        println!(
-            "TURN {} {} {:.1}",
-            stats.prompt_tokens,
-            stats.cached_tokens,
-            stats.time_to_first_token.as_secs_f64() * 1e3
-        );
+        print_turn("TURN", &reply(&runtime, npc, question));
     }
 }
 

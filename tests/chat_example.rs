@@ -4,31 +4,14 @@
 mod common;
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-
-/// The example binary cargo built beside this test (`target/<profile>/examples/chat`).
-fn chat_binary() -> PathBuf {
-    let deps = std::env::current_exe().expect("own path");
-    let profile = deps
-        .parent()
-        .and_then(Path::parent)
-        .expect("tests live in target/<profile>/deps");
-    let binary = profile.join("examples/chat");
-    assert!(
-        binary.is_file(),
-        "{} is missing: `cargo test` builds the examples first",
-        binary.display()
-    );
-    binary
-}
 
 #[test]
 fn the_demo_answers_from_the_persona_and_reuses_its_cache() {
     let _serial = common::serial();
     // The default model must be there (the binary finds it in the project's assets).
     common::default_model_path();
-    let mut child = Command::new(chat_binary())
+    let mut child = Command::new(common::example_binary("chat"))
         .args([
             "--persona",
             "assets/personas/blacksmith.persona.ron",

@@ -12,24 +12,7 @@ mod common;
 
 use std::fs::File;
 use std::io::BufReader;
-use std::path::PathBuf;
 use std::process::Command;
-
-/// The example binary cargo built beside this test (`target/<profile>/examples/rpg`).
-fn demo_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    let profile_dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("target layout");
-    let binary = profile_dir.join("examples").join("rpg");
-    assert!(
-        binary.is_file(),
-        "{} is missing: cargo builds examples with the tests; pass --features demo",
-        binary.display()
-    );
-    binary
-}
 
 struct Picture {
     width: usize,
@@ -64,7 +47,7 @@ fn the_scripted_demo_draws_the_village_and_a_speech_bubble_with_text() {
     let shot = dir.join("rpg.png");
     let output = Command::new("xvfb-run")
         .args(["-a", "-s", "-screen 0 1280x720x24"])
-        .arg(demo_binary())
+        .arg(common::example_binary("rpg"))
         .arg("--script")
         .arg(&shot)
         .args(["--threads", "2"])

@@ -15,22 +15,6 @@ use bevy_npc_ai::npc_native::catalog::DEFAULT_MODEL;
 /// Longest a run may take before the test calls it a hang.
 const LIMIT: Duration = Duration::from_secs(300);
 
-/// The example binary cargo built beside this test (`target/<profile>/examples/quickstart`).
-fn quickstart_binary() -> PathBuf {
-    let deps = std::env::current_exe().expect("own path");
-    let profile = deps
-        .parent()
-        .and_then(Path::parent)
-        .expect("tests live in target/<profile>/deps");
-    let binary = profile.join("examples/quickstart");
-    assert!(
-        binary.is_file(),
-        "{} is missing: `cargo test` builds the examples first",
-        binary.display()
-    );
-    binary
-}
-
 /// Hard-links `from` to `to`, or copies it where a link is impossible.
 fn place(from: &Path, to: &Path) {
     std::fs::create_dir_all(to.parent().unwrap()).unwrap();
@@ -44,7 +28,7 @@ fn place(from: &Path, to: &Path) {
 fn ship(dir: &Path, with_model: bool) -> PathBuf {
     let game = dir.join("game");
     let exe = game.join("quickstart");
-    place(&quickstart_binary(), &exe);
+    place(&common::example_binary("quickstart"), &exe);
     let personas = common::root().join("assets/personas");
     for entry in std::fs::read_dir(&personas).unwrap() {
         let path = entry.unwrap().path();

@@ -34,6 +34,22 @@ pub fn default_model_path() -> PathBuf {
     catalog_model_path(&npc_native::catalog::DEFAULT_MODEL)
 }
 
+/// An example binary cargo built beside the running test (`target/<profile>/examples/NAME`).
+pub fn example_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let profile = exe
+        .parent()
+        .and_then(std::path::Path::parent)
+        .expect("tests live in target/<profile>/deps");
+    let binary = profile.join("examples").join(name);
+    assert!(
+        binary.is_file(),
+        "{} is missing: `cargo test` builds the examples first (the RPG needs `--features demo`)",
+        binary.display()
+    );
+    binary
+}
+
 /// A shipped persona file's text.
 pub fn persona_source(name: &str) -> String {
     let path = root().join(format!("assets/personas/{name}.persona.ron"));

