@@ -5,6 +5,7 @@ mod common;
 
 use std::time::Duration;
 
+use npc_native::escalation::EscalationConfig;
 use npc_native::{
     DebugHook, Event, FinishReason, ModelError, NpcError, NpcId, Persona, Priority, ReplyStats,
     Request, RequestId, Runtime, RuntimeConfig, SayOptions,
@@ -22,6 +23,17 @@ fn start(config: RuntimeConfig) -> Runtime {
 
 fn default_runtime() -> Runtime {
     start(RuntimeConfig::new(common::model_path()))
+}
+
+/// `config` generating exactly what the model writes: no secret guard, no don't-know
+/// reminder or grounding check. For the tests of sampling and caching mechanics, whose
+/// assertions are about the model's own tokens (`tests/dialogue.rs` tests those features).
+fn plain(config: RuntimeConfig) -> RuntimeConfig {
+    config.with_guard(false).with_escalation(EscalationConfig {
+        dont_know_reminder: false,
+        grounding_check: false,
+        ..EscalationConfig::default()
+    })
 }
 
 /// A persona with greedy sampling (temperature 0), so replies are reproducible.
@@ -207,7 +219,7 @@ fn stop_strings_end_the_reply_and_never_reach_the_game() {
 #[test]
 fn the_same_seed_gives_the_same_reply() {
     let _serial = common::serial();
-    let runtime = default_runtime();
+    let runtime = start(plain(RuntimeConfig::new(common::model_path())));
     let seeded = |seed| {
         let mut persona = common::persona("healer");
         persona.sampling.temperature = Some(1.0);
@@ -408,7 +420,7 @@ fn a_line_that_overflows_the_context_is_refused() {
     let _serial = common::serial();
     let runtime = start(
         RuntimeConfig::new(common::model_path())
-            .with_context_size(256)
+            .with_context_size(512)
             .with_max_line_chars(100_000),
     );
     let npc = NpcId(1);
@@ -418,10 +430,11 @@ fn a_line_that_overflows_the_context_is_refused() {
     persona.actions.clear();
     accept(&runtime, npc, persona);
     let long = "Tell me about the wolves. ".repeat(100);
-    assert!(matches!(
-        failure(&runtime, npc, &long),
-        NpcError::ContextOverflow { available: 256, .. }
-    ));
+    let error = failure(&runtime, npc, &long);
+    assert!(
+        matches!(error, NpcError::ContextOverflow { available: 512, .. }),
+        "{error:?}"
+    );
     assert!(!reply(&runtime, npc, "Good day.").0.is_empty());
 }
 
@@ -739,7 +752,10 @@ fn deadlines_fail_queued_replies_and_cut_running_ones_short() {
 #[test]
 fn a_long_prompt_does_not_stall_an_npc_mid_sentence() {
     let _serial = common::serial();
-    let runtime = start(RuntimeConfig::new(common::model_path()).with_max_line_chars(20_000));
+    // Plain: the guard releases text a word at a time, and this test counts tokens by deltas.
+    let runtime = start(plain(
+        RuntimeConfig::new(common::model_path()).with_max_line_chars(20_000),
+    ));
     let (talker, listener) = (NpcId(1), NpcId(2));
     let mut persona = greedy("innkeeper");
     persona.sampling.max_tokens = Some(1000);
@@ -789,10 +805,12 @@ fn the_shared_preamble_is_computed_once_and_copied_into_new_npcs() {
     let _serial = common::serial();
     // Without prewarm, so that each NPC's first reply is where the copy happens.
     let config = || {
-        RuntimeConfig::new(common::model_path())
-            .with_slots(2)
-            .with_preamble(preamble())
-            .with_prewarm(false)
+        plain(
+            RuntimeConfig::new(common::model_path())
+                .with_slots(2)
+                .with_preamble(preamble())
+                .with_prewarm(false),
+        )
     };
     let mut guard = greedy("guard");
     guard.sampling.max_tokens = Some(12);
@@ -924,12 +942,12 @@ fn evicted_state_past_the_ram_budget_moves_to_disk_and_comes_back() {
     let _serial = common::serial();
     let dir = common::scratch_dir("disk-eviction");
     // One slot and no RAM budget: every eviction goes straight to a file.
-    let runtime = start(
+    let runtime = start(plain(
         RuntimeConfig::new(common::model_path())
             .with_slots(1)
             .with_evicted_kv_bytes(0)
             .with_eviction_dir(&dir),
-    );
+    ));
     for (npc, name) in [(1, "blacksmith"), (2, "innkeeper"), (3, "guard")] {
         let mut persona = greedy(name);
         persona.sampling.max_tokens = Some(8);
@@ -1096,7 +1114,7 @@ fn a_sampled_reply_stays_cached_even_where_its_text_tokenizes_differently() {
     // not how the tokenizer would spell their text, and the blacksmith's action lines are
     // sampled under a grammar, often a few letters at a time; the next turn must still
     // reuse them.
-    let runtime = default_runtime();
+    let runtime = start(plain(RuntimeConfig::new(common::model_path())));
     for (seed, name) in (1..=12u32).zip(["innkeeper", "blacksmith"].iter().cycle()) {
         let npc = NpcId(u64::from(seed));
         let mut persona = common::persona(name);

@@ -98,6 +98,8 @@ pub struct Bubble {
     pub text: String,
     /// Whether the text is still streaming.
     pub streaming: bool,
+    /// The reply ended this frame: its text is whole, later deltas of it are in it already.
+    pub finished_this_frame: bool,
 }
 
 /// The gate in the wall.
@@ -537,6 +539,11 @@ fn send_chatter(handle: &RuntimeHandle, to: Entity, line: String) -> bool {
 fn stream_into_bubbles(mut deltas: MessageReader<NpcReplyDelta>, mut bubbles: Query<&mut Bubble>) {
     for delta in deltas.read() {
         if let Ok(mut bubble) = bubbles.get_mut(delta.npc) {
+            if bubble.finished_this_frame {
+                // `NpcReplied` (an observer) came first this frame, and its text holds this
+                // delta already: a reply's last words may arrive in the same frame as its end.
+                continue;
+            }
             if !bubble.streaming {
                 // First words of a reply (a chatter line, say): start a fresh bubble.
                 bubble.text.clear();
@@ -544,6 +551,9 @@ fn stream_into_bubbles(mut deltas: MessageReader<NpcReplyDelta>, mut bubbles: Qu
             }
             bubble.text.push_str(&delta.text);
         }
+    }
+    for mut bubble in &mut bubbles {
+        bubble.finished_this_frame = false;
     }
 }
 
@@ -565,6 +575,7 @@ fn reply_done(
     stats.prompt_tokens = reply.stats.prompt_tokens;
     if let Ok(mut bubble) = bubbles.get_mut(reply.entity) {
         bubble.streaming = false;
+        bubble.finished_this_frame = true;
         bubble.text = reply.text.clone();
     }
     // Chatter: the listener answered; now the other one answers it.

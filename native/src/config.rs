@@ -155,8 +155,12 @@ pub struct RuntimeConfig {
     /// Being the same for every NPC, its tokens are computed once and copied into each new
     /// NPC's sequence instead of being computed again.
     pub preamble: String,
-    /// Routing of hard questions to a cloud model; off by default.
+    /// Routing of hard questions to a cloud model (off by default), and the don't-know
+    /// reminder and grounding check for questions the NPC may not know (on).
     pub escalation: crate::escalation::EscalationConfig,
+    /// The secret guard over every reply ([`crate::guard`]): on by default. Off, replies
+    /// stream exactly as the model writes them (for benchmarks and tests of raw generation).
+    pub guard: bool,
     /// The game's asset folder: a catalog model and a relative model path are found in it, and
     /// persona lore files ([`Persona::lore`](crate::Persona::lore)) are relative to it.
     /// Default: [`default_assets_dir`], the folder Bevy's `AssetPlugin` reads by default (the
@@ -182,6 +186,7 @@ impl Default for RuntimeConfig {
             prefill_chunk: 128,
             llama_logs: false,
             prewarm: true,
+            guard: true,
             kv_reuse: true,
             evicted_kv_bytes: 256 << 20,
             evicted_kv_disk_bytes: 4 << 30,
@@ -353,6 +358,13 @@ impl RuntimeConfig {
     #[must_use]
     pub fn with_escalation(mut self, escalation: crate::escalation::EscalationConfig) -> Self {
         self.escalation = escalation;
+        self
+    }
+
+    /// Turns the secret guard on or off (see [`RuntimeConfig::guard`]).
+    #[must_use]
+    pub fn with_guard(mut self, on: bool) -> Self {
+        self.guard = on;
         self
     }
 

@@ -45,6 +45,8 @@ pub(crate) struct Knowledge {
     compressed: Option<Compressed>,
     /// Whether the model writes part of the summary (the persona's `model_summary`).
     model_summary: bool,
+    /// Secrets the game revealed ([`Request::RevealSecret`](crate::Request)): knowledge now.
+    pub(crate) revealed: Vec<String>,
 }
 
 /// A prompt ready to decode, and what was put in or left out to build it.
@@ -79,6 +81,7 @@ impl Knowledge {
             summary: Summary::default(),
             compressed: None,
             model_summary: persona.model_summary.unwrap_or(true),
+            revealed: Vec::new(),
         })
     }
 
@@ -119,6 +122,7 @@ impl Knowledge {
     pub(crate) fn carry_over(&mut self, old: Knowledge) {
         self.memories = old.memories;
         self.summary = old.summary;
+        self.revealed = old.revealed;
     }
 
     /// Makes every memory and summary text safe for a prompt (after loading a save).
@@ -244,6 +248,7 @@ impl Knowledge {
         turns: &[Turn],
         line: &str,
         fact: Option<&str>,
+        hint: Option<&str>,
         context: usize,
         reply_budget: usize,
     ) -> Result<Assembled, NpcError> {
@@ -284,8 +289,12 @@ impl Knowledge {
                 Some(block) => format!("{system}\n\n{block}"),
                 None => system.to_owned(),
             };
-            let mut text =
-                prompts.render(model, &system, verbatim, &user_turn(&lore, &memories, line))?;
+            let mut text = prompts.render(
+                model,
+                &system,
+                verbatim,
+                &user_turn(&lore, &memories, hint, line),
+            )?;
             if let Some(fact) = fact {
                 text.push_str(fact);
             }
@@ -317,15 +326,20 @@ impl Knowledge {
     }
 }
 
-/// The new user turn: the notes for this line, then the line itself. Without notes it is the
-/// line alone.
-pub(crate) fn user_turn(lore: &[String], memories: &[String], line: &str) -> String {
-    if lore.is_empty() && memories.is_empty() {
+/// The new user turn: the notes for this line, a `hint` (the don't-know reminder), then the
+/// line itself. Without notes or hint it is the line alone.
+pub(crate) fn user_turn(
+    lore: &[String],
+    memories: &[String],
+    hint: Option<&str>,
+    line: &str,
+) -> String {
+    if lore.is_empty() && memories.is_empty() && hint.is_none() {
         return line.to_owned();
     }
     let mut text = String::new();
     if !lore.is_empty() {
-        text.push_str("What you know about this:");
+        text.push_str("Notes (what you also know; use them only if they answer the player):");
         for entry in lore {
             text.push_str("\n- ");
             text.push_str(entry);
@@ -338,6 +352,10 @@ pub(crate) fn user_turn(lore: &[String], memories: &[String], line: &str) -> Str
             text.push_str("\n- ");
             text.push_str(memory);
         }
+        text.push_str("\n\n");
+    }
+    if let Some(hint) = hint {
+        text.push_str(hint);
         text.push_str("\n\n");
     }
     text.push_str("The player says: ");

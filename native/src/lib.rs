@@ -8,6 +8,7 @@ mod compress;
 mod config;
 pub mod cost;
 pub mod escalation;
+pub mod guard;
 mod knowledge;
 mod kv_cache;
 mod logits;
@@ -41,7 +42,7 @@ pub use escalation::{
 pub use knowledge::{DEFAULT_RECALL, DEFAULT_RETRIEVE};
 pub use lore::{LoreBook, LoreEntry, LoreHit, LoreIndex, terms as lore_terms};
 pub use memory::Memory;
-pub use persona::{Persona, PersonaError, VoiceSettings};
+pub use persona::{Persona, PersonaError, VoiceSettings, first_person};
 pub use prompt::Turn;
 pub use protocol::{
     CloudUsage, DebugHook, Event, FinishReason, ModelError, ModelInfo, NpcError, NpcId, Priority,
@@ -230,6 +231,19 @@ impl Runtime {
             npc,
             text: text.into(),
             importance,
+        })
+    }
+
+    /// Lets `npc` tell the secret whose text contains `secret` from now on (the story allows
+    /// it): it becomes knowledge for that NPC, kept across persona reloads and saved with its
+    /// state. Answered by [`Event::SecretRevealed`] or [`Event::RevealFailed`].
+    ///
+    /// # Errors
+    /// [`WorkerGone`] if the worker has stopped.
+    pub fn reveal_secret(&self, npc: NpcId, secret: impl Into<String>) -> Result<(), WorkerGone> {
+        self.send(Request::RevealSecret {
+            npc,
+            secret: secret.into(),
         })
     }
 

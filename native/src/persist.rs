@@ -62,6 +62,9 @@ struct SavedConversation {
 pub(crate) struct SavedMind {
     pub(crate) memories: MemoryStore,
     pub(crate) summary: Summary,
+    /// Secrets the game revealed (absent in files written before reveals existed).
+    #[serde(default)]
+    pub(crate) revealed: Vec<String>,
 }
 
 /// What a state file holds once read.

@@ -87,6 +87,16 @@ pub enum Request {
         /// 1 (trivia) to 10 (life-changing); clamped to that range.
         importance: u8,
     },
+    /// Lets the NPC tell one of its secrets from now on (the story allows it): the secret
+    /// whose text contains `secret` (case-insensitive; it must match exactly one) becomes
+    /// knowledge for that NPC, saved with its state. Answered by [`Event::SecretRevealed`] or
+    /// [`Event::RevealFailed`].
+    RevealSecret {
+        /// The NPC.
+        npc: NpcId,
+        /// The secret's text, or a part of it that names one secret.
+        secret: String,
+    },
     /// Asks what the NPC has learned (memories and summary), for debug overlays and tools.
     /// Answered by [`Event::Mind`], or [`Event::RememberFailed`] for an unknown NPC.
     Inspect {
@@ -140,6 +150,9 @@ pub enum DebugHook {
 }
 
 /// What the worker tells the game.
+// `Replied` carries its stats inline: an event crosses the channel once, and boxing them
+// would cost an allocation per reply and a field access the game writes everywhere.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq)]
 pub enum Event {
     /// The model is loaded; requests will be served.
@@ -312,6 +325,20 @@ pub enum Event {
         /// Why.
         error: NpcError,
     },
+    /// A secret became knowledge ([`Request::RevealSecret`]): the NPC may tell it now.
+    SecretRevealed {
+        /// The NPC.
+        npc: NpcId,
+        /// The secret, as its persona wrote it.
+        secret: String,
+    },
+    /// [`Request::RevealSecret`] failed: unknown NPC, or no single secret matched.
+    RevealFailed {
+        /// The NPC.
+        npc: NpcId,
+        /// Why.
+        error: NpcError,
+    },
     /// The worker thread stopped unexpectedly. Nothing more will be served.
     WorkerDied {
         /// What it said as it died.
@@ -427,6 +454,9 @@ pub enum NpcError {
     /// The NPC already has a reply in flight; cancel it or wait.
     #[error("the NPC is already replying")]
     Busy,
+    /// [`Request::RevealSecret`] named no secret of the NPC, or more than one.
+    #[error("{0}")]
+    NoSuchSecret(String),
     /// llama.cpp failed while decoding.
     #[error("inference failed: {0}")]
     Inference(String),
@@ -503,13 +533,19 @@ pub struct ReplyTiming {
     pub confidence: Duration,
     /// Turning tokens into text: detokenizing, the stop-string filter, sending deltas.
     pub text: Duration,
+    /// Deciding where the line goes: the knowledge match against the persona, its retrieved
+    /// lore and what it learned ([`escalation`](crate::escalation)).
+    pub routing: Duration,
+    /// The secret guard: checking the streamed text against the persona's secrets and the
+    /// system prompt ([`guard`](crate::guard)).
+    pub guard: Duration,
 }
 
 impl ReplyTiming {
     /// The runtime's own work: everything but `prefill` and `decode`.
     #[must_use]
     pub fn host(&self) -> Duration {
-        self.prompt + self.sampling + self.confidence + self.text
+        self.prompt + self.sampling + self.confidence + self.text + self.routing + self.guard
     }
 }
 
@@ -567,4 +603,8 @@ pub enum FinishReason {
     ContextFull,
     /// The request's deadline passed; the text so far is the reply.
     Deadline,
+    /// The secret guard stopped the reply: it was giving a secret away or repeating the
+    /// NPC's instructions. The text released before that stays, and the NPC ends with one
+    /// of its deflections ([`Persona::deflections`](crate::Persona::deflections)).
+    Guarded,
 }

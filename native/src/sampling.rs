@@ -296,6 +296,23 @@ impl StopFilter {
             }
         }
         self.split_hidden();
+        if self.hidden.is_empty() {
+            // A reply that ends on the start of a marker ("\n" of "\n[ACTION] ") was about to
+            // write what is never shown: that start stays hidden too.
+            let start = self
+                .hide_from
+                .iter()
+                .filter_map(|marker| {
+                    (1..marker.len())
+                        .rev()
+                        .filter(|&n| marker.is_char_boundary(n))
+                        .find(|&n| self.held.ends_with(&marker[..n]))
+                })
+                .max();
+            if let Some(n) = start {
+                self.hidden = self.held.split_off(self.held.len() - n);
+            }
+        }
         self.release_all()
     }
 

@@ -1,13 +1,13 @@
 //! The worker thread: owns llama.cpp, drains the inbox, decodes every NPC with pending work
 //! in one batch per step, samples, and streams events out.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::File;
 use std::io::Read;
 use std::num::NonZeroU32;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
@@ -23,6 +23,7 @@ use llama_cpp_2::token::LlamaToken;
 use crate::actions::{self, NpcActions};
 use crate::config::{KvPrecision, RuntimeConfig};
 use crate::escalation::{Escalator, NpcProfile, TokenConfidence};
+use crate::guard::{ReplyGuard, SecretGuard};
 use crate::knowledge::Knowledge;
 use crate::kv_cache::{DiskConfig, KvCacheManager, SeqSnapshot, seq_id};
 use crate::persist::{self, StateIdentity};
@@ -280,6 +281,10 @@ fn serve_without_model(error: &ModelError, inbox: &Receiver<Request>, events: &S
                 npc,
                 error: unavailable(),
             },
+            Request::RevealSecret { npc, .. } => Event::RevealFailed {
+                npc,
+                error: unavailable(),
+            },
             Request::Cancel { .. } | Request::Forget { .. } | Request::ActionOutcome { .. } => {
                 continue;
             }
@@ -306,6 +311,18 @@ fn run_debug_hook(hook: DebugHook) {
 
 /// An NPC the worker knows: persona, sampling and conversation.
 struct Conversation {
+    /// The persona as the game set it (before revealed secrets joined its knowledge).
+    persona: Persona,
+    /// What its replies are checked against: secrets not yet revealed, the prompt's framing.
+    guard: Arc<SecretGuard>,
+    /// The deflection said last, so the next one differs.
+    last_deflection: Option<usize>,
+    /// How many don't-know reminders it had: which of its `dont_know` lines is the next
+    /// example.
+    dont_know_hints: usize,
+    /// Every content word of its persona and lore: a line naming something else is about
+    /// what it does not know.
+    vocabulary: HashSet<String>,
     system: String,
     sampling: SamplingParams,
     turns: Vec<Turn>,
@@ -357,11 +374,48 @@ struct Job {
     deadline: Option<Instant>,
     /// Probability and entropy of each sampled token.
     confidence: TokenConfidence,
-    /// Text is held back until the reply's confidence decides whether it stays local.
+    /// Text is held back until the reply is complete: its confidence decides whether it stays
+    /// local (`escalate_held`), or it answers an unfamiliar line (`check_grounding`).
     hold: bool,
+    escalate_held: bool,
+    /// The reply answers a line about something the NPC may not know: if it states what the
+    /// NPC could not know, a don't-know line replaces it.
+    check_grounding: bool,
+    /// The names in the line the NPC never heard of (see `escalation::grounded`).
+    unknown: Vec<String>,
     /// The cloud's fact this reply opens with; the NPC remembers it when the reply is done
     /// (if the cloud supplied it for this reply).
     fact: Option<String>,
+    /// The secret guard over this reply's text.
+    guard: ReplyGuard,
+    secrets: Arc<SecretGuard>,
+    /// What the NPC says instead of the rest of a reply the guard stopped.
+    deflection: Option<String>,
+}
+
+impl Job {
+    /// What the player got: the text the guard released, and the deflection if it stopped
+    /// the reply.
+    fn spoken(&self) -> String {
+        let released = self.guard.released().trim_end();
+        match &self.deflection {
+            Some(deflection) if released.is_empty() => deflection.clone(),
+            Some(deflection) => format!("{released} {deflection}"),
+            None => released.to_owned(),
+        }
+        .trim()
+        .to_owned()
+    }
+
+    /// What the conversation keeps of the reply: as generated (see [`actions::turn_text`]),
+    /// or as spoken when the guard stopped it.
+    fn turn_text(&self) -> String {
+        if self.deflection.is_some() {
+            self.spoken()
+        } else {
+            actions::turn_text(self.filter.text(), self.filter.hidden())
+        }
+    }
 }
 
 /// A reply waiting for a free slot.
@@ -379,6 +433,12 @@ struct Queued {
     fact: Option<String>,
     /// What the cloud spent on it (set even when the fact was unusable).
     cloud_fact: Option<CloudUsage>,
+    /// The don't-know reminder for a line that matches nothing the NPC knows.
+    hint: Option<String>,
+    /// The names in the line the NPC never heard of.
+    unknown: Vec<String>,
+    /// Time spent deciding where the line goes.
+    routing: Duration,
 }
 
 struct Engine<'m, 'e> {
@@ -622,6 +682,7 @@ impl Engine<'_, '_> {
                 importance,
             } => self.remember(npc, &text, importance),
             Request::Inspect { npc } => self.inspect(npc),
+            Request::RevealSecret { npc, secret } => self.reveal_secret(npc, &secret),
             Request::SaveNpc { npc, path } => self.save_npc(npc, path),
             Request::LoadNpc { npc, path } => self.load_npc(npc, &path),
             Request::ActionOutcome {
@@ -674,6 +735,21 @@ impl Engine<'_, '_> {
     }
 
     fn set_persona(&mut self, npc: NpcId, persona: &Persona) {
+        match self.apply_persona(npc, persona) {
+            Ok(prefix_tokens) => self.emit(Event::PersonaAccepted { npc, prefix_tokens }),
+            Err(error) => self.emit(Event::PersonaRejected { npc, error }),
+        }
+    }
+
+    /// Sets (or reloads) `npc`'s persona, keeping its conversation, what it learned and the
+    /// secrets the game revealed; returns the system prompt's token count.
+    fn apply_persona(&mut self, npc: NpcId, base: &Persona) -> Result<usize, NpcError> {
+        let revealed = self
+            .npcs
+            .get(&npc)
+            .map(|c| c.knowledge.revealed.clone())
+            .unwrap_or_default();
+        let persona = &base.with_revealed(&revealed);
         let result = persona
             .validate()
             .map_err(|err| NpcError::InvalidPersona(err.to_string()))
@@ -720,36 +796,87 @@ impl Engine<'_, '_> {
                 }
                 Ok((system, sampling, tokens.len(), grammar, knowledge))
             });
-        match result {
-            Ok((system, sampling, prefix_tokens, grammar, mut knowledge)) => {
-                let profile = NpcProfile::new(persona);
-                let old = self.npcs.remove(&npc);
-                let notes = old.as_ref().map(|c| c.actions.notes.clone());
-                let (turns, old_knowledge) =
-                    old.map(|c| (c.turns, c.knowledge)).unwrap_or_default();
-                knowledge.carry_over(old_knowledge);
-                self.npcs.insert(
-                    npc,
-                    Conversation {
-                        system,
-                        sampling,
-                        turns,
-                        actions: NpcActions {
-                            specs: persona.actions.clone(),
-                            grammar,
-                            notes: notes.unwrap_or_default(),
-                        },
-                        profile,
-                        knowledge,
-                    },
-                );
-                self.emit(Event::PersonaAccepted { npc, prefix_tokens });
-                if self.config.prewarm && self.config.kv_reuse {
-                    self.drop_prewarm(npc);
-                    self.prewarm.push_back(Prewarm { npc, computed: 0 });
+        let (system, sampling, prefix_tokens, grammar, mut knowledge) = result?;
+        let profile = NpcProfile::new(persona);
+        let guard = Arc::new(if self.config.guard {
+            SecretGuard::new(
+                persona,
+                knowledge.lore.entries().iter().map(|e| e.text.as_str()),
+                &system,
+            )
+        } else {
+            SecretGuard::off()
+        });
+        let vocabulary = crate::escalation::vocabulary(
+            profile
+                .documents
+                .iter()
+                .map(String::as_str)
+                .chain([persona.speech_style.as_str()])
+                .chain(knowledge.lore.entries().iter().flat_map(|e| {
+                    [e.title.as_str(), e.text.as_str()]
+                        .into_iter()
+                        .chain(e.keywords.iter().map(String::as_str))
+                })),
+        );
+        let old = self.npcs.remove(&npc);
+        let notes = old.as_ref().map(|c| c.actions.notes.clone());
+        let (last_deflection, dont_know_hints) = old
+            .as_ref()
+            .map_or((None, 0), |c| (c.last_deflection, c.dont_know_hints));
+        let (turns, old_knowledge) = old.map(|c| (c.turns, c.knowledge)).unwrap_or_default();
+        knowledge.carry_over(old_knowledge);
+        self.npcs.insert(
+            npc,
+            Conversation {
+                persona: base.clone(),
+                guard,
+                last_deflection,
+                dont_know_hints,
+                vocabulary,
+                system,
+                sampling,
+                turns,
+                actions: NpcActions {
+                    specs: persona.actions.clone(),
+                    grammar,
+                    notes: notes.unwrap_or_default(),
+                },
+                profile,
+                knowledge,
+            },
+        );
+        if self.config.prewarm && self.config.kv_reuse {
+            self.drop_prewarm(npc);
+            self.prewarm.push_back(Prewarm { npc, computed: 0 });
+        }
+        Ok(prefix_tokens)
+    }
+
+    /// Makes one of `npc`'s secrets knowledge ([`Request::RevealSecret`]).
+    fn reveal_secret(&mut self, npc: NpcId, query: &str) {
+        let fail = |engine: &Self, error| engine.emit(Event::RevealFailed { npc, error });
+        let Some(conversation) = self.npcs.get(&npc) else {
+            return fail(self, NpcError::UnknownNpc(npc));
+        };
+        let base = conversation.persona.clone();
+        let current = base.with_revealed(&conversation.knowledge.revealed);
+        let secret = match current.find_secret(query) {
+            Ok(secret) => secret.to_owned(),
+            Err(message) => return fail(self, NpcError::NoSuchSecret(message)),
+        };
+        if let Some(conversation) = self.npcs.get_mut(&npc) {
+            conversation.knowledge.revealed.push(secret.clone());
+        }
+        match self.apply_persona(npc, &base) {
+            Ok(_) => self.emit(Event::SecretRevealed { npc, secret }),
+            Err(error) => {
+                // The persona was accepted before; only the new prompt can fail to fit.
+                if let Some(conversation) = self.npcs.get_mut(&npc) {
+                    conversation.knowledge.revealed.retain(|r| *r != secret);
                 }
+                fail(self, error);
             }
-            Err(error) => self.emit(Event::PersonaRejected { npc, error }),
         }
     }
 
@@ -770,6 +897,7 @@ impl Engine<'_, '_> {
             &persist::SavedMind {
                 memories: conversation.knowledge.memories.clone(),
                 summary: conversation.knowledge.summary.clone(),
+                revealed: conversation.knowledge.revealed.clone(),
             },
         ) {
             Ok(bytes) => self.emit(Event::NpcSaved {
@@ -846,6 +974,7 @@ impl Engine<'_, '_> {
             tracing::warn!("NPC {npc:?}: {note} in {}", path.display());
         }
         let turns = loaded.turns.len();
+        let mut reveals_changed = None;
         if let Some(conversation) = self.npcs.get_mut(&npc) {
             conversation.turns = loaded.turns;
             let mind = loaded.mind.unwrap_or_default();
@@ -853,6 +982,16 @@ impl Engine<'_, '_> {
             conversation.knowledge.summary = mind.summary;
             // Saved text is the player's file: it enters prompts only sanitized.
             conversation.knowledge.sanitize(&self.prompts);
+            if conversation.knowledge.revealed != mind.revealed {
+                // Only secrets of this persona count (`Persona::with_revealed`).
+                conversation.knowledge.revealed = mind.revealed;
+                reveals_changed = Some(conversation.persona.clone());
+            }
+        }
+        if let Some(persona) = reveals_changed
+            && let Err(error) = self.apply_persona(npc, &persona)
+        {
+            tracing::warn!("NPC {npc:?}: the saved reveals do not fit its persona ({error})");
         }
         self.emit(Event::NpcLoaded {
             npc,
@@ -904,21 +1043,48 @@ impl Engine<'_, '_> {
         self.absorb_cloud_turns();
         // The reply computes the prefix itself.
         self.drop_prewarm(npc);
-        // The routing documents cost a lore search: only for NPCs whose lines are routed.
-        if let Some(c) = self.npcs.get(&npc)
-            && self.escalator.routes(&c.profile)
+        let routing_started = Instant::now();
+        let Some(c) = self.npcs.get_mut(&npc) else {
+            return;
+        };
+        let known = c.knowledge.routing_documents(&line);
+        if self.escalator.routes(&c.profile)
             && self.escalator.divert(
                 npc,
                 request,
                 &line,
                 &c.profile,
                 &c.turns,
-                &c.knowledge.routing_documents(&line),
+                &known,
                 self.events,
             )
         {
             return;
         }
+        // A line about something the NPC does not know gets a reminder to say so.
+        let documents: Vec<&str> = c
+            .profile
+            .documents
+            .iter()
+            .map(String::as_str)
+            .chain(known.iter().copied())
+            .collect();
+        let unknown = crate::escalation::unfamiliar_names(&documents, &c.vocabulary, &line);
+        let hint = unknown.as_ref().map(|_| {
+            let examples = &c.profile.dont_know;
+            let example = if examples.is_empty() {
+                let defaults = crate::escalation::DEFAULT_DONT_KNOW;
+                defaults[c.dont_know_hints % defaults.len()].to_owned()
+            } else {
+                examples[c.dont_know_hints % examples.len()].clone()
+            };
+            c.dont_know_hints += 1;
+            format!(
+                "(What you know may not answer this. If it does not, say that you don't know, \
+                 in your own words (for example: \"{example}\"), and make nothing up.)"
+            )
+        });
+        let routing = routing_started.elapsed();
         // The same question as one the cloud answered before: its fact opens the reply again.
         let learned = self.npcs.get(&npc).and_then(|c| {
             crate::escalation::learned_answer(&c.knowledge.memories.texts(), &line)
@@ -941,6 +1107,9 @@ impl Engine<'_, '_> {
                 received: Instant::now(),
                 fact: learned,
                 cloud_fact: None,
+                hint,
+                unknown: unknown.unwrap_or_default(),
+                routing,
             },
         );
     }
@@ -979,6 +1148,9 @@ impl Engine<'_, '_> {
                 received: informed.asked,
                 fact,
                 cloud_fact: Some(informed.usage),
+                hint: None,
+                unknown: Vec::new(),
+                routing: Duration::ZERO,
             });
         }
     }
@@ -1074,11 +1246,22 @@ impl Engine<'_, '_> {
             received,
             fact,
             cloud_fact,
+            hint,
+            unknown,
+            routing,
         } = queued;
         let Some(conversation) = self.npcs.get_mut(&npc) else {
             return Err((request, NpcError::UnknownNpc(npc)));
         };
         let prompt_started = Instant::now();
+        // A line the cloud was asked about is not sent to the cloud again, and a reply that
+        // opens with a fact has streamed already.
+        let escalate_held =
+            cloud_fact.is_none() && fact.is_none() && self.escalator.holds(&conversation.profile);
+        // `hint` marks a line about something the NPC may not know.
+        let (remind, check) = self.escalator.dont_know_policy();
+        // A reply that opens with a fact the cloud supplied is grounded in it.
+        let check_grounding = check && hint.is_some() && fact.is_none();
         let line = conversation.actions.take_notes_into(line);
         let sampling = conversation.sampling.clone();
         let assembled = conversation
@@ -1090,6 +1273,7 @@ impl Engine<'_, '_> {
                 &conversation.turns,
                 &line,
                 fact.as_deref(),
+                hint.as_deref().filter(|_| remind),
                 self.context_per_npc,
                 sampling.max_tokens as usize,
             )
@@ -1099,8 +1283,10 @@ impl Engine<'_, '_> {
             self.model,
             self.kv.tokens(slot),
             assembled.tokens,
+            // The respelling stays inside the persona's prompt budget too.
             self.context_per_npc
-                .saturating_sub(sampling.max_tokens as usize),
+                .saturating_sub(sampling.max_tokens as usize)
+                .min(conversation.knowledge.budget().unwrap_or(usize::MAX)),
         );
         let reuse = self.kv.reuse_prefix(&mut self.ctx, slot, &prompt);
         let cached = reuse.cached;
@@ -1113,10 +1299,12 @@ impl Engine<'_, '_> {
             StopFilter::new(sampling.stop.clone()),
         );
         let mut opened_at = None;
+        let mut guard = ReplyGuard::default();
         if let Some(fact) = &fact {
             // The reply opens with the fact (the prompt ends with it): the game gets it now,
             // and this is its first token.
             let (opening, _) = filter.push(fact.as_bytes());
+            let opening = guard.push(&conversation.guard, &opening);
             if !opening.is_empty() {
                 opened_at = Some(Instant::now());
                 let _ = self.events.send(Event::Delta {
@@ -1167,16 +1355,19 @@ impl Engine<'_, '_> {
                 dropped_memories: assembled.dropped_memories,
                 timing: crate::protocol::ReplyTiming {
                     prompt: prompt_started.elapsed(),
+                    routing,
                     ..Default::default()
                 },
             },
             confidence: TokenConfidence::default(),
-            // A line the cloud was asked about is not sent to the cloud again, and a reply
-            // that opens with a fact has streamed already.
-            hold: cloud_fact.is_none()
-                && fact.is_none()
-                && self.escalator.holds(&conversation.profile),
+            hold: escalate_held || check_grounding,
+            escalate_held,
+            check_grounding,
+            unknown,
             fact,
+            guard,
+            secrets: conversation.guard.clone(),
+            deflection: None,
             pending: prompt,
             received,
             first_token_at: opened_at,
@@ -1335,6 +1526,9 @@ impl Engine<'_, '_> {
             job.stats.generation_time = now - first;
             job.stats.generated_tokens += 1;
             let (text, stopped) = job.filter.push(&vocab.token_to_piece(token, false, None));
+            let guard_started = Instant::now();
+            let text = job.guard.push(&job.secrets, &text);
+            job.stats.timing.guard += guard_started.elapsed();
             if !text.is_empty() && !job.hold {
                 let _ = self.events.send(Event::Delta {
                     npc: job.npc,
@@ -1343,7 +1537,9 @@ impl Engine<'_, '_> {
                 });
             }
             job.stats.timing.text += now.elapsed();
-            if stopped {
+            if job.guard.breach().is_some() {
+                finished.push((at, FinishReason::Guarded));
+            } else if stopped {
                 finished.push((at, FinishReason::StopString));
             } else if job.stats.generated_tokens >= job.max_tokens as usize {
                 finished.push((at, FinishReason::MaxTokens));
@@ -1398,8 +1594,28 @@ impl Engine<'_, '_> {
         }
     }
 
-    fn finish(&mut self, mut job: Job, reason: FinishReason) {
+    fn finish(&mut self, mut job: Job, mut reason: FinishReason) {
         let tail = job.filter.finish();
+        let guard_started = Instant::now();
+        let mut tail = job.guard.push(&job.secrets, &tail);
+        tail.push_str(&job.guard.finish(&job.secrets));
+        if let Some(breach) = job.guard.breach() {
+            reason = FinishReason::Guarded;
+            let deflection = self.npcs.get_mut(&job.npc).map(|c| {
+                let (at, line) = c.guard.deflection(c.last_deflection);
+                c.last_deflection = Some(at);
+                line.to_owned()
+            });
+            tracing::info!("NPC {:?}: the guard stopped a reply ({breach:?})", job.npc);
+            tail = match &deflection {
+                Some(d) if job.guard.released().trim().is_empty() => d.clone(),
+                Some(d) if job.guard.released().ends_with(char::is_whitespace) => d.clone(),
+                Some(d) => format!(" {d}"),
+                None => String::new(),
+            };
+            job.deflection = deflection;
+        }
+        job.stats.timing.guard += guard_started.elapsed();
         if job.hold {
             return self.finish_held(job, reason);
         }
@@ -1413,10 +1629,13 @@ impl Engine<'_, '_> {
         self.kv.release(job.slot);
         job.stats.finish = reason;
         job.stats.confidence = job.confidence.summary();
-        let text = job.filter.text().trim().to_owned();
+        let text = job.spoken();
+        let turn_text = job.turn_text();
         let mut action = None;
         if let Some(conversation) = self.npcs.get_mut(&job.npc) {
-            action = actions::parse_action(&conversation.actions.specs, job.filter.hidden());
+            if job.deflection.is_none() {
+                action = actions::parse_action(&conversation.actions.specs, job.filter.hidden());
+            }
             conversation.knowledge.learn_from(&job.line);
             if let Some(fact) = job.fact.as_ref().filter(|_| job.stats.cloud_fact.is_some()) {
                 conversation.knowledge.memories.remember(
@@ -1426,7 +1645,7 @@ impl Engine<'_, '_> {
             }
             conversation.turns.push(Turn {
                 player: job.line,
-                npc: actions::turn_text(job.filter.text(), job.filter.hidden()),
+                npc: turn_text,
             });
         }
         if let Some(action) = action {
@@ -1448,10 +1667,11 @@ impl Engine<'_, '_> {
     /// out now as one delta.
     fn finish_held(&mut self, mut job: Job, reason: FinishReason) {
         self.kv.release(job.slot);
-        let text = job.filter.text().trim().to_owned();
+        let mut text = job.spoken();
         job.stats.finish = reason;
         job.stats.confidence = job.confidence.summary();
-        if let Some(c) = self.npcs.get(&job.npc)
+        if job.escalate_held
+            && let Some(c) = self.npcs.get(&job.npc)
             && self.escalator.second_opinion(
                 job.npc,
                 job.request,
@@ -1465,6 +1685,33 @@ impl Engine<'_, '_> {
         {
             return;
         }
+        if job.check_grounding
+            && let Some(c) = self.npcs.get_mut(&job.npc)
+        {
+            let started = Instant::now();
+            let mut heard: Vec<&str> = vec![job.line.as_str()];
+            for turn in &c.turns {
+                heard.extend([turn.player.as_str(), turn.npc.as_str()]);
+            }
+            if !crate::escalation::grounded(&text, &c.vocabulary, &heard, &job.unknown) {
+                tracing::info!(
+                    "NPC {:?}: a reply stated what it cannot know: {text:?}",
+                    job.npc
+                );
+                let lines = &c.profile.dont_know;
+                text = if lines.is_empty() {
+                    let defaults = crate::escalation::DEFAULT_DONT_KNOW;
+                    defaults[c.dont_know_hints % defaults.len()].to_owned()
+                } else {
+                    lines[c.dont_know_hints % lines.len()].clone()
+                };
+                c.dont_know_hints += 1;
+                job.deflection = Some(text.clone());
+                job.guard = ReplyGuard::default();
+                job.stats.source = ReplySource::Fallback;
+            }
+            job.stats.timing.routing += started.elapsed();
+        }
         if !text.is_empty() {
             self.emit(Event::Delta {
                 npc: job.npc,
@@ -1472,11 +1719,12 @@ impl Engine<'_, '_> {
                 text: text.clone(),
             });
         }
+        let turn_text = job.turn_text();
         if let Some(conversation) = self.npcs.get_mut(&job.npc) {
             conversation.knowledge.learn_from(&job.line);
             conversation.turns.push(Turn {
                 player: job.line,
-                npc: actions::turn_text(job.filter.text(), job.filter.hidden()),
+                npc: turn_text,
             });
         }
         self.emit(Event::Replied {

@@ -71,7 +71,7 @@ pub(crate) fn plugin(app: &mut App, runtime: Runtime) {
     .add_systems(
         Update,
         (
-            (send_personas, send_player_lines)
+            (send_personas, send_player_lines, send_reveals)
                 .chain()
                 .in_set(NpcAiSystems::SendRequests),
             receive_runtime_events.in_set(NpcAiSystems::ReceiveEvents),
@@ -111,6 +111,25 @@ fn send_personas(
         {
             handle.sent_personas.insert(entity, id);
         }
+    }
+}
+
+/// Forwards [`RevealSecret`](crate::RevealSecret) messages to the worker.
+fn send_reveals(
+    handle: Res<RuntimeHandle>,
+    mut reveals: MessageReader<crate::RevealSecret>,
+    npcs: Query<(), With<Npc>>,
+    mut errors: MessageWriter<NpcAiError>,
+) {
+    for reveal in reveals.read() {
+        if !npcs.contains(reveal.npc) {
+            errors.write(NpcAiError::UnknownNpc(reveal.npc));
+            continue;
+        }
+        // A stopped worker is reported once, as `WorkerDied`.
+        let _ = handle
+            .runtime
+            .reveal_secret(npc_id(reveal.npc), reveal.secret.clone());
     }
 }
 
@@ -298,6 +317,16 @@ fn receive_runtime_events(
             | Event::Mind { .. }
             | Event::SummaryWritten { .. }
             | Event::Prewarmed { .. } => {}
+            Event::SecretRevealed { npc, secret } => {
+                if let Some(entity) = live(npc, &npcs) {
+                    commands.trigger(crate::NpcSecretRevealed { entity, secret });
+                }
+            }
+            Event::RevealFailed { npc, error } => {
+                if let Some(entity) = live(npc, &npcs) {
+                    errors.write(NpcAiError::RevealFailed { npc: entity, error });
+                }
+            }
             Event::RememberFailed { npc, error } => {
                 warn!("NPC {npc:?} could not store a memory: {error}");
             }

@@ -138,6 +138,29 @@ pub struct LoadNpcState {
     pub path: std::path::PathBuf,
 }
 
+/// Let an NPC tell one of its secrets from now on, when the story allows it: the secret whose
+/// text contains `secret` (case-insensitive; it must name exactly one) becomes that NPC's
+/// knowledge, kept across persona reloads and saved with its state. Until then the secret
+/// guard keeps it out of every reply. Send it once the NPC's persona is applied
+/// ([`NpcPersonaApplied`]). Answered by [`NpcSecretRevealed`] or
+/// [`NpcAiError::RevealFailed`].
+#[derive(Message, Clone, Debug)]
+pub struct RevealSecret {
+    /// The NPC.
+    pub npc: Entity,
+    /// The secret's text, or a part of it that names one secret.
+    pub secret: String,
+}
+
+/// A secret became an NPC's knowledge ([`RevealSecret`]).
+#[derive(EntityEvent, Clone, Debug)]
+pub struct NpcSecretRevealed {
+    /// The NPC.
+    pub entity: Entity,
+    /// The secret, as the persona wrote it.
+    pub secret: String,
+}
+
 /// An NPC's state was saved.
 #[derive(EntityEvent, Clone, Debug)]
 pub struct NpcStateSaved {
@@ -204,6 +227,14 @@ pub enum NpcAiError {
         /// Why.
         error: NpcError,
     },
+    /// A [`RevealSecret`] named no single secret of the NPC (or the NPC is unknown).
+    #[error("revealing a secret of NPC {npc} failed: {error}")]
+    RevealFailed {
+        /// The NPC.
+        npc: Entity,
+        /// Why.
+        error: NpcError,
+    },
     /// Saving an NPC's state failed; the previous file is intact.
     #[error("saving NPC {npc} failed: {message}")]
     SaveFailed {
@@ -236,6 +267,7 @@ pub(crate) fn plugin(app: &mut App) {
         .add_message::<CancelReply>()
         .add_message::<SaveNpcState>()
         .add_message::<LoadNpcState>()
+        .add_message::<RevealSecret>()
         .add_message::<NpcReplyDelta>()
         .add_message::<ModelLoaded>()
         .add_message::<ModelFailed>()

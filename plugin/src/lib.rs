@@ -19,8 +19,8 @@ pub use bridge::{NpcAiStatus, RuntimeHandle};
 pub use cost::NpcCostMeter;
 pub use dialogue::{
     CancelReply, DialogueHistory, DialogueLine, LoadNpcState, ModelFailed, ModelLoaded, Npc,
-    NpcAiError, NpcPersonaApplied, NpcReplied, NpcReplyCancelled, NpcReplyDelta, NpcState,
-    NpcStateLoaded, NpcStateSaved, PlayerSaid, SaveNpcState, Speaker,
+    NpcAiError, NpcPersonaApplied, NpcReplied, NpcReplyCancelled, NpcReplyDelta, NpcSecretRevealed,
+    NpcState, NpcStateLoaded, NpcStateSaved, PlayerSaid, RevealSecret, SaveNpcState, Speaker,
 };
 pub use npc_native;
 pub use persona::{Persona, PersonaLoadError, PersonaLoader};
@@ -34,8 +34,8 @@ pub mod prelude {
     pub use crate::{
         ActionOutcome, CancelReply, DialogueHistory, LoadNpcState, ModelFailed, ModelLoaded, Npc,
         NpcActionRequested, NpcAiError, NpcAiPlugin, NpcAiStatus, NpcAiSystems, NpcCostMeter,
-        NpcPersonaApplied, NpcReplied, NpcReplyCancelled, NpcReplyDelta, NpcState, NpcStateLoaded,
-        NpcStateSaved, Persona, PlayerSaid, SaveNpcState,
+        NpcPersonaApplied, NpcReplied, NpcReplyCancelled, NpcReplyDelta, NpcSecretRevealed,
+        NpcState, NpcStateLoaded, NpcStateSaved, Persona, PlayerSaid, RevealSecret, SaveNpcState,
     };
     pub use npc_native::{ActionCall, ActionValue, ReplyStats, SamplingParams};
 }

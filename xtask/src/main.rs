@@ -42,6 +42,9 @@ commands:
   bench   setup, then run the benchmarks and llama.cpp's own (the peers)
   peers [--model ID]  setup, then build (cached) and run llama.cpp's llama-bench and
           llama-batched-bench on the default model (or the one named)
+  eval [--model ID|all]  setup, then the dialogue evaluation (tests/data/eval) on the default
+          model or each one named: a table per split and a summary line (NPC_EVAL_SPLIT=dev
+          runs the tuning split alone, NPC_EVAL_VERBOSE=1 prints every failing reply)
   llama-server  build (cached) llama.cpp's llama-server for the cloud tests; print its path";
 
 fn main() -> ExitCode {
@@ -60,6 +63,14 @@ fn main() -> ExitCode {
         "peers" => model_flag(&rest).and_then(|named| {
             let model = named.first().copied().unwrap_or(DEFAULT_MODEL);
             setup(&[model]).and_then(|()| peers(&model))
+        }),
+        "eval" => model_flag(&rest).and_then(|named| {
+            let models = if named.is_empty() {
+                vec![DEFAULT_MODEL]
+            } else {
+                named
+            };
+            setup(&models).and_then(|()| models.iter().try_for_each(eval))
         }),
         "llama-server" => ensure_llama_server().map(|path| println!("{}", path.display())),
         _ => {
@@ -371,6 +382,14 @@ fn bench(args: &[String]) -> Result {
         .env("NPC_AI_PEER_BIN", bin)
         .env(LLAMA_SERVER_ENV, &server)
         .args(args))
+}
+
+/// The dialogue evaluation (`benches/eval.rs`) on one catalog model.
+fn eval(model: &CatalogModel) -> Result {
+    println!("[eval] {} ({})", model.display_name, model.id);
+    run(cargo()
+        .args(["bench", "-p", "npc_native", "--bench", "eval"])
+        .env("NPC_BENCH_MODEL", model.id))
 }
 
 /// llama.cpp's source with its tools, from PyPI (see shared/MODELS.md).
