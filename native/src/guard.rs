@@ -3,7 +3,7 @@
 //! The secrets themselves never enter the model's prompt (see
 //! [`Persona::system_prompt`](crate::Persona::system_prompt)); the guard is the second line:
 //! a reply may still confirm what a player guessed ("Yes, I mix chalk into the flour") or
-//! recite the prompt's framing. Every reply passes through a [`ReplyGuard`] as it streams.
+//! recite the prompt's framing. Every reply passes through the guard as it streams.
 //!
 //! **What counts as a secret's content.** The words of each secret that the NPC has no
 //! other reason to say: not in its public persona text (name, role, personality, speech,
@@ -559,10 +559,17 @@ fn framing_windows(persona: &Persona, system: &str) -> HashSet<String> {
             }
             line_words = kept;
         }
-        for run in line_words.split(String::is_empty) {
+        for (at, run) in line_words.split(String::is_empty).enumerate() {
             for size in ECHO_HOLD_FROM..=ECHO_WORDS {
                 for window in run.windows(size) {
                     windows.insert(window.join(" "));
+                }
+            }
+            // A line's first words ("Personality: Careful") are held from the first one:
+            // a heading is how an echo usually starts.
+            if at == 0 {
+                for size in 1..ECHO_HOLD_FROM.min(run.len() + 1) {
+                    windows.insert(run[..size].join(" "));
                 }
             }
         }
@@ -730,7 +737,7 @@ impl ReplyGuard {
     /// Where held text starts because the last words could begin an echo.
     fn echo_hold(&self, guard: &SecretGuard) -> Option<usize> {
         let n = self.words.len();
-        (ECHO_HOLD_FROM..ECHO_WORDS)
+        (1..ECHO_WORDS)
             .rev()
             .filter(|&size| size <= n)
             .find(|&size| guard.framing.contains(&self.window(n - size)))
@@ -853,6 +860,26 @@ mod tests {
         let (released, breach) = stream(&guard, framing, 4);
         assert_eq!(breach, Some(Breach::Echo));
         assert!(released.len() < 60, "held back the echo: {released:?}");
+        // A heading is held from its first word: nothing of an echo that starts with one
+        // goes out.
+        let heading = "Personality: Careful, thrifty and proud of the mill.";
+        let guard = SecretGuard::new(
+            &Persona {
+                personality: "Careful, thrifty and proud of the mill.".into(),
+                ..persona.clone()
+            },
+            [],
+            &Persona {
+                personality: "Careful, thrifty and proud of the mill.".into(),
+                ..persona.clone()
+            }
+            .system_prompt(),
+        );
+        assert_eq!(
+            stream(&guard, heading, 3),
+            (String::new(), Some(Breach::Echo))
+        );
+        assert_eq!(guard.check("A careful miller, that's me."), None);
         assert_eq!(guard.check("I'm Oda Fenn, the miller of Fernbrook."), None);
     }
 
