@@ -799,10 +799,16 @@ impl Engine<'_, '_> {
         let (system, sampling, prefix_tokens, grammar, mut knowledge) = result?;
         let profile = NpcProfile::new(persona);
         let guard = Arc::new(if self.config.guard {
+            // The world preamble is public (what every NPC may say), not the NPC's framing.
             SecretGuard::new(
                 persona,
-                knowledge.lore.entries().iter().map(|e| e.text.as_str()),
-                &system,
+                knowledge
+                    .lore
+                    .entries()
+                    .iter()
+                    .map(|e| e.text.as_str())
+                    .chain([self.config.preamble.as_str()]),
+                &persona.system_prompt(),
             )
         } else {
             SecretGuard::off()
