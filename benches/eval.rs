@@ -708,18 +708,27 @@ fn table(split: Split, greedy: &Tally, sampled: &Tally) -> String {
         ),
         ("guard ms/turn", |t| ms_per_turn(t.guard, t.replies), "—"),
     ];
+    // A run left out (`NPC_EVAL_RUNS=greedy`) shows a dash, not zeros.
+    let ran = |t: &Tally, text: String| {
+        if t.replies == 0 {
+            "—".to_owned()
+        } else {
+            text
+        }
+    };
     for (name, cell, target) in rows {
         let _ = writeln!(
             out,
             "| {name} | {} | {} | {target} |",
             cell(greedy),
-            cell(sampled)
+            ran(sampled, cell(sampled))
         );
     }
     let _ = writeln!(
         out,
         "| fallback replies (no model time) | {} | {} | — |",
-        greedy.fallbacks, sampled.fallbacks
+        greedy.fallbacks,
+        ran(sampled, sampled.fallbacks.to_string())
     );
     out
 }

@@ -334,6 +334,22 @@ struct Conversation {
     knowledge: Knowledge,
 }
 
+impl Conversation {
+    /// The next of this NPC's don't-know lines (its persona's `dont_know`, else
+    /// [`DEFAULT_DONT_KNOW`](crate::escalation::DEFAULT_DONT_KNOW)), in turn.
+    fn next_dont_know(&mut self) -> String {
+        let own = &self.profile.dont_know;
+        let line = if own.is_empty() {
+            let defaults = crate::escalation::DEFAULT_DONT_KNOW;
+            defaults[self.dont_know_hints % defaults.len()].to_owned()
+        } else {
+            own[self.dont_know_hints % own.len()].clone()
+        };
+        self.dont_know_hints += 1;
+        line
+    }
+}
+
 /// What one `decode` call of a step carries.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -1077,14 +1093,7 @@ impl Engine<'_, '_> {
             .collect();
         let unknown = crate::escalation::unfamiliar_names(&documents, &c.vocabulary, &line);
         let hint = unknown.as_ref().map(|_| {
-            let examples = &c.profile.dont_know;
-            let example = if examples.is_empty() {
-                let defaults = crate::escalation::DEFAULT_DONT_KNOW;
-                defaults[c.dont_know_hints % defaults.len()].to_owned()
-            } else {
-                examples[c.dont_know_hints % examples.len()].clone()
-            };
-            c.dont_know_hints += 1;
+            let example = c.next_dont_know();
             format!(
                 "(What you know may not answer this. If it does not, say that you don't know, \
                  in your own words (for example: \"{example}\"), and make nothing up.)"
@@ -1704,14 +1713,7 @@ impl Engine<'_, '_> {
                     "NPC {:?}: a reply stated what it cannot know: {text:?}",
                     job.npc
                 );
-                let lines = &c.profile.dont_know;
-                text = if lines.is_empty() {
-                    let defaults = crate::escalation::DEFAULT_DONT_KNOW;
-                    defaults[c.dont_know_hints % defaults.len()].to_owned()
-                } else {
-                    lines[c.dont_know_hints % lines.len()].clone()
-                };
-                c.dont_know_hints += 1;
+                text = c.next_dont_know();
                 job.deflection = Some(text.clone());
                 job.guard = ReplyGuard::default();
                 job.stats.source = ReplySource::Fallback;
