@@ -1,4 +1,7 @@
-//! Knowing when not to know, measured on the default model:
+//! Knowing when not to know, measured with a stronger model as the cloud: the NPC runs the
+//! catalog's escalating model (Qwen2.5-Coder-0.5B; `NPC_BENCH_MODEL=<id>` picks another) and
+//! llama.cpp's `llama-server` on loopback serves the catalog's largest (Qwen2.5-Coder-1.5B,
+//! greedy) as the cloud:
 //!
 //! 1. **Routing quality** on `tests/data/escalation.ron` (questions about the shipped
 //!    personas, labelled answerable from the persona's file or not). Every question is
@@ -7,9 +10,11 @@
 //!    question was unanswerable), the local model's accuracy on the questions it kept, and the
 //!    signal's AUROC. Logit thresholds are the best-F1 ones *on this same set* (an optimistic
 //!    fit, said so in the table); the knowledge-match threshold is the runtime's default.
+//!    Then every question again through the runtime with escalation on (default settings,
+//!    [`CloudRole::Speak`]): where each line went, and what the routed system answered.
 //! 2. **Cost per player-hour** of the seed workload (5 interactions a minute, ~100-token
-//!    replies, long lore): an 11-turn session with the blacksmith, escalating to llama.cpp's
-//!    `llama-server` on loopback (its real token counts), metered by [`CostMeter`], once per
+//!    replies, long lore): an 11-turn session with the blacksmith, escalating to the
+//!    stand-in cloud (its real token counts), metered by [`CostMeter`], once per
 //!    [`CloudRole`] (the cloud speaks as the NPC; the cloud supplies a fact the local reply
 //!    opens with); against cloud-only, where every turn goes to a GPT-4-class model with the
 //!    full context (persona, long lore and the whole history, counted by the server's
@@ -29,6 +34,7 @@ mod servers;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use npc_native::catalog::{self, CatalogModel};
 use npc_native::escalation::{self, CloudRole, EscalationConfig};
 use npc_native::{
     CloudConfig, CostMeter, Event, FinishReason, NpcId, Persona, ReplySource, ReplyStats,
@@ -49,6 +55,36 @@ struct Question {
     question: String,
     answerable: bool,
     answer: Vec<String>,
+    /// For a question outside the persona's knowledge with a real-world answer: words a
+    /// right answer from the cloud contains.
+    #[serde(default)]
+    world: Vec<String>,
+}
+
+/// The model the NPC runs: `NPC_BENCH_MODEL`, else the catalog's escalating model.
+fn npc_model() -> &'static CatalogModel {
+    if std::env::var_os("NPC_BENCH_MODEL").is_some() {
+        model::catalog_model()
+    } else {
+        &catalog::ESCALATING_MODEL
+    }
+}
+
+/// `llama-server` serving the catalog's stand-in cloud on the machine's cores: it computes
+/// only while the runtime waits for an escalation, so the two do not compete.
+fn stronger_cloud() -> servers::LlamaServer {
+    let threads = std::thread::available_parallelism().map_or(2, usize::from);
+    servers::LlamaServer::start_with_threads(
+        &model::file_of(&catalog::CLOUD_STANDIN_MODEL),
+        None,
+        threads,
+    )
+}
+
+/// Whether `text` holds every one of `words` (case-insensitive).
+fn holds_all(text: &str, words: &[String]) -> bool {
+    let lower = text.to_lowercase();
+    words.iter().all(|w| lower.contains(&w.to_lowercase()))
 }
 
 fn root() -> PathBuf {
@@ -182,14 +218,23 @@ fn best_threshold(items: &[Scored], score: impl Fn(&Scored) -> f32 + Copy) -> f3
         .unwrap_or(0.0)
 }
 
-fn routing_quality() {
+fn question_set() -> QuestionSet {
     let source = std::fs::read_to_string(root().join("tests/data/escalation.ron"))
         .expect("tests/data/escalation.ron");
-    let set: QuestionSet = ron::from_str(&source).expect("question set parses");
+    ron::from_str(&source).expect("question set parses")
+}
+
+fn routing_quality(server: &servers::LlamaServer) {
+    let set = question_set();
+    println!(
+        "\n# Escalation: the NPC runs {}, the cloud is {} on llama-server",
+        npc_model().display_name,
+        catalog::CLOUD_STANDIN_MODEL.display_name
+    );
     // One thread: this part measures answers, not speed, and one thread wastes least on a
     // shared machine.
     let runtime = start(
-        RuntimeConfig::new(model::path())
+        RuntimeConfig::new(model::file_of(npc_model()))
             .with_slots(1)
             .with_threads(1)
             .with_prewarm(false),
@@ -225,7 +270,7 @@ fn routing_quality() {
             .is_some_and(|next| next.persona != q.persona);
         items.push(Scored {
             answerable: q.answerable,
-            correct: q.answerable && q.answer.iter().all(|a| lower.contains(&a.to_lowercase())),
+            correct: q.answerable && holds_all(&lower, &q.answer),
             knowledge: escalation::knowledge_match(&documents, &q.question).unwrap_or(1.0),
             p10: confidence.p10_prob,
             mean_logprob: confidence.mean_logprob,
@@ -240,6 +285,101 @@ fn routing_quality() {
         }
     }
     print_routing_table(&items, "all questions");
+    drop(runtime);
+    routed(server, &set, &items);
+}
+
+/// Every question again through the runtime with escalation on (default settings, the
+/// stand-in cloud speaking as the NPC): where each line went and what the player got.
+fn routed(server: &servers::LlamaServer, set: &QuestionSet, local: &[Scored]) {
+    let mut cloud = CloudConfig::new(server.base_url(), "default");
+    cloud.read_timeout = Duration::from_secs(120);
+    cloud.total_timeout = Duration::from_secs(300);
+    let mut policy = EscalationConfig::enabled(Some(cloud));
+    // Caps that never bind: this measures the routing.
+    policy.max_spend_per_hour = 100.0;
+    policy.max_spend_per_day = 1000.0;
+    policy.max_escalations_per_minute = 1000;
+    let runtime = start(
+        RuntimeConfig::new(model::file_of(npc_model()))
+            .with_slots(1)
+            .with_threads(1)
+            .with_prewarm(false)
+            .with_escalation(policy),
+    );
+    // (answerable, escalated, right, said it did not know, world answer: right or not)
+    let mut rows: Vec<(bool, bool, bool, bool, Option<bool>)> = Vec::new();
+    for (at, q) in set.questions.iter().enumerate() {
+        let npc = NpcId(at as u64 + 1);
+        accept(&runtime, npc, persona(&q.persona));
+        let request = runtime.say(npc, &q.question).expect("worker");
+        let (text, stats) = reply(&runtime, request);
+        runtime.forget(npc).expect("worker");
+        let escalated = matches!(stats.source, ReplySource::Cloud | ReplySource::Informed);
+        eprintln!(
+            "[routed {}/{}] {:?} {:?} -> {:?}",
+            at + 1,
+            set.questions.len(),
+            stats.source,
+            q.question,
+            text
+        );
+        rows.push((
+            q.answerable,
+            escalated,
+            q.answerable && holds_all(&text, &q.answer),
+            escalation::is_refusal(&text),
+            (!q.world.is_empty()).then(|| holds_all(&text, &q.world)),
+        ));
+    }
+    let count = |f: &dyn Fn(&(bool, bool, bool, bool, Option<bool>)) -> bool| {
+        rows.iter().filter(|r| f(r)).count()
+    };
+    let answerable = count(&|r| r.0);
+    let unanswerable = rows.len() - answerable;
+    let escalated = count(&|r| r.1);
+    let right_escalations = count(&|r| r.1 && !r.0);
+    let world = count(&|r| r.4.is_some());
+    println!(
+        "\n## Routed by the runtime (escalation on, default settings, cloud role Speak): {} questions",
+        rows.len()
+    );
+    println!("\n| measure | value |");
+    println!("|---|---:|");
+    println!(
+        "| escalated | {escalated} of {} ({answerable} answerable, {unanswerable} not) |",
+        rows.len()
+    );
+    println!(
+        "| escalation precision (escalated lines that were unanswerable) | {:.2} |",
+        right_escalations as f64 / escalated.max(1) as f64
+    );
+    println!(
+        "| escalation recall (unanswerable lines escalated) | {:.2} |",
+        right_escalations as f64 / unanswerable.max(1) as f64
+    );
+    println!(
+        "| answerable questions right, end to end (local or cloud) | {} of {answerable} |",
+        count(&|r| r.0 && r.2)
+    );
+    println!(
+        "| answerable questions right, local model alone (same questions, no routing) | {} of {answerable} |",
+        local.iter().filter(|s| s.correct).count()
+    );
+    println!(
+        "| answerable questions escalated, and the cloud got them right | {} of {} |",
+        count(&|r| r.0 && r.1 && r.2),
+        count(&|r| r.0 && r.1)
+    );
+    println!(
+        "| unanswerable lines the cloud answered saying it did not know | {} of {} |",
+        count(&|r| !r.0 && r.1 && r.3),
+        count(&|r| !r.0 && r.1)
+    );
+    println!(
+        "| unanswerable lines with a real-world answer the player got right | {} of {world} |",
+        count(&|r| r.4 == Some(true))
+    );
 }
 
 fn print_routing_table(items: &[Scored], label: &str) {
@@ -390,11 +530,9 @@ struct Session {
     escalated_ttft: Vec<Duration>,
 }
 
-fn cost_per_player_hour() {
-    let model = model::path();
-    let server = servers::LlamaServer::start(&model, None);
-    let source = std::fs::read_to_string(root().join("tests/data/escalation.ron")).expect("set");
-    let set: QuestionSet = ron::from_str(&source).expect("set parses");
+fn cost_per_player_hour(server: &servers::LlamaServer) {
+    let model = model::file_of(npc_model());
+    let set = question_set();
     // Small talk, then the blacksmith's first four answerable and first four unanswerable
     // questions, alternating.
     let mut lines: Vec<String> = vec![
@@ -418,7 +556,7 @@ fn cost_per_player_hour() {
     let per_hour = 300.0;
     let sessions: Vec<Session> = [CloudRole::Speak, CloudRole::Inform]
         .into_iter()
-        .map(|role| session(&server, &model, role, &lines, &lore))
+        .map(|role| session(server, &model, role, &lines, &lore))
         .collect();
     println!(
         "\n## Cost per player-hour: seed workload (5 interactions/min = {per_hour} a player-hour), {} turns, long lore of {lore_tokens} tokens",
@@ -612,10 +750,11 @@ fn session(
 fn main() {
     // `cargo bench` passes `--bench`; nothing else is accepted.
     let only = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    let server = stronger_cloud();
     if only.as_deref().is_none_or(|o| o == "routing") {
-        routing_quality();
+        routing_quality(&server);
     }
     if only.as_deref().is_none_or(|o| o == "cost") {
-        cost_per_player_hour();
+        cost_per_player_hour(&server);
     }
 }

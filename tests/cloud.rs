@@ -1,6 +1,9 @@
-//! Escalation to a cloud model, against llama.cpp's real `llama-server` on loopback (serving
-//! the test model), and loopback servers that fail the ways a paid API can (down, silent,
-//! garbage, 429). Feature `cloud`; `cargo xtask test` builds `llama-server` and runs these.
+//! Escalation to a cloud model, against llama.cpp's real `llama-server` on loopback, and
+//! loopback servers that fail the ways a paid API can (down, silent, garbage, 429). The tests
+//! of what escalation answers run the NPC on a smaller catalog model and serve the catalog's
+//! largest as the cloud, so the cloud knows what the NPC does not; the tests of mechanics
+//! (streaming, cancelling, caps, the key, failures) serve and run the small test model.
+//! Feature `cloud`; `cargo xtask test` builds `llama-server` and runs these.
 
 mod common;
 #[path = "common/logs.rs"]
@@ -13,7 +16,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use npc_native::cloud::{CloudClient, CloudError};
-use npc_native::escalation::DEFAULT_FALLBACK_LINE;
+use npc_native::escalation::{DEFAULT_DONT_KNOW, DEFAULT_FALLBACK_LINE};
 use npc_native::{
     CloudConfig, CloudRole, EscalationConfig, Event, NpcId, Persona, ReplySource, ReplyStats,
     Runtime, RuntimeConfig,
@@ -197,8 +200,12 @@ fn blacksmith() -> Persona {
 }
 
 fn runtime_with(escalation: EscalationConfig) -> Runtime {
+    runtime_on(common::model_path(), escalation)
+}
+
+fn runtime_on(model: std::path::PathBuf, escalation: EscalationConfig) -> Runtime {
     let runtime = Runtime::start(
-        RuntimeConfig::new(common::model_path())
+        RuntimeConfig::new(model)
             .with_slots(4)
             .with_escalation(escalation),
     );
@@ -215,6 +222,20 @@ fn blacksmith_escalating(server: &LlamaServer, role: CloudRole) -> Runtime {
     let runtime = runtime_with(escalation);
     add_npc(&runtime, NpcId(1), blacksmith());
     runtime
+}
+
+/// `llama-server` serving the catalog's largest model, the stand-in for a cloud model, on
+/// the machine's cores (the NPC's runtime waits while it answers).
+fn stronger_cloud() -> LlamaServer {
+    let threads = std::thread::available_parallelism().map_or(2, usize::from);
+    LlamaServer::start_with_threads(&common::cloud_standin_path(), None, threads)
+}
+
+/// A runtime on the smaller escalating model that escalates to `server` with `role`.
+fn escalating_to_a_stronger_cloud(server: &LlamaServer, role: CloudRole) -> Runtime {
+    let mut escalation = EscalationConfig::enabled(Some(llama_config(server)));
+    escalation.cloud_role = role;
+    runtime_on(common::escalating_model_path(), escalation)
 }
 
 fn add_npc(runtime: &Runtime, npc: NpcId, persona: Persona) {
@@ -260,12 +281,16 @@ const OUT_OF_KNOWLEDGE: &str = "What is the capital of France?";
 fn out_of_knowledge_questions_escalate_and_known_ones_stay_local() {
     let _serial = common::serial();
     captured_logs();
-    let server = LlamaServer::start(&common::model_path(), None);
-    let runtime = runtime_with(EscalationConfig::enabled(Some(llama_config(&server))));
+    let server = stronger_cloud();
+    let runtime = escalating_to_a_stronger_cloud(&server, CloudRole::Speak);
     let npc = NpcId(1);
     add_npc(&runtime, npc, blacksmith());
     let (_, local, stats) = ask(&runtime, npc, IN_KNOWLEDGE);
     assert_eq!(stats.source, ReplySource::Local, "{local}");
+    assert!(
+        local.contains("40"),
+        "the smaller model knows its price: {local}"
+    );
     let confidence = stats
         .confidence
         .expect("local replies carry their confidence");
@@ -278,7 +303,22 @@ fn out_of_knowledge_questions_escalate_and_known_ones_stay_local() {
     let (streamed, cloud, stats) = ask(&runtime, npc, OUT_OF_KNOWLEDGE);
     assert_eq!(stats.source, ReplySource::Cloud, "{cloud}");
     assert_eq!(streamed.trim(), cloud);
-    assert!(!cloud.is_empty());
+    // The stronger model knows what the NPC's does not.
+    assert!(cloud.contains("Paris"), "{cloud}");
+    // A question about the game's own world the cloud cannot know either: it says so, and the
+    // player hears the NPC's own don't-know line, never the cloud's "I don't know".
+    let (streamed, line, unknown) = ask(&runtime, npc, "Which dragon burned the eastern farms?");
+    assert_eq!(unknown.source, ReplySource::Fallback, "{line}");
+    assert!(
+        line == DEFAULT_FALLBACK_LINE || DEFAULT_DONT_KNOW.contains(&line.as_str()),
+        "{line}"
+    );
+    assert_eq!(streamed, line, "only the NPC's line was streamed");
+    let paid = unknown.cloud_fact.expect("the cloud call is counted");
+    assert!(
+        paid.prompt_tokens > 50 && paid.completion_tokens > 0,
+        "{paid:?}"
+    );
     assert!(
         stats.prompt_tokens > 50,
         "the persona prompt went along: {stats:?}"
@@ -293,9 +333,10 @@ fn out_of_knowledge_questions_escalate_and_known_ones_stay_local() {
 #[test]
 fn with_the_inform_role_the_cloud_supplies_a_fact_and_the_local_model_voices_it() {
     let _serial = common::serial();
-    let server = LlamaServer::start(&common::model_path(), None);
-    let runtime = blacksmith_escalating(&server, CloudRole::Inform);
+    let server = stronger_cloud();
+    let runtime = escalating_to_a_stronger_cloud(&server, CloudRole::Inform);
     let npc = NpcId(1);
+    add_npc(&runtime, npc, blacksmith());
     let (streamed, text, stats) = ask(&runtime, npc, OUT_OF_KNOWLEDGE);
     assert_eq!(stats.source, ReplySource::Informed, "{text}");
     assert_eq!(streamed.trim(), text);
@@ -333,6 +374,10 @@ fn with_the_inform_role_the_cloud_supplies_a_fact_and_the_local_model_voices_it(
                 .strip_prefix(&format!("Asked \"{OUT_OF_KNOWLEDGE}\", you found out: "))
         })
         .unwrap_or_else(|| panic!("the fact is remembered: {memories:?}"));
+    assert!(
+        learned.contains("Paris"),
+        "the stronger model's fact: {learned}"
+    );
     // The reply opens with the fact, then the local model goes on in character.
     assert!(text.starts_with(learned), "{text:?} opens with {learned:?}");
     // Asked again in other words, it stays local and opens with the same fact: no cloud.

@@ -327,6 +327,15 @@ pub const DEFAULT_MODEL: CatalogModel = QWEN25_CODER_15B;
 /// smallest and fastest.
 pub const TEST_MODEL: CatalogModel = SMOLLM2_135M;
 
+/// The stronger model that stands in for a cloud model where the project measures escalation
+/// (the escalation tests and the cost bench serve it through `llama-server`): the catalog's
+/// largest.
+pub const CLOUD_STANDIN_MODEL: CatalogModel = QWEN25_CODER_15B;
+
+/// The model the NPC runs in those tests and benches: a smaller one than
+/// [`CLOUD_STANDIN_MODEL`], so the escalation goes to a model that knows more.
+pub const ESCALATING_MODEL: CatalogModel = QWEN25_CODER_05B;
+
 /// The catalog model with this id.
 #[must_use]
 pub fn find(id: &str) -> Option<&'static CatalogModel> {
@@ -342,6 +351,14 @@ pub fn by_file_name(file_name: &str) -> Option<&'static CatalogModel> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_cloud_stand_in_is_the_largest_model_and_the_escalating_npc_runs_a_smaller_one() {
+        let largest = MODELS.iter().map(|m| m.size).max();
+        assert_eq!(Some(CLOUD_STANDIN_MODEL.size), largest);
+        assert!(ESCALATING_MODEL.size < CLOUD_STANDIN_MODEL.size);
+        assert!(find(ESCALATING_MODEL.id).is_some() && find(CLOUD_STANDIN_MODEL.id).is_some());
+    }
 
     #[test]
     fn ids_and_files_are_unique_and_hashes_well_formed() {

@@ -822,12 +822,90 @@ impl NpcProfile {
                 prompt.push_str(entry);
             }
         }
+        prompt.push_str("\n\n");
+        prompt.push_str(CLOUD_DONT_KNOW);
         prompt
     }
 }
 
 /// Most knowledge entries sent to the cloud with one escalated line.
 const CLOUD_KNOWLEDGE: usize = 3;
+
+/// The last paragraph of the cloud's persona prompt ([`CloudRole::Speak`]): a line escalates
+/// because the NPC was not told the answer, and the cloud was not told the game's world
+/// either. Without it the stand-in cloud (Qwen2.5-Coder-1.5B) invented an answer to 26 of the
+/// 26 made-up-world questions of `tests/data/escalation.ron` it was sent; with it, it says
+/// "I don't know" (which the NPC then says in its own words) and still answers what the real
+/// world knows (README, "Knowing when not to know").
+const CLOUD_DONT_KNOW: &str = "You were asked something you were not told about. If the \
+    answer is common knowledge in the real world, give it. If it is about people, places or \
+    events of your own world, you cannot know it: answer only \"I don't know.\"";
+
+/// Most characters of a cloud reply's opening held back while it may still turn out to be an
+/// "I don't know" ([`OpeningHold`]).
+const OPENING_CHARS: usize = 64;
+
+/// Holds back the opening of a streamed cloud reply ([`CloudRole::Speak`]) until its first
+/// sentence (or [`OPENING_CHARS`]) is in: a reply that opens with "I don't know" is replaced
+/// by the NPC's own don't-know line, so the player never sees the cloud's; any other reply
+/// then streams on as it arrives.
+#[derive(Debug, Default)]
+#[cfg_attr(not(feature = "cloud"), allow(dead_code))]
+pub(crate) struct OpeningHold {
+    held: String,
+    decided: Option<bool>,
+}
+
+#[cfg_attr(not(feature = "cloud"), allow(dead_code))]
+impl OpeningHold {
+    /// Takes one streamed piece; returns what to send the player now (empty while holding,
+    /// and for every piece of a refusal).
+    pub(crate) fn push(&mut self, delta: &str) -> String {
+        match self.decided {
+            Some(true) => String::new(),
+            Some(false) => delta.to_owned(),
+            None => {
+                self.held.push_str(delta);
+                let sentence_done = self.held.char_indices().any(|(at, c)| {
+                    matches!(c, '.' | '!' | '?' | '\n')
+                        && self.held[at + c.len_utf8()..]
+                            .chars()
+                            .next()
+                            .is_some_and(char::is_whitespace)
+                });
+                if sentence_done || self.held.len() >= OPENING_CHARS {
+                    self.decide()
+                } else {
+                    String::new()
+                }
+            }
+        }
+    }
+
+    /// At the end of the stream: what is still held, to send (empty for a refusal).
+    pub(crate) fn finish(&mut self) -> String {
+        if self.decided.is_none() {
+            self.decide()
+        } else {
+            String::new()
+        }
+    }
+
+    /// Whether the reply opened with "I don't know" (known once decided).
+    pub(crate) fn refused(&self) -> bool {
+        self.decided == Some(true)
+    }
+
+    fn decide(&mut self) -> String {
+        let refused = is_refusal(&self.held);
+        self.decided = Some(refused);
+        if refused {
+            String::new()
+        } else {
+            std::mem::take(&mut self.held)
+        }
+    }
+}
 
 /// How an NPC remembers a fact the cloud supplied for `line` ([`CloudRole::Inform`]).
 pub(crate) fn learned_memory(line: &str, fact: &str) -> String {
@@ -1423,16 +1501,22 @@ fn run_cloud_job(
     let speak = job.role == CloudRole::Speak;
     let live = |shared: &Shared| shared.in_flight.get(&job.npc) == Some(&job.request);
     let cancelled = || !live(&lock(shared));
-    let result = client.chat_stream(&job.messages, job.max_tokens, &cancelled, &mut |delta| {
-        let guard = lock(shared);
-        let live = live(&guard);
-        if live && speak {
+    let mut opening = OpeningHold::default();
+    let send = |text: String, first_at: &mut Option<Instant>| {
+        if !text.is_empty() {
             first_at.get_or_insert_with(Instant::now);
             let _ = events.send(Event::Delta {
                 npc: job.npc,
                 request: job.request,
-                text: delta.to_owned(),
+                text,
             });
+        }
+    };
+    let result = client.chat_stream(&job.messages, job.max_tokens, &cancelled, &mut |delta| {
+        let guard = lock(shared);
+        let live = live(&guard);
+        if live && speak {
+            send(opening.push(delta), &mut first_at);
         }
         live
     });
@@ -1453,9 +1537,13 @@ fn run_cloud_job(
         // Replace this escalation's estimate by its actual cost.
         entry.1 = prices.cloud_cost(usage.prompt_tokens, usage.completion_tokens);
     }
-    if !speak {
+    if speak && result.is_ok() {
+        // The end of a reply shorter than its held opening.
+        send(opening.finish(), &mut first_at);
+    }
+    if !speak || opening.refused() {
         match &result {
-            Ok(reply) if !reply.text.trim().is_empty() && !is_refusal(&reply.text) => {
+            Ok(reply) if !speak && !reply.text.trim().is_empty() && !is_refusal(&reply.text) => {
                 // The NPC stays busy (and cancellable) until the worker takes the fact.
                 guard.informed.push(Informed {
                     npc: job.npc,
@@ -1775,6 +1863,8 @@ mod tests {
         for left_out in ["horseshoe", "Pip", "Marta", "Sell swords"] {
             assert!(!prompt.contains(left_out), "{left_out} in {prompt}");
         }
+        // It ends by telling the cloud to say it does not know what the NPC was not told.
+        assert!(prompt.ends_with(CLOUD_DONT_KNOW), "{prompt}");
     }
 
     fn miller_documents() -> (Vec<String>, std::collections::HashSet<String>) {
@@ -1883,6 +1973,42 @@ mod tests {
         ));
         let spelled: Vec<String> = numbers("nineteen years and forty-two days").collect();
         assert_eq!(spelled, ["19", "42"]);
+    }
+
+    #[test]
+    fn a_cloud_reply_streams_after_its_opening_and_a_refusal_never_does() {
+        let mut hold = OpeningHold::default();
+        assert_eq!(hold.push("The capital"), "");
+        assert_eq!(hold.push(" is Paris."), "");
+        // The first sentence is in once something follows it.
+        assert_eq!(hold.push(" It has"), "The capital is Paris. It has");
+        assert_eq!(hold.push(" a river."), " a river.");
+        assert_eq!(hold.finish(), "");
+        assert!(!hold.refused());
+
+        let mut hold = OpeningHold::default();
+        for piece in ["I don't", " know", ".", " Ask", " the mayor."] {
+            assert_eq!(hold.push(piece), "", "{piece:?}");
+        }
+        assert_eq!(hold.finish(), "");
+        assert!(hold.refused());
+
+        // A reply shorter than one sentence is decided at the end.
+        let mut hold = OpeningHold::default();
+        assert_eq!(hold.push("Paris"), "");
+        assert_eq!(hold.finish(), "Paris");
+        let mut hold = OpeningHold::default();
+        assert_eq!(hold.push("No idea"), "");
+        assert_eq!(hold.finish(), "");
+        assert!(hold.refused());
+
+        // A long opening without a sentence end is not held past OPENING_CHARS.
+        let mut hold = OpeningHold::default();
+        let long = "word ".repeat(OPENING_CHARS / 5 + 1);
+        assert_eq!(hold.push(&long), long);
+        // "3.5" is no sentence end.
+        let mut hold = OpeningHold::default();
+        assert_eq!(hold.push("It weighs 3.5"), "");
     }
 
     #[test]

@@ -34,6 +34,18 @@ pub fn default_model_path() -> PathBuf {
     catalog_model_path(&npc_native::catalog::DEFAULT_MODEL)
 }
 
+/// The model an NPC runs in the tests of what escalation does: smaller than the stand-in
+/// cloud ([`cloud_standin_path`]), so escalating reaches a model that knows more.
+pub fn escalating_model_path() -> PathBuf {
+    catalog_model_path(&npc_native::catalog::ESCALATING_MODEL)
+}
+
+/// The model `llama-server` serves as the cloud in the tests of what escalation does: the
+/// catalog's largest.
+pub fn cloud_standin_path() -> PathBuf {
+    catalog_model_path(&npc_native::catalog::CLOUD_STANDIN_MODEL)
+}
+
 /// An example binary cargo built beside the running test (`target/<profile>/examples/NAME`).
 pub fn example_binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("the test binary's path");

@@ -39,7 +39,9 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// A running `llama-server` serving a model (the tests: the test model); killed on drop.
+/// A running `llama-server` serving a model (the tests of the client's mechanics: the test
+/// model; the tests of what escalation does: the catalog's stand-in cloud); killed on drop.
+/// It samples greedily (`--temp 0`), so what it answers is the same run after run.
 pub struct LlamaServer {
     child: Child,
     /// Its port on 127.0.0.1.
@@ -47,9 +49,19 @@ pub struct LlamaServer {
 }
 
 impl LlamaServer {
-    /// Starts `llama-server` on a free port and waits until `/health` answers 200.
-    /// `api_key`: the key it will demand, if any.
+    /// Starts `llama-server` on one thread on a free port and waits until `/health` answers
+    /// 200. `api_key`: the key it will demand, if any.
     pub fn start(model: &std::path::Path, api_key: Option<&str>) -> Self {
+        Self::start_with_threads(model, api_key, 1)
+    }
+
+    /// [`LlamaServer::start`] with `threads` threads: a larger model serving as the cloud
+    /// runs while the NPC's runtime waits for it, so it may take the machine's cores.
+    pub fn start_with_threads(
+        model: &std::path::Path,
+        api_key: Option<&str>,
+        threads: usize,
+    ) -> Self {
         let port = free_port();
         let mut command = Command::new(llama_server_binary());
         command
@@ -61,12 +73,13 @@ impl LlamaServer {
                 "4096",
                 "-np",
                 "2",
-                "-t",
-                "1",
                 "--no-webui",
                 "--seed",
                 "7",
+                "--temp",
+                "0",
             ])
+            .args(["-t", &threads.to_string()])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());

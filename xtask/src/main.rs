@@ -13,7 +13,7 @@ use std::process::{Command, ExitCode};
 mod models;
 mod voice;
 
-use npc_catalog::{CatalogModel, DEFAULT_MODEL, TEST_MODEL};
+use npc_catalog::{CLOUD_STANDIN_MODEL, CatalogModel, DEFAULT_MODEL, ESCALATING_MODEL, TEST_MODEL};
 
 /// Debian packages the build and tests need.
 const APT_PACKAGES: &[&str] = &[
@@ -37,8 +37,9 @@ commands:
           qwen2.5-coder-1.5b, or several separated by commas)
   demo    setup, then chat with an NPC in the terminal (args go to the chat example;
           `--model ID` fetches that catalog model first)
-  test    setup (the default model and the test model), build (cached) llama-server, then
-          run the whole test suite with the `cloud` feature (args go to cargo test)
+  test    setup (the default model, the test model and the escalation tests' smaller NPC
+          model), build (cached) llama-server, then run the whole test suite with the
+          `cloud` feature (args go to cargo test)
   bench   setup, then run the benchmarks and llama.cpp's own (the peers)
   peers [--model ID]  setup, then build (cached) and run llama.cpp's llama-bench and
           llama-batched-bench on the default model (or the one named)
@@ -56,10 +57,10 @@ fn main() -> ExitCode {
         "demo" => catalog_model_in(&rest)
             .and_then(|named| setup(&with_default(named)))
             .and_then(|()| demo(&rest)),
-        "test" => setup(&[DEFAULT_MODEL, TEST_MODEL])
+        "test" => setup(&with_default(TESTED_MODELS.to_vec()))
             .and_then(|()| test(&rest))
             .and_then(|()| test_rpg_screenshot(&rest)),
-        "bench" => setup(&[DEFAULT_MODEL, TEST_MODEL]).and_then(|()| bench(&rest)),
+        "bench" => setup(&with_default(TESTED_MODELS.to_vec())).and_then(|()| bench(&rest)),
         "peers" => model_flag(&rest).and_then(|named| {
             let model = named.first().copied().unwrap_or(DEFAULT_MODEL);
             setup(&[model]).and_then(|()| peers(&model))
@@ -118,6 +119,10 @@ fn cache_dir() -> PathBuf {
 fn step(n: usize, of: usize, what: &str, outcome: &str) {
     println!("[setup {n}/{of}] {what}: {outcome}");
 }
+
+/// The models the tests and benches run besides the default: the test model (mechanics),
+/// and the smaller NPC model and larger stand-in cloud of the escalation tests.
+const TESTED_MODELS: [CatalogModel; 3] = [TEST_MODEL, ESCALATING_MODEL, CLOUD_STANDIN_MODEL];
 
 /// The catalog models `--model ID|all|ID,ID` names (none without the flag).
 fn model_flag(args: &[String]) -> Result<Vec<CatalogModel>> {
