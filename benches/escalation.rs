@@ -289,6 +289,19 @@ fn routing_quality(server: &servers::LlamaServer) {
     routed(server, &set, &items);
 }
 
+/// One question routed by the runtime, scored.
+struct Routed {
+    answerable: bool,
+    /// Sent to the cloud.
+    escalated: bool,
+    /// Answerable, and the reply holds the answer.
+    right: bool,
+    /// The player heard "I don't know" (the NPC's line, or the cloud's words).
+    dont_know: bool,
+    /// For a question with a real-world answer: whether the reply holds it.
+    world: Option<bool>,
+}
+
 /// Every question again through the runtime with escalation on (default settings, the
 /// stand-in cloud speaking as the NPC): where each line went and what the player got.
 fn routed(server: &servers::LlamaServer, set: &QuestionSet, local: &[Scored]) {
@@ -307,15 +320,17 @@ fn routed(server: &servers::LlamaServer, set: &QuestionSet, local: &[Scored]) {
             .with_prewarm(false)
             .with_escalation(policy),
     );
-    // (answerable, escalated, right, said it did not know, world answer: right or not)
-    let mut rows: Vec<(bool, bool, bool, bool, Option<bool>)> = Vec::new();
+    let mut rows: Vec<Routed> = Vec::new();
     for (at, q) in set.questions.iter().enumerate() {
         let npc = NpcId(at as u64 + 1);
         accept(&runtime, npc, persona(&q.persona));
         let request = runtime.say(npc, &q.question).expect("worker");
         let (text, stats) = reply(&runtime, request);
         runtime.forget(npc).expect("worker");
-        let escalated = matches!(stats.source, ReplySource::Cloud | ReplySource::Informed);
+        // Sent to the cloud: answered by it, or (a fallback that paid for a cloud call) the
+        // cloud said it did not know and the NPC said so in its own words.
+        let escalated = matches!(stats.source, ReplySource::Cloud | ReplySource::Informed)
+            || (stats.source == ReplySource::Fallback && stats.cloud_fact.is_some());
         eprintln!(
             "[routed {}/{}] {:?} {:?} -> {:?}",
             at + 1,
@@ -324,22 +339,20 @@ fn routed(server: &servers::LlamaServer, set: &QuestionSet, local: &[Scored]) {
             q.question,
             text
         );
-        rows.push((
-            q.answerable,
+        rows.push(Routed {
+            answerable: q.answerable,
             escalated,
-            q.answerable && holds_all(&text, &q.answer),
-            escalation::is_refusal(&text),
-            (!q.world.is_empty()).then(|| holds_all(&text, &q.world)),
-        ));
+            right: q.answerable && holds_all(&text, &q.answer),
+            dont_know: stats.source == ReplySource::Fallback || escalation::is_refusal(&text),
+            world: (!q.world.is_empty()).then(|| holds_all(&text, &q.world)),
+        });
     }
-    let count = |f: &dyn Fn(&(bool, bool, bool, bool, Option<bool>)) -> bool| {
-        rows.iter().filter(|r| f(r)).count()
-    };
-    let answerable = count(&|r| r.0);
+    let count = |f: &dyn Fn(&Routed) -> bool| rows.iter().filter(|r| f(r)).count();
+    let answerable = count(&|r| r.answerable);
     let unanswerable = rows.len() - answerable;
-    let escalated = count(&|r| r.1);
-    let right_escalations = count(&|r| r.1 && !r.0);
-    let world = count(&|r| r.4.is_some());
+    let escalated = count(&|r| r.escalated);
+    let right_escalations = count(&|r| r.escalated && !r.answerable);
+    let world = count(&|r| r.world.is_some());
     println!(
         "\n## Routed by the runtime (escalation on, default settings, cloud role Speak): {} questions",
         rows.len()
@@ -360,7 +373,7 @@ fn routed(server: &servers::LlamaServer, set: &QuestionSet, local: &[Scored]) {
     );
     println!(
         "| answerable questions right, end to end (local or cloud) | {} of {answerable} |",
-        count(&|r| r.0 && r.2)
+        count(&|r| r.answerable && r.right)
     );
     println!(
         "| answerable questions right, local model alone (same questions, no routing) | {} of {answerable} |",
@@ -368,17 +381,22 @@ fn routed(server: &servers::LlamaServer, set: &QuestionSet, local: &[Scored]) {
     );
     println!(
         "| answerable questions escalated, and the cloud got them right | {} of {} |",
-        count(&|r| r.0 && r.1 && r.2),
-        count(&|r| r.0 && r.1)
+        count(&|r| r.answerable && r.escalated && r.right),
+        count(&|r| r.answerable && r.escalated)
     );
     println!(
-        "| unanswerable lines the cloud answered saying it did not know | {} of {} |",
-        count(&|r| !r.0 && r.1 && r.3),
-        count(&|r| !r.0 && r.1)
+        "| unanswerable lines sent to the cloud that it said it did not know | {} of {} |",
+        count(&|r| !r.answerable && r.escalated && r.dont_know),
+        count(&|r| !r.answerable && r.escalated)
     );
     println!(
         "| unanswerable lines with a real-world answer the player got right | {} of {world} |",
-        count(&|r| r.4 == Some(true))
+        count(&|r| r.world == Some(true))
+    );
+    println!(
+        "| made-up-world lines the cloud answered anyway (an invented answer) | {} of {} |",
+        count(&|r| !r.answerable && r.escalated && !r.dont_know && r.world.is_none()),
+        count(&|r| !r.answerable && r.world.is_none())
     );
 }
 

@@ -336,6 +336,8 @@ pub const CLOUD_STANDIN_MODEL: CatalogModel = QWEN25_CODER_15B;
 /// [`CLOUD_STANDIN_MODEL`], so the escalation goes to a model that knows more.
 pub const ESCALATING_MODEL: CatalogModel = QWEN25_CODER_05B;
 
+const _: () = assert!(ESCALATING_MODEL.size < CLOUD_STANDIN_MODEL.size);
+
 /// The catalog model with this id.
 #[must_use]
 pub fn find(id: &str) -> Option<&'static CatalogModel> {
@@ -356,7 +358,6 @@ mod tests {
     fn the_cloud_stand_in_is_the_largest_model_and_the_escalating_npc_runs_a_smaller_one() {
         let largest = MODELS.iter().map(|m| m.size).max();
         assert_eq!(Some(CLOUD_STANDIN_MODEL.size), largest);
-        assert!(ESCALATING_MODEL.size < CLOUD_STANDIN_MODEL.size);
         assert!(find(ESCALATING_MODEL.id).is_some() && find(CLOUD_STANDIN_MODEL.id).is_some());
     }
 

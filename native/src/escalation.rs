@@ -653,7 +653,11 @@ pub enum CloudRole {
     /// NPC is, how it talks, and at most three of its knowledge entries, those that share
     /// the most words with the line; no secrets, goals, actions or world preamble), the last
     /// [`EscalationConfig::cloud_history_turns`] turns and the line, and its reply streams to
-    /// the game ([`ReplySource::Cloud`]).
+    /// the game ([`ReplySource::Cloud`]). The prompt tells it to say it does not know what the
+    /// game's world did not tell it; a reply whose first sentence says so is never streamed:
+    /// the NPC says its own don't-know line instead ([`ReplySource::Fallback`], the call's
+    /// tokens in [`ReplyStats::cloud_fact`]). The first sentence (at most 64 characters) is
+    /// held back until it is in, then the reply streams on as it arrives.
     #[default]
     Speak,
     /// The cloud model supplies only the missing fact: it gets a short prompt (the NPC's

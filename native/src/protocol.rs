@@ -506,7 +506,9 @@ pub struct ReplyStats {
     /// Recalled memories left out to stay inside the budget.
     pub dropped_memories: usize,
     /// For [`ReplySource::Informed`]: what the cloud spent supplying the fact the local
-    /// model voiced (the other counts are the local model's). `None` otherwise.
+    /// model voiced (the other counts are the local model's). For a
+    /// [`ReplySource::Fallback`] after the cloud said it did not know either: what that call
+    /// cost. `None` otherwise.
     pub cloud_fact: Option<CloudUsage>,
     /// Where the worker's time for this reply went (zero for cloud and fallback replies).
     pub timing: ReplyTiming,
