@@ -8,10 +8,8 @@
 //! and its result is cached on disk under a key of the model, the ratio and the texts, so a
 //! game pays the cost once per lore version.
 
-use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 
-use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::LlamaModel;
 use sha2::{Digest, Sha256};
@@ -97,16 +95,10 @@ fn compress_uncached(
     keep: f32,
     threads: u32,
 ) -> Result<Compressed, String> {
-    let threads = i32::try_from(threads).unwrap_or(1).max(1);
     let size = u32::try_from(MAX_ENTRY_TOKENS + 8).expect("small");
-    let params = LlamaContextParams::default()
-        .with_n_ctx(NonZeroU32::new(size))
-        .with_n_batch(size)
-        .with_n_ubatch(size)
-        .with_n_threads(threads)
-        .with_n_threads_batch(threads);
+    let params = crate::llama::context_params(size, size, size, 1, threads.max(1));
     let mut ctx = model
-        .new_context(crate::worker::backend(), params)
+        .new_context(crate::llama::backend(), params)
         .map_err(|err| format!("no context for compression: {err}"))?;
     let mut batch = LlamaBatch::new(MAX_ENTRY_TOKENS + 8, 1);
     let vocab = model.vocab();

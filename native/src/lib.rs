@@ -7,10 +7,12 @@ pub mod cloud;
 mod compress;
 mod config;
 pub mod cost;
+mod engine;
 pub mod escalation;
 pub mod guard;
 mod knowledge;
 mod kv_cache;
+mod llama;
 mod logits;
 mod lore;
 mod memory;
@@ -21,7 +23,6 @@ mod protocol;
 mod sampling;
 mod summarizer;
 mod summary;
-mod worker;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
@@ -95,7 +96,7 @@ impl Runtime {
         let (event_sender, events) = crossbeam_channel::unbounded();
         let worker = std::thread::Builder::new()
             .name("npc_native worker".into())
-            .spawn(move || worker::run(config, inbox, event_sender))
+            .spawn(move || engine::run(config, inbox, event_sender))
             .expect("failed to spawn the npc_native worker thread");
         Self {
             requests,

@@ -21,10 +21,8 @@
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
-use std::num::NonZeroU32;
 
 use llama_cpp_2::context::LlamaContext;
-use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::sampling::LlamaSampler;
@@ -105,7 +103,7 @@ pub(crate) struct Summarizer<'m> {
     ctx: Option<LlamaContext<'m>>,
     batch: LlamaBatch<'static>,
     running: Option<Running>,
-    threads: i32,
+    threads: u32,
     /// The context could not be created: model-written summaries are off for this run.
     unavailable: bool,
 }
@@ -116,7 +114,7 @@ impl<'m> Summarizer<'m> {
             ctx: None,
             batch: LlamaBatch::new(CHUNK, 1),
             running: None,
-            threads: i32::try_from(threads).unwrap_or(1).max(1),
+            threads: threads.max(1),
             unavailable: false,
         }
     }
@@ -160,15 +158,14 @@ impl<'m> Summarizer<'m> {
             text: None,
         };
         if self.ctx.is_none() {
-            let size = NonZeroU32::new(CONTEXT as u32);
-            let params = LlamaContextParams::default()
-                .with_n_ctx(size)
-                .with_n_batch(CHUNK as u32)
-                .with_n_ubatch(CHUNK as u32)
-                .with_n_seq_max(1)
-                .with_n_threads(self.threads)
-                .with_n_threads_batch(self.threads);
-            match model.new_context(crate::worker::backend(), params) {
+            let params = crate::llama::context_params(
+                CONTEXT as u32,
+                CHUNK as u32,
+                CHUNK as u32,
+                1,
+                self.threads,
+            );
+            match model.new_context(crate::llama::backend(), params) {
                 Ok(ctx) => self.ctx = Some(ctx),
                 Err(err) => {
                     tracing::warn!("no context for summaries ({err}); model summaries are off");
@@ -452,7 +449,7 @@ mod tests {
             .join("../assets")
             .join(crate::catalog::TEST_MODEL.asset_path());
         let model = LlamaModel::load_from_file(
-            crate::worker::backend(),
+            crate::llama::backend(),
             &path,
             &llama_cpp_2::model::params::LlamaModelParams::default(),
         )

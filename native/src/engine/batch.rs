@@ -1,0 +1,457 @@
+//! One step of the engine: admit waiting lines into free slots (building their prompts), fill
+//! a batch with every speaking NPC's next token and prompt chunks, decode, sample.
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::token::LlamaToken;
+
+use crate::actions;
+use crate::escalation::TokenConfidence;
+use crate::guard::ReplyGuard;
+use crate::kv_cache::seq_id;
+use crate::protocol::{
+    Event, FinishReason, NpcError, ReplySource, ReplyStats, RequestId, SayOptions,
+};
+use crate::sampling::StopFilter;
+
+use super::sequence::{Job, Phase, Queued};
+use super::{Engine, pos};
+
+impl Engine<'_, '_> {
+    /// Moves queued replies into free slots, building their prompts.
+    pub(super) fn admit_queued(&mut self) {
+        while let Some(queued) = self.queue.front() {
+            let npc = queued.npc;
+            let Some(slot) = self.kv.acquire(&mut self.ctx, npc) else {
+                return;
+            };
+            let queued = self.queue.pop_front().expect("front exists");
+            match self.start_job(queued, slot) {
+                Ok(job) => self.active.push(job),
+                Err((request, error)) => {
+                    self.kv.release(slot);
+                    self.emit(Event::Failed {
+                        npc,
+                        request,
+                        error,
+                    });
+                }
+            }
+        }
+    }
+
+    pub(super) fn start_job(
+        &mut self,
+        queued: Queued,
+        slot: usize,
+    ) -> Result<Job, (RequestId, NpcError)> {
+        let Queued {
+            npc,
+            request,
+            line,
+            options,
+            deadline,
+            received,
+            fact,
+            cloud_fact,
+            hint,
+            unknown,
+            routing,
+        } = queued;
+        let Some(conversation) = self.npcs.get_mut(&npc) else {
+            return Err((request, NpcError::UnknownNpc(npc)));
+        };
+        let prompt_started = Instant::now();
+        // A line the cloud was asked about is not sent to the cloud again, and a reply that
+        // opens with a fact has streamed already.
+        let escalate_held =
+            cloud_fact.is_none() && fact.is_none() && self.escalator.holds(&conversation.profile);
+        // `hint` marks a line about something the NPC may not know.
+        let (remind, check) = self.escalator.dont_know_policy();
+        // A reply that opens with a fact the cloud supplied is grounded in it.
+        let check_grounding = check && hint.is_some() && fact.is_none();
+        let line = conversation.actions.take_notes_into(line);
+        let sampling = conversation.sampling.clone();
+        let assembled = conversation
+            .knowledge
+            .assemble(
+                &self.prompts,
+                self.model,
+                &conversation.system,
+                &conversation.turns,
+                &line,
+                fact.as_deref(),
+                hint.as_deref().filter(|_| remind),
+                self.context_per_npc,
+                sampling.max_tokens as usize,
+            )
+            .map_err(|error| (request, error))?;
+        let dropped_turns = conversation.knowledge.summary.turns;
+        let prompt = align_with_cache(
+            self.model,
+            self.kv.tokens(slot),
+            assembled.tokens,
+            // The respelling stays inside the persona's prompt budget too.
+            self.context_per_npc
+                .saturating_sub(sampling.max_tokens as usize)
+                .min(conversation.knowledge.budget().unwrap_or(usize::MAX)),
+        );
+        let reuse = self.kv.reuse_prefix(&mut self.ctx, slot, &prompt);
+        let cached = reuse.cached;
+        let seed = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos())
+            ^ (request.0 as u32);
+        let mut filter = actions::filter(
+            &conversation.actions,
+            StopFilter::new(sampling.stop.clone()),
+        );
+        let mut opened_at = None;
+        let mut guard = ReplyGuard::default();
+        if let Some(fact) = &fact {
+            // The reply opens with the fact (the prompt ends with it): the game gets it now,
+            // and this is its first token.
+            let (opening, _) = filter.push(fact.as_bytes());
+            let opening = guard.push(&conversation.guard, &opening);
+            if !opening.is_empty() {
+                opened_at = Some(Instant::now());
+                let _ = self.events.send(Event::Delta {
+                    npc,
+                    request,
+                    text: opening,
+                });
+            }
+        }
+        Ok(Job {
+            npc,
+            request,
+            line,
+            slot,
+            pending_from: cached,
+            in_batch: 0,
+            n_past: cached,
+            next_token: None,
+            logits_at: None,
+            token_in_batch: false,
+            sampler: actions::ReplySampler::new(
+                self.model,
+                conversation.actions.grammar.as_deref(),
+                sampling.sampler(self.model.n_vocab(), seed),
+                sampling.candidates_needed(),
+            ),
+            filter,
+            max_tokens: sampling.max_tokens,
+            stats: ReplyStats {
+                finish: FinishReason::EndOfTurn,
+                prompt_tokens: prompt.len(),
+                cached_tokens: cached,
+                shared_tokens: reuse.copied,
+                generated_tokens: 0,
+                time_to_first_token: opened_at.map_or(Duration::ZERO, |at| at - received),
+                generation_time: Default::default(),
+                dropped_turns,
+                source: if cloud_fact.is_some() {
+                    ReplySource::Informed
+                } else {
+                    ReplySource::Local
+                },
+                confidence: None,
+                cloud_fact,
+                lore_entries: assembled.lore_entries,
+                dropped_lore: assembled.dropped_lore,
+                memories: assembled.memories,
+                dropped_memories: assembled.dropped_memories,
+                timing: crate::protocol::ReplyTiming {
+                    prompt: prompt_started.elapsed(),
+                    routing,
+                    ..Default::default()
+                },
+            },
+            confidence: TokenConfidence::default(),
+            hold: escalate_held || check_grounding,
+            escalate_held,
+            check_grounding,
+            unknown,
+            fact,
+            guard,
+            secrets: conversation.guard.clone(),
+            deflection: None,
+            pending: prompt,
+            received,
+            first_token_at: opened_at,
+            priority: options.priority,
+            deadline,
+        })
+    }
+
+    /// One decode over every active job: one token for each job that is generating, then
+    /// prompt chunks for jobs still prefilling, up to the batch size.
+    pub(super) fn step(&mut self) {
+        self.enforce_deadlines();
+        if self.active.is_empty() {
+            return;
+        }
+        // Generated tokens enter the batch in sequence order: llama.cpp splits a
+        // multi-sequence batch into one micro-batch per run of consecutive sequence ids, so an
+        // unordered batch would decode one NPC at a time.
+        self.active.sort_by_key(|job| job.slot);
+        let generating = self
+            .active
+            .iter()
+            .filter(|job| job.next_token.is_some())
+            .count();
+        let prompting = self
+            .active
+            .iter()
+            .any(|job| job.next_token.is_none() && job.pending_from < job.pending.len());
+        if self.config.reproducible_batching_applies() && generating > 0 && prompting {
+            // A micro-batch that mixes prompt tokens with generated ones computes the prompt's
+            // keys and values differently (in the last bits) from one that holds prompt tokens
+            // alone, so they go to llama.cpp in two calls.
+            self.decode(Phase::Generated, generating);
+            self.decode(Phase::Prompts, generating);
+        } else {
+            self.decode(Phase::Both, generating);
+        }
+    }
+
+    /// One `decode` call: the next token of every speaking NPC and/or prompt chunks, then
+    /// sampling for every NPC whose logits it produced.
+    pub(super) fn decode(&mut self, phase: Phase, generating: usize) {
+        let capacity = self.config.batch_size as usize;
+        // While any NPC is mid-sentence, prompts advance in small chunks, so a long prompt
+        // does not freeze its speech for seconds.
+        let prefill_capacity = if generating > 0 {
+            capacity.min(generating + self.config.prefill_chunk as usize)
+        } else {
+            capacity
+        };
+        self.batch.clear();
+        let mut used = 0;
+        for job in &mut self.active {
+            job.logits_at = None;
+            job.token_in_batch = false;
+            if phase == Phase::Prompts {
+                continue;
+            }
+            if let Some(token) = job.next_token {
+                let added = self
+                    .batch
+                    .add(token, pos(job.n_past), &[seq_id(job.slot)], true);
+                debug_assert!(added.is_ok(), "batch holds one token per slot");
+                job.logits_at = Some(i32::try_from(used).unwrap_or(i32::MAX));
+                job.token_in_batch = true;
+                used += 1;
+            }
+        }
+        if phase != Phase::Generated {
+            // Prompt chunks go to the most important NPC first.
+            let mut by_priority: Vec<usize> = (0..self.active.len()).collect();
+            by_priority.sort_by_key(|&at| std::cmp::Reverse(self.active[at].priority));
+            for at in by_priority {
+                let job = &mut self.active[at];
+                if job.next_token.is_some()
+                    || job.pending_from >= job.pending.len()
+                    || used >= prefill_capacity
+                {
+                    continue;
+                }
+                let end = job
+                    .pending
+                    .len()
+                    .min(job.pending_from + (prefill_capacity - used));
+                job.in_batch = end - job.pending_from;
+                for index in job.pending_from..end {
+                    let last = index + 1 == job.pending.len();
+                    let position = pos(job.n_past + index - job.pending_from);
+                    let _ = self
+                        .batch
+                        .add(job.pending[index], position, &[seq_id(job.slot)], last);
+                    if last {
+                        job.logits_at = Some(i32::try_from(used).unwrap_or(i32::MAX));
+                    }
+                    used += 1;
+                }
+            }
+        }
+        if used == 0 {
+            return;
+        }
+        let decode_started = Instant::now();
+        let decoded = self.ctx.decode(&mut self.batch);
+        let decode_time = decode_started.elapsed();
+        // Pending sequence copies ran at the start of the decode, whatever its outcome.
+        self.kv.decoded();
+        if let Err(err) = decoded {
+            return self.fail_all(&format!("decode failed: {err}"));
+        }
+        // The batch is in the KV cache now: record what each sequence holds.
+        let mut finished = Vec::new();
+        for (at, job) in self.active.iter_mut().enumerate() {
+            if job.token_in_batch {
+                job.stats.timing.decode += decode_time;
+            } else if job.in_batch > 0 {
+                job.stats.timing.prefill += decode_time;
+            }
+            if std::mem::take(&mut job.token_in_batch) {
+                if let Some(token) = job.next_token.take() {
+                    self.kv.push(job.slot, token);
+                    job.n_past += 1;
+                }
+            } else if job.in_batch > 0 {
+                let added = std::mem::take(&mut job.in_batch);
+                for &token in &job.pending[job.pending_from..job.pending_from + added] {
+                    self.kv.push(job.slot, token);
+                }
+                job.pending_from += added;
+                job.n_past += added;
+            }
+            let Some(index) = job.logits_at else { continue };
+            let sampling_started = Instant::now();
+            let sampled = job.sampler.sample(&self.ctx, index);
+            let scoring_started = Instant::now();
+            job.stats.timing.sampling += scoring_started - sampling_started;
+            let Some(token) = sampled else {
+                // The action grammar allows no token at all: the reply ends here.
+                finished.push((at, FinishReason::EndOfTurn));
+                continue;
+            };
+            job.confidence
+                .observe(self.ctx.get_logits_ith(index), token.0);
+            let now = Instant::now();
+            job.stats.timing.confidence += now - scoring_started;
+            if job.first_token_at.is_none() {
+                job.stats.time_to_first_token = now - job.received;
+            }
+            let first = *job.first_token_at.get_or_insert(now);
+            let vocab = self.model.vocab();
+            if vocab.is_eog(token) || vocab.is_control(token) {
+                finished.push((at, FinishReason::EndOfTurn));
+                continue;
+            }
+            // Up to the last token of the reply: the end-of-turn token is not one, and
+            // neither is the decode before it (tokens per second counts n - 1 intervals).
+            job.stats.generation_time = now - first;
+            job.stats.generated_tokens += 1;
+            let (text, stopped) = job.filter.push(&vocab.token_to_piece(token, false, None));
+            let guard_started = Instant::now();
+            let text = job.guard.push(&job.secrets, &text);
+            job.stats.timing.guard += guard_started.elapsed();
+            if !text.is_empty() && !job.hold {
+                let _ = self.events.send(Event::Delta {
+                    npc: job.npc,
+                    request: job.request,
+                    text,
+                });
+            }
+            job.stats.timing.text += now.elapsed();
+            if job.guard.breach().is_some() {
+                finished.push((at, FinishReason::Guarded));
+            } else if stopped {
+                finished.push((at, FinishReason::StopString));
+            } else if job.stats.generated_tokens >= job.max_tokens as usize {
+                finished.push((at, FinishReason::MaxTokens));
+            } else if job.n_past + 1 >= self.context_per_npc {
+                finished.push((at, FinishReason::ContextFull));
+            } else {
+                job.next_token = Some(token);
+            }
+        }
+        // Remove from the back so earlier indices stay valid.
+        for (at, reason) in finished.into_iter().rev() {
+            let job = self.active.swap_remove(at);
+            self.finish(job, reason);
+        }
+    }
+
+    /// Queued replies past their deadline fail; replies in progress end with what they have.
+    pub(super) fn enforce_deadlines(&mut self) {
+        let now = Instant::now();
+        let expired = |received: Instant, options: &SayOptions| {
+            options.deadline.is_some_and(|d| now >= received + d)
+        };
+        while let Some(at) = self
+            .queue
+            .iter()
+            .position(|q| expired(q.received, &q.options))
+        {
+            let queued = self.queue.remove(at).expect("position is in range");
+            self.emit(Event::Failed {
+                npc: queued.npc,
+                request: queued.request,
+                error: NpcError::DeadlineExceeded,
+            });
+        }
+        while let Some(at) = self
+            .active
+            .iter()
+            .position(|job| job.deadline.is_some_and(|d| now >= d))
+        {
+            let job = self.active.swap_remove(at);
+            if job.stats.generated_tokens == 0 {
+                // Nothing said yet: no reply to keep.
+                self.kv.release(job.slot);
+                self.emit(Event::Failed {
+                    npc: job.npc,
+                    request: job.request,
+                    error: NpcError::DeadlineExceeded,
+                });
+            } else {
+                self.finish(job, FinishReason::Deadline);
+            }
+        }
+    }
+}
+
+/// Re-tokenizing a reply's text does not always give back the tokens that were sampled (a
+/// byte-pair vocabulary spells many texts in several ways), and a prompt that spells an
+/// earlier reply differently would recompute everything after the first difference. Where
+/// `prompt` leaves the cached tokens but the cached tokens spell the same bytes, they are
+/// kept and only the rest of the prompt's text is tokenized again.
+///
+/// The respelling may take more tokens than the prompt's own spelling (grammar-constrained
+/// action lines are often sampled a few letters at a time); it is kept only while it leaves
+/// `limit` tokens or fewer, the context less the reply's room. Those tokens are cached, so
+/// they cost nothing to compute.
+fn align_with_cache(
+    model: &LlamaModel,
+    cached: &[LlamaToken],
+    prompt: Vec<LlamaToken>,
+    limit: usize,
+) -> Vec<LlamaToken> {
+    let common = cached
+        .iter()
+        .zip(&prompt)
+        .take_while(|(a, b)| a == b)
+        .count();
+    if common == cached.len() || common == prompt.len() {
+        return prompt;
+    }
+    let vocab = model.vocab();
+    let mut rest = Vec::new();
+    for &token in &prompt[common..] {
+        vocab.token_to_piece_into(token, &mut rest, true, None);
+    }
+    let (mut spelled, mut take, mut matched) = (Vec::new(), 0, 0);
+    for (at, &token) in cached[common..].iter().enumerate() {
+        vocab.token_to_piece_into(token, &mut spelled, true, None);
+        if !rest.starts_with(&spelled) {
+            break;
+        }
+        (take, matched) = (at + 1, spelled.len());
+    }
+    if take == 0 {
+        return prompt;
+    }
+    let Ok(tail) = std::str::from_utf8(&rest[matched..]) else {
+        return prompt;
+    };
+    let mut aligned = prompt[..common].to_vec();
+    aligned.extend_from_slice(&cached[common..common + take]);
+    aligned.extend(vocab.tokenize(tail.as_bytes(), false, true));
+    if aligned.len() > limit.max(prompt.len()) {
+        return prompt;
+    }
+    aligned
+}

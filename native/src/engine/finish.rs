@@ -1,0 +1,166 @@
+//! The end of a reply: the guard's last word, the held-reply checks, the turn the
+//! conversation keeps, the action it asked for, and the events.
+
+use std::time::Instant;
+
+use crate::actions;
+use crate::guard::ReplyGuard;
+use crate::prompt::Turn;
+use crate::protocol::{Event, FinishReason, NpcError, ReplySource};
+
+use super::Engine;
+use super::sequence::Job;
+
+/// Importance of a fact the cloud supplied, as the NPC remembers it (mid-scale: recalled
+/// when a line shares its words, not always).
+const LEARNED_FACT_IMPORTANCE: u8 = 5;
+
+impl Engine<'_, '_> {
+    pub(super) fn finish(&mut self, mut job: Job, mut reason: FinishReason) {
+        let tail = job.filter.finish();
+        let guard_started = Instant::now();
+        let mut tail = job.guard.push(&job.secrets, &tail);
+        tail.push_str(&job.guard.finish(&job.secrets));
+        if let Some(breach) = job.guard.breach() {
+            reason = FinishReason::Guarded;
+            let deflection = self.npcs.get_mut(&job.npc).map(|c| {
+                let (at, line) = c.guard.deflection(c.last_deflection);
+                c.last_deflection = Some(at);
+                line.to_owned()
+            });
+            tracing::info!("NPC {:?}: the guard stopped a reply ({breach:?})", job.npc);
+            tail = match &deflection {
+                Some(d) if job.guard.released().trim().is_empty() => d.clone(),
+                Some(d) if job.guard.released().ends_with(char::is_whitespace) => d.clone(),
+                Some(d) => format!(" {d}"),
+                None => String::new(),
+            };
+            job.deflection = deflection;
+        }
+        job.stats.timing.guard += guard_started.elapsed();
+        if job.hold {
+            return self.finish_held(job, reason);
+        }
+        if !tail.is_empty() {
+            self.emit(Event::Delta {
+                npc: job.npc,
+                request: job.request,
+                text: tail,
+            });
+        }
+        self.kv.release(job.slot);
+        job.stats.finish = reason;
+        job.stats.confidence = job.confidence.summary();
+        let text = job.spoken();
+        let turn_text = job.turn_text();
+        let mut action = None;
+        if let Some(conversation) = self.npcs.get_mut(&job.npc) {
+            if job.deflection.is_none() {
+                action = actions::parse_action(&conversation.actions.specs, job.filter.hidden());
+            }
+            conversation.knowledge.learn_from(&job.line);
+            if let Some(fact) = job.fact.as_ref().filter(|_| job.stats.cloud_fact.is_some()) {
+                conversation.knowledge.memories.remember(
+                    &crate::escalation::learned_memory(&job.line, fact),
+                    LEARNED_FACT_IMPORTANCE,
+                );
+            }
+            conversation.turns.push(Turn {
+                player: job.line,
+                npc: turn_text,
+            });
+        }
+        if let Some(action) = action {
+            self.emit(Event::ActionRequested {
+                npc: job.npc,
+                request: job.request,
+                action,
+            });
+        }
+        self.emit(Event::Replied {
+            npc: job.npc,
+            request: job.request,
+            text,
+            stats: job.stats,
+        });
+    }
+
+    /// A held reply is complete: the cloud (or the fallback line) replaces it, or it goes
+    /// out now as one delta.
+    pub(super) fn finish_held(&mut self, mut job: Job, reason: FinishReason) {
+        self.kv.release(job.slot);
+        let mut text = job.spoken();
+        job.stats.finish = reason;
+        job.stats.confidence = job.confidence.summary();
+        if job.escalate_held
+            && let Some(c) = self.npcs.get(&job.npc)
+            && self.escalator.second_opinion(
+                job.npc,
+                job.request,
+                &job.line,
+                &text,
+                job.stats.confidence.as_ref(),
+                &c.profile,
+                &c.turns,
+                self.events,
+            )
+        {
+            return;
+        }
+        if job.check_grounding
+            && let Some(c) = self.npcs.get_mut(&job.npc)
+        {
+            let started = Instant::now();
+            let mut heard: Vec<&str> = vec![job.line.as_str()];
+            for turn in &c.turns {
+                heard.extend([turn.player.as_str(), turn.npc.as_str()]);
+            }
+            if !crate::escalation::grounded(&text, &c.vocabulary, &heard, &job.unknown) {
+                tracing::info!(
+                    "NPC {:?}: a reply stated what it cannot know: {text:?}",
+                    job.npc
+                );
+                text = c.next_dont_know();
+                job.deflection = Some(text.clone());
+                job.guard = ReplyGuard::default();
+                job.stats.source = ReplySource::Fallback;
+            }
+            job.stats.timing.routing += started.elapsed();
+        }
+        if !text.is_empty() {
+            self.emit(Event::Delta {
+                npc: job.npc,
+                request: job.request,
+                text: text.clone(),
+            });
+        }
+        let turn_text = job.turn_text();
+        if let Some(conversation) = self.npcs.get_mut(&job.npc) {
+            conversation.knowledge.learn_from(&job.line);
+            conversation.turns.push(Turn {
+                player: job.line,
+                npc: turn_text,
+            });
+        }
+        self.emit(Event::Replied {
+            npc: job.npc,
+            request: job.request,
+            text,
+            stats: job.stats,
+        });
+    }
+
+    /// A decode failed: the batch's state is unknown, so every active reply fails and its
+    /// sequence is cleared (to be recomputed on the next turn).
+    pub(super) fn fail_all(&mut self, reason: &str) {
+        tracing::error!("npc_native: {reason}");
+        for job in std::mem::take(&mut self.active) {
+            self.kv.clear(&mut self.ctx, job.slot);
+            self.emit(Event::Failed {
+                npc: job.npc,
+                request: job.request,
+                error: NpcError::Inference(reason.to_owned()),
+            });
+        }
+    }
+}

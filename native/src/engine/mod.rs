@@ -1,0 +1,364 @@
+//! The worker thread: owns llama.cpp, drains the inbox, decodes every NPC with pending work
+//! in one batch per step, samples, and streams events out.
+//!
+//! - [`sequence`]: what is kept per NPC (`Conversation`), per waiting line (`Queued`) and per
+//!   reply being produced (`Job`);
+//! - [`handlers`]: the answer to each [`Request`];
+//! - [`batch`]: admission, prompt building, batch filling, decoding and sampling;
+//! - [`finish`]: the end of a reply;
+//! - [`background`]: prewarm and summaries, when nothing else is waiting.
+
+mod background;
+mod batch;
+mod finish;
+mod handlers;
+mod sequence;
+
+use std::collections::{HashMap, VecDeque};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
+use llama_cpp_2::context::LlamaContext;
+use llama_cpp_2::context::params::KvCacheType;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::model::LlamaModel;
+
+use crate::actions;
+use crate::config::{KvPrecision, RuntimeConfig};
+use crate::escalation::Escalator;
+use crate::kv_cache::{DiskConfig, KvCacheManager};
+use crate::llama::{self, FLASH_ATTENTION_DISABLED, FLASH_ATTENTION_ENABLED, backend};
+use crate::persist::{self, StateIdentity};
+use crate::prompt::PromptBuilder;
+use crate::protocol::{DebugHook, Event, ModelError, ModelInfo, NpcError, NpcId, Request};
+use crate::summarizer::Summarizer;
+
+use sequence::{Conversation, Job, Prewarm, Queued};
+
+/// How long an idle worker waits on its inbox before looking for a fact the cloud supplied.
+const CLOUD_POLL: Duration = Duration::from_millis(5);
+
+/// Entry point of the worker thread. Never panics out: a panic becomes [`Event::WorkerDied`].
+pub(crate) fn run(config: RuntimeConfig, inbox: Receiver<Request>, events: Sender<Event>) {
+    let outcome = catch_unwind(AssertUnwindSafe(|| serve(&config, &inbox, &events)));
+    if let Err(panic) = outcome {
+        let reason = panic
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".to_owned());
+        tracing::error!("npc_native worker died: {reason}");
+        let _ = events.send(Event::WorkerDied { reason });
+    }
+}
+
+fn serve(config: &RuntimeConfig, inbox: &Receiver<Request>, events: &Sender<Event>) {
+    let started = Instant::now();
+    if !config.llama_logs {
+        llama_cpp_2::send_logs_to_tracing(
+            llama_cpp_2::LogOptions::default().with_logs_enabled(false),
+        );
+    }
+    let loaded = config
+        .model_file()
+        .and_then(|path| Ok((llama::load_model(config, &path)?, path)));
+    let (model, model_path) = match loaded {
+        Ok(loaded) => loaded,
+        Err(error) => return serve_without_model(&error, inbox, events),
+    };
+    let catalog = model_path
+        .file_name()
+        .and_then(|name| crate::catalog::by_file_name(&name.to_string_lossy()));
+    if let Some(entry) = catalog {
+        llama::check_catalog_expectations(&model, entry);
+    }
+    let threads = config.effective_threads();
+    let params = llama::context_params(
+        config.context_size * config.slots,
+        config.batch_size,
+        config.effective_ubatch_size(),
+        config.slots,
+        threads,
+    )
+    .with_kv_unified(false);
+    let params = match config.kv_precision {
+        // llama.cpp's CPU flash attention takes a different kernel for one sequence's single
+        // query (the keys split across threads) than for several sequences at once.
+        KvPrecision::F16 if config.reproducible_batching_applies() => {
+            params.with_flash_attention_policy(FLASH_ATTENTION_DISABLED)
+        }
+        KvPrecision::F16 => params,
+        // Quantized V needs flash attention; K follows V so both halves shrink alike.
+        precision => {
+            let kind = match precision {
+                KvPrecision::Q4_0 => KvCacheType::Q4_0,
+                _ => KvCacheType::Q8_0,
+            };
+            params
+                .with_flash_attention_policy(FLASH_ATTENTION_ENABLED)
+                .with_type_k(kind)
+                .with_type_v(kind)
+        }
+    };
+    let mut ctx = match model.new_context(backend(), params) {
+        Ok(ctx) => ctx,
+        Err(err) => {
+            return serve_without_model(&ModelError::Context(err.to_string()), inbox, events);
+        }
+    };
+    llama::warm_up(&model, &mut ctx);
+    let prompts = PromptBuilder::new(&model);
+    let context_per_npc = (ctx.n_ctx() / config.slots) as usize;
+    let info = ModelInfo {
+        path: model_path.clone(),
+        catalog_id: catalog.map(|entry| entry.id),
+        n_params: model.n_params(),
+        context_per_npc: u32::try_from(context_per_npc).unwrap_or(u32::MAX),
+        slots: config.slots,
+        threads,
+        gpu_layers: config.effective_gpu_layers().min(model.n_layer() + 1),
+        has_chat_template: prompts.has_model_template,
+        load_time: started.elapsed(),
+    };
+    let identity = StateIdentity {
+        format: persist::FORMAT_VERSION,
+        // The file was readable a moment ago; if that changed, saved KV just never matches.
+        model: persist::model_fingerprint(&model_path).unwrap_or_default(),
+        template: persist::text_hash(&prompts.template_text),
+        context_per_npc: info.context_per_npc,
+        kv_precision: config.kv_precision.name().to_owned(),
+    };
+    tracing::info!(?info, "model loaded");
+    let _ = events.send(Event::ModelLoaded(info));
+    let batch_size = config.batch_size as usize;
+    let mut engine = Engine {
+        config,
+        model: &model,
+        ctx,
+        prompts,
+        events,
+        context_per_npc,
+        kv: KvCacheManager::new(
+            config.slots,
+            config.kv_reuse,
+            config.evicted_kv_bytes,
+            DiskConfig {
+                budget: config.evicted_kv_disk_bytes,
+                dir: config.eviction_dir.clone(),
+            },
+        ),
+        identity,
+        batch: LlamaBatch::new(batch_size, i32::try_from(config.slots).unwrap_or(1)),
+        npcs: HashMap::new(),
+        queue: VecDeque::new(),
+        active: Vec::new(),
+        escalator: Escalator::new(&config.escalation),
+        summarizer: Summarizer::new(threads),
+        prewarm: VecDeque::new(),
+    };
+    engine.run(inbox);
+}
+
+fn serve_without_model(error: &ModelError, inbox: &Receiver<Request>, events: &Sender<Event>) {
+    tracing::error!("npc_native: {error}");
+    let _ = events.send(Event::ModelFailed(error.clone()));
+    let unavailable = || NpcError::ModelUnavailable(error.to_string());
+    while let Ok(request) = inbox.recv() {
+        let event = match request {
+            Request::SetPersona { npc, .. } => Event::PersonaRejected {
+                npc,
+                error: unavailable(),
+            },
+            Request::SaveNpc { npc, path } => Event::NpcSaveFailed {
+                npc,
+                path,
+                error: unavailable().to_string(),
+            },
+            Request::LoadNpc { npc, .. } => Event::NpcLoadFailed {
+                npc,
+                error: unavailable().to_string(),
+            },
+            Request::Say { npc, request, .. } => Event::Failed {
+                npc,
+                request,
+                error: unavailable(),
+            },
+            Request::Remember { npc, .. } | Request::Inspect { npc } => Event::RememberFailed {
+                npc,
+                error: unavailable(),
+            },
+            Request::RevealSecret { npc, .. } => Event::RevealFailed {
+                npc,
+                error: unavailable(),
+            },
+            Request::Cancel { .. } | Request::Forget { .. } | Request::ActionOutcome { .. } => {
+                continue;
+            }
+            Request::Shutdown => return,
+            Request::Debug(hook) => {
+                run_debug_hook(hook);
+                continue;
+            }
+        };
+        if events.send(event).is_err() {
+            return;
+        }
+    }
+}
+
+fn run_debug_hook(hook: DebugHook) {
+    match hook {
+        DebugHook::WaitFor(gate) => {
+            let _ = gate.recv();
+        }
+        DebugHook::Panic => panic!("panic injected by DebugHook::Panic"),
+    }
+}
+
+struct Engine<'m, 'e> {
+    config: &'e RuntimeConfig,
+    model: &'m LlamaModel,
+    ctx: LlamaContext<'m>,
+    prompts: PromptBuilder,
+    events: &'e Sender<Event>,
+    context_per_npc: usize,
+    kv: KvCacheManager,
+    identity: StateIdentity,
+    batch: LlamaBatch<'static>,
+    npcs: HashMap<NpcId, Conversation>,
+    queue: VecDeque<Queued>,
+    active: Vec<Job>,
+    /// Routing to the cloud, spend and rate limits.
+    escalator: Escalator,
+    /// Model-written summaries, run when nothing else is (see `crate::summarizer`).
+    summarizer: Summarizer<'m>,
+    /// NPCs whose prompt prefix is to be computed before they are spoken to, oldest first
+    /// (see [`RuntimeConfig::prewarm`]).
+    prewarm: VecDeque<Prewarm>,
+}
+
+impl Engine<'_, '_> {
+    fn run(&mut self, inbox: &Receiver<Request>) {
+        loop {
+            // Idle: block until there is work. Busy: take what has arrived, then step.
+            if self.active.is_empty()
+                && self.queue.is_empty()
+                && self.prewarm.is_empty()
+                && !self.summary_work()
+            {
+                // A cloud call in flight may hand over a fact: wait for it in short naps.
+                let next = if self.escalator.awaiting_cloud() {
+                    match inbox.recv_timeout(CLOUD_POLL) {
+                        Ok(request) => Some(request),
+                        Err(RecvTimeoutError::Timeout) => None,
+                        Err(RecvTimeoutError::Disconnected) => return,
+                    }
+                } else {
+                    match inbox.recv() {
+                        Ok(request) => Some(request),
+                        Err(_) => return,
+                    }
+                };
+                if let Some(request) = next
+                    && !self.handle(request)
+                {
+                    return;
+                }
+            }
+            loop {
+                match inbox.try_recv() {
+                    Ok(request) => {
+                        if !self.handle(request) {
+                            return self.shut_down();
+                        }
+                    }
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => return,
+                }
+            }
+            self.absorb_informed();
+            self.admit_queued();
+            if !self.active.is_empty() {
+                self.step();
+            } else if self.queue.is_empty() && !self.step_prewarm() {
+                // Lowest priority: only when no reply is waiting or in progress.
+                self.step_summary();
+            }
+        }
+    }
+
+    /// Returns `false` on shutdown.
+    fn handle(&mut self, request: Request) -> bool {
+        match request {
+            Request::SetPersona { npc, persona } => self.set_persona(npc, &persona),
+            Request::Say {
+                npc,
+                request,
+                text,
+                options,
+                sent,
+            } => self.say(npc, request, text, options, sent),
+            Request::Cancel { npc } => self.cancel(npc),
+            Request::Remember {
+                npc,
+                text,
+                importance,
+            } => self.remember(npc, &text, importance),
+            Request::Inspect { npc } => self.inspect(npc),
+            Request::RevealSecret { npc, secret } => self.reveal_secret(npc, &secret),
+            Request::SaveNpc { npc, path } => self.save_npc(npc, path),
+            Request::LoadNpc { npc, path } => self.load_npc(npc, &path),
+            Request::ActionOutcome {
+                npc,
+                action,
+                approved,
+                reason,
+            } => {
+                let note = self
+                    .prompts
+                    .sanitize(&actions::outcome_note(&action, approved, &reason));
+                if let Some(conversation) = self.npcs.get_mut(&npc) {
+                    conversation.actions.notes.push(note);
+                }
+            }
+            Request::Forget { npc } => {
+                self.drop_prewarm(npc);
+                self.cancel(npc);
+                self.summarizer.cancel(npc);
+                self.npcs.remove(&npc);
+                self.kv.forget(&mut self.ctx, npc);
+            }
+            Request::Shutdown => return false,
+            Request::Debug(hook) => run_debug_hook(hook),
+        }
+        true
+    }
+
+    fn emit(&self, event: Event) {
+        // The game may have dropped its receiver while shutting down; nothing to do then.
+        let _ = self.events.send(event);
+    }
+
+    fn shut_down(&mut self) {
+        self.escalator.shut_down(self.events);
+        for job in std::mem::take(&mut self.active) {
+            self.emit(Event::Failed {
+                npc: job.npc,
+                request: job.request,
+                error: NpcError::ShuttingDown,
+            });
+        }
+        for queued in std::mem::take(&mut self.queue) {
+            self.emit(Event::Failed {
+                npc: queued.npc,
+                request: queued.request,
+                error: NpcError::ShuttingDown,
+            });
+        }
+    }
+}
+
+fn pos(n: usize) -> i32 {
+    i32::try_from(n).expect("positions are bounded by the context size")
+}
