@@ -37,8 +37,8 @@ use std::time::Duration;
 use npc_native::catalog::{self, CatalogModel};
 use npc_native::escalation::{self, CloudRole, EscalationConfig};
 use npc_native::{
-    CloudConfig, CostMeter, Event, FinishReason, NpcId, Persona, ReplySource, ReplyStats,
-    RequestId, Runtime, RuntimeConfig,
+    CloudConfig, CostMeter, Event, NpcId, Persona, ReplySource, ReplyStats, RequestId, Runtime,
+    RuntimeConfig,
 };
 use serde::Deserialize;
 
@@ -724,22 +724,9 @@ fn session(
         cloud_only.record(
             npc,
             &ReplyStats {
-                finish: FinishReason::EndOfTurn,
                 prompt_tokens: input as usize,
-                cached_tokens: 0,
-                shared_tokens: 0,
-                lore_entries: 0,
-                dropped_lore: 0,
-                memories: 0,
-                dropped_memories: 0,
                 generated_tokens: output,
-                time_to_first_token: Duration::ZERO,
-                generation_time: Duration::ZERO,
-                dropped_turns: 0,
-                source: ReplySource::Cloud,
-                confidence: None,
-                cloud_fact: None,
-                timing: Default::default(),
+                ..ReplyStats::new(ReplySource::Cloud)
             },
         );
     }

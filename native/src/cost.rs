@@ -305,26 +305,16 @@ impl fmt::Display for CostReport<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{CloudUsage, FinishReason};
+    use crate::protocol::CloudUsage;
 
     fn stats(source: ReplySource, prompt: usize, cached: usize, generated: usize) -> ReplyStats {
         ReplyStats {
-            finish: FinishReason::EndOfTurn,
             prompt_tokens: prompt,
             cached_tokens: cached,
-            shared_tokens: 0,
-            lore_entries: 0,
-            dropped_lore: 0,
-            memories: 0,
-            dropped_memories: 0,
             generated_tokens: generated,
             time_to_first_token: Duration::from_millis(500),
             generation_time: Duration::from_millis(1500),
-            dropped_turns: 0,
-            source,
-            confidence: None,
-            cloud_fact: None,
-            timing: Default::default(),
+            ..ReplyStats::new(source)
         }
     }
 

@@ -1454,24 +1454,7 @@ impl Escalator {
 
 /// Stats of a fallback reply: nothing computed, nothing sent.
 fn fallback_stats() -> ReplyStats {
-    ReplyStats {
-        finish: FinishReason::EndOfTurn,
-        prompt_tokens: 0,
-        cached_tokens: 0,
-        shared_tokens: 0,
-        lore_entries: 0,
-        dropped_lore: 0,
-        memories: 0,
-        dropped_memories: 0,
-        generated_tokens: 0,
-        time_to_first_token: Duration::ZERO,
-        generation_time: Duration::ZERO,
-        dropped_turns: 0,
-        source: ReplySource::Fallback,
-        confidence: None,
-        cloud_fact: None,
-        timing: Default::default(),
-    }
+    ReplyStats::new(ReplySource::Fallback)
 }
 
 /// One cloud call: what to send, and what to do with its answer.
@@ -1608,20 +1591,10 @@ fn run_cloud_job(
                     FinishReason::EndOfTurn
                 },
                 prompt_tokens: usize::try_from(prompt).unwrap_or(usize::MAX),
-                cached_tokens: 0,
-                shared_tokens: 0,
-                lore_entries: 0,
-                dropped_lore: 0,
-                memories: 0,
-                dropped_memories: 0,
                 generated_tokens: usize::try_from(completion).unwrap_or(usize::MAX),
                 time_to_first_token: first - started,
                 generation_time: now - first,
-                dropped_turns: 0,
-                source: ReplySource::Cloud,
-                confidence: None,
-                cloud_fact: None,
-                timing: Default::default(),
+                ..ReplyStats::new(ReplySource::Cloud)
             };
             (reply.text.trim().to_owned(), stats)
         }

@@ -580,6 +580,30 @@ pub enum ReplySource {
 }
 
 impl ReplyStats {
+    /// The stats of a reply from `source` that has not started: nothing counted yet, and it
+    /// ends its turn unless something else ends it first.
+    #[must_use]
+    pub fn new(source: ReplySource) -> Self {
+        Self {
+            finish: FinishReason::EndOfTurn,
+            prompt_tokens: 0,
+            cached_tokens: 0,
+            shared_tokens: 0,
+            lore_entries: 0,
+            dropped_lore: 0,
+            memories: 0,
+            dropped_memories: 0,
+            generated_tokens: 0,
+            time_to_first_token: Duration::ZERO,
+            generation_time: Duration::ZERO,
+            dropped_turns: 0,
+            source,
+            confidence: None,
+            cloud_fact: None,
+            timing: ReplyTiming::default(),
+        }
+    }
+
     /// Generated tokens per second, after the first token.
     #[must_use]
     pub fn tokens_per_second(&self) -> f64 {

@@ -10,23 +10,21 @@ use crate::actions;
 use crate::escalation::TokenConfidence;
 use crate::guard::ReplyGuard;
 use crate::kv_cache::seq_id;
-use crate::protocol::{
-    Event, FinishReason, NpcError, ReplySource, ReplyStats, RequestId, SayOptions,
-};
+use crate::protocol::{Event, FinishReason, NpcError, ReplySource, ReplyStats, RequestId};
 use crate::sampling::StopFilter;
 
+use super::scheduler::{self, Prefill};
 use super::sequence::{Job, Phase, Queued};
 use super::{Engine, pos};
 
 impl Engine<'_, '_> {
     /// Moves queued replies into free slots, building their prompts.
     pub(super) fn admit_queued(&mut self) {
-        while let Some(queued) = self.queue.front() {
-            let npc = queued.npc;
+        while let Some(npc) = self.queue.next_npc() {
             let Some(slot) = self.kv.acquire(&mut self.ctx, npc) else {
                 return;
             };
-            let queued = self.queue.pop_front().expect("front exists");
+            let queued = self.queue.pop().expect("a line is waiting");
             match self.start_job(queued, slot) {
                 Ok(job) => self.active.push(job),
                 Err((request, error)) => {
@@ -143,20 +141,11 @@ impl Engine<'_, '_> {
             filter,
             max_tokens: sampling.max_tokens,
             stats: ReplyStats {
-                finish: FinishReason::EndOfTurn,
                 prompt_tokens: prompt.len(),
                 cached_tokens: cached,
                 shared_tokens: reuse.copied,
-                generated_tokens: 0,
                 time_to_first_token: opened_at.map_or(Duration::ZERO, |at| at - received),
-                generation_time: Default::default(),
                 dropped_turns,
-                source: if cloud_fact.is_some() {
-                    ReplySource::Informed
-                } else {
-                    ReplySource::Local
-                },
-                confidence: None,
                 cloud_fact,
                 lore_entries: assembled.lore_entries,
                 dropped_lore: assembled.dropped_lore,
@@ -167,6 +156,11 @@ impl Engine<'_, '_> {
                     routing,
                     ..Default::default()
                 },
+                ..ReplyStats::new(if cloud_fact.is_some() {
+                    ReplySource::Informed
+                } else {
+                    ReplySource::Local
+                })
             },
             confidence: TokenConfidence::default(),
             hold: escalate_held || check_grounding,
@@ -216,17 +210,40 @@ impl Engine<'_, '_> {
         }
     }
 
-    /// One `decode` call: the next token of every speaking NPC and/or prompt chunks, then
-    /// sampling for every NPC whose logits it produced.
+    /// One `decode` call: the next token of every speaking NPC and/or prompt chunks
+    /// ([`Engine::fill_batch`]), then what it computed goes into each reply's sequence
+    /// ([`Engine::commit_batch`]) and every reply whose logits it produced samples its next
+    /// token ([`Engine::sample_batch`]).
     pub(super) fn decode(&mut self, phase: Phase, generating: usize) {
-        let capacity = self.config.batch_size as usize;
-        // While any NPC is mid-sentence, prompts advance in small chunks, so a long prompt
-        // does not freeze its speech for seconds.
-        let prefill_capacity = if generating > 0 {
-            capacity.min(generating + self.config.prefill_chunk as usize)
-        } else {
-            capacity
-        };
+        if self.fill_batch(phase, generating) == 0 {
+            return;
+        }
+        let decode_started = Instant::now();
+        let decoded = self.ctx.decode(&mut self.batch);
+        let decode_time = decode_started.elapsed();
+        // Pending sequence copies ran at the start of the decode, whatever its outcome.
+        self.kv.decoded();
+        if let Err(err) = decoded {
+            return self.fail_all(&format!("decode failed: {err}"));
+        }
+        self.commit_batch(decode_time);
+        let finished = self.sample_batch();
+        // Remove from the back so earlier indices stay valid.
+        for (at, reason) in finished.into_iter().rev() {
+            let job = self.active.swap_remove(at);
+            self.finish(job, reason);
+        }
+    }
+
+    /// Fills the batch for one `decode` call: the next token of every speaking NPC (unless
+    /// `phase` is prompts only), then prompt chunks as [`scheduler::prefill_plan`] shares
+    /// them out (unless `phase` is generated tokens only). Returns the entries added.
+    fn fill_batch(&mut self, phase: Phase, generating: usize) -> usize {
+        let limit = scheduler::step_limit(
+            self.config.batch_size as usize,
+            generating,
+            self.config.prefill_chunk as usize,
+        );
         self.batch.clear();
         let mut used = 0;
         for job in &mut self.active {
@@ -245,50 +262,41 @@ impl Engine<'_, '_> {
                 used += 1;
             }
         }
-        if phase != Phase::Generated {
-            // Prompt chunks go to the most important NPC first.
-            let mut by_priority: Vec<usize> = (0..self.active.len()).collect();
-            by_priority.sort_by_key(|&at| std::cmp::Reverse(self.active[at].priority));
-            for at in by_priority {
-                let job = &mut self.active[at];
-                if job.next_token.is_some()
-                    || job.pending_from >= job.pending.len()
-                    || used >= prefill_capacity
-                {
-                    continue;
+        if phase == Phase::Generated {
+            return used;
+        }
+        let replies: Vec<Prefill> = self
+            .active
+            .iter()
+            .map(|job| Prefill {
+                priority: job.priority,
+                remaining: job.pending.len().saturating_sub(job.pending_from),
+                generating: job.next_token.is_some(),
+            })
+            .collect();
+        for (at, take) in scheduler::prefill_plan(&replies, used, limit) {
+            let job = &mut self.active[at];
+            let end = job.pending_from + take;
+            job.in_batch = take;
+            for index in job.pending_from..end {
+                let last = index + 1 == job.pending.len();
+                let position = pos(job.n_past + index - job.pending_from);
+                let _ = self
+                    .batch
+                    .add(job.pending[index], position, &[seq_id(job.slot)], last);
+                if last {
+                    job.logits_at = Some(i32::try_from(used).unwrap_or(i32::MAX));
                 }
-                let end = job
-                    .pending
-                    .len()
-                    .min(job.pending_from + (prefill_capacity - used));
-                job.in_batch = end - job.pending_from;
-                for index in job.pending_from..end {
-                    let last = index + 1 == job.pending.len();
-                    let position = pos(job.n_past + index - job.pending_from);
-                    let _ = self
-                        .batch
-                        .add(job.pending[index], position, &[seq_id(job.slot)], last);
-                    if last {
-                        job.logits_at = Some(i32::try_from(used).unwrap_or(i32::MAX));
-                    }
-                    used += 1;
-                }
+                used += 1;
             }
         }
-        if used == 0 {
-            return;
-        }
-        let decode_started = Instant::now();
-        let decoded = self.ctx.decode(&mut self.batch);
-        let decode_time = decode_started.elapsed();
-        // Pending sequence copies ran at the start of the decode, whatever its outcome.
-        self.kv.decoded();
-        if let Err(err) = decoded {
-            return self.fail_all(&format!("decode failed: {err}"));
-        }
-        // The batch is in the KV cache now: record what each sequence holds.
-        let mut finished = Vec::new();
-        for (at, job) in self.active.iter_mut().enumerate() {
+        used
+    }
+
+    /// After a decode: what the batch computed is in the KV cache now; record what each
+    /// sequence holds and where each reply stands.
+    fn commit_batch(&mut self, decode_time: Duration) {
+        for job in &mut self.active {
             if job.token_in_batch {
                 job.stats.timing.decode += decode_time;
             } else if job.in_batch > 0 {
@@ -307,6 +315,15 @@ impl Engine<'_, '_> {
                 job.pending_from += added;
                 job.n_past += added;
             }
+        }
+    }
+
+    /// Samples the next token of every reply whose logits the decode produced, scores its
+    /// confidence, streams its text through the stop filter and the guard; returns the
+    /// replies that ended (index in `active`, why), in index order.
+    fn sample_batch(&mut self) -> Vec<(usize, FinishReason)> {
+        let mut finished = Vec::new();
+        for (at, job) in self.active.iter_mut().enumerate() {
             let Some(index) = job.logits_at else { continue };
             let sampling_started = Instant::now();
             let sampled = job.sampler.sample(&self.ctx, index);
@@ -358,25 +375,13 @@ impl Engine<'_, '_> {
                 job.next_token = Some(token);
             }
         }
-        // Remove from the back so earlier indices stay valid.
-        for (at, reason) in finished.into_iter().rev() {
-            let job = self.active.swap_remove(at);
-            self.finish(job, reason);
-        }
+        finished
     }
 
     /// Queued replies past their deadline fail; replies in progress end with what they have.
     pub(super) fn enforce_deadlines(&mut self) {
         let now = Instant::now();
-        let expired = |received: Instant, options: &SayOptions| {
-            options.deadline.is_some_and(|d| now >= received + d)
-        };
-        while let Some(at) = self
-            .queue
-            .iter()
-            .position(|q| expired(q.received, &q.options))
-        {
-            let queued = self.queue.remove(at).expect("position is in range");
+        for queued in self.queue.expired(now) {
             self.emit(Event::Failed {
                 npc: queued.npc,
                 request: queued.request,

@@ -16,6 +16,8 @@ use super::sequence::Job;
 const LEARNED_FACT_IMPORTANCE: u8 = 5;
 
 impl Engine<'_, '_> {
+    /// A reply ended (`reason`): the stop filter's and the guard's last text goes out (or,
+    /// for a held reply, the checks decide what does), then [`Engine::conclude`].
     pub(super) fn finish(&mut self, mut job: Job, mut reason: FinishReason) {
         let tail = job.filter.finish();
         let guard_started = Instant::now();
@@ -38,19 +40,73 @@ impl Engine<'_, '_> {
             job.deflection = deflection;
         }
         job.stats.timing.guard += guard_started.elapsed();
-        if job.hold {
-            return self.finish_held(job, reason);
-        }
-        if !tail.is_empty() {
-            self.emit(Event::Delta {
-                npc: job.npc,
-                request: job.request,
-                text: tail,
-            });
-        }
         self.kv.release(job.slot);
         job.stats.finish = reason;
         job.stats.confidence = job.confidence.summary();
+        let out = if job.hold {
+            // Nothing was streamed: the whole reply goes out now, if it stays.
+            match self.settle_held(&mut job) {
+                Some(text) => text,
+                None => return,
+            }
+        } else {
+            tail
+        };
+        if !out.is_empty() {
+            self.emit(Event::Delta {
+                npc: job.npc,
+                request: job.request,
+                text: out,
+            });
+        }
+        self.conclude(job);
+    }
+
+    /// A held reply is complete: `None` when its confidence sends the line to the cloud (or
+    /// the fallback line) instead; else the text to send, the NPC's don't-know line when
+    /// the grounding check finds it stated what it cannot know.
+    fn settle_held(&mut self, job: &mut Job) -> Option<String> {
+        let text = job.spoken();
+        if job.escalate_held
+            && let Some(c) = self.npcs.get(&job.npc)
+            && self.escalator.second_opinion(
+                job.npc,
+                job.request,
+                &job.line,
+                &text,
+                job.stats.confidence.as_ref(),
+                &c.profile,
+                &c.turns,
+                self.events,
+            )
+        {
+            return None;
+        }
+        if job.check_grounding
+            && let Some(c) = self.npcs.get_mut(&job.npc)
+        {
+            let started = Instant::now();
+            let mut heard: Vec<&str> = vec![job.line.as_str()];
+            for turn in &c.turns {
+                heard.extend([turn.player.as_str(), turn.npc.as_str()]);
+            }
+            if !crate::escalation::grounded(&text, &c.vocabulary, &heard, &job.unknown) {
+                tracing::info!(
+                    "NPC {:?}: a reply stated what it cannot know: {text:?}",
+                    job.npc
+                );
+                job.deflection = Some(c.next_dont_know());
+                job.guard = ReplyGuard::default();
+                job.stats.source = ReplySource::Fallback;
+            }
+            job.stats.timing.routing += started.elapsed();
+        }
+        Some(job.spoken())
+    }
+
+    /// The one end of every local reply: the conversation keeps the turn (and a fact the
+    /// cloud supplied for it), the game gets the action it asked for and the reply.
+    fn conclude(&mut self, job: Job) {
         let text = job.spoken();
         let turn_text = job.turn_text();
         let mut action = None;
@@ -75,71 +131,6 @@ impl Engine<'_, '_> {
                 npc: job.npc,
                 request: job.request,
                 action,
-            });
-        }
-        self.emit(Event::Replied {
-            npc: job.npc,
-            request: job.request,
-            text,
-            stats: job.stats,
-        });
-    }
-
-    /// A held reply is complete: the cloud (or the fallback line) replaces it, or it goes
-    /// out now as one delta.
-    pub(super) fn finish_held(&mut self, mut job: Job, reason: FinishReason) {
-        self.kv.release(job.slot);
-        let mut text = job.spoken();
-        job.stats.finish = reason;
-        job.stats.confidence = job.confidence.summary();
-        if job.escalate_held
-            && let Some(c) = self.npcs.get(&job.npc)
-            && self.escalator.second_opinion(
-                job.npc,
-                job.request,
-                &job.line,
-                &text,
-                job.stats.confidence.as_ref(),
-                &c.profile,
-                &c.turns,
-                self.events,
-            )
-        {
-            return;
-        }
-        if job.check_grounding
-            && let Some(c) = self.npcs.get_mut(&job.npc)
-        {
-            let started = Instant::now();
-            let mut heard: Vec<&str> = vec![job.line.as_str()];
-            for turn in &c.turns {
-                heard.extend([turn.player.as_str(), turn.npc.as_str()]);
-            }
-            if !crate::escalation::grounded(&text, &c.vocabulary, &heard, &job.unknown) {
-                tracing::info!(
-                    "NPC {:?}: a reply stated what it cannot know: {text:?}",
-                    job.npc
-                );
-                text = c.next_dont_know();
-                job.deflection = Some(text.clone());
-                job.guard = ReplyGuard::default();
-                job.stats.source = ReplySource::Fallback;
-            }
-            job.stats.timing.routing += started.elapsed();
-        }
-        if !text.is_empty() {
-            self.emit(Event::Delta {
-                npc: job.npc,
-                request: job.request,
-                text: text.clone(),
-            });
-        }
-        let turn_text = job.turn_text();
-        if let Some(conversation) = self.npcs.get_mut(&job.npc) {
-            conversation.knowledge.learn_from(&job.line);
-            conversation.turns.push(Turn {
-                player: job.line,
-                npc: turn_text,
             });
         }
         self.emit(Event::Replied {

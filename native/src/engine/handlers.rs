@@ -215,10 +215,7 @@ impl Engine<'_, '_> {
         if !self.npcs.contains_key(&npc) {
             return fail(self, NpcError::UnknownNpc(npc).to_string());
         }
-        if self.active.iter().any(|job| job.npc == npc)
-            || self.queue.iter().any(|q| q.npc == npc)
-            || self.escalator.busy(npc)
-        {
+        if self.busy(npc) {
             return fail(self, NpcError::Busy.to_string());
         }
         self.absorb_cloud_turns();
@@ -327,10 +324,7 @@ impl Engine<'_, '_> {
         if !self.npcs.contains_key(&npc) {
             return fail(self, NpcError::UnknownNpc(npc));
         }
-        if self.active.iter().any(|job| job.npc == npc)
-            || self.queue.iter().any(|q| q.npc == npc)
-            || self.escalator.busy(npc)
-        {
+        if self.busy(npc) {
             return fail(self, NpcError::Busy);
         }
         self.absorb_cloud_turns();
@@ -376,28 +370,19 @@ impl Engine<'_, '_> {
             crate::escalation::learned_answer(&c.knowledge.memories.texts(), &line)
                 .map(str::to_owned)
         });
-        // Highest priority first, first come first served within a priority.
-        let at = self
-            .queue
-            .iter()
-            .position(|q| q.options.priority < options.priority)
-            .unwrap_or(self.queue.len());
-        self.queue.insert(
-            at,
-            Queued {
-                npc,
-                request,
-                line,
-                options,
-                deadline: options.deadline.map(|d| sent + d),
-                received: Instant::now(),
-                fact: learned,
-                cloud_fact: None,
-                hint,
-                unknown: unknown.unwrap_or_default(),
-                routing,
-            },
-        );
+        self.queue.push(Queued {
+            npc,
+            request,
+            line,
+            options,
+            deadline: options.deadline.map(|d| sent + d),
+            received: Instant::now(),
+            fact: learned,
+            cloud_fact: None,
+            hint,
+            unknown: unknown.unwrap_or_default(),
+            routing,
+        });
     }
 
     /// Queues a local reply for each fact the cloud supplied, with the fact before the line.
@@ -425,7 +410,7 @@ impl Engine<'_, '_> {
                 tracing::info!("NPC {:?}: the cloud's fact was unusable", informed.npc);
             }
             // Ahead of every waiting line: the player has waited for the cloud already.
-            self.queue.push_front(Queued {
+            self.queue.push_first(Queued {
                 npc: informed.npc,
                 request: informed.request,
                 line: informed.line,
@@ -483,8 +468,7 @@ impl Engine<'_, '_> {
 
     pub(super) fn cancel(&mut self, npc: NpcId) {
         self.escalator.cancel(npc, self.events);
-        if let Some(at) = self.queue.iter().position(|q| q.npc == npc) {
-            let queued = self.queue.remove(at).expect("position is in range");
+        if let Some(queued) = self.queue.remove(npc) {
             self.emit(Event::Cancelled {
                 npc,
                 request: queued.request,

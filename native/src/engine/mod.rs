@@ -12,6 +12,7 @@ mod background;
 mod batch;
 mod finish;
 mod handlers;
+mod scheduler;
 mod sequence;
 
 use std::collections::{HashMap, VecDeque};
@@ -34,7 +35,8 @@ use crate::prompt::PromptBuilder;
 use crate::protocol::{DebugHook, Event, ModelError, ModelInfo, NpcError, NpcId, Request};
 use crate::summarizer::Summarizer;
 
-use sequence::{Conversation, Job, Prewarm, Queued};
+use scheduler::LineQueue;
+use sequence::{Conversation, Job, Prewarm};
 
 /// How long an idle worker waits on its inbox before looking for a fact the cloud supplied.
 const CLOUD_POLL: Duration = Duration::from_millis(5);
@@ -151,7 +153,7 @@ fn serve(config: &RuntimeConfig, inbox: &Receiver<Request>, events: &Sender<Even
         identity,
         batch: LlamaBatch::new(batch_size, i32::try_from(config.slots).unwrap_or(1)),
         npcs: HashMap::new(),
-        queue: VecDeque::new(),
+        queue: LineQueue::default(),
         active: Vec::new(),
         escalator: Escalator::new(&config.escalation),
         summarizer: Summarizer::new(threads),
@@ -227,7 +229,8 @@ struct Engine<'m, 'e> {
     identity: StateIdentity,
     batch: LlamaBatch<'static>,
     npcs: HashMap<NpcId, Conversation>,
-    queue: VecDeque<Queued>,
+    /// Lines waiting for a KV slot.
+    queue: LineQueue,
     active: Vec<Job>,
     /// Routing to the cloud, spend and rate limits.
     escalator: Escalator,
@@ -335,6 +338,13 @@ impl Engine<'_, '_> {
         true
     }
 
+    /// Whether `npc` has a line waiting, a reply in progress or a cloud call in flight.
+    fn busy(&self, npc: NpcId) -> bool {
+        self.active.iter().any(|job| job.npc == npc)
+            || self.queue.holds(npc)
+            || self.escalator.busy(npc)
+    }
+
     fn emit(&self, event: Event) {
         // The game may have dropped its receiver while shutting down; nothing to do then.
         let _ = self.events.send(event);
@@ -349,7 +359,7 @@ impl Engine<'_, '_> {
                 error: NpcError::ShuttingDown,
             });
         }
-        for queued in std::mem::take(&mut self.queue) {
+        for queued in self.queue.take_all() {
             self.emit(Event::Failed {
                 npc: queued.npc,
                 request: queued.request,

@@ -147,8 +147,10 @@ pub(super) struct Queued {
     pub(super) request: RequestId,
     pub(super) line: String,
     pub(super) options: SayOptions,
-    /// When the reply must have started, counted from when the game sent the line.
+    /// When the line fails if it has not started (the game's send time plus its
+    /// [`SayOptions::deadline`]; see `scheduler`).
     pub(super) deadline: Option<Instant>,
+    /// When the worker took the line: its time to first token counts from here.
     pub(super) received: Instant,
     /// The fact the cloud supplied for this line
     /// ([`CloudRole::Inform`](crate::escalation::CloudRole::Inform)), now or for the same
@@ -164,6 +166,7 @@ pub(super) struct Queued {
     pub(super) routing: Duration,
 }
 
+/// A prewarm in progress: the NPC and the tokens it has computed so far.
 pub(super) struct Prewarm {
     pub(super) npc: NpcId,
     pub(super) computed: usize,
