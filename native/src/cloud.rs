@@ -10,7 +10,7 @@
 use std::io::{BufRead, BufReader};
 use std::time::{Duration, Instant};
 
-use crate::escalation::CloudConfig;
+use crate::config::escalation::CloudConfig;
 
 /// Why a cloud reply failed. Never contains the API key.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]

@@ -8,7 +8,7 @@
 //! and its result is cached on disk under a key of the model, the ratio and the texts, so a
 //! game pays the cost once per lore version.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::LlamaModel;
@@ -27,17 +27,6 @@ pub(crate) struct Compressed {
     pub(crate) tokens_after: usize,
     /// Whether the result came from the disk cache.
     pub(crate) from_cache: bool,
-}
-
-/// Where compressed lore is cached: `$XDG_CACHE_HOME/bevy_npc_ai/compressed-lore`, else
-/// `$HOME/.cache/…`, else the system's temporary directory.
-pub(crate) fn default_cache_dir() -> PathBuf {
-    std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))
-        .unwrap_or_else(std::env::temp_dir)
-        .join("bevy_npc_ai")
-        .join("compressed-lore")
 }
 
 /// Compresses each text to about `keep` (0 < keep ≤ 1) of its tokens, using `cache` if it

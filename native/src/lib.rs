@@ -23,6 +23,8 @@ mod protocol;
 mod sampling;
 mod summarizer;
 mod summary;
+mod text;
+mod types;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;

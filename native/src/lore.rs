@@ -23,7 +23,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::persona::PersonaError;
+use crate::types::PersonaError;
 
 /// One piece of world knowledge.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -3,13 +3,12 @@
 //! This type is Bevy-free so the runtime, tools and tests can read persona files directly;
 //! the Bevy plugin wraps it as an asset.
 
-use std::fmt;
-
 use serde::{Deserialize, Serialize};
 
 use crate::actions::{ActionSpec, actions_prompt, validate_actions};
 use crate::lore::LoreEntry;
 use crate::sampling::SamplingOverrides;
+pub use crate::types::PersonaError;
 pub use npc_voice::synth::VoiceSettings;
 
 /// Everything an NPC is: who they are, how they talk, what they know and what they hide.
@@ -70,7 +69,7 @@ pub struct Persona {
     /// When this NPC's questions may go to a cloud model, and what it says when they may
     /// not. Optional.
     #[serde(default)]
-    pub escalation: crate::escalation::PersonaEscalation,
+    pub escalation: crate::config::escalation::PersonaEscalation,
     /// A world-lore file (`*.lore.ron`, see [`LoreBook`](crate::LoreBook)), relative to the
     /// runtime's [`assets_dir`](crate::RuntimeConfig::assets_dir). Only the entries relevant
     /// to each player line enter the prompt.
@@ -100,34 +99,6 @@ pub struct Persona {
     /// keeps only the extractive summary and costs no model time).
     #[serde(default)]
     pub model_summary: Option<bool>,
-}
-
-/// A persona file that could not be read: where, and why.
-#[derive(Clone, Debug, PartialEq, thiserror::Error)]
-pub struct PersonaError {
-    /// The file the error is in, when known.
-    pub file: Option<String>,
-    /// 1-based line of the error (0 when the error is about the whole file).
-    pub line: usize,
-    /// 1-based column of the error (0 when the error is about the whole file).
-    pub column: usize,
-    /// The field the error concerns, when one can be named.
-    pub field: Option<String>,
-    /// What is wrong, in words.
-    pub message: String,
-}
-
-impl fmt::Display for PersonaError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.file.as_deref().unwrap_or("<persona>"))?;
-        if self.line > 0 {
-            write!(f, ":{}:{}", self.line, self.column)?;
-        }
-        if let Some(field) = &self.field {
-            write!(f, ": field `{field}`")?;
-        }
-        write!(f, ": {}", self.message)
-    }
 }
 
 impl Persona {

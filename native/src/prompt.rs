@@ -4,16 +4,8 @@
 use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
 use llama_cpp_2::token::LlamaToken;
 
-use crate::protocol::NpcError;
-
-/// One exchange of a conversation.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Turn {
-    /// What the player said.
-    pub player: String,
-    /// What the NPC answered.
-    pub npc: String,
-}
+use crate::types::NpcError;
+pub use crate::types::Turn;
 
 /// Renders conversations with the model's chat template and tokenizes them.
 pub(crate) struct PromptBuilder {

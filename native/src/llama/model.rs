@@ -9,7 +9,7 @@ use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::token::LlamaToken;
 
 use crate::config::RuntimeConfig;
-use crate::protocol::ModelError;
+use crate::types::ModelError;
 
 /// Checks the file before llama.cpp sees it (llama.cpp may abort on some bad input), then
 /// loads it.

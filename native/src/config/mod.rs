@@ -4,6 +4,11 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub(crate) mod escalation;
+mod prices;
+
+pub use prices::PriceTable;
+
 use crate::sampling::SamplingParams;
 
 /// Number format of the keys and values in the KV cache.
@@ -157,7 +162,7 @@ pub struct RuntimeConfig {
     pub preamble: String,
     /// Routing of hard questions to a cloud model (off by default), and the don't-know
     /// reminder and grounding check for questions the NPC may not know (on).
-    pub escalation: crate::escalation::EscalationConfig,
+    pub escalation: escalation::EscalationConfig,
     /// The secret guard over every reply ([`crate::guard`]): on by default. Off, replies
     /// stream exactly as the model writes them (for benchmarks and tests of raw generation).
     pub guard: bool,
@@ -194,9 +199,9 @@ impl Default for RuntimeConfig {
             reproducible_batching: true,
             kv_precision: KvPrecision::F16,
             preamble: String::new(),
-            escalation: crate::escalation::EscalationConfig::default(),
+            escalation: escalation::EscalationConfig::default(),
             assets_dir: default_assets_dir(),
-            cache_dir: crate::compress::default_cache_dir(),
+            cache_dir: default_cache_dir(),
         }
     }
 }
@@ -218,7 +223,7 @@ impl RuntimeConfig {
 
     /// Sets the model to a [catalog](crate::catalog) model by id (`"qwen2.5-coder-0.5b"`).
     /// An unknown id is reported when the runtime starts, as
-    /// [`ModelError::UnknownCatalogModel`](crate::ModelError::UnknownCatalogModel).
+    /// [`ModelError::UnknownCatalogModel`](crate::types::ModelError::UnknownCatalogModel).
     #[must_use]
     pub fn with_catalog_model(mut self, id: impl Into<String>) -> Self {
         self.model = ModelSource::Catalog(id.into());
@@ -229,13 +234,13 @@ impl RuntimeConfig {
     /// relative path, in [`assets_dir`](Self::assets_dir); an absolute path as it is.
     ///
     /// # Errors
-    /// [`ModelError::UnknownCatalogModel`](crate::ModelError::UnknownCatalogModel) for an id
+    /// [`ModelError::UnknownCatalogModel`](crate::types::ModelError::UnknownCatalogModel) for an id
     /// the catalog does not have.
-    pub fn model_file(&self) -> Result<PathBuf, crate::ModelError> {
+    pub fn model_file(&self) -> Result<PathBuf, crate::types::ModelError> {
         match &self.model {
             ModelSource::Catalog(id) => crate::catalog::find(id)
                 .map(|model| self.assets_dir.join(model.asset_path()))
-                .ok_or_else(|| crate::ModelError::UnknownCatalogModel(id.clone())),
+                .ok_or_else(|| crate::types::ModelError::UnknownCatalogModel(id.clone())),
             ModelSource::File(path) => Ok(self.assets_dir.join(path)),
         }
     }
@@ -356,7 +361,7 @@ impl RuntimeConfig {
 
     /// Sets the escalation policy (see [`EscalationConfig`](crate::EscalationConfig)).
     #[must_use]
-    pub fn with_escalation(mut self, escalation: crate::escalation::EscalationConfig) -> Self {
+    pub fn with_escalation(mut self, escalation: escalation::EscalationConfig) -> Self {
         self.escalation = escalation;
         self
     }
@@ -462,4 +467,15 @@ impl RuntimeConfig {
             .validate()
             .map_err(|(field, message)| format!("sampling.{field}: {message}"))
     }
+}
+
+/// Where compressed lore is cached: `$XDG_CACHE_HOME/bevy_npc_ai/compressed-lore`, else
+/// `$HOME/.cache/…`, else the system's temporary directory.
+pub(crate) fn default_cache_dir() -> PathBuf {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir)
+        .join("bevy_npc_ai")
+        .join("compressed-lore")
 }

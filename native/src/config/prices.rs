@@ -1,0 +1,48 @@
+//! What tokens and compute cost: the prices the cost meter ([`CostMeter`](crate::CostMeter))
+//! and the escalation spend caps apply.
+
+use std::time::Duration;
+
+/// Prices the meter applies, in one currency (US dollars by default).
+#[derive(Clone, Debug, PartialEq)]
+pub struct PriceTable {
+    /// Currency symbol or code used when printing.
+    pub currency: String,
+    /// Cloud input (prompt) tokens, per million.
+    pub cloud_input_per_million: f64,
+    /// Cloud output (completion) tokens, per million.
+    pub cloud_output_per_million: f64,
+    /// Hardware cost of running the local model, per hour of compute.
+    pub local_per_hour: f64,
+}
+
+impl Default for PriceTable {
+    /// GPT-4-Turbo-class cloud prices (US$10 per million input tokens, US$30 per million
+    /// output tokens, OpenAI's list price for `gpt-4-turbo`) and a consumer GPU at US$0.34
+    /// per hour (an RTX 4090 rented on RunPod's community cloud); see the README section
+    /// "Cost meter" for the sources.
+    fn default() -> Self {
+        Self {
+            currency: "$".into(),
+            cloud_input_per_million: 10.0,
+            cloud_output_per_million: 30.0,
+            local_per_hour: 0.34,
+        }
+    }
+}
+
+impl PriceTable {
+    /// Cost of `input` prompt and `output` completion tokens sent to the cloud.
+    #[must_use]
+    pub fn cloud_cost(&self, input: u64, output: u64) -> f64 {
+        (input as f64 * self.cloud_input_per_million
+            + output as f64 * self.cloud_output_per_million)
+            / 1e6
+    }
+
+    /// Cost of `compute` spent on the local model.
+    #[must_use]
+    pub fn local_cost(&self, compute: Duration) -> f64 {
+        compute.as_secs_f64() / 3600.0 * self.local_per_hour
+    }
+}
