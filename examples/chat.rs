@@ -11,7 +11,7 @@
 //! and the local model says it: `CloudRole::Inform`).
 //! `--llama-logs` lets llama.cpp print its own log (model, KV cache and compute buffer sizes).
 //! Type a line and press Enter; the reply streams token by token, followed by its speed.
-//! Ctrl-D ends the conversation and prints what it cost (see the README's "Cost meter").
+//! Ctrl-D ends the conversation and prints what it cost (see docs/benchmarks.md, "The cost meter").
 //!
 //! With `--voice` (build with `--features voice`, after `cargo xtask setup` and
 //! `cargo build --release -p npc_voice_helper`) every turn also goes through speech: espeak-ng

@@ -26,7 +26,7 @@ use servers::{LlamaServer, MisbehavingServer, Misbehaviour};
 const KEY: &str = "sk-test-DO-NOT-LEAK-7f3a9c";
 
 /// Everything logged in this test binary, at every level, by every crate (ureq's wire-level
-/// `TRACE` output excepted, see the README), for the key test to search.
+/// `TRACE` output excepted, see docs/dialogue.md), for the key test to search.
 fn captured_logs() -> Arc<Mutex<Vec<u8>>> {
     static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
     LOGS.get_or_init(|| logs::capture("trace,ureq=debug"))

@@ -320,7 +320,7 @@ pub const MODELS: &[CatalogModel] = &[SMOLLM2_135M, QWEN25_CODER_05B, QWEN25_COD
 
 /// The model a game gets when it names none: the best catalog model that, on a 2-core CPU,
 /// decodes at least 20 tokens/s and starts a cached turn's reply within a second (the
-/// project README's model table has the measurements).
+/// model table in docs/guide.md has the measurements).
 pub const DEFAULT_MODEL: CatalogModel = QWEN25_CODER_15B;
 
 /// The model the project's tests of mechanics run on (scheduling, caching, saving): the

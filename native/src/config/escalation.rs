@@ -121,7 +121,7 @@ pub struct EscalationConfig {
     /// escalates local replies that say they do not know. `None` (the default) streams
     /// local replies as generated; `Some` holds each local reply back until it is complete
     /// (the game gets it as one delta), since it may be replaced. For tiny models the
-    /// logits do not separate right from invented answers (see the README); this is for
+    /// logits do not separate right from invented answers (see docs/benchmarks.md); this is for
     /// larger ones.
     pub min_confidence: Option<f32>,
     /// Lines containing any of these words or phrases always escalate.
@@ -153,7 +153,7 @@ pub struct EscalationConfig {
     /// (with one of the persona's `dont_know` lines as an example). On by default. On the
     /// evaluation's `dev` split (greedy, Qwen2.5-Coder-1.5B) it took explicit don't-knows from
     /// 11 to 13 of 16 out-of-knowledge questions, in-knowledge answers unchanged
-    /// (`NPC_EVAL_WITHOUT=reminder`, see the README).
+    /// (`NPC_EVAL_WITHOUT=reminder`, see docs/dialogue.md).
     pub dont_know_reminder: bool,
     /// Replies to such questions are held back until complete, and replaced by one of the
     /// persona's `dont_know` lines when they state something the NPC cannot know

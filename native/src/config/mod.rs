@@ -100,7 +100,7 @@ pub struct RuntimeConfig {
     ///
     /// llama.cpp's compute buffer holds one row of logits per token of a pass: for Qwen2.5's
     /// 151,936-token vocabulary that is 317 MB at 512 tokens, about 80 MB at 128. On 2 CPU
-    /// cores prompt processing is as fast at 128 as at 512 (`llama-bench -ub`, README
+    /// cores prompt processing is as fast at 128 as at 512 (`llama-bench -ub`, docs/guide.md
     /// "Models"), so CPU runs take the smaller buffer; GPUs gain from larger passes.
     pub ubatch_size: Option<u32>,
     /// Layers offloaded to the GPU; `None` means all of them when a GPU backend (`cuda`,
@@ -147,7 +147,7 @@ pub struct RuntimeConfig {
     /// threads but not several sequences' queries), and prompt tokens never share a
     /// `decode` call with generated ones (each step makes two calls when both are waiting).
     /// What it costs is flash attention's effect on llama.cpp itself: against llama.cpp with
-    /// the same setting the runtime measures the same ratio either way (README, "Measured
+    /// the same setting the runtime measures the same ratio either way (docs/benchmarks.md, "Measured
     /// speed"), and on 2 CPU cores flash attention off was faster in some runs and slower in
     /// others.
     /// It applies to the f16 KV cache of a CPU run: a quantized cache

@@ -19,7 +19,7 @@ pub struct PriceTable {
 impl Default for PriceTable {
     /// GPT-4-Turbo-class cloud prices (US$10 per million input tokens, US$30 per million
     /// output tokens, OpenAI's list price for `gpt-4-turbo`) and a consumer GPU at US$0.34
-    /// per hour (an RTX 4090 rented on RunPod's community cloud); see the README section
+    /// per hour (an RTX 4090 rented on RunPod's community cloud); see docs/benchmarks.md, section
     /// "Cost meter" for the sources.
     fn default() -> Self {
         Self {

@@ -4,7 +4,7 @@
 //! Three signals feed the decision:
 //! - **Knowledge match** ([`knowledge_match`]): how well the player's line matches anything the
 //!   persona knows. For tiny models this is the signal that carries the decision (their token
-//!   probabilities do not separate right from invented answers; see the README).
+//!   probabilities do not separate right from invented answers; see docs/benchmarks.md).
 //! - **Token confidence** ([`ReplyConfidence`]): per-token probability and entropy of the local
 //!   reply, from the logits, reported on every local reply.
 //! - **Refusals** ([`is_refusal`]): an explicit "I don't know" in a reply.

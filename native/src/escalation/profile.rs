@@ -86,7 +86,7 @@ pub(super) const CLOUD_KNOWLEDGE: usize = 3;
 /// either. Without it the stand-in cloud (Qwen2.5-Coder-1.5B) invented an answer to 26 of the
 /// 26 made-up-world questions of `tests/data/escalation.ron` it was sent; with it, it says
 /// "I don't know" (which the NPC then says in its own words) and still answers what the real
-/// world knows (README, "Knowing when not to know").
+/// world knows (docs/dialogue.md, "Knowing when not to know").
 pub(super) const CLOUD_DONT_KNOW: &str = "You were asked something you were not told about. If the \
     answer is common knowledge in the real world, give it. If it is about people, places or \
     events of your own world, you cannot know it: answer only \"I don't know.\"";
