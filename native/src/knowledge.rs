@@ -192,7 +192,7 @@ impl Knowledge {
             self.memories
                 .memories
                 .iter()
-                .filter_map(|memory| crate::escalation::learned_question(&memory.text)),
+                .filter_map(|memory| crate::memory::learned_question(&memory.text)),
         );
         documents
     }

@@ -20,7 +20,7 @@ use llama_cpp_2::context::session::LlamaStateSeqFlags;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::token::LlamaToken;
 
-use crate::protocol::NpcId;
+use crate::types::NpcId;
 
 /// A sequence's KV state outside the context: the tokens it holds and llama.cpp's bytes.
 #[derive(Debug, Default)]

@@ -37,7 +37,9 @@ use crossbeam_channel::{Receiver, Sender};
 pub use npc_catalog as catalog;
 
 pub use actions::{ActionCall, ActionSpec, ActionValue, ParamKind, ParamSpec};
-pub use config::{CPU_UBATCH, KvPrecision, ModelSource, RuntimeConfig, default_assets_dir};
+pub use config::{
+    CPU_UBATCH, GPU_BACKEND, KvPrecision, ModelSource, RuntimeConfig, default_assets_dir,
+};
 pub use cost::{CostMeter, CostTotals, PriceTable};
 pub use escalation::{
     CloudConfig, CloudRole, EscalationConfig, PersonaEscalation, ReplyConfidence,
@@ -57,17 +59,6 @@ pub use sampling::{SamplingOverrides, SamplingParams};
 /// sentence streaming, and the Whisper model converter. See the `npc_voice` crate.
 #[cfg(feature = "voice")]
 pub use npc_voice as voice;
-
-/// The GPU backend compiled in (`cuda`, `vulkan` or `metal` feature), if any.
-pub const GPU_BACKEND: Option<&str> = if cfg!(feature = "cuda") {
-    Some("cuda")
-} else if cfg!(feature = "vulkan") {
-    Some("vulkan")
-} else if cfg!(feature = "metal") {
-    Some("metal")
-} else {
-    None
-};
 
 /// A running worker thread that owns the model. Cheap to talk to: every method only sends
 /// on a channel, and [`Runtime::events`] is read with `try_recv`/`try_iter` from a game loop
@@ -290,5 +281,168 @@ impl Drop for Runtime {
         if let Some(worker) = self.worker.take() {
             let _ = worker.join();
         }
+    }
+}
+
+/// The module layers of `docs/architecture.md`: a module uses only modules of its own layer
+/// or below, so there is no import cycle. Read from the sources (test modules, comments and
+/// string literals left out).
+#[cfg(test)]
+mod layering {
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::path::Path;
+
+    const LAYERS: &[(&str, u8)] = &[
+        ("types", 0),
+        ("text", 0),
+        ("logits", 0),
+        ("sampling", 1),
+        ("config", 1),
+        ("llama", 2),
+        ("actions", 2),
+        ("lore", 2),
+        ("memory", 2),
+        ("summary", 2),
+        ("prompt", 2),
+        ("cloud", 2),
+        ("persona", 3),
+        ("compress", 3),
+        ("summarizer", 3),
+        ("kv_cache", 3),
+        ("persist", 3),
+        ("guard", 3),
+        ("protocol", 4),
+        ("knowledge", 4),
+        ("cost", 4),
+        ("escalation", 5),
+        ("engine", 6),
+    ];
+
+    /// The top-level module a source file belongs to.
+    fn module_of(src: &Path, file: &Path) -> String {
+        let rel = file.strip_prefix(src).expect("under src");
+        let first = rel.components().next().expect("a component");
+        first
+            .as_os_str()
+            .to_string_lossy()
+            .trim_end_matches(".rs")
+            .to_owned()
+    }
+
+    /// The code of a file without its test module, comments and string literals.
+    fn code(text: &str) -> String {
+        let text = text.split("#[cfg(test)]\nmod tests").next().unwrap_or("");
+        let mut out = String::new();
+        for line in text.lines() {
+            let line = line.trim_start();
+            if line.starts_with("//") {
+                continue;
+            }
+            let mut in_string = false;
+            let mut escaped = false;
+            for c in line.chars() {
+                if in_string {
+                    if escaped {
+                        escaped = false;
+                    } else if c == '\\' {
+                        escaped = true;
+                    } else if c == '"' {
+                        in_string = false;
+                    }
+                } else if c == '"' {
+                    in_string = true;
+                } else {
+                    out.push(c);
+                }
+            }
+            out.push('\n');
+        }
+        out
+    }
+
+    /// The crate's top-level modules `code` names (`crate::x`, `crate::{x, y}`).
+    fn uses(code: &str) -> BTreeSet<String> {
+        let mut found = BTreeSet::new();
+        for (at, _) in code.match_indices("crate::") {
+            let rest = &code[at + "crate::".len()..];
+            let names: Vec<&str> = match rest.strip_prefix('{') {
+                Some(group) => group
+                    .split('}')
+                    .next()
+                    .unwrap_or("")
+                    .split(',')
+                    .map(str::trim)
+                    .collect(),
+                None => vec![rest],
+            };
+            for name in names {
+                let name: String = name
+                    .chars()
+                    .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                    .collect();
+                if !name.is_empty() {
+                    found.insert(name);
+                }
+            }
+        }
+        found
+    }
+
+    fn sources(dir: &Path, files: &mut Vec<std::path::PathBuf>) {
+        for entry in std::fs::read_dir(dir).expect("read src") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                sources(&path, files);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                files.push(path);
+            }
+        }
+    }
+
+    #[test]
+    fn every_module_uses_only_its_layer_or_below() {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let layers: BTreeMap<&str, u8> = LAYERS.iter().copied().collect();
+        let mut files = Vec::new();
+        sources(&src, &mut files);
+        let mut checked = BTreeSet::new();
+        let mut wrong = Vec::new();
+        for file in files {
+            let module = module_of(&src, &file);
+            if module == "lib" || file.file_name().is_some_and(|n| n == "tests.rs") {
+                continue;
+            }
+            let layer = *layers
+                .get(module.as_str())
+                .unwrap_or_else(|| panic!("module `{module}` has no layer in LAYERS"));
+            checked.insert(module.clone());
+            let text = std::fs::read_to_string(&file).expect("read source");
+            let code = code(&text);
+            // `crate::Name` goes through lib.rs's re-exports, past the check: name the module.
+            if code
+                .match_indices("crate::")
+                .any(|(at, _)| code[at + 7..].starts_with(|c: char| c.is_ascii_uppercase()))
+            {
+                wrong.push(format!(
+                    "{} names an item through the crate root",
+                    file.display()
+                ));
+            }
+            for used in uses(&code) {
+                if used == module || used == "catalog" {
+                    continue;
+                }
+                match layers.get(used.as_str()) {
+                    Some(&l) if l <= layer => {}
+                    Some(&l) => wrong.push(format!(
+                        "{} (layer {layer}) uses `{used}` (layer {l})",
+                        file.display()
+                    )),
+                    None => {}
+                }
+            }
+        }
+        assert_eq!(checked.len(), LAYERS.len(), "every layer's module exists");
+        assert!(wrong.is_empty(), "{}", wrong.join("\n"));
     }
 }

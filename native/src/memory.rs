@@ -6,6 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::lore::{Bm25, terms};
+use crate::text::knowledge_match;
 
 /// One thing an NPC remembers about the player or the world.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -236,6 +237,37 @@ pub(crate) fn extract(line: &str) -> Vec<(String, u8)> {
     }
     facts.dedup();
     facts
+}
+
+/// How an NPC remembers a fact the cloud supplied for `line` ([`CloudRole::Inform`]).
+pub(crate) fn learned_memory(line: &str, fact: &str) -> String {
+    format!("{LEARNED_PREFIX}{line}{LEARNED_MIDDLE}{fact}")
+}
+
+const LEARNED_PREFIX: &str = "Asked \"";
+const LEARNED_MIDDLE: &str = "\", you found out: ";
+
+/// The question and the fact of a memory made by [`learned_memory`].
+fn learned(memory: &str) -> Option<(&str, &str)> {
+    memory
+        .strip_prefix(LEARNED_PREFIX)?
+        .split_once(LEARNED_MIDDLE)
+}
+
+/// The question of a memory made by [`learned_memory`]: what routing matches a new line
+/// against (the fact's own words would make unrelated questions look known).
+pub(crate) fn learned_question(memory: &str) -> Option<&str> {
+    learned(memory).map(|(question, _)| question)
+}
+
+/// The fact the NPC learned for a question that holds every content word of `line` (the
+/// same question, asked again): it opens the local reply again, at no cloud cost. The most
+/// recent such memory wins.
+pub(crate) fn learned_answer<'m>(memories: &[&'m str], line: &str) -> Option<&'m str> {
+    memories.iter().rev().find_map(|memory| {
+        let (question, fact) = learned(memory)?;
+        (knowledge_match(&[question], line)? >= 1.0).then_some(fact)
+    })
 }
 
 #[cfg(test)]

@@ -29,7 +29,7 @@ use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 
 use crate::prompt::{PromptBuilder, Turn};
-use crate::protocol::NpcId;
+use crate::types::NpcId;
 
 /// Tokens of the summary job's own context.
 pub(crate) const CONTEXT: usize = 1024;

@@ -9,6 +9,17 @@ mod prices;
 
 pub use prices::PriceTable;
 
+/// The GPU backend compiled in (`cuda`, `vulkan` or `metal` feature), if any.
+pub const GPU_BACKEND: Option<&str> = if cfg!(feature = "cuda") {
+    Some("cuda")
+} else if cfg!(feature = "vulkan") {
+    Some("vulkan")
+} else if cfg!(feature = "metal") {
+    Some("metal")
+} else {
+    None
+};
+
 use crate::sampling::SamplingParams;
 
 /// Number format of the keys and values in the KV cache.
@@ -418,11 +429,8 @@ impl RuntimeConfig {
     /// Layers to offload: the configured number, else all (GPU build) or none (CPU build).
     #[must_use]
     pub fn effective_gpu_layers(&self) -> u32 {
-        self.gpu_layers.unwrap_or(if crate::GPU_BACKEND.is_some() {
-            u32::MAX
-        } else {
-            0
-        })
+        self.gpu_layers
+            .unwrap_or(if GPU_BACKEND.is_some() { u32::MAX } else { 0 })
     }
 
     /// Checks the numbers before any of them reach llama.cpp.

@@ -139,9 +139,10 @@ mod profile;
 #[cfg(test)]
 mod tests;
 
+pub(crate) use crate::memory::{learned_answer, learned_memory};
 #[cfg(test)]
 use cloud_job::{OPENING_CHARS, OpeningHold, complete_sentences};
 pub(crate) use confidence::TokenConfidence;
 pub use confidence::token_logprob_entropy;
 pub(crate) use escalator::Escalator;
-pub(crate) use profile::{NpcProfile, learned_answer, learned_memory, learned_question};
+pub(crate) use profile::NpcProfile;

@@ -2,7 +2,7 @@
 //! prompts the cloud gets, and the facts it learned from the cloud.
 
 use crate::persona::Persona;
-use crate::text::{content_words, knowledge_match, shared_words};
+use crate::text::{content_words, shared_words};
 
 use super::{PersonaEscalation, persona_documents};
 
@@ -90,37 +90,6 @@ pub(super) const CLOUD_KNOWLEDGE: usize = 3;
 pub(super) const CLOUD_DONT_KNOW: &str = "You were asked something you were not told about. If the \
     answer is common knowledge in the real world, give it. If it is about people, places or \
     events of your own world, you cannot know it: answer only \"I don't know.\"";
-
-/// How an NPC remembers a fact the cloud supplied for `line` ([`CloudRole::Inform`]).
-pub(crate) fn learned_memory(line: &str, fact: &str) -> String {
-    format!("{LEARNED_PREFIX}{line}{LEARNED_MIDDLE}{fact}")
-}
-
-pub(super) const LEARNED_PREFIX: &str = "Asked \"";
-pub(super) const LEARNED_MIDDLE: &str = "\", you found out: ";
-
-/// The question and the fact of a memory made by [`learned_memory`].
-pub(super) fn learned(memory: &str) -> Option<(&str, &str)> {
-    memory
-        .strip_prefix(LEARNED_PREFIX)?
-        .split_once(LEARNED_MIDDLE)
-}
-
-/// The question of a memory made by [`learned_memory`]: what routing matches a new line
-/// against (the fact's own words would make unrelated questions look known).
-pub(crate) fn learned_question(memory: &str) -> Option<&str> {
-    learned(memory).map(|(question, _)| question)
-}
-
-/// The fact the NPC learned for a question that holds every content word of `line` (the
-/// same question, asked again): it opens the local reply again, at no cloud cost. The most
-/// recent such memory wins.
-pub(crate) fn learned_answer<'m>(memories: &[&'m str], line: &str) -> Option<&'m str> {
-    memories.iter().rev().find_map(|memory| {
-        let (question, fact) = learned(memory)?;
-        (knowledge_match(&[question], line)? >= 1.0).then_some(fact)
-    })
-}
 
 /// The prompt that asks the cloud for the fact behind `line`, for the NPC `identity`.
 pub(super) fn fact_prompt(identity: &str, line: &str) -> Vec<(String, String)> {
