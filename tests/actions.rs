@@ -68,7 +68,7 @@ fn collect(runtime: &Runtime, request: RequestId) -> Reply {
             }
             Event::Failed {
                 request: r, error, ..
-            } if r == request => panic!("reply to {line:?} failed: {error}", line = request),
+            } if r == request => panic!("reply to {request:?} failed: {error}"),
             Event::WorkerDied { reason } => panic!("worker died: {reason}"),
             _ => {}
         }

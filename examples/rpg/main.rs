@@ -50,7 +50,7 @@ fn parse_args() -> Result<Args, String> {
         match flag.as_str() {
             "--model" => args.model = Some(value()?),
             "--threads" => {
-                args.threads = Some(value()?.parse().map_err(|e| format!("--threads: {e}"))?)
+                args.threads = Some(value()?.parse().map_err(|e| format!("--threads: {e}"))?);
             }
             "--script" => args.script = Some(value()?.into()),
             "--max-frames" => {

@@ -6,7 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::actions::{ActionSpec, actions_prompt, validate_actions};
-use crate::lore::LoreEntry;
+use crate::retrieval::lore::LoreEntry;
 use crate::sampling::SamplingOverrides;
 pub use crate::types::PersonaError;
 pub use npc_voice::synth::VoiceSettings;

@@ -250,7 +250,7 @@ pub enum Event {
         /// The NPC.
         npc: NpcId,
         /// Its long-term memories, oldest first.
-        memories: Vec<crate::memory::Memory>,
+        memories: Vec<crate::mind::memory::Memory>,
         /// The rolling summary's kept sentences, oldest first.
         summary: Vec<String>,
         /// Leading turns of the conversation the summary stands for (no longer verbatim in

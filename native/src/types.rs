@@ -90,7 +90,7 @@ fn catalog_ids() -> String {
 /// Why a request failed. None of these stop the runtime.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
 pub enum NpcError {
-    /// The model is not loaded (it failed, see [`Event::ModelFailed`]).
+    /// The model is not loaded (it failed, see [`Event::ModelFailed`](crate::Event::ModelFailed)).
     #[error("the model is not available: {0}")]
     ModelUnavailable(String),
     /// No persona was set for this NPC.
@@ -121,7 +121,7 @@ pub enum NpcError {
     /// The NPC already has a reply in flight; cancel it or wait.
     #[error("the NPC is already replying")]
     Busy,
-    /// [`Request::RevealSecret`] named no secret of the NPC, or more than one.
+    /// [`Request::RevealSecret`](crate::Request::RevealSecret) named no secret of the NPC, or more than one.
     #[error("{0}")]
     NoSuchSecret(String),
     /// llama.cpp failed while decoding.

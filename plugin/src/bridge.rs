@@ -4,6 +4,7 @@
 //! `try_recv`.
 
 use bevy::asset::LoadState;
+use bevy::ecs::system::SystemParam;
 use bevy::platform::collections::{HashMap, HashSet};
 use bevy::prelude::*;
 use crossbeam_channel::TryRecvError;
@@ -148,26 +149,32 @@ impl Waiting {
     }
 }
 
+/// What the game asked of the worker this frame.
+#[derive(SystemParam)]
+struct GameRequests<'w, 's> {
+    lines: MessageReader<'w, 's, PlayerSaid>,
+    loads: MessageReader<'w, 's, LoadNpcState>,
+    saves: MessageReader<'w, 's, SaveNpcState>,
+    cancels: MessageReader<'w, 's, CancelReply>,
+}
+
 /// Forwards player lines, state loads and saves, and cancellations to the worker. A line or
 /// load for an NPC whose persona is still loading waits (in order) until it has been sent.
-#[allow(clippy::too_many_arguments)]
 fn send_player_lines(
     mut handle: ResMut<RuntimeHandle>,
-    mut lines: MessageReader<PlayerSaid>,
-    mut loads: MessageReader<LoadNpcState>,
-    mut saves: MessageReader<SaveNpcState>,
-    mut cancels: MessageReader<CancelReply>,
+    mut requests: GameRequests,
     asset_server: Res<AssetServer>,
     mut npcs: Query<(&Npc, &mut NpcState, &mut DialogueHistory)>,
     mut errors: MessageWriter<NpcAiError>,
 ) {
     let handle = &mut *handle;
     let waiting = std::mem::take(&mut handle.waiting);
-    let arrived = loads
+    let arrived = requests
+        .loads
         .read()
         .cloned()
         .map(Waiting::Load)
-        .chain(lines.read().cloned().map(Waiting::Line));
+        .chain(requests.lines.read().cloned().map(Waiting::Line));
     for request in waiting.into_iter().chain(arrived) {
         let entity = request.npc();
         let Ok((npc, mut state, mut history)) = npcs.get_mut(entity) else {
@@ -208,14 +215,14 @@ fn send_player_lines(
             report_worker_gone(handle, &mut errors);
         }
     }
-    for SaveNpcState { npc, path } in saves.read() {
+    for SaveNpcState { npc, path } in requests.saves.read() {
         if !npcs.contains(*npc) {
             errors.write(NpcAiError::UnknownNpc(*npc));
         } else if handle.runtime.save_npc(npc_id(*npc), path.clone()).is_err() {
             report_worker_gone(handle, &mut errors);
         }
     }
-    for CancelReply { npc } in cancels.read() {
+    for CancelReply { npc } in requests.cancels.read() {
         if !npcs.contains(*npc) {
             errors.write(NpcAiError::UnknownNpc(*npc));
         } else if handle.runtime.cancel(npc_id(*npc)).is_err() {
@@ -233,17 +240,22 @@ fn report_worker_gone(handle: &mut RuntimeHandle, errors: &mut MessageWriter<Npc
     }
 }
 
+/// The messages the worker's events become.
+#[derive(SystemParam)]
+struct WorkerMessages<'w> {
+    deltas: MessageWriter<'w, NpcReplyDelta>,
+    loaded: MessageWriter<'w, ModelLoaded>,
+    failed: MessageWriter<'w, ModelFailed>,
+    errors: MessageWriter<'w, NpcAiError>,
+}
+
 /// Drains the worker's events into messages, entity events and component changes.
-#[allow(clippy::too_many_arguments)]
 fn receive_runtime_events(
     mut commands: Commands,
     mut handle: ResMut<RuntimeHandle>,
     mut status: ResMut<NpcAiStatus>,
     mut npcs: Query<(&mut NpcState, &mut DialogueHistory), With<Npc>>,
-    mut deltas: MessageWriter<NpcReplyDelta>,
-    mut loaded: MessageWriter<ModelLoaded>,
-    mut failed: MessageWriter<ModelFailed>,
-    mut errors: MessageWriter<NpcAiError>,
+    mut out: WorkerMessages,
     mut meter: ResMut<crate::NpcCostMeter>,
 ) {
     loop {
@@ -254,19 +266,19 @@ fn receive_runtime_events(
                 if !handle.worker_died {
                     *status = NpcAiStatus::WorkerDied("the worker thread ended".into());
                 }
-                report_worker_gone(&mut handle, &mut errors);
+                report_worker_gone(&mut handle, &mut out.errors);
                 return;
             }
         };
         match event {
             Event::ModelLoaded(info) => {
                 *status = NpcAiStatus::Ready(info.clone());
-                loaded.write(ModelLoaded(info));
+                out.loaded.write(ModelLoaded(info));
             }
             Event::ModelFailed(error) => {
                 *status = NpcAiStatus::Failed(error.clone());
-                failed.write(ModelFailed(error.clone()));
-                errors.write(NpcAiError::ModelFailed(error));
+                out.failed.write(ModelFailed(error.clone()));
+                out.errors.write(NpcAiError::ModelFailed(error));
             }
             Event::NpcSaved {
                 npc, path, bytes, ..
@@ -281,7 +293,7 @@ fn receive_runtime_events(
             }
             Event::NpcSaveFailed { npc, error, .. } => {
                 if let Some(entity) = live(npc, &npcs) {
-                    errors.write(NpcAiError::SaveFailed {
+                    out.errors.write(NpcAiError::SaveFailed {
                         npc: entity,
                         message: error,
                     });
@@ -306,7 +318,7 @@ fn receive_runtime_events(
             }
             Event::NpcLoadFailed { npc, error } => {
                 if let Some(entity) = live(npc, &npcs) {
-                    errors.write(NpcAiError::LoadFailed {
+                    out.errors.write(NpcAiError::LoadFailed {
                         npc: entity,
                         message: error,
                     });
@@ -324,7 +336,8 @@ fn receive_runtime_events(
             }
             Event::RevealFailed { npc, error } => {
                 if let Some(entity) = live(npc, &npcs) {
-                    errors.write(NpcAiError::RevealFailed { npc: entity, error });
+                    out.errors
+                        .write(NpcAiError::RevealFailed { npc: entity, error });
                 }
             }
             Event::RememberFailed { npc, error } => {
@@ -333,7 +346,7 @@ fn receive_runtime_events(
             Event::WorkerDied { reason } => {
                 *status = NpcAiStatus::WorkerDied(reason.clone());
                 handle.worker_died = true;
-                errors.write(NpcAiError::WorkerDied { reason });
+                out.errors.write(NpcAiError::WorkerDied { reason });
             }
             Event::PersonaAccepted { npc, prefix_tokens } => {
                 if let Some(entity) = live(npc, &npcs) {
@@ -345,7 +358,8 @@ fn receive_runtime_events(
             }
             Event::PersonaRejected { npc, error } => {
                 if let Some(entity) = live(npc, &npcs) {
-                    errors.write(NpcAiError::PersonaRejected { npc: entity, error });
+                    out.errors
+                        .write(NpcAiError::PersonaRejected { npc: entity, error });
                 }
             }
             Event::Delta { npc, text, .. } => {
@@ -355,7 +369,7 @@ fn receive_runtime_events(
                 if let Ok((mut state, _)) = npcs.get_mut(entity) {
                     state.set_if_neq(NpcState::Speaking);
                 }
-                deltas.write(NpcReplyDelta { npc: entity, text });
+                out.deltas.write(NpcReplyDelta { npc: entity, text });
             }
             Event::Replied {
                 npc, text, stats, ..
@@ -398,7 +412,8 @@ fn receive_runtime_events(
                 if let Ok((mut state, _)) = npcs.get_mut(entity) {
                     *state = NpcState::Idle;
                 }
-                errors.write(NpcAiError::ReplyFailed { npc: entity, error });
+                out.errors
+                    .write(NpcAiError::ReplyFailed { npc: entity, error });
             }
         }
     }

@@ -428,7 +428,7 @@ impl Manager {
                 Reply::Fatal { message } => self.fatal = Some(message),
             },
             FromHelper::Closed(generation, why) if Some(generation) == current => {
-                self.on_exit(&why)
+                self.on_exit(&why);
             }
             _ => {}
         }

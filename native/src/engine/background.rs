@@ -1,7 +1,7 @@
 //! Work done when no reply waits: prewarming NPCs' prompt prefixes, then model-written
 //! summaries.
 
-use crate::kv_cache::seq_id;
+use crate::kv::cache::seq_id;
 use crate::protocol::{Event, NpcId};
 
 use super::{Engine, pos};

@@ -9,7 +9,7 @@ use llama_cpp_2::token::LlamaToken;
 use crate::actions;
 use crate::escalation::TokenConfidence;
 use crate::guard::ReplyGuard;
-use crate::kv_cache::seq_id;
+use crate::kv::cache::seq_id;
 use crate::protocol::{Event, FinishReason, NpcError, ReplySource, ReplyStats, RequestId};
 use crate::sampling::StopFilter;
 

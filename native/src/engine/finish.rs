@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use crate::actions;
 use crate::guard::ReplyGuard;
-use crate::prompt::Turn;
+use crate::llama::prompt::Turn;
 use crate::protocol::{Event, FinishReason, NpcError, ReplySource};
 
 use super::Engine;

@@ -11,9 +11,9 @@ use llama_cpp_2::token::LlamaToken;
 use crate::actions::{self, NpcActions};
 use crate::escalation::NpcProfile;
 use crate::guard::SecretGuard;
-use crate::knowledge::Knowledge;
-use crate::kv_cache::SeqSnapshot;
-use crate::persist;
+use crate::kv::cache::SeqSnapshot;
+use crate::kv::persist;
+use crate::mind::knowledge::Knowledge;
 use crate::persona::Persona;
 use crate::protocol::{Event, NpcError, NpcId, RequestId, SayOptions};
 
@@ -305,7 +305,7 @@ impl Engine<'_, '_> {
                 npc,
                 request,
                 error,
-            })
+            });
         };
         let line = self.prompts.sanitize(text.trim());
         let chars = text.chars().count();

@@ -28,12 +28,12 @@ use llama_cpp_2::model::LlamaModel;
 use crate::actions;
 use crate::config::{KvPrecision, RuntimeConfig};
 use crate::escalation::Escalator;
-use crate::kv_cache::{DiskConfig, KvCacheManager};
+use crate::kv::cache::{DiskConfig, KvCacheManager};
+use crate::kv::persist::{self, StateIdentity};
+use crate::llama::prompt::PromptBuilder;
 use crate::llama::{self, FLASH_ATTENTION_DISABLED, FLASH_ATTENTION_ENABLED, backend};
-use crate::persist::{self, StateIdentity};
-use crate::prompt::PromptBuilder;
+use crate::mind::summarizer::Summarizer;
 use crate::protocol::{DebugHook, Event, ModelError, ModelInfo, NpcError, NpcId, Request};
-use crate::summarizer::Summarizer;
 
 use scheduler::LineQueue;
 use sequence::{Conversation, Job, Prewarm};
@@ -234,7 +234,7 @@ struct Engine<'m, 'e> {
     active: Vec<Job>,
     /// Routing to the cloud, spend and rate limits.
     escalator: Escalator,
-    /// Model-written summaries, run when nothing else is (see `crate::summarizer`).
+    /// Model-written summaries, run when nothing else is (see `crate::mind::summarizer`).
     summarizer: Summarizer<'m>,
     /// NPCs whose prompt prefix is to be computed before they are spoken to, oldest first
     /// (see [`RuntimeConfig::prewarm`]).

@@ -10,9 +10,9 @@ use llama_cpp_2::token::LlamaToken;
 use crate::actions::{self, NpcActions};
 use crate::escalation::{NpcProfile, TokenConfidence};
 use crate::guard::{ReplyGuard, SecretGuard};
-use crate::knowledge::Knowledge;
+use crate::llama::prompt::Turn;
+use crate::mind::knowledge::Knowledge;
 use crate::persona::Persona;
-use crate::prompt::Turn;
 use crate::protocol::{CloudUsage, NpcId, Priority, ReplyStats, RequestId, SayOptions};
 use crate::sampling::{SamplingParams, StopFilter};
 

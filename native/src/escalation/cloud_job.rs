@@ -12,7 +12,7 @@ use crossbeam_channel::Sender;
 #[cfg(feature = "cloud")]
 use crate::cost::PriceTable;
 #[cfg(feature = "cloud")]
-use crate::prompt::Turn;
+use crate::llama::prompt::Turn;
 #[cfg(feature = "cloud")]
 use crate::protocol::{CloudUsage, Event, FinishReason, ReplySource, ReplyStats};
 use crate::text::is_refusal;

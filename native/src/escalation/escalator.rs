@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
 
-use crate::prompt::Turn;
+use crate::llama::prompt::Turn;
 use crate::protocol::{CloudUsage, Event, NpcError, NpcId, ReplySource, ReplyStats, RequestId};
 use crate::text::is_refusal;
 

@@ -139,7 +139,7 @@ mod profile;
 #[cfg(test)]
 mod tests;
 
-pub(crate) use crate::memory::{learned_answer, learned_memory};
+pub(crate) use crate::mind::memory::{learned_answer, learned_memory};
 #[cfg(test)]
 use cloud_job::{OPENING_CHARS, OpeningHold, complete_sentences};
 pub(crate) use confidence::TokenConfidence;

@@ -1,5 +1,5 @@
 use super::*;
-use crate::memory::learned_question;
+use crate::mind::memory::learned_question;
 use crate::protocol::NpcId;
 use crate::text::{numbers, unfamiliar_names};
 

@@ -2,6 +2,7 @@
 //! loading with the checks llama.cpp does not make, and context parameters.
 
 mod model;
+pub(crate) mod prompt;
 
 use std::num::NonZeroU32;
 use std::sync::OnceLock;

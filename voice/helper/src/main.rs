@@ -23,7 +23,7 @@ struct Args {
 
 fn parse_args() -> Result<Args, String> {
     let mut model = None;
-    let mut threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut threads = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
     let mut args = std::env::args_os().skip(1);
     while let Some(arg) = args.next() {
         match arg.to_str() {
@@ -156,7 +156,7 @@ fn transcribe(state: &mut WhisperState, threads: usize, id: u64, samples: &[f32]
         };
         let text = segment
             .to_str_lossy()
-            .map(|t| t.into_owned())
+            .map(std::borrow::Cow::into_owned)
             .unwrap_or_default();
         // Timestamps are in centiseconds.
         let ms = |t: i64| u32::try_from(t.max(0) * 10).unwrap_or(u32::MAX);

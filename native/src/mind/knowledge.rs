@@ -15,15 +15,15 @@ use std::sync::Arc;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::token::LlamaToken;
 
-use crate::compress::{self, Compressed};
-use crate::lore::{LoreBook, LoreIndex};
-use crate::memory::MemoryStore;
+use crate::llama::prompt::{PromptBuilder, Turn};
+use crate::mind::memory::MemoryStore;
+use crate::mind::summarizer::{Finished, SummaryInput};
+use crate::mind::summary::Summary;
 use crate::persona::Persona;
-use crate::prompt::{PromptBuilder, Turn};
-use crate::protocol::NpcError;
-use crate::protocol::NpcId;
-use crate::summarizer::{Finished, SummaryInput};
-use crate::summary::Summary;
+use crate::retrieval::compress::{self, Compressed};
+use crate::retrieval::lore::{LoreBook, LoreIndex};
+use crate::types::NpcError;
+use crate::types::NpcId;
 
 /// Lore entries per turn when a persona does not say.
 pub const DEFAULT_RETRIEVE: u32 = 3;
@@ -85,7 +85,7 @@ impl Knowledge {
         })
     }
 
-    /// Compresses the lore to about `keep` of its tokens (see [`crate::compress`]).
+    /// Compresses the lore to about `keep` of its tokens (see [`crate::retrieval::compress`]).
     pub(crate) fn compress(
         &mut self,
         model: &LlamaModel,
@@ -138,7 +138,7 @@ impl Knowledge {
     }
 
     /// The summary job this NPC needs, if any: turns folded since the model last wrote its
-    /// part of the summary (see [`crate::summarizer`]).
+    /// part of the summary (see [`crate::mind::summarizer`]).
     pub(crate) fn summary_due(&self, npc: NpcId, turns: &[Turn]) -> Option<SummaryInput> {
         let summary = &self.summary;
         let to = summary.turns.min(turns.len());
@@ -192,7 +192,7 @@ impl Knowledge {
             self.memories
                 .memories
                 .iter()
-                .filter_map(|memory| crate::memory::learned_question(&memory.text)),
+                .filter_map(|memory| crate::mind::memory::learned_question(&memory.text)),
         );
         documents
     }
@@ -200,7 +200,7 @@ impl Knowledge {
     /// After a turn: the clock moves on and what the player said of themselves is kept.
     pub(crate) fn learn_from(&mut self, line: &str) {
         self.memories.clock += 1;
-        for (fact, importance) in crate::memory::extract(line) {
+        for (fact, importance) in crate::mind::memory::extract(line) {
             self.memories.remember(&fact, importance);
         }
     }

@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::lore::{Bm25, terms};
+use crate::retrieval::lore::{Bm25, terms};
 use crate::text::knowledge_match;
 
 /// One thing an NPC remembers about the player or the world.

@@ -503,6 +503,10 @@ impl KvCacheManager {
             .or_else(|| self.disk.peek(npc))
     }
 
+    // The crate's one exception to `unsafe_code = "deny"`: llama-cpp-2 exposes a sequence's
+    // state only through raw-buffer calls. Both calls below are bounded by what llama.cpp
+    // reports (see their SAFETY notes).
+    #[allow(unsafe_code)]
     fn snapshot_slot(&self, ctx: &LlamaContext<'_>, index: usize) -> Option<SeqSnapshot> {
         let tokens = &self.slots[index].tokens;
         if tokens.is_empty() || self.slots[index].copy_pending {
@@ -522,6 +526,7 @@ impl KvCacheManager {
 
     /// Puts a snapshot into the (empty) sequence of slot `index`. Returns `false`, leaving
     /// the slot empty, if llama.cpp refuses it.
+    #[allow(unsafe_code)]
     fn restore(&mut self, ctx: &mut LlamaContext<'_>, index: usize, snapshot: SeqSnapshot) -> bool {
         self.flush_copies(ctx, index);
         // SAFETY: snapshots come from `snapshot_slot` of this context, or from a state file

@@ -23,9 +23,9 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::memory::MemoryStore;
-use crate::prompt::Turn;
-use crate::summary::Summary;
+use crate::llama::prompt::Turn;
+use crate::mind::memory::MemoryStore;
+use crate::mind::summary::Summary;
 
 const MAGIC: &[u8; 8] = b"NPCSTATE";
 /// Bumped whenever the layout changes; older files are then recomputed, not misread.

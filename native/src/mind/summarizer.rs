@@ -28,7 +28,7 @@ use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 
-use crate::prompt::{PromptBuilder, Turn};
+use crate::llama::prompt::{PromptBuilder, Turn};
 use crate::types::NpcId;
 
 /// Tokens of the summary job's own context.

@@ -6,14 +6,14 @@
 //! a name or a number, or that state something about the player ("I …", "my …"), verbatim:
 //! it costs no model time, is there the moment turns are folded, and cannot invent a name.
 //! The *written* part is a few sentences the local model writes about the folded turns in
-//! the background, at the lowest priority (see [`crate::summarizer`]); it adds the gist
+//! the background, at the lowest priority (see [`crate::mind::summarizer`]); it adds the gist
 //! (what was asked, agreed, refused) that no single sentence carries. A small model may
 //! drop or garble a name in its gist; the extractive part is what guarantees named facts
 //! survive.
 
 use serde::{Deserialize, Serialize};
 
-use crate::prompt::Turn;
+use crate::llama::prompt::Turn;
 
 /// What the oldest turns of a conversation said, and how many turns it covers.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
