@@ -43,10 +43,11 @@ pub use mind::memory::Memory;
 pub use persona::{Persona, PersonaError, VoiceSettings, first_person};
 pub use protocol::{
     CloudUsage, DebugHook, Event, FinishReason, ModelError, ModelInfo, NpcError, NpcId, Priority,
-    ReplySource, ReplyStats, ReplyTiming, Request, RequestId, SayOptions,
+    ReplySource, ReplyStats, ReplyTiming, Request, RequestId, SayOptions, StateError,
 };
 pub use retrieval::lore::{LoreBook, LoreEntry, LoreHit, LoreIndex, terms as lore_terms};
 pub use sampling::{SamplingOverrides, SamplingParams};
+pub use types::FieldError;
 pub use types::Turn;
 
 /// Speech in and out (feature `voice`): the `npc-voice` helper client, speech synthesis with

@@ -205,7 +205,7 @@ impl Persona {
         }
         self.escalation
             .validate()
-            .map_err(|(field, message)| invalid(field, message))?;
+            .map_err(|e| invalid(&e.field, e.message))?;
         if self
             .lore
             .as_deref()
@@ -248,7 +248,7 @@ impl Persona {
         }
         self.sampling
             .validate()
-            .map_err(|(field, message)| invalid(field, message))?;
+            .map_err(|e| invalid(&e.field, e.message))?;
         validate_actions(&self.actions).map_err(|message| invalid("actions", message))
     }
 

@@ -12,7 +12,7 @@ use crate::actions::ActionCall;
 use crate::persona::Persona;
 pub use crate::types::{
     CloudUsage, FinishReason, ModelError, NpcError, NpcId, Priority, ReplySource, ReplyStats,
-    ReplyTiming, RequestId, SayOptions,
+    ReplyTiming, RequestId, SayOptions, StateError,
 };
 
 /// What a game asks of the worker.
@@ -212,7 +212,7 @@ pub enum Event {
         /// The file.
         path: PathBuf,
         /// Why.
-        error: String,
+        error: StateError,
     },
     /// An NPC's state was loaded. Its conversation is always restored; its KV state only
     /// when the file matches this model, template and context shape, otherwise it is
@@ -236,7 +236,7 @@ pub enum Event {
         /// The NPC.
         npc: NpcId,
         /// Why.
-        error: String,
+        error: StateError,
     },
     /// A memory was stored.
     Remembered {

@@ -4,6 +4,8 @@
 use llama_cpp_2::sampling::LlamaSampler;
 use serde::{Deserialize, Serialize};
 
+use crate::types::FieldError;
+
 /// Complete sampling settings for one reply.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -95,7 +97,7 @@ impl SamplingOverrides {
     }
 
     /// Range checks; the error names the field.
-    pub(crate) fn validate(&self) -> Result<(), (&'static str, String)> {
+    pub(crate) fn validate(&self) -> Result<(), FieldError> {
         self.apply_to(&SamplingParams::default()).validate()
     }
 }
@@ -109,12 +111,15 @@ impl SamplingParams {
     ///
     /// # Errors
     /// The offending field and what is wrong with it.
-    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+    pub fn validate(&self) -> Result<(), FieldError> {
         let finite_in = |field, value: f32, low: f32, high: f32| {
             if value.is_finite() && (low..=high).contains(&value) {
                 Ok(())
             } else {
-                Err((field, format!("{value} is outside {low}..={high}")))
+                Err(FieldError::new(
+                    field,
+                    format!("{value} is outside {low}..={high}"),
+                ))
             }
         };
         finite_in("temperature", self.temperature, 0.0, 5.0)?;
@@ -122,16 +127,16 @@ impl SamplingParams {
         finite_in("min_p", self.min_p, 0.0, 1.0)?;
         finite_in("repeat_penalty", self.repeat_penalty, 0.5, 3.0)?;
         if self.top_k < 0 {
-            return Err(("top_k", "must not be negative".into()));
+            return Err(FieldError::new("top_k", "must not be negative"));
         }
         if self.repeat_last_n < 0 {
-            return Err(("repeat_last_n", "must not be negative".into()));
+            return Err(FieldError::new("repeat_last_n", "must not be negative"));
         }
         if self.max_tokens == 0 {
-            return Err(("max_tokens", "must be at least 1".into()));
+            return Err(FieldError::new("max_tokens", "must be at least 1"));
         }
         if self.stop.iter().any(String::is_empty) {
-            return Err(("stop", "stop strings must not be empty".into()));
+            return Err(FieldError::new("stop", "stop strings must not be empty"));
         }
         Ok(())
     }
@@ -377,12 +382,12 @@ mod tests {
             min_p: f32::NAN,
             ..Default::default()
         };
-        assert_eq!(bad.validate().unwrap_err().0, "min_p");
+        assert_eq!(bad.validate().unwrap_err().field, "min_p");
         let bad = SamplingParams {
             max_tokens: 0,
             ..Default::default()
         };
-        assert_eq!(bad.validate().unwrap_err().0, "max_tokens");
+        assert_eq!(bad.validate().unwrap_err().field, "max_tokens");
     }
 
     #[test]

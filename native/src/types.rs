@@ -62,7 +62,7 @@ pub enum ModelError {
     Context(String),
     /// The configuration makes no sense.
     #[error("invalid runtime configuration: {0}")]
-    Config(String),
+    Config(FieldError),
 }
 
 /// What to do about a missing model file: fetch it (a catalog model) or ship it.
@@ -170,6 +170,66 @@ pub struct Turn {
     pub player: String,
     /// What the NPC answered.
     pub npc: String,
+}
+
+/// A setting out of range or malformed: which field, and why.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct FieldError {
+    /// The field, as written in a persona file or a config (`sampling.top_k`).
+    pub field: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+impl FieldError {
+    /// `field` is wrong: `message`.
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+
+    /// The same error for a field inside `section` (`sampling` + `top_k`).
+    #[must_use]
+    pub fn within(self, section: &str) -> Self {
+        Self {
+            field: format!("{section}.{}", self.field),
+            message: self.message,
+        }
+    }
+}
+
+/// Why an NPC's state could not be saved ([`Event::NpcSaveFailed`](crate::Event)) or loaded
+/// ([`Event::NpcLoadFailed`](crate::Event)). A failed save keeps the previous file; a failed
+/// load leaves the NPC as it was.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum StateError {
+    /// The request was refused: no such NPC, it is busy, or no model is loaded.
+    #[error(transparent)]
+    Refused(#[from] NpcError),
+    /// The file could not be read, or written.
+    #[error("cannot {} {}: {message}", if *.writing { "write" } else { "read" }, .path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// A save (`true`) or a load.
+        writing: bool,
+        /// What the system said.
+        message: String,
+    },
+    /// The file is not an NPC state file.
+    #[error("{} is not an NPC state file", .0.display())]
+    NotAStateFile(PathBuf),
+    /// The file ends early, or its conversation section is damaged.
+    #[error("{} is damaged: {reason}", .path.display())]
+    Damaged {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
 }
 
 /// How a reply went.

@@ -188,7 +188,7 @@ fn send_player_lines(
                     Waiting::Line(_) => NpcAiError::ReplyFailed { npc: entity, error },
                     Waiting::Load(_) => NpcAiError::LoadFailed {
                         npc: entity,
-                        message: error.to_string(),
+                        error: error.into(),
                     },
                 });
             } else {
@@ -293,10 +293,8 @@ fn receive_runtime_events(
             }
             Event::NpcSaveFailed { npc, error, .. } => {
                 if let Some(entity) = live(npc, &npcs) {
-                    out.errors.write(NpcAiError::SaveFailed {
-                        npc: entity,
-                        message: error,
-                    });
+                    out.errors
+                        .write(NpcAiError::SaveFailed { npc: entity, error });
                 }
             }
             Event::NpcLoaded {
@@ -318,10 +316,8 @@ fn receive_runtime_events(
             }
             Event::NpcLoadFailed { npc, error } => {
                 if let Some(entity) = live(npc, &npcs) {
-                    out.errors.write(NpcAiError::LoadFailed {
-                        npc: entity,
-                        message: error,
-                    });
+                    out.errors
+                        .write(NpcAiError::LoadFailed { npc: entity, error });
                 }
             }
             // Memories a game adds through the runtime: nothing to show in the world.

@@ -5,7 +5,7 @@
 //! [`NpcReplyCancelled`], [`NpcPersonaApplied`].
 
 use bevy::prelude::*;
-use npc_native::{ModelError, ModelInfo, NpcError, ReplyStats};
+use npc_native::{ModelError, ModelInfo, NpcError, ReplyStats, StateError};
 
 use crate::persona::Persona;
 
@@ -236,20 +236,20 @@ pub enum NpcAiError {
         error: NpcError,
     },
     /// Saving an NPC's state failed; the previous file is intact.
-    #[error("saving NPC {npc} failed: {message}")]
+    #[error("saving NPC {npc} failed: {error}")]
     SaveFailed {
         /// The NPC.
         npc: Entity,
         /// Why.
-        message: String,
+        error: StateError,
     },
     /// Loading an NPC's state failed; the NPC keeps what it had.
-    #[error("loading NPC {npc} failed: {message}")]
+    #[error("loading NPC {npc} failed: {error}")]
     LoadFailed {
         /// The NPC.
         npc: Entity,
         /// Why.
-        message: String,
+        error: StateError,
     },
     /// The model failed to load (also sent as [`ModelFailed`]).
     #[error("{0}")]

@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::PriceTable;
+use crate::types::FieldError;
 
 /// The line an NPC says when a question should go to the cloud but cannot.
 pub const DEFAULT_FALLBACK_LINE: &str = "I couldn't say, traveller.";
@@ -251,23 +252,32 @@ impl PersonaEscalation {
     ///
     /// # Errors
     /// The field and what is wrong with it.
-    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+    pub fn validate(&self) -> Result<(), FieldError> {
         if let Some(m) = self.min_knowledge_match
             && !(0.0..=1.0).contains(&m)
         {
-            return Err(("min_knowledge_match", format!("{m} is outside 0..=1")));
+            return Err(FieldError::new(
+                "min_knowledge_match",
+                format!("{m} is outside 0..=1"),
+            ));
         }
         if let Some(m) = self.min_confidence
             && !(0.0..=1.0).contains(&m)
         {
-            return Err(("min_confidence", format!("{m} is outside 0..=1")));
+            return Err(FieldError::new(
+                "min_confidence",
+                format!("{m} is outside 0..=1"),
+            ));
         }
         if self
             .fallback_line
             .as_deref()
             .is_some_and(|l| l.trim().is_empty())
         {
-            return Err(("fallback_line", "the fallback line is empty".into()));
+            return Err(FieldError::new(
+                "fallback_line",
+                "the fallback line is empty",
+            ));
         }
         Ok(())
     }

@@ -21,6 +21,7 @@ pub const GPU_BACKEND: Option<&str> = if cfg!(feature = "cuda") {
 };
 
 use crate::sampling::SamplingParams;
+use crate::types::FieldError;
 
 /// Number format of the keys and values in the KV cache.
 ///
@@ -436,44 +437,48 @@ impl RuntimeConfig {
     /// Checks the numbers before any of them reach llama.cpp.
     ///
     /// # Errors
-    /// A sentence naming the offending setting.
-    pub fn validate(&self) -> Result<(), String> {
+    /// A [`FieldError`] naming the offending setting.
+    pub fn validate(&self) -> Result<(), FieldError> {
         if self.threads == Some(0) {
-            return Err("threads must be at least 1".into());
+            return Err(FieldError::new("threads", "must be at least 1"));
         }
         if self.context_size < 64 {
-            return Err(format!(
-                "context_size {} is below 64 tokens",
-                self.context_size
+            return Err(FieldError::new(
+                "context_size",
+                format!("{} is below 64 tokens", self.context_size),
             ));
         }
         if !(1..=64).contains(&self.slots) {
-            return Err(format!("slots {} is outside 1..=64", self.slots));
+            return Err(FieldError::new(
+                "slots",
+                format!("{} is outside 1..=64", self.slots),
+            ));
         }
         if self.context_size.checked_mul(self.slots).is_none() {
-            return Err("context_size × slots overflows".into());
+            return Err(FieldError::new(
+                "context_size",
+                "context_size × slots overflows",
+            ));
         }
         if self.batch_size < self.slots {
             // Every generating NPC puts one token in each batch.
-            return Err(format!(
-                "batch_size {} is below slots {}",
-                self.batch_size, self.slots
+            return Err(FieldError::new(
+                "batch_size",
+                format!("{} is below slots {}", self.batch_size, self.slots),
             ));
         }
         if let Some(ubatch) = self.ubatch_size
             && ubatch < self.slots
         {
-            return Err(format!(
-                "ubatch_size {ubatch} is below slots {}",
-                self.slots
+            return Err(FieldError::new(
+                "ubatch_size",
+                format!("{ubatch} is below slots {}", self.slots),
             ));
         }
         if self.max_line_chars == 0 {
-            return Err("max_line_chars must be at least 1".into());
+            return Err(FieldError::new("max_line_chars", "must be at least 1"));
         }
-        self.sampling
-            .validate()
-            .map_err(|(field, message)| format!("sampling.{field}: {message}"))
+        self.sampling.validate().map_err(|e| e.within("sampling"))
     }
 }
 

@@ -15,7 +15,7 @@ use crate::kv::cache::SeqSnapshot;
 use crate::kv::persist;
 use crate::mind::knowledge::Knowledge;
 use crate::persona::Persona;
-use crate::protocol::{Event, NpcError, NpcId, RequestId, SayOptions};
+use crate::protocol::{Event, NpcError, NpcId, RequestId, SayOptions, StateError};
 
 use super::Engine;
 use super::sequence::{Conversation, Prewarm, Queued};
@@ -176,7 +176,7 @@ impl Engine<'_, '_> {
     pub(super) fn save_npc(&mut self, npc: NpcId, path: std::path::PathBuf) {
         self.absorb_cloud_turns();
         let Some(conversation) = self.npcs.get(&npc) else {
-            let error = NpcError::UnknownNpc(npc).to_string();
+            let error = NpcError::UnknownNpc(npc).into();
             return self.emit(Event::NpcSaveFailed { npc, path, error });
         };
         let snapshot = self.kv.snapshot(&self.ctx, npc).unwrap_or_default();
@@ -201,22 +201,24 @@ impl Engine<'_, '_> {
             }),
             Err(err) => {
                 tracing::warn!("saving NPC {npc:?} to {} failed: {err}", path.display());
-                self.emit(Event::NpcSaveFailed {
-                    npc,
-                    path,
-                    error: err.to_string(),
-                });
+                let error = StateError::Io {
+                    path: path.clone(),
+                    writing: true,
+                    message: err.to_string(),
+                };
+                self.emit(Event::NpcSaveFailed { npc, path, error });
             }
         }
     }
 
     pub(super) fn load_npc(&mut self, npc: NpcId, path: &Path) {
-        let fail = |engine: &Self, error: String| engine.emit(Event::NpcLoadFailed { npc, error });
+        let fail =
+            |engine: &Self, error: StateError| engine.emit(Event::NpcLoadFailed { npc, error });
         if !self.npcs.contains_key(&npc) {
-            return fail(self, NpcError::UnknownNpc(npc).to_string());
+            return fail(self, NpcError::UnknownNpc(npc).into());
         }
         if self.busy(npc) {
-            return fail(self, NpcError::Busy.to_string());
+            return fail(self, NpcError::Busy.into());
         }
         self.absorb_cloud_turns();
         // The loaded state is what the NPC continues from.

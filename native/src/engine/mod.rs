@@ -175,11 +175,11 @@ fn serve_without_model(error: &ModelError, inbox: &Receiver<Request>, events: &S
             Request::SaveNpc { npc, path } => Event::NpcSaveFailed {
                 npc,
                 path,
-                error: unavailable().to_string(),
+                error: unavailable().into(),
             },
             Request::LoadNpc { npc, .. } => Event::NpcLoadFailed {
                 npc,
-                error: unavailable().to_string(),
+                error: unavailable().into(),
             },
             Request::Say { npc, request, .. } => Event::Failed {
                 npc,

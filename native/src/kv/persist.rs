@@ -26,6 +26,7 @@ use sha2::{Digest, Sha256};
 use crate::llama::prompt::Turn;
 use crate::mind::memory::MemoryStore;
 use crate::mind::summary::Summary;
+use crate::types::StateError;
 
 const MAGIC: &[u8; 8] = b"NPCSTATE";
 /// Bumped whenever the layout changes; older files are then recomputed, not misread.
@@ -145,22 +146,30 @@ pub(crate) fn temporary_path(path: &Path) -> std::path::PathBuf {
 }
 
 /// Reads `path`, checking everything before anything is trusted.
-pub(crate) fn load(path: &Path, expected: &StateIdentity) -> Result<LoadedState, String> {
+pub(crate) fn load(path: &Path, expected: &StateIdentity) -> Result<LoadedState, StateError> {
     let mut bytes = Vec::new();
     File::open(path)
         .and_then(|mut f| f.read_to_end(&mut bytes))
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        .map_err(|e| StateError::Io {
+            path: path.to_path_buf(),
+            writing: false,
+            message: e.to_string(),
+        })?;
+    let damaged = |reason: String| StateError::Damaged {
+        path: path.to_path_buf(),
+        reason,
+    };
     let mut reader = Sections {
         bytes: &bytes,
         at: 0,
     };
     if reader.take(8) != Some(MAGIC.as_slice()) {
-        return Err(format!("{} is not an NPC state file", path.display()));
+        return Err(StateError::NotAStateFile(path.to_path_buf()));
     }
     let version = reader
         .take(4)
         .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
-        .ok_or("truncated file")?;
+        .ok_or_else(|| damaged("truncated file".into()))?;
     let header = reader.section();
     let conversation = reader.section();
     let kv = reader.section();
@@ -173,7 +182,7 @@ pub(crate) fn load(path: &Path, expected: &StateIdentity) -> Result<LoadedState,
     let conversation: SavedConversation = conversation
         .and_then(|b| std::str::from_utf8(b).map_err(|e| e.to_string()))
         .and_then(|text| ron::from_str(text).map_err(|e| e.to_string()))
-        .map_err(|e| format!("the conversation in {} is damaged: {e}", path.display()))?;
+        .map_err(|e| damaged(format!("its conversation: {e}")))?;
     let turns = conversation
         .turns
         .into_iter()
@@ -458,7 +467,10 @@ mod tests {
         let at = bytes.windows(5).position(|w| w == b"Hello").unwrap();
         bytes[at] = b'J';
         std::fs::write(&path, &bytes).unwrap();
-        assert!(load(&path, &identity()).unwrap_err().contains("damaged"));
+        assert!(matches!(
+            load(&path, &identity()),
+            Err(StateError::Damaged { .. })
+        ));
         std::fs::write(&path, b"not a state file").unwrap();
         assert!(load(&path, &identity()).is_err());
     }
