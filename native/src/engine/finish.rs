@@ -4,6 +4,7 @@
 use std::time::Instant;
 
 use crate::actions;
+use crate::escalation::Decision;
 use crate::guard::ReplyGuard;
 use crate::llama::prompt::Turn;
 use crate::protocol::{Event, FinishReason, NpcError, ReplySource};
@@ -67,9 +68,8 @@ impl Engine<'_, '_> {
     /// the grounding check finds it stated what it cannot know.
     fn settle_held(&mut self, job: &mut Job) -> Option<String> {
         let text = job.spoken();
-        if job.escalate_held
-            && let Some(c) = self.npcs.get(&job.npc)
-            && self.escalator.second_opinion(
+        let decision = match self.npcs.get(&job.npc) {
+            Some(c) if job.escalate_held => self.escalator.second_opinion(
                 job.npc,
                 job.request,
                 &job.line,
@@ -78,9 +78,16 @@ impl Engine<'_, '_> {
                 &c.profile,
                 &c.turns,
                 self.events,
-            )
-        {
-            return None;
+            ),
+            _ => Decision::Local,
+        };
+        match decision {
+            Decision::Local => {}
+            Decision::Cloud => return None,
+            Decision::Fallback(said) => {
+                self.reply_with_fallback(job.npc, job.request, job.line.clone(), said);
+                return None;
+            }
         }
         if job.check_grounding
             && let Some(c) = self.npcs.get_mut(&job.npc)

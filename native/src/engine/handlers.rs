@@ -9,10 +9,11 @@ use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 
 use crate::actions::{self, NpcActions};
-use crate::escalation::NpcProfile;
+use crate::escalation::{Decision, NpcProfile, fallback_stats};
 use crate::guard::SecretGuard;
 use crate::kv::cache::SeqSnapshot;
 use crate::kv::persist;
+use crate::llama::prompt::Turn;
 use crate::mind::knowledge::Knowledge;
 use crate::persona::Persona;
 use crate::protocol::{Event, NpcError, NpcId, RequestId, SayOptions, StateError};
@@ -337,8 +338,8 @@ impl Engine<'_, '_> {
             return;
         };
         let known = c.knowledge.routing_documents(&line);
-        if self.escalator.routes(&c.profile)
-            && self.escalator.divert(
+        let decision = if self.escalator.routes(&c.profile) {
+            self.escalator.divert(
                 npc,
                 request,
                 &line,
@@ -347,8 +348,13 @@ impl Engine<'_, '_> {
                 &known,
                 self.events,
             )
-        {
-            return;
+        } else {
+            Decision::Local
+        };
+        match decision {
+            Decision::Local => {}
+            Decision::Cloud => return,
+            Decision::Fallback(said) => return self.reply_with_fallback(npc, request, line, said),
         }
         // A line about something the NPC does not know gets a reminder to say so.
         let documents: Vec<&str> = c
@@ -426,6 +432,34 @@ impl Engine<'_, '_> {
                 routing: Duration::ZERO,
             });
         }
+    }
+
+    /// Answers `line` with the NPC's fallback line `said` (routing would escalate it but may
+    /// not): the conversation keeps the turn, the game gets one delta and the reply.
+    pub(super) fn reply_with_fallback(
+        &mut self,
+        npc: NpcId,
+        request: RequestId,
+        line: String,
+        said: String,
+    ) {
+        if let Some(conversation) = self.npcs.get_mut(&npc) {
+            conversation.turns.push(Turn {
+                player: line,
+                npc: said.clone(),
+            });
+        }
+        self.emit(Event::Delta {
+            npc,
+            request,
+            text: said.clone(),
+        });
+        self.emit(Event::Replied {
+            npc,
+            request,
+            text: said,
+            stats: fallback_stats(),
+        });
     }
 
     /// Adds the turns the cloud (or the fallback line) answered to their conversations.

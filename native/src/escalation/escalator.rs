@@ -254,11 +254,11 @@ impl Escalator {
         });
     }
 
-    /// Routes one player line: `false` leaves it to the local model; `true` means the cloud
-    /// or the fallback line answers it (events and the conversation turn follow from here),
-    /// or the cloud supplies a fact for the local model ([`Escalator::take_informed`]).
-    /// `known` are more documents that count as knowledge: the lore retrieved for the line
-    /// and the questions the NPC learned answers to.
+    /// Routes one player line: the local model answers it, the cloud has it (it answers, or
+    /// supplies a fact for the local model: [`Escalator::take_informed`]), or the NPC says a
+    /// fallback line, which the engine sends. `known` are more documents that count as
+    /// knowledge: the lore retrieved for the line and the questions the NPC learned answers
+    /// to.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn divert(
         &self,
@@ -269,7 +269,7 @@ impl Escalator {
         turns: &[Turn],
         known: &[&str],
         events: &Sender<Event>,
-    ) -> bool {
+    ) -> Decision {
         let documents: Vec<&str> = profile
             .documents
             .iter()
@@ -303,8 +303,8 @@ impl Escalator {
                 .is_some()
     }
 
-    /// After a held local reply: `true` when its confidence or an explicit "I don't know"
-    /// sends the line to the cloud (or the fallback line) instead; `false` keeps it.
+    /// After a held local reply: whether its confidence or an explicit "I don't know" sends
+    /// the line to the cloud (or the fallback line) instead, or the reply stays.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn second_opinion(
         &self,
@@ -316,7 +316,7 @@ impl Escalator {
         profile: &NpcProfile,
         turns: &[Turn],
         events: &Sender<Event>,
-    ) -> bool {
+    ) -> Decision {
         let threshold = profile
             .settings
             .min_confidence
@@ -326,7 +326,7 @@ impl Escalator {
             .or_else(|| mentions(line, &self.config.never_topics))
             .is_some()
         {
-            return false;
+            return Decision::Local;
         }
         let reason = if is_refusal(reply) {
             Some(EscalationReason::Refusal)
@@ -351,9 +351,9 @@ impl Escalator {
         profile: &NpcProfile,
         turns: &[Turn],
         events: &Sender<Event>,
-    ) -> bool {
+    ) -> Decision {
         let Some(reason) = reason else {
-            return false;
+            return Decision::Local;
         };
         let role = self.role(profile);
         let (messages, max_tokens) = match role {
@@ -377,7 +377,7 @@ impl Escalator {
         let chars = messages.iter().map(|(_, c)| c.len()).sum();
         let fallback = self.fallback_line(npc, profile);
         match self.admit(reason, chars, max_tokens, request) {
-            Route::Local => false,
+            Route::Local => Decision::Local,
             Route::Cloud(reason) => {
                 tracing::info!("NPC {npc:?}: escalating to the cloud ({reason:?}, {role:?})");
                 self.start_cloud(
@@ -393,21 +393,13 @@ impl Escalator {
                     },
                     events.clone(),
                 );
-                true
+                Decision::Cloud
             }
             Route::Fallback(reason, blocked) => {
                 tracing::info!(
                     "NPC {npc:?}: would escalate ({reason:?}) but {blocked:?}; fallback line"
                 );
-                lock(&self.shared).finished.push((
-                    npc,
-                    Turn {
-                        player: line.to_owned(),
-                        npc: fallback.clone(),
-                    },
-                ));
-                Self::reply_with_fallback(events, npc, request, fallback);
-                true
+                Decision::Fallback(fallback)
             }
         }
     }
@@ -454,8 +446,19 @@ impl Escalator {
     }
 }
 
+/// What routing decided for one line ([`Escalator::divert`], [`Escalator::second_opinion`]).
+#[derive(Debug, PartialEq)]
+pub(crate) enum Decision {
+    /// The local model answers (or its held reply stays).
+    Local,
+    /// The cloud has the line: it answers, or supplies a fact; its thread finishes the line.
+    Cloud,
+    /// Escalation was not allowed: the NPC says this fallback line, sent by the engine.
+    Fallback(String),
+}
+
 /// Stats of a fallback reply: nothing computed, nothing sent.
-pub(super) fn fallback_stats() -> ReplyStats {
+pub(crate) fn fallback_stats() -> ReplyStats {
     ReplyStats::new(ReplySource::Fallback)
 }
 

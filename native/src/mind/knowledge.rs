@@ -9,6 +9,7 @@
 //! turn's notes cost context only once, so history grows by the conversation alone and
 //! folds (which recompute everything after the system prompt) stay rare.
 
+use std::cell::RefCell;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -47,6 +48,9 @@ pub(crate) struct Knowledge {
     model_summary: bool,
     /// Secrets the game revealed ([`Request::RevealSecret`](crate::Request)): knowledge now.
     pub(crate) revealed: Vec<String>,
+    /// The last line BM25 searched and the entries it found: routing the line and building
+    /// its prompt search once.
+    last_search: RefCell<Option<(String, Vec<usize>)>>,
 }
 
 /// A prompt ready to decode, and what was put in or left out to build it.
@@ -82,6 +86,7 @@ impl Knowledge {
             compressed: None,
             model_summary: persona.model_summary.unwrap_or(true),
             revealed: Vec::new(),
+            last_search: RefCell::default(),
         })
     }
 
@@ -183,10 +188,9 @@ impl Knowledge {
     /// NPC learned answers to from the cloud.
     pub(crate) fn routing_documents(&self, line: &str) -> Vec<&str> {
         let mut documents: Vec<&str> = self
-            .lore
-            .search(line, self.retrieve)
+            .retrieved(line)
             .into_iter()
-            .filter_map(|hit| self.lore.entry(hit.index).map(|entry| entry.text.as_str()))
+            .filter_map(|index| self.lore.entry(index).map(|entry| entry.text.as_str()))
             .collect();
         documents.extend(
             self.memories
@@ -195,6 +199,25 @@ impl Knowledge {
                 .filter_map(|memory| crate::mind::memory::learned_question(&memory.text)),
         );
         documents
+    }
+
+    /// The lore entries (indices, best first) BM25 finds for `line`; the same line twice in a
+    /// row is searched once.
+    fn retrieved(&self, line: &str) -> Vec<usize> {
+        let mut last = self.last_search.borrow_mut();
+        if let Some((searched, hits)) = last.as_ref()
+            && searched == line
+        {
+            return hits.clone();
+        }
+        let hits: Vec<usize> = self
+            .lore
+            .search(line, self.retrieve)
+            .into_iter()
+            .map(|hit| hit.index)
+            .collect();
+        *last = Some((line.to_owned(), hits.clone()));
+        hits
     }
 
     /// After a turn: the clock moves on and what the player said of themselves is kept.
@@ -256,15 +279,11 @@ impl Knowledge {
             .saturating_sub(reply_budget)
             .min(self.budget.unwrap_or(usize::MAX));
         let mut lore: Vec<String> = self
-            .lore
-            .search(line, self.retrieve)
+            .retrieved(line)
             .into_iter()
-            .filter_map(|hit| {
-                let compressed = self
-                    .compressed
-                    .as_ref()
-                    .and_then(|c| c.texts.get(hit.index));
-                compressed.or_else(|| self.lore.entry(hit.index).map(|entry| &entry.text))
+            .filter_map(|index| {
+                let compressed = self.compressed.as_ref().and_then(|c| c.texts.get(index));
+                compressed.or_else(|| self.lore.entry(index).map(|entry| &entry.text))
             })
             .map(|text| prompts.sanitize(text.trim()))
             .collect();
