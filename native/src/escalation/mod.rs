@@ -18,6 +18,21 @@
 //! persona prompt, or supply only the fact, which opens a local reply and which the NPC
 //! remembers.
 
+mod cloud_job;
+mod confidence;
+mod escalator;
+mod profile;
+#[cfg(test)]
+mod tests;
+
+pub(crate) use crate::mind::memory::{learned_answer, learned_memory};
+#[cfg(test)]
+use cloud_job::{OPENING_CHARS, OpeningHold, complete_sentences};
+pub(crate) use confidence::TokenConfidence;
+pub use confidence::token_logprob_entropy;
+pub(crate) use escalator::{Decision, Escalator, fallback_stats};
+pub(crate) use profile::NpcProfile;
+
 pub use crate::config::escalation::{
     ApiKey, CloudConfig, CloudRole, DEFAULT_FALLBACK_LINE, EscalationConfig, PersonaEscalation,
 };
@@ -131,18 +146,3 @@ pub fn should_escalate(
         _ => None,
     }
 }
-
-mod cloud_job;
-mod confidence;
-mod escalator;
-mod profile;
-#[cfg(test)]
-mod tests;
-
-pub(crate) use crate::mind::memory::{learned_answer, learned_memory};
-#[cfg(test)]
-use cloud_job::{OPENING_CHARS, OpeningHold, complete_sentences};
-pub(crate) use confidence::TokenConfidence;
-pub use confidence::token_logprob_entropy;
-pub(crate) use escalator::{Decision, Escalator, fallback_stats};
-pub(crate) use profile::NpcProfile;
