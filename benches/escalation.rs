@@ -73,12 +73,20 @@ fn npc_model() -> &'static CatalogModel {
 /// `llama-server` serving the catalog's stand-in cloud on the machine's cores: it computes
 /// only while the runtime waits for an escalation, so the two do not compete.
 fn stronger_cloud() -> servers::LlamaServer {
-    let threads = std::thread::available_parallelism().map_or(2, usize::from);
-    servers::LlamaServer::start_with_threads(
-        &model::file_of(&catalog::CLOUD_STANDIN_MODEL),
-        None,
-        threads,
-    )
+    servers::LlamaServer::start_on_all_cores(&model::file_of(&catalog::CLOUD_STANDIN_MODEL))
+}
+
+/// Escalation to `server` with caps that never bind: the runs measure routing and what it
+/// costs, not what the caps forbid.
+fn uncapped_policy(server: &servers::LlamaServer) -> EscalationConfig {
+    let mut cloud = CloudConfig::new(server.base_url(), "default");
+    cloud.read_timeout = Duration::from_secs(120);
+    cloud.total_timeout = Duration::from_secs(300);
+    let mut policy = EscalationConfig::enabled(Some(cloud));
+    policy.max_spend_per_hour = 100.0;
+    policy.max_spend_per_day = 1000.0;
+    policy.max_escalations_per_minute = 1000;
+    policy
 }
 
 /// Whether `text` holds every one of `words` (case-insensitive).
@@ -305,14 +313,7 @@ struct Routed {
 /// Every question again through the runtime with escalation on (default settings, the
 /// stand-in cloud speaking as the NPC): where each line went and what the player got.
 fn routed(server: &servers::LlamaServer, set: &QuestionSet, local: &[Scored]) {
-    let mut cloud = CloudConfig::new(server.base_url(), "default");
-    cloud.read_timeout = Duration::from_secs(120);
-    cloud.total_timeout = Duration::from_secs(300);
-    let mut policy = EscalationConfig::enabled(Some(cloud));
-    // Caps that never bind: this measures the routing.
-    policy.max_spend_per_hour = 100.0;
-    policy.max_spend_per_day = 1000.0;
-    policy.max_escalations_per_minute = 1000;
+    let policy = uncapped_policy(server);
     let runtime = start(
         RuntimeConfig::new(model::file_of(npc_model()))
             .with_slots(1)
@@ -659,14 +660,7 @@ fn session(
     lines: &[String],
     lore: &str,
 ) -> Session {
-    let mut cloud = CloudConfig::new(server.base_url(), "default");
-    cloud.read_timeout = Duration::from_secs(120);
-    cloud.total_timeout = Duration::from_secs(300);
-    // Generous caps: this measures what routing costs, not what the caps forbid.
-    let mut policy = EscalationConfig::enabled(Some(cloud));
-    policy.max_spend_per_hour = 100.0;
-    policy.max_spend_per_day = 1000.0;
-    policy.max_escalations_per_minute = 100;
+    let mut policy = uncapped_policy(server);
     policy.cloud_max_tokens = 100;
     policy.cloud_role = role;
     let runtime = start(

@@ -227,8 +227,7 @@ fn blacksmith_escalating(server: &LlamaServer, role: CloudRole) -> Runtime {
 /// `llama-server` serving the catalog's largest model, the stand-in for a cloud model, on
 /// the machine's cores (the NPC's runtime waits while it answers).
 fn stronger_cloud() -> LlamaServer {
-    let threads = std::thread::available_parallelism().map_or(2, usize::from);
-    LlamaServer::start_with_threads(&common::cloud_standin_path(), None, threads)
+    LlamaServer::start_on_all_cores(&common::cloud_standin_path())
 }
 
 /// A runtime on the smaller escalating model that escalates to `server` with `role`.

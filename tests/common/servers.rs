@@ -55,8 +55,14 @@ impl LlamaServer {
         Self::start_with_threads(model, api_key, 1)
     }
 
-    /// [`LlamaServer::start`] with `threads` threads: a larger model serving as the cloud
-    /// runs while the NPC's runtime waits for it, so it may take the machine's cores.
+    /// [`LlamaServer::start`] on every core, without a key: a larger model serving as the
+    /// cloud runs while the NPC's runtime waits for it, so the two do not compete.
+    pub fn start_on_all_cores(model: &std::path::Path) -> Self {
+        let threads = std::thread::available_parallelism().map_or(2, usize::from);
+        Self::start_with_threads(model, None, threads)
+    }
+
+    /// [`LlamaServer::start`] with `threads` threads.
     pub fn start_with_threads(
         model: &std::path::Path,
         api_key: Option<&str>,

@@ -9,7 +9,7 @@ use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 
 use crate::actions::{self, NpcActions};
-use crate::escalation::{Decision, NpcProfile, fallback_stats};
+use crate::escalation::{Decision, Escalator, NpcProfile};
 use crate::guard::SecretGuard;
 use crate::kv::cache::SeqSnapshot;
 use crate::kv::persist;
@@ -449,17 +449,7 @@ impl Engine<'_, '_> {
                 npc: said.clone(),
             });
         }
-        self.emit(Event::Delta {
-            npc,
-            request,
-            text: said.clone(),
-        });
-        self.emit(Event::Replied {
-            npc,
-            request,
-            text: said,
-            stats: fallback_stats(),
-        });
+        Escalator::reply_with_fallback(self.events, npc, request, said);
     }
 
     /// Adds the turns the cloud (or the fallback line) answered to their conversations.

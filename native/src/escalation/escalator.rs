@@ -234,7 +234,7 @@ impl Escalator {
         line
     }
 
-    /// Answers with the fallback line: one delta, then the reply.
+    /// Answers with a fallback line: one delta, then the reply (the caller keeps the turn).
     pub(crate) fn reply_with_fallback(
         events: &Sender<Event>,
         npc: NpcId,
@@ -458,7 +458,7 @@ pub(crate) enum Decision {
 }
 
 /// Stats of a fallback reply: nothing computed, nothing sent.
-pub(crate) fn fallback_stats() -> ReplyStats {
+pub(super) fn fallback_stats() -> ReplyStats {
     ReplyStats::new(ReplySource::Fallback)
 }
 

@@ -30,7 +30,7 @@ pub(crate) use crate::mind::memory::{learned_answer, learned_memory};
 use cloud_job::{OPENING_CHARS, OpeningHold, complete_sentences};
 pub(crate) use confidence::TokenConfidence;
 pub use confidence::token_logprob_entropy;
-pub(crate) use escalator::{Decision, Escalator, fallback_stats};
+pub(crate) use escalator::{Decision, Escalator};
 pub(crate) use profile::NpcProfile;
 
 pub use crate::config::escalation::{
