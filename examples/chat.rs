@@ -16,7 +16,8 @@
 //! With `--voice` (build with `--features voice`, after `cargo xtask setup` and
 //! `cargo build --release -p npc_voice_helper`) every turn also goes through speech: espeak-ng
 //! speaks the typed line in place of a microphone, the `npc-voice` helper transcribes it
-//! (Whisper tiny.en), the NPC answers what was *heard*, and its reply is voiced sentence by
+//! (Whisper tiny.en), the NPC answers what was *heard*, and its reply is voiced (with the
+//! persona's voice: a Piper neural voice for the shipped blacksmith) sentence by
 //! sentence while the model is still writing. Each turn prints the time from the end of the
 //! player's speech to the transcript, the first reply token and the first NPC audio; the
 //! median is printed on exit. `--voice-out DIR` saves each reply's audio as `DIR/turn-N.wav`.
@@ -251,7 +252,7 @@ fn main() -> ExitCode {
                     );
                     #[cfg(feature = "voice")]
                     if let (Some(voice), Some(turn)) = (voice.as_mut(), turn.take()) {
-                        match voice.finish(turn, &text) {
+                        match voice.finish(turn, &text, &mut meter, npc) {
                             Ok(report) => println!("  [{report}]"),
                             Err(err) => println!("  [speech: {err}]"),
                         }
@@ -293,10 +294,12 @@ mod speech {
 
     use npc_native::voice::audio::Pcm;
     use npc_native::voice::client::{VoiceClient, VoiceConfig, VoiceEvent, workspace_model};
+    use npc_native::voice::piper::PiperSynth;
     use npc_native::voice::protocol::SAMPLE_RATE;
     use npc_native::voice::synth::{
-        EspeakSynth, LineWriter, SpeechEvent, SpeechStream, SpeechSynth, VoiceSettings,
+        EspeakSynth, LineWriter, SpeechEvent, SpeechStream, SpeechSynth, VoiceEngine, VoiceSettings,
     };
+    use npc_native::{CostMeter, NpcId, SpeechStats};
 
     /// How long the helper may take to start or to transcribe one line.
     const PATIENCE: Duration = Duration::from_secs(120);
@@ -326,6 +329,7 @@ mod speech {
         streamed: bool,
         audio: Pcm,
         sentences: u32,
+        spoken: Vec<SpeechStats>,
         done: bool,
     }
 
@@ -350,6 +354,24 @@ mod speech {
             if let Some(dir) = &out {
                 std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
             }
+            // Piper voices' `model:` paths are relative to the asset folder (the one holding
+            // the Whisper model's `models/`).
+            let assets = whisper
+                .parent()
+                .and_then(std::path::Path::parent)
+                .map(std::path::Path::to_path_buf)
+                .unwrap_or_default();
+            let speech = SpeechStream::start(Box::new(PiperSynth::new(&assets)));
+            speech.prepare(npc.clone());
+            match (npc.engine, npc.model.as_deref()) {
+                (VoiceEngine::Piper, Some(model)) => {
+                    eprintln!("[speech: the NPC speaks with the Piper voice {model}]");
+                }
+                _ => eprintln!(
+                    "[speech: the NPC speaks with espeak-ng voice {}]",
+                    npc.voice
+                ),
+            }
             let mut client = VoiceClient::start(VoiceConfig::new(whisper).with_helper(helper));
             client.warm_up();
             loop {
@@ -365,7 +387,7 @@ mod speech {
             }
             Ok(Self {
                 client,
-                speech: SpeechStream::start(Box::new(EspeakSynth::default())),
+                speech,
                 microphone: EspeakSynth::default(),
                 player: VoiceSettings {
                     rate: 140,
@@ -417,6 +439,7 @@ mod speech {
                     samples: Vec::new(),
                 },
                 sentences: 0,
+                spoken: Vec::new(),
                 done: false,
             })
         }
@@ -429,8 +452,15 @@ mod speech {
         }
 
         /// The reply is complete (`text` in full, for replies that did not stream): speaks
-        /// the rest, waits for its audio, saves it, and reports the turn's timings.
-        pub fn finish(&mut self, mut turn: Turn, text: &str) -> Result<String, String> {
+        /// the rest, waits for its audio, saves it, counts it in `meter` for `npc`, and
+        /// reports the turn's timings.
+        pub fn finish(
+            &mut self,
+            mut turn: Turn,
+            text: &str,
+            meter: &mut CostMeter,
+            npc: NpcId,
+        ) -> Result<String, String> {
             if let Some(mut writer) = turn.writer.take() {
                 if !turn.streamed {
                     turn.first_token
@@ -446,6 +476,9 @@ mod speech {
                     .recv_timeout(PATIENCE)
                     .map_err(|_| "speech synthesis stopped answering")?;
                 turn.take(event);
+            }
+            for speech in &turn.spoken {
+                meter.record_speech(npc, speech);
             }
             let first_audio = turn.first_audio.ok_or("the reply produced no audio")?;
             self.first_audio.push(first_audio);
@@ -497,10 +530,18 @@ mod speech {
 
         fn take(&mut self, event: SpeechEvent) {
             match event {
-                SpeechEvent::Audio { line, pcm, .. } if line == self.line => {
+                SpeechEvent::Audio {
+                    line,
+                    pcm,
+                    text,
+                    synth,
+                    ..
+                } if line == self.line => {
                     self.first_audio
                         .get_or_insert_with(|| self.ended_speaking.elapsed());
                     self.sentences += 1;
+                    self.spoken
+                        .push(SpeechStats::new(&text, pcm.seconds(), synth));
                     self.audio.sample_rate = pcm.sample_rate;
                     self.audio.samples.extend(pcm.samples);
                 }
@@ -508,6 +549,7 @@ mod speech {
                     eprintln!("[speech: a sentence failed: {error}]");
                 }
                 SpeechEvent::LineDone { line, .. } if line == self.line => self.done = true,
+                SpeechEvent::Warning { error } => eprintln!("[speech: {error}]"),
                 _ => {}
             }
         }

@@ -1,7 +1,8 @@
-//! The RPG demo in a real window: run under Xvfb with Mesa's software Vulkan, it walks to the
-//! blacksmith, asks for a horseshoe on the real default model, saves a screenshot and exits.
-//! The picture must not be blank, and the speech bubble must hold text-coloured pixels in
-//! proportion to the letters of the reply it shows.
+//! The RPG demo in a real window: run under Xvfb with Mesa's software Vulkan and `--voice`, it
+//! walks to the blacksmith, asks for a horseshoe on the real default model, saves a screenshot
+//! and exits. The picture must not be blank, the speech bubble must hold text-coloured pixels
+//! in proportion to the letters of the reply it shows, and the blacksmith must have spoken
+//! with his Piper voice (no audio device here: into the speech buffer) without a problem.
 //!
 //! Needs `xvfb-run` and Mesa's Vulkan driver (`cargo xtask setup` installs them) and the
 //! example built with the `demo` feature:
@@ -50,7 +51,7 @@ fn the_scripted_demo_draws_the_village_and_a_speech_bubble_with_text() {
         .arg(common::example_binary("rpg"))
         .arg("--script")
         .arg(&shot)
-        .args(["--threads", "2"])
+        .args(["--threads", "2", "--voice"])
         .env("WGPU_BACKEND", "vulkan")
         .output()
         .expect("xvfb-run runs (cargo xtask setup installs it)");
@@ -124,6 +125,29 @@ fn the_scripted_demo_draws_the_village_and_a_speech_bubble_with_text() {
         inked >= 3 * letters,
         "the bubble holds its {letters} letters: {inked} text-coloured pixels"
     );
+
+    // Speech: at least the reply's first sentence, with no fallback or failure. (Push-to-talk
+    // is on too: there is no microphone here, reported once, and nobody talks.)
+    let speech = std::fs::read_to_string(shot.with_extension("speech.txt")).expect("speech note");
+    println!("speech note:\n{speech}");
+    let spoken: Vec<u64> = speech
+        .lines()
+        .find_map(|l| l.strip_prefix("spoken "))
+        .expect("spoken line")
+        .split_whitespace()
+        .map(|n| n.parse().unwrap())
+        .collect();
+    assert!(
+        spoken[0] >= 1 && spoken[1] > 0,
+        "the blacksmith spoke: {speech}"
+    );
+    let synthesis_problems: Vec<&str> = speech
+        .lines()
+        .filter(|l| {
+            l.starts_with("problem ") && !l.contains("microphone") && !l.contains("voice helper")
+        })
+        .collect();
+    assert!(synthesis_problems.is_empty(), "{synthesis_problems:?}");
 
     if std::env::var_os("NPC_AI_UPDATE_SCREENSHOT").is_some() {
         let docs = common::root().join("docs");

@@ -1,6 +1,6 @@
-//! The plugin's voice (feature `voice`), headless, with the real model, espeak-ng and the
-//! `npc-voice` helper (built by `cargo build --release -p npc_voice_helper`; `cargo xtask test`
-//! builds it).
+//! The plugin's voice (feature `voice`), headless, with the real model, the blacksmith's Piper
+//! voice (ONNX Runtime and the voice from `cargo xtask setup`), espeak-ng and the `npc-voice`
+//! helper (built by `cargo build --release -p npc_voice_helper`; `cargo xtask test` builds it).
 //!
 //! ```text
 //! cargo test --release -p bevy_npc_ai --features voice --test voice
@@ -11,6 +11,9 @@ mod common;
 use std::time::Duration;
 
 use bevy::prelude::*;
+use bevy_npc_ai::npc_native::voice::audio::Pcm;
+use bevy_npc_ai::npc_native::voice::client::{VoiceClient, VoiceConfig, VoiceEvent};
+use bevy_npc_ai::npc_native::voice::protocol::SAMPLE_RATE;
 use bevy_npc_ai::npc_native::voice::synth::{EspeakSynth, SpeechSynth, VoiceSettings};
 use bevy_npc_ai::npc_native::voice::wer;
 use bevy_npc_ai::prelude::*;
@@ -131,7 +134,89 @@ fn replies_are_spoken_sentence_by_sentence_into_the_buffer() {
             .all(|(i, a)| a.seq as usize == i),
         "sentences out of order"
     );
+    // No problem: the Piper voice loaded (a fallback to espeak-ng is reported as one).
     assert!(seen.problems.is_empty(), "{:?}", seen.problems);
+
+    // Round trip: what the Piper voice said, heard by Whisper.
+    let mut spoken = Pcm::default();
+    for clip in clips {
+        spoken.sample_rate = clip.pcm.sample_rate;
+        spoken.samples.extend_from_slice(&clip.pcm.samples);
+    }
+    let heard = transcribe(&spoken);
+    let error = wer::wer(&seen.replies[0].text, &heard);
+    println!("Whisper heard {heard:?} (word error rate {error:.2})");
+    assert!(
+        error <= 0.25,
+        "heard {heard:?} for {:?}",
+        seen.replies[0].text
+    );
+    let meter = app.world().resource::<NpcCostMeter>();
+    let spoke = meter.entity(npc).expect("the blacksmith is metered");
+    assert_eq!(spoke.spoken_sentences as usize, clips.len());
+    assert!(spoke.spoken_characters > 0 && spoke.speech_compute > Duration::ZERO);
+}
+
+/// Transcribes `pcm` with the `npc-voice` helper, outside the app.
+fn transcribe(pcm: &Pcm) -> String {
+    let helper = VoiceConfig::find_helper().expect("npc-voice is built");
+    let mut client = VoiceClient::start(
+        VoiceConfig::new(common::root().join("assets/models/ggml-tiny.en.bin")).with_helper(helper),
+    );
+    let id = client.transcribe(pcm.resampled(SAMPLE_RATE).samples);
+    loop {
+        match client
+            .events()
+            .recv_timeout(Duration::from_secs(300))
+            .expect("the helper answers")
+        {
+            VoiceEvent::Transcript { id: got, text, .. } if got == id => return text,
+            VoiceEvent::Failed { error, .. } => panic!("recognition failed: {error}"),
+            _ => {}
+        }
+    }
+}
+
+#[test]
+fn a_persona_naming_a_voice_that_is_not_installed_speaks_with_espeak_and_says_why() {
+    let _serial = common::serial();
+    let mut app = app();
+    let persona = bevy_npc_ai::npc_native::Persona::from_ron(
+        r#"(name: "Mara", role: "the miller", greeting: "Flour?",
+            voice: Some((engine: Piper, model: "voices/not-installed.onnx")))"#,
+        None,
+    )
+    .expect("the persona is valid: the file's absence shows only when it is spoken");
+    let handle = app
+        .world_mut()
+        .resource_mut::<Assets<Persona>>()
+        .add(Persona(persona));
+    let npc = app.world_mut().spawn(Npc::new(handle)).id();
+    app.world_mut().write_message(PlayerSaid {
+        npc,
+        text: "Hello. Who are you?".into(),
+    });
+    update_until(&mut app, "the reply, spoken anyway", |app| {
+        let seen = app.world().resource::<Seen>();
+        !seen.replies.is_empty() && !app.world().resource::<SpeechBuffer>().clips.is_empty()
+    });
+    // A few more frames: the whole reply's sentences.
+    for _ in 0..200 {
+        app.update();
+    }
+    let seen = app.world().resource::<Seen>();
+    let clips = &app.world().resource::<SpeechBuffer>().clips;
+    assert!(clips.iter().all(|c| c.pcm.rms() > 0.01), "silent clips");
+    let problems: Vec<&str> = seen.problems.iter().map(|p| p.0.as_str()).collect();
+    assert_eq!(
+        problems.len(),
+        1,
+        "one warning, not one per sentence: {problems:?}"
+    );
+    assert!(
+        problems[0].contains("not-installed.onnx") && problems[0].contains("espeak-ng"),
+        "{problems:?}"
+    );
 }
 
 #[test]

@@ -8,10 +8,13 @@
 //! cargo run --release -p bevy_npc_ai --example rpg --features demo -- --model other.gguf
 //! # Scripted: walk to the blacksmith, ask for a horseshoe, save a screenshot, exit.
 //! cargo run --release -p bevy_npc_ai --example rpg --features demo -- --script shot.png
+//! # Villagers speak (the blacksmith and the guard with a Piper neural voice); hold Tab to
+//! # talk to the villager you face (needs `cargo build --release -p npc_voice_helper`).
+//! cargo run --release -p bevy_npc_ai --example rpg --features demo -- --voice
 //! ```
 //!
 //! WASD walks, E talks to the villager in reach, Enter sends the typed line, Esc leaves,
-//! F3 shows tokens/s, KV-cache reuse and pending requests.
+//! F3 shows tokens/s, KV-cache reuse, pending requests and what speech cost.
 
 mod game;
 mod view;
@@ -22,6 +25,7 @@ use std::process::ExitCode;
 use bevy::prelude::*;
 use bevy::window::WindowResolution;
 use bevy_npc_ai::prelude::*;
+use bevy_npc_ai::{NpcVoicePlugin, VoiceInput, VoiceProblem};
 
 struct Args {
     /// A catalog id or a GGUF file; `None` is the catalog's default model.
@@ -30,6 +34,8 @@ struct Args {
     script: Option<PathBuf>,
     max_frames: u32,
     seed: u32,
+    /// `--voice`: villagers speak their lines; push-to-talk on Tab.
+    voice: bool,
 }
 
 fn root() -> PathBuf {
@@ -43,6 +49,7 @@ fn parse_args() -> Result<Args, String> {
         script: None,
         max_frames: 20_000,
         seed: 1,
+        voice: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -57,9 +64,10 @@ fn parse_args() -> Result<Args, String> {
                 args.max_frames = value()?.parse().map_err(|e| format!("--max-frames: {e}"))?;
             }
             "--seed" => args.seed = value()?.parse().map_err(|e| format!("--seed: {e}"))?,
+            "--voice" => args.voice = true,
             "--help" | "-h" => {
                 return Err(
-                    "usage: rpg [--model ID|FILE.gguf] [--threads N] [--seed N] \
+                    "usage: rpg [--model ID|FILE.gguf] [--threads N] [--seed N] [--voice] \
                             [--script SHOT.png [--max-frames N]]"
                         .into(),
                 );
@@ -120,6 +128,10 @@ fn main() -> ExitCode {
     )
     .add_plugins(ai)
     .add_plugins((game::VillageGamePlugin, view::VillageViewPlugin));
+    if args.voice {
+        app.add_plugins(NpcVoicePlugin::default().with_push_to_talk(KeyCode::Tab))
+            .add_systems(Update, (voice_target, note_speech));
+    }
     if let Some(path) = args.script {
         app.insert_resource(game::Script::blacksmith_visit())
             .insert_resource(view::ScreenshotPlan {
@@ -132,5 +144,40 @@ fn main() -> ExitCode {
     match app.run() {
         AppExit::Success => ExitCode::SUCCESS,
         AppExit::Error(_) => ExitCode::FAILURE,
+    }
+}
+
+/// Push-to-talk addresses the villager the player is talking to.
+fn voice_target(conversation: Res<game::Conversation>, mut input: ResMut<VoiceInput>) {
+    if input.target != conversation.with {
+        input.target = conversation.with;
+    }
+}
+
+/// In a scripted run, notes beside the screenshot what was spoken (`SHOT.speech.txt`: the
+/// sentences and characters synthesised, and every voice problem).
+fn note_speech(
+    plan: Option<Res<view::ScreenshotPlan>>,
+    meter: Res<NpcCostMeter>,
+    mut problems: MessageReader<VoiceProblem>,
+    mut seen: Local<Vec<String>>,
+    mut written: Local<(u64, usize)>,
+) {
+    seen.extend(problems.read().map(|p| p.0.clone()));
+    let Some(plan) = plan else { return };
+    let spoken = meter.total();
+    if *written == (spoken.spoken_sentences, seen.len()) {
+        return;
+    }
+    *written = (spoken.spoken_sentences, seen.len());
+    let mut note = format!(
+        "spoken {} {}\n",
+        spoken.spoken_sentences, spoken.spoken_characters
+    );
+    for problem in seen.iter().map(String::as_str) {
+        note.push_str(&format!("problem {problem}\n"));
+    }
+    if let Err(err) = std::fs::write(plan.path.with_extension("speech.txt"), note) {
+        error!("cannot write the speech note: {err}");
     }
 }

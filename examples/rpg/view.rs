@@ -522,7 +522,7 @@ fn update_ui(
             100.0 * stats.cached_tokens as f64 / stats.prompt_tokens as f64
         };
         let value = format!(
-            "tokens/s (last reply): {:.1}\nKV reuse: {} of {} prompt tokens ({reuse:.0}%)\npending requests: {}\nreplies: {}\nactions requested/approved: {}/{}\nvillager chatter: {} exchanges, {} interrupted\ncost so far: ${:.4} (local compute priced at ${:.2}/h), ${:.3} per player-hour at 5 lines/min",
+            "tokens/s (last reply): {:.1}\nKV reuse: {} of {} prompt tokens ({reuse:.0}%)\npending requests: {}\nreplies: {}\nactions requested/approved: {}/{}\nvillager chatter: {} exchanges, {} interrupted\ncost so far: ${:.4} (local compute priced at ${:.2}/h), ${:.3} per player-hour at 5 lines/min\nspeech: {} sentences, {} characters, real-time factor {:.2}, ${:.5} local vs ${:.4} on a cloud voice",
             stats.tokens_per_second,
             stats.cached_tokens,
             stats.prompt_tokens,
@@ -535,6 +535,11 @@ fn update_ui(
             meter.total().total_cost(&meter.prices),
             meter.prices.local_per_hour,
             meter.per_player_hour(300.0),
+            meter.total().spoken_sentences,
+            meter.total().spoken_characters,
+            meter.total().speech_real_time_factor(),
+            meter.total().speech_cost(&meter.prices),
+            meter.total().cloud_speech_equivalent(&meter.prices),
         );
         if text.0 != value {
             text.0 = value;

@@ -42,9 +42,71 @@ pub struct CostTotals {
     pub cloud_input_tokens: u64,
     /// Completion tokens received from the cloud.
     pub cloud_output_tokens: u64,
+    /// Sentences synthesised into speech locally.
+    pub spoken_sentences: u64,
+    /// Characters of those sentences (what a cloud voice bills).
+    pub spoken_characters: u64,
+    /// Length of the audio synthesised.
+    pub spoken_audio: Duration,
+    /// Wall time the local synthesiser spent on it.
+    pub speech_compute: Duration,
+}
+
+/// One sentence synthesised into speech, for [`CostMeter::record_speech`].
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct SpeechStats {
+    /// Characters of the sentence.
+    pub characters: u64,
+    /// Length of its audio.
+    pub audio: Duration,
+    /// Time the synthesiser took.
+    pub synthesis: Duration,
+}
+
+impl SpeechStats {
+    /// The stats of `text` spoken as `audio_seconds` of audio in `synthesis`.
+    #[must_use]
+    pub fn new(text: &str, audio_seconds: f64, synthesis: Duration) -> Self {
+        Self {
+            characters: text.chars().count() as u64,
+            audio: Duration::from_secs_f64(audio_seconds.max(0.0)),
+            synthesis,
+        }
+    }
 }
 
 impl CostTotals {
+    fn add_speech(&mut self, speech: &SpeechStats) {
+        self.spoken_sentences += 1;
+        self.spoken_characters += speech.characters;
+        self.spoken_audio += speech.audio;
+        self.speech_compute += speech.synthesis;
+    }
+
+    /// Cost of the local speech synthesis at `prices` (its compute time at the local rate).
+    #[must_use]
+    pub fn speech_cost(&self, prices: &PriceTable) -> f64 {
+        prices.local_cost(self.speech_compute)
+    }
+
+    /// What the same characters would have cost on the cloud voice of `prices`.
+    #[must_use]
+    pub fn cloud_speech_equivalent(&self, prices: &PriceTable) -> f64 {
+        prices.cloud_speech_cost(self.spoken_characters)
+    }
+
+    /// Synthesis time over audio length (below 1 is faster than real time; 0 before any
+    /// speech).
+    #[must_use]
+    pub fn speech_real_time_factor(&self) -> f64 {
+        let audio = self.spoken_audio.as_secs_f64();
+        if audio > 0.0 {
+            self.speech_compute.as_secs_f64() / audio
+        } else {
+            0.0
+        }
+    }
+
     fn add(&mut self, stats: &ReplyStats) {
         self.replies += 1;
         if let Some(fact) = stats.cloud_fact {
@@ -91,10 +153,10 @@ impl CostTotals {
         prices.cloud_cost(self.cloud_input_tokens, self.cloud_output_tokens)
     }
 
-    /// Local plus cloud cost at `prices`.
+    /// Local model, cloud and local speech cost at `prices`.
     #[must_use]
     pub fn total_cost(&self, prices: &PriceTable) -> f64 {
-        self.local_cost(prices) + self.cloud_cost(prices)
+        self.local_cost(prices) + self.cloud_cost(prices) + self.speech_cost(prices)
     }
 
     /// Share of prompt tokens served from the KV cache, 0..=1.
@@ -133,6 +195,12 @@ impl CostMeter {
     pub fn record(&mut self, npc: NpcId, stats: &ReplyStats) {
         self.total.add(stats);
         self.per_npc.entry(npc).or_default().add(stats);
+    }
+
+    /// Records one sentence `npc` spoke (synthesised locally).
+    pub fn record_speech(&mut self, npc: NpcId, speech: &SpeechStats) {
+        self.total.add_speech(speech);
+        self.per_npc.entry(npc).or_default().add_speech(speech);
     }
 
     /// Records the event if it is an [`Event::Replied`]; other events are ignored. Returns
@@ -255,7 +323,28 @@ impl fmt::Display for CostReport<'_> {
             m.prices.local_per_hour,
             m.prices.cloud_input_per_million,
             m.prices.cloud_output_per_million
-        )
+        )?;
+        let t = m.total();
+        if t.spoken_sentences > 0 {
+            let local = t.speech_cost(&m.prices);
+            let cloud = t.cloud_speech_equivalent(&m.prices);
+            write!(
+                f,
+                "\nspeech: {} sentences, {} characters, {:.1} s of audio synthesised in {:.1} s \
+                 (real-time factor {:.2}), {local:.6}{c} of local compute; on a cloud voice at \
+                 {}{c} per M characters: {cloud:.6}{c}",
+                t.spoken_sentences,
+                t.spoken_characters,
+                t.spoken_audio.as_secs_f64(),
+                t.speech_compute.as_secs_f64(),
+                t.speech_real_time_factor(),
+                m.prices.cloud_speech_per_million_chars,
+            )?;
+            if local > 0.0 {
+                write!(f, " (local = 1/{:.0} of it)", cloud / local)?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -299,6 +388,31 @@ mod tests {
         assert!((per_hour - t.total_cost(&meter.prices) / 4.0 * 300.0).abs() < 1e-9);
         let report = meter.report(300.0).to_string();
         assert!(report.contains("total"), "{report}");
+    }
+
+    #[test]
+    fn speech_is_counted_priced_locally_and_compared_with_a_cloud_voice() {
+        let mut meter = CostMeter::default();
+        let sentence = "Welcome to my forge, traveller.";
+        let speech = SpeechStats::new(sentence, 2.0, Duration::from_millis(200));
+        assert_eq!(speech.characters, 31);
+        meter.record_speech(NpcId(1), &speech);
+        meter.record_speech(NpcId(1), &speech);
+        let t = meter.total();
+        assert_eq!((t.spoken_sentences, t.spoken_characters), (2, 62));
+        assert_eq!(t.spoken_audio, Duration::from_secs(4));
+        assert!((t.speech_real_time_factor() - 0.1).abs() < 1e-9);
+        // 0.4 s at $0.34/h, against 62 characters at $15/M.
+        assert!((t.speech_cost(&meter.prices) - 0.4 / 3600.0 * 0.34).abs() < 1e-12);
+        assert!((t.cloud_speech_equivalent(&meter.prices) - 62.0 * 15e-6).abs() < 1e-12);
+        assert!((t.total_cost(&meter.prices) - t.speech_cost(&meter.prices)).abs() < 1e-12);
+        let report = meter.report(300.0).to_string();
+        assert!(
+            report.contains("speech: 2 sentences, 62 characters"),
+            "{report}"
+        );
+        assert!(report.contains("local = 1/"), "{report}");
+        assert_eq!(meter.npc(NpcId(1)).map(|n| n.spoken_sentences), Some(2));
     }
 
     #[test]

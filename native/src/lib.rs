@@ -34,7 +34,7 @@ pub use actions::{ActionCall, ActionSpec, ActionValue, ParamKind, ParamSpec};
 pub use config::{
     CPU_UBATCH, GPU_BACKEND, KvPrecision, ModelSource, RuntimeConfig, default_assets_dir,
 };
-pub use cost::{CostMeter, CostTotals, PriceTable};
+pub use cost::{CostMeter, CostTotals, PriceTable, SpeechStats};
 pub use escalation::{
     CloudConfig, CloudRole, EscalationConfig, PersonaEscalation, ReplyConfidence,
 };

@@ -2,8 +2,11 @@
 //! player talks to an NPC by holding a key.
 //!
 //! - Speech out: each [`NpcReplyDelta`] feeds a per-NPC line; every complete sentence is
-//!   synthesised (espeak-ng by default, voice from the persona's `voice:` field) on the speech
-//!   thread while the model writes the rest, then played through rodio. Without an audio
+//!   synthesised on the speech thread while the model writes the rest, then played through
+//!   rodio. The persona's `voice:` field picks the engine: a Piper neural voice
+//!   (`engine: Piper, model: "voices/….onnx"`, relative to the asset folder, loaded when an
+//!   NPC with that persona appears) or espeak-ng, which is also what a Piper voice falls back
+//!   to (with one [`VoiceProblem`]) where the voice or ONNX Runtime is missing. Without an audio
 //!   device the audio goes to the [`SpeechBuffer`] resource instead, where tests and tools can
 //!   inspect it; either way each clip is announced with [`NpcSpeechAudio`].
 //! - Speech in: [`VoiceInput::submit`] (or push-to-talk: hold the key set with
@@ -25,8 +28,9 @@ use bevy::prelude::*;
 use crossbeam_channel::Receiver;
 use npc_native::voice::audio::Pcm;
 use npc_native::voice::client::{UtteranceId, VoiceClient, VoiceConfig, VoiceEvent};
+use npc_native::voice::piper::PiperSynth;
 use npc_native::voice::protocol::SAMPLE_RATE;
-use npc_native::voice::synth::{EspeakSynth, LineWriter, SpeechEvent, SpeechStream, VoiceSettings};
+use npc_native::voice::synth::{LineWriter, SpeechEvent, SpeechStream, VoiceSettings};
 
 use crate::NpcAiSystems;
 use crate::dialogue::{Npc, NpcReplied, NpcReplyCancelled, NpcReplyDelta, PlayerSaid};
@@ -49,6 +53,8 @@ pub struct NpcVoicePlugin {
     whisper_model: PathBuf,
     helper: Option<PathBuf>,
     push_to_talk: Option<KeyCode>,
+    onnx_runtime: Option<PathBuf>,
+    synth_threads: usize,
 }
 
 impl Default for NpcVoicePlugin {
@@ -58,6 +64,8 @@ impl Default for NpcVoicePlugin {
             whisper_model: PathBuf::from("models/ggml-tiny.en.bin"),
             helper: None,
             push_to_talk: None,
+            onnx_runtime: None,
+            synth_threads: 1,
         }
     }
 }
@@ -84,6 +92,23 @@ impl NpcVoicePlugin {
     #[must_use]
     pub fn with_helper(mut self, path: impl Into<PathBuf>) -> Self {
         self.helper = Some(path.into());
+        self
+    }
+
+    /// The ONNX Runtime library Piper voices run on (default: `$ORT_DYLIB_PATH`, else
+    /// `libonnxruntime.so` / `onnxruntime.dll` / `libonnxruntime.dylib` beside the game's
+    /// executable, else in the asset folder's `lib/`, where `cargo xtask setup` puts it).
+    /// Without one, Piper voices are spoken by espeak-ng and a [`VoiceProblem`] says why.
+    #[must_use]
+    pub fn with_onnx_runtime(mut self, library: impl Into<PathBuf>) -> Self {
+        self.onnx_runtime = Some(library.into());
+        self
+    }
+
+    /// Threads for Piper inference (default 1: the language model has the others).
+    #[must_use]
+    pub fn with_synthesis_threads(mut self, threads: usize) -> Self {
+        self.synth_threads = threads.max(1);
         self
     }
 
@@ -159,6 +184,8 @@ struct Speech {
     line_npc: HashMap<u64, Entity>,
     next_line: u64,
     to_buffer: bool,
+    /// Voices already sent to [`SpeechStream::prepare`].
+    prepared: Vec<VoiceSettings>,
 }
 
 /// Playback through rodio; main-thread only on some platforms, hence a non-send resource.
@@ -199,15 +226,22 @@ impl Plugin for NpcVoicePlugin {
                 }
             }
         }
-        let mut config = VoiceConfig::new(crate::asset_folder(app).join(&self.whisper_model));
+        let assets = crate::asset_folder(app);
+        let mut synth = PiperSynth::new(&assets).with_threads(self.synth_threads);
+        if let Some(library) = &self.onnx_runtime {
+            synth = synth.with_onnx_runtime(library);
+        }
+        let mut config = VoiceConfig::new(assets.join(&self.whisper_model));
         if let Some(helper) = &self.helper {
             config = config.with_helper(helper);
         }
         app.add_message::<NpcSpeechAudio>()
             .add_message::<VoiceProblem>()
+            .init_resource::<crate::NpcCostMeter>()
             .init_resource::<SpeechBuffer>()
             .insert_resource(Speech {
-                stream: SpeechStream::start(Box::new(EspeakSynth::default())),
+                stream: SpeechStream::start(Box::new(synth)),
+                prepared: Vec::new(),
                 lines: HashMap::default(),
                 ended: Vec::new(),
                 line_npc: HashMap::default(),
@@ -225,7 +259,7 @@ impl Plugin for NpcVoicePlugin {
                     (capture_push_to_talk, send_transcripts)
                         .chain()
                         .before(NpcAiSystems::SendRequests),
-                    (speak_reply_deltas, play_speech)
+                    (prepare_voices, speak_reply_deltas, play_speech)
                         .chain()
                         .after(NpcAiSystems::ReceiveEvents),
                 ),
@@ -244,6 +278,33 @@ fn persona_voice(npc: Entity, npcs: &Query<&Npc>, personas: &Assets<Persona>) ->
         .and_then(|n| personas.get(&n.persona))
         .and_then(|p| p.voice.clone())
         .unwrap_or_default()
+}
+
+/// Loads the voice of every NPC's persona on the speech thread before its first line (a Piper
+/// model takes seconds to load), once per distinct voice: when an NPC appears or changes
+/// persona, and when a persona (re)loads.
+fn prepare_voices(
+    mut speech: ResMut<Speech>,
+    changed: Query<&Npc, Changed<Npc>>,
+    all: Query<&Npc>,
+    mut persona_events: MessageReader<AssetEvent<Persona>>,
+    personas: Res<Assets<Persona>>,
+) {
+    let any_persona_event = persona_events.read().count() > 0;
+    let npcs: Vec<&Npc> = if any_persona_event {
+        all.iter().collect()
+    } else {
+        changed.iter().collect()
+    };
+    for npc in npcs {
+        let Some(voice) = personas.get(&npc.persona).and_then(|p| p.voice.as_ref()) else {
+            continue;
+        };
+        if !speech.prepared.contains(voice) {
+            speech.prepared.push(voice.clone());
+            speech.stream.prepare(voice.clone());
+        }
+    }
 }
 
 fn speak_reply_deltas(
@@ -295,6 +356,7 @@ fn stop_cancelled_speech(
 fn play_speech(
     mut speech: ResMut<Speech>,
     mut buffer: ResMut<SpeechBuffer>,
+    mut meter: ResMut<crate::NpcCostMeter>,
     mut audio: MessageWriter<NpcSpeechAudio>,
     mut problems: MessageWriter<VoiceProblem>,
     output: Option<NonSendMut<DeviceOutput>>,
@@ -308,11 +370,16 @@ fn play_speech(
                 seq,
                 text,
                 pcm,
+                synth,
                 ..
             } => {
                 let Some(&npc) = speech.line_npc.get(&line) else {
                     continue;
                 };
+                meter.record_speech(
+                    crate::bridge::npc_id(npc),
+                    &npc_native::SpeechStats::new(&text, pcm.seconds(), synth),
+                );
                 audio.write(NpcSpeechAudio {
                     npc,
                     seq,
@@ -338,7 +405,7 @@ fn play_speech(
                     _ => buffer.clips.push(SpokenClip { npc, text, pcm }),
                 }
             }
-            SpeechEvent::Failed { error, .. } => {
+            SpeechEvent::Failed { error, .. } | SpeechEvent::Warning { error } => {
                 problems.write(VoiceProblem(error.to_string()));
             }
             SpeechEvent::LineDone { line, .. } => {

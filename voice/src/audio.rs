@@ -215,7 +215,10 @@ mod tests {
         for (got, want) in back.samples.iter().zip(expected) {
             assert!((got - want).abs() < 1e-3, "{got} vs {want}");
         }
-        assert_eq!(Pcm::from_wav(&Pcm::default().to_wav()).unwrap().samples, []);
+        assert_eq!(
+            Pcm::from_wav(&Pcm::default().to_wav()).unwrap().samples,
+            Vec::<f32>::new()
+        );
     }
 
     #[test]

@@ -14,20 +14,53 @@ use serde::{Deserialize, Serialize};
 
 use crate::audio::Pcm;
 
-/// How a persona sounds. In a persona file: `voice: Some((voice: "en-us", pitch: 30, rate: 150))`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// Which synthesiser speaks a persona's lines.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VoiceEngine {
+    /// espeak-ng: robotic formant speech, always available (`voice`, `pitch`, `rate`).
+    #[default]
+    Espeak,
+    /// A Piper (VITS) neural voice (`model`, `speaker`, `length_scale`, `noise_scale`,
+    /// `noise_w`), through ONNX Runtime; espeak-ng with `voice`, `pitch` and `rate` is the
+    /// fallback where the voice or ONNX Runtime is missing.
+    Piper,
+}
+
+/// How a persona sounds. In a persona file, espeak-ng:
+/// `voice: Some((voice: "en-us", pitch: 30, rate: 150))`; a Piper voice:
+/// `voice: Some((engine: Piper, model: "voices/en_US-joe-medium.onnx", length_scale: 1.1))`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VoiceSettings {
-    /// Synthesiser voice name (espeak-ng: `espeak-ng --voices` lists them, e.g. `en`,
-    /// `en-us`, `en-gb-scotland`, with variants as `en+m3`).
+    /// The synthesiser (default [`VoiceEngine::Espeak`]).
+    #[serde(default)]
+    pub engine: VoiceEngine,
+    /// espeak-ng voice name (`espeak-ng --voices` lists them, e.g. `en`, `en-us`,
+    /// `en-gb-scotland`, with variants as `en+m3`).
     #[serde(default = "default_voice")]
     pub voice: String,
-    /// Pitch, 0 to 99 (espeak-ng's default is 50).
+    /// espeak-ng pitch, 0 to 99 (espeak-ng's default is 50).
     #[serde(default = "default_pitch")]
     pub pitch: u8,
-    /// Speaking rate in words per minute, 80 to 450 (espeak-ng's default is 175).
+    /// espeak-ng speaking rate in words per minute, 80 to 450 (espeak-ng's default is 175).
     #[serde(default = "default_rate")]
     pub rate: u16,
+    /// Piper: the voice's `.onnx` file (its `.onnx.json` beside it), relative to the game's
+    /// asset folder, e.g. `voices/en_US-joe-medium.onnx`. It may not leave that folder.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// Piper: the speaker of a multi-speaker voice (default 0).
+    #[serde(default)]
+    pub speaker: Option<u32>,
+    /// Piper: pace, 0.25 to 4 (above 1 is slower; default: the voice's own, usually 1).
+    #[serde(default)]
+    pub length_scale: Option<f32>,
+    /// Piper: intonation variation, 0 to 2 (default: the voice's own, usually 0.667).
+    #[serde(default)]
+    pub noise_scale: Option<f32>,
+    /// Piper: rhythm variation, 0 to 2 (default: the voice's own, usually 0.8).
+    #[serde(default)]
+    pub noise_w: Option<f32>,
 }
 
 fn default_voice() -> String {
@@ -43,16 +76,37 @@ fn default_rate() -> u16 {
 impl Default for VoiceSettings {
     fn default() -> Self {
         Self {
+            engine: VoiceEngine::Espeak,
             voice: default_voice(),
             pitch: default_pitch(),
             rate: default_rate(),
+            model: None,
+            speaker: None,
+            length_scale: None,
+            noise_scale: None,
+            noise_w: None,
         }
     }
 }
 
 impl VoiceSettings {
-    /// Checks ranges and the voice name (letters, digits, `-`, `+`, `_`, not starting with
-    /// `-`: it becomes a command-line argument).
+    /// A Piper voice from `model` (relative to the asset folder), with the voice's own
+    /// scales and espeak-ng's defaults as the fallback.
+    #[must_use]
+    pub fn piper(model: impl Into<String>) -> Self {
+        Self {
+            engine: VoiceEngine::Piper,
+            model: Some(model.into()),
+            ..Self::default()
+        }
+    }
+
+    /// Checks ranges, the espeak-ng voice name (letters, digits, `-`, `+`, `_`, not starting
+    /// with `-`: it becomes a command-line argument) and the Piper model path (relative,
+    /// inside the asset folder, a `.onnx` file; required for [`VoiceEngine::Piper`]).
+    ///
+    /// # Errors
+    /// [`SynthError::Settings`] saying which setting and why.
     pub fn validate(&self) -> Result<(), SynthError> {
         if self.voice.is_empty()
             || self.voice.len() > 64
@@ -79,8 +133,57 @@ impl VoiceSettings {
                 self.rate
             )));
         }
+        if let Some(model) = &self.model {
+            check_model_path(model)?;
+        } else if self.engine == VoiceEngine::Piper {
+            return Err(SynthError::Settings(
+                "a Piper voice needs `model`, the path of its .onnx file".into(),
+            ));
+        }
+        if self.speaker.is_some_and(|s| s > 9_999) {
+            return Err(SynthError::Settings("speaker is above 9999".into()));
+        }
+        for (name, value, range) in [
+            ("length_scale", self.length_scale, 0.25..=4.0),
+            ("noise_scale", self.noise_scale, 0.0..=2.0),
+            ("noise_w", self.noise_w, 0.0..=2.0),
+        ] {
+            if let Some(value) = value
+                && !range.contains(&value)
+            {
+                return Err(SynthError::Settings(format!(
+                    "{name} {value} is outside {}..={}",
+                    range.start(),
+                    range.end()
+                )));
+            }
+        }
         Ok(())
     }
+}
+
+/// A voice model path must stay inside the asset folder: relative, no `..`, a `.onnx` file.
+fn check_model_path(model: &str) -> Result<(), SynthError> {
+    let path = std::path::Path::new(model);
+    let bad = |why: &str| Err(SynthError::Settings(format!("model {model:?} {why}")));
+    if model.trim().is_empty() || model.len() > 512 {
+        return bad("is empty or longer than 512 bytes");
+    }
+    if path.is_absolute() || model.starts_with('/') || model.starts_with('\\') {
+        return bad("must be relative to the asset folder");
+    }
+    if path.components().any(|c| {
+        !matches!(
+            c,
+            std::path::Component::Normal(_) | std::path::Component::CurDir
+        )
+    }) {
+        return bad("may not leave the asset folder (no `..`, no drive or root)");
+    }
+    if path.extension().is_none_or(|e| e != "onnx") {
+        return bad("is not a .onnx file");
+    }
+    Ok(())
 }
 
 /// Why speech could not be synthesised.
@@ -102,13 +205,66 @@ pub enum SynthError {
     /// The synthesiser ran but failed.
     #[error("speech synthesis failed: {0}")]
     Failed(String),
+    /// ONNX Runtime could not be loaded (Piper voices need it).
+    #[error("cannot load ONNX Runtime from {library}: {message}")]
+    Runtime {
+        /// The library file looked for.
+        library: String,
+        /// Why it could not be loaded.
+        message: String,
+    },
+    /// A Piper voice (its `.onnx` model or `.onnx.json` config) is missing or unusable.
+    #[error("cannot use the voice {path}: {message}")]
+    Voice {
+        /// The file at fault.
+        path: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// The text is longer than a synthesiser speaks in one call.
+    #[error("a sentence of {chars} characters is longer than the {max} a voice speaks at once")]
+    TooLong {
+        /// Characters in the text.
+        chars: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// Nothing in the text could be spoken (no phoneme the voice knows).
+    #[error("nothing to say in {0:?}")]
+    NothingToSay(String),
+    /// The voice does not know some of the phonemes it was given (they were skipped).
+    #[error("the voice {model} has no sound for the phonemes {phonemes:?}; they were skipped")]
+    UnknownPhonemes {
+        /// The voice model.
+        model: String,
+        /// The phonemes skipped.
+        phonemes: String,
+    },
+    /// The requested voice could not be used; espeak-ng spoke instead.
+    #[error("{0}; speaking with espeak-ng instead")]
+    FellBack(Box<SynthError>),
 }
 
 /// Turns text into audio. Implementations run on the [`SpeechStream`] thread, never on the
 /// game's frame.
 pub trait SpeechSynth: Send {
     /// Synthesises `text` with `voice`.
+    ///
+    /// # Errors
+    /// Why this text could not be spoken.
     fn synthesize(&mut self, text: &str, voice: &VoiceSettings) -> Result<Pcm, SynthError>;
+
+    /// Loads what `voice` needs (a model) ahead of its first sentence; problems are reported
+    /// through [`SpeechSynth::take_warnings`]. The default does nothing.
+    fn prepare(&mut self, voice: &VoiceSettings) {
+        let _ = voice;
+    }
+
+    /// Problems met since the last call that did not stop speech (a fallback voice, skipped
+    /// phonemes), each reported once. The default has none.
+    fn take_warnings(&mut self) -> Vec<SynthError> {
+        Vec::new()
+    }
 }
 
 /// The espeak-ng command-line synthesiser (Debian package `espeak-ng`). Text goes in on
@@ -239,6 +395,7 @@ enum StreamCommand {
         line: u64,
         sentences: u32,
     },
+    Prepare(VoiceSettings),
 }
 
 /// What the [`SpeechStream`] thread produces.
@@ -266,6 +423,12 @@ pub enum SpeechEvent {
         /// Sentence number.
         seq: u32,
         /// Why.
+        error: SynthError,
+    },
+    /// Speech goes on, but not as asked: a fallback voice, skipped phonemes. Each cause is
+    /// reported once.
+    Warning {
+        /// What happened.
         error: SynthError,
     },
     /// Every sentence of the line has been handled.
@@ -360,8 +523,16 @@ impl SpeechStream {
                         StreamCommand::End { line, sentences } => {
                             SpeechEvent::LineDone { line, sentences }
                         }
+                        StreamCommand::Prepare(voice) => {
+                            synth.prepare(&voice);
+                            if !warn(&mut *synth, &outbox) {
+                                break;
+                            }
+                            continue;
+                        }
                     };
-                    if outbox.send(event).is_err() {
+                    // Warnings first: they explain the audio (or failure) that follows.
+                    if !warn(&mut *synth, &outbox) || outbox.send(event).is_err() {
                         break;
                     }
                 }
@@ -371,6 +542,14 @@ impl SpeechStream {
             commands: Some(commands),
             events,
             thread,
+        }
+    }
+
+    /// Loads what `voice` needs on the speech thread now, so the first sentence spoken with
+    /// it does not wait for a model; problems arrive as [`SpeechEvent::Warning`].
+    pub fn prepare(&self, voice: VoiceSettings) {
+        if let Some(commands) = &self.commands {
+            let _ = commands.send(StreamCommand::Prepare(voice));
         }
     }
 
@@ -391,6 +570,14 @@ impl SpeechStream {
     pub fn events(&self) -> &Receiver<SpeechEvent> {
         &self.events
     }
+}
+
+/// Sends the synthesiser's pending warnings; false once nobody listens.
+fn warn(synth: &mut dyn SpeechSynth, outbox: &Sender<SpeechEvent>) -> bool {
+    synth
+        .take_warnings()
+        .into_iter()
+        .all(|error| outbox.send(SpeechEvent::Warning { error }).is_ok())
 }
 
 impl Drop for SpeechStream {

@@ -40,7 +40,7 @@ commands:
   test    setup (the default model, the test model and the escalation tests' smaller NPC
           model), build (cached) llama-server, run clippy (warnings denied), then the whole
           test suite with the `cloud` feature (args go to cargo test)
-  bench   setup, then run the benchmarks and llama.cpp's own (the peers)
+  bench   setup, then run the benchmarks (voice ones included) and llama.cpp's own (the peers)
   peers [--model ID]  setup, then build (cached) and run llama.cpp's llama-bench and
           llama-batched-bench on the default model (or the one named)
   eval [--model ID|all]  setup, then the dialogue evaluation (tests/data/eval) on the default
@@ -398,8 +398,15 @@ fn ensure_llama_server() -> Result<PathBuf> {
 fn bench(args: &[String]) -> Result {
     let bin = build_peers()?;
     let server = ensure_llama_server()?;
+    // The voice benches start the speech-recognition helper.
+    run(cargo().args(["build", "--release", "-p", "npc_voice_helper"]))?;
     run(cargo()
-        .args(["bench", "--workspace", "--features", "npc_native/cloud"])
+        .args([
+            "bench",
+            "--workspace",
+            "--features",
+            "npc_native/cloud,npc_native/voice",
+        ])
         .env("NPC_AI_PEER_BIN", bin)
         .env(LLAMA_SERVER_ENV, &server)
         .args(args))

