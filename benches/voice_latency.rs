@@ -1,9 +1,11 @@
 //! Time from the end of the player's speech to the NPC's first audio, through the real
 //! pieces: espeak-ng speaks the player's line (standing in for the microphone), the
 //! `npc-voice` helper transcribes it with Whisper tiny.en, the runtime replies on the default
-//! model, and espeak-ng voices the reply. Two ways of voicing it are measured side by side on
-//! the same replies: sentence streaming (the first sentence is synthesised while the model
-//! writes the rest) against waiting for the whole reply and synthesising it at once.
+//! model, and the reply is voiced by the blacksmith's Piper voice or by espeak-ng: two NPCs
+//! with the same persona and sampling seed, one per engine, take every line in turn (the
+//! order flips each line). Two ways of voicing are measured on the same replies: sentence
+//! streaming (the first sentence is synthesised while the model writes the rest) against
+//! waiting for the whole reply and synthesising it at once.
 //!
 //! ```text
 //! cargo xtask setup
@@ -19,9 +21,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use npc_native::voice::client::{VoiceClient, VoiceConfig, VoiceEvent};
+use npc_native::voice::piper::PiperSynth;
 use npc_native::voice::protocol::SAMPLE_RATE;
 use npc_native::voice::synth::{
-    EspeakSynth, SpeechEvent, SpeechStream, SpeechSynth, VoiceSettings,
+    EspeakSynth, SpeechEvent, SpeechStream, SpeechSynth, VoiceEngine, VoiceSettings,
 };
 use npc_native::{Event, NpcId, Persona, Runtime, RuntimeConfig};
 
@@ -62,79 +65,60 @@ struct Run {
     reply: String,
 }
 
-fn main() {
-    let model = need(model::path());
-    let whisper = need(root().join("assets/models/ggml-tiny.en.bin"));
-    let helper = VoiceConfig::find_helper().unwrap_or_else(|| {
-        panic!("npc-voice not found: run `cargo build --release -p npc_voice_helper` or set NPC_VOICE_HELPER")
-    });
-    let persona_path = root().join("assets/personas/blacksmith.persona.ron");
-    let persona = Persona::from_ron(
-        &std::fs::read_to_string(&persona_path).expect("persona"),
-        None,
-    )
-    .expect("persona parses");
-    let npc_voice = persona.voice.clone().unwrap_or_default();
+/// What one turn needs: the runtime, the recogniser and one engine's speech stream.
+struct Pipeline<'a> {
+    runtime: &'a Runtime,
+    voice: &'a mut VoiceClient,
+    player_voice: &'a VoiceSettings,
+}
 
-    let runtime = Runtime::start(RuntimeConfig::new(model).with_slots(1));
-    match runtime.events().recv() {
-        Ok(Event::ModelLoaded(_)) => {}
-        other => panic!("model did not load: {other:?}"),
-    }
-    let npc = NpcId(1);
-    runtime.set_persona(npc, persona).expect("worker alive");
-    let mut voice = VoiceClient::start(VoiceConfig::new(whisper).with_helper(helper));
-    voice.warm_up();
-    loop {
-        match voice
-            .events()
-            .recv_timeout(PATIENCE)
-            .expect("helper answers")
-        {
-            VoiceEvent::Ready { .. } => break,
-            VoiceEvent::HelperStarted { .. } => {}
-            other => panic!("helper did not start: {other:?}"),
-        }
-    }
-    let speech = SpeechStream::start(Box::new(EspeakSynth::default()));
-    let mut whole_synth = EspeakSynth::default();
-    let player_voice = VoiceSettings {
-        rate: 140,
-        ..VoiceSettings::default()
-    };
+/// The engine an NPC speaks with, its stream and a synthesiser for the whole-reply alternative.
+struct Speaker {
+    name: &'static str,
+    npc: NpcId,
+    settings: VoiceSettings,
+    speech: SpeechStream,
+    whole: Box<dyn SpeechSynth>,
+    runs: Vec<Run>,
+}
 
-    let mut runs = Vec::new();
-    // The first line warms the persona's cached prefix and is not counted.
-    for (index, line) in std::iter::once(&"Hello there.")
-        .chain(LINES.iter())
-        .enumerate()
-    {
+impl Pipeline<'_> {
+    fn turn(&mut self, speaker: &mut Speaker, line: &str, index: u64) -> Run {
         let pcm = EspeakSynth::default()
-            .synthesize(line, &player_voice)
+            .synthesize(line, self.player_voice)
             .expect("espeak-ng")
             .resampled(SAMPLE_RATE);
         // The player has just stopped speaking.
         let t0 = Instant::now();
-        let id = voice.transcribe(pcm.samples);
+        let id = self.voice.transcribe(pcm.samples);
         let heard = loop {
-            match voice.events().recv_timeout(PATIENCE).expect("transcript") {
+            match self
+                .voice
+                .events()
+                .recv_timeout(PATIENCE)
+                .expect("transcript")
+            {
                 VoiceEvent::Transcript { id: got, text, .. } if got == id => break text,
                 VoiceEvent::Failed { error, .. } => panic!("recognition failed: {error}"),
                 _ => {}
             }
         };
         let transcribe = t0.elapsed();
-        let request = runtime.say(npc, heard.clone()).expect("worker alive");
+        let request = self
+            .runtime
+            .say(speaker.npc, heard.clone())
+            .expect("worker alive");
         let mut writer = Some(
-            speech
-                .begin_line(index as u64, npc_voice.clone())
+            speaker
+                .speech
+                .begin_line(index, speaker.settings.clone())
                 .expect("speech thread"),
         );
         let (mut first_token, mut first_audio, mut reply_done, mut reply) =
             (None, None, None, None);
         let mut line_done = false;
         while first_audio.is_none() || reply.is_none() {
-            for event in runtime.events().try_iter() {
+            for event in self.runtime.events().try_iter() {
                 match event {
                     Event::Delta {
                         request: r, text, ..
@@ -157,13 +141,18 @@ fn main() {
                     _ => {}
                 }
             }
-            for event in speech.events().try_iter() {
-                if let SpeechEvent::Audio {
-                    line: l, seq: 0, ..
-                } = event
-                    && l == index as u64
-                {
-                    first_audio.get_or_insert_with(|| t0.elapsed());
+            for event in speaker.speech.events().try_iter() {
+                match event {
+                    SpeechEvent::Audio {
+                        line: l, seq: 0, ..
+                    } if l == index => {
+                        first_audio.get_or_insert_with(|| t0.elapsed());
+                    }
+                    SpeechEvent::Warning { error } | SpeechEvent::Failed { error, .. } => {
+                        panic!("{} did not speak as asked: {error}", speaker.name)
+                    }
+                    SpeechEvent::LineDone { line: l, .. } if l == index => line_done = true,
+                    _ => {}
                 }
             }
             std::thread::sleep(Duration::from_millis(1));
@@ -173,22 +162,21 @@ fn main() {
         let reply_done = reply_done.unwrap_or_default();
         // Drain the rest of this line's audio before measuring the whole-reply alternative.
         while !line_done {
-            let event = speech
+            let event = speaker
+                .speech
                 .events()
                 .recv_timeout(PATIENCE)
                 .expect("speech finishes");
             line_done = matches!(event, SpeechEvent::LineDone { .. });
         }
         let started = Instant::now();
-        whole_synth
-            .synthesize(&reply, &npc_voice)
-            .expect("espeak-ng");
+        speaker
+            .whole
+            .synthesize(&reply, &speaker.settings)
+            .expect("synthesis");
         let whole_first_audio = reply_done + started.elapsed();
-        if index == 0 {
-            continue;
-        }
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-        runs.push(Run {
+        Run {
             transcribe: ms(transcribe),
             first_token: ms(first_token.unwrap_or_default()),
             streamed_first_audio: ms(first_audio.unwrap_or_default()),
@@ -196,32 +184,154 @@ fn main() {
             whole_first_audio: ms(whole_first_audio),
             heard,
             reply,
-        });
+        }
+    }
+}
+
+fn main() {
+    let model = need(model::path());
+    let whisper = need(root().join("assets/models/ggml-tiny.en.bin"));
+    let helper = VoiceConfig::find_helper().unwrap_or_else(|| {
+        panic!("npc-voice not found: run `cargo build --release -p npc_voice_helper` or set NPC_VOICE_HELPER")
+    });
+    let persona_path = root().join("assets/personas/blacksmith.persona.ron");
+    let mut persona = Persona::from_ron(
+        &std::fs::read_to_string(&persona_path).expect("persona"),
+        None,
+    )
+    .expect("persona parses");
+    // One seed for both NPCs: the same line gets the same reply from each.
+    persona.sampling.seed = Some(7);
+    let piper_voice = persona.voice.clone().unwrap_or_default();
+    assert_eq!(
+        piper_voice.engine,
+        VoiceEngine::Piper,
+        "the blacksmith speaks with Piper"
+    );
+    let espeak_voice = VoiceSettings {
+        engine: VoiceEngine::Espeak,
+        model: None,
+        ..piper_voice.clone()
+    };
+
+    let runtime = Runtime::start(RuntimeConfig::new(model).with_slots(1));
+    match runtime.events().recv() {
+        Ok(Event::ModelLoaded(_)) => {}
+        other => panic!("model did not load: {other:?}"),
+    }
+    let mut voice = VoiceClient::start(VoiceConfig::new(whisper).with_helper(helper));
+    voice.warm_up();
+    loop {
+        match voice
+            .events()
+            .recv_timeout(PATIENCE)
+            .expect("helper answers")
+        {
+            VoiceEvent::Ready { .. } => break,
+            VoiceEvent::HelperStarted { .. } => {}
+            other => panic!("helper did not start: {other:?}"),
+        }
+    }
+    let assets = root().join("assets");
+    let piper_stream = SpeechStream::start(Box::new(PiperSynth::new(&assets)));
+    piper_stream.prepare(piper_voice.clone());
+    let mut whole_piper = PiperSynth::new(&assets);
+    whole_piper.prepare(&piper_voice);
+    assert!(
+        whole_piper.take_warnings().is_empty(),
+        "the Piper voice is missing: run `cargo xtask setup`"
+    );
+    let mut speakers = [
+        Speaker {
+            name: "Piper",
+            npc: NpcId(1),
+            settings: piper_voice,
+            speech: piper_stream,
+            whole: Box::new(whole_piper),
+            runs: Vec::new(),
+        },
+        Speaker {
+            name: "espeak-ng",
+            npc: NpcId(2),
+            settings: espeak_voice,
+            speech: SpeechStream::start(Box::new(EspeakSynth::default())),
+            whole: Box::new(EspeakSynth::default()),
+            runs: Vec::new(),
+        },
+    ];
+    for speaker in &speakers {
+        runtime
+            .set_persona(speaker.npc, persona.clone())
+            .expect("worker alive");
+    }
+    let player_voice = VoiceSettings {
+        rate: 140,
+        ..VoiceSettings::default()
+    };
+    let mut pipeline = Pipeline {
+        runtime: &runtime,
+        voice: &mut voice,
+        player_voice: &player_voice,
+    };
+
+    // The first line warms each NPC's cached prefix and the voices, and is not counted.
+    for (index, line) in std::iter::once(&"Hello there.")
+        .chain(LINES.iter())
+        .enumerate()
+    {
+        let order = if index % 2 == 0 { [0, 1] } else { [1, 0] };
+        for at in order {
+            let run = pipeline.turn(&mut speakers[at], line, index as u64);
+            if index > 0 {
+                speakers[at].runs.push(run);
+            }
+        }
     }
 
+    let runs = &speakers[0].runs;
     println!(
-        "\n## End of player speech → first NPC audio ({} lines, median ms)\n",
+        "\n## End of player speech → first NPC audio ({} lines, each voiced by both engines, median ms)\n",
         runs.len()
     );
-    for run in &runs {
-        println!("- heard {:?} → replied {:?}", run.heard, run.reply);
+    for (piper, espeak) in speakers[0].runs.iter().zip(&speakers[1].runs) {
+        println!(
+            "- heard {:?} → Piper's NPC replied {:?}; espeak-ng's {:?}",
+            piper.heard, piper.reply, espeak.reply
+        );
     }
-    let col = |f: fn(&Run) -> f64| median(runs.iter().map(f).collect());
-    let streamed = col(|r| r.streamed_first_audio);
-    let whole = col(|r| r.whole_first_audio);
+    let col = |runs: &[Run], f: fn(&Run) -> f64| median(runs.iter().map(f).collect());
+    let (p, e) = (&speakers[0].runs, &speakers[1].runs);
     println!();
-    println!("| stage (from end of speech) | median ms |");
-    println!("|---|---:|");
+    println!("| stage (from end of speech) | Piper | espeak-ng |");
+    println!("|---|---:|---:|");
+    let row = |name: &str, f: fn(&Run) -> f64| {
+        println!("| {name} | {:.0} | {:.0} |", col(p, f), col(e, f));
+    };
+    row("transcript ready (npc-voice, Whisper tiny.en)", |r| {
+        r.transcribe
+    });
+    row("first reply token", |r| r.first_token);
+    row("**first NPC audio, sentence streaming**", |r| {
+        r.streamed_first_audio
+    });
+    row("whole reply generated", |r| r.reply_done);
+    row("first NPC audio, whole reply then synthesis", |r| {
+        r.whole_first_audio
+    });
+    let first = |r: &Run| r.streamed_first_audio;
+    let after_token = |r: &Run| r.streamed_first_audio - r.first_token;
     println!(
-        "| transcript ready (npc-voice, Whisper tiny.en) | {:.0} |",
-        col(|r| r.transcribe)
+        "\nfirst audio, Piper / espeak-ng: {:.2}; after the first token: Piper {:.0} ms, espeak-ng {:.0} ms",
+        col(p, first) / col(e, first),
+        col(p, after_token),
+        col(e, after_token)
     );
-    println!("| first reply token | {:.0} |", col(|r| r.first_token));
-    println!("| **first NPC audio, sentence streaming** | **{streamed:.0}** |");
-    println!("| whole reply generated | {:.0} |", col(|r| r.reply_done));
-    println!("| first NPC audio, whole reply then synthesis | {whole:.0} |");
-    println!(
-        "\nstreaming / whole-reply first-audio ratio: {:.2}",
-        streamed / whole
-    );
+    for speaker in &speakers {
+        println!(
+            "{}: streaming / whole-reply first-audio ratio {:.2}",
+            speaker.name,
+            col(&speaker.runs, |r| r.streamed_first_audio)
+                / col(&speaker.runs, |r| r.whole_first_audio)
+        );
+    }
 }
