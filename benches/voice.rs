@@ -22,26 +22,14 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use npc_native::voice::audio::Pcm;
-use npc_native::voice::client::{VoiceClient, VoiceConfig, VoiceEvent};
+use npc_native::voice::client::{VoiceClient, VoiceConfig};
 use npc_native::voice::piper::PiperSynth;
 use npc_native::voice::protocol::SAMPLE_RATE;
 use npc_native::voice::synth::{EspeakSynth, SpeechSynth, VoiceSettings};
 use npc_native::voice::wer;
 use npc_native::{CostTotals, PriceTable, SpeechStats};
 
-/// The helper test's ten NPC lines (`voice/helper/tests/helper.rs`).
-const LINES: [&str; 10] = [
-    "Welcome to my forge, traveler.",
-    "I need twenty iron bars before the winter comes.",
-    "The bridge to the north was destroyed by the river.",
-    "Have you seen my brother near the old mill?",
-    "That sword will cost you fifty gold coins.",
-    "The king has ordered all gates closed at night.",
-    "Bring me three wolf pelts and I will pay you well.",
-    "Stay away from the forest after dark.",
-    "My shop opens at dawn and closes at sunset.",
-    "Thank you for helping our village.",
-];
+const LINES: [&str; 10] = wer::NPC_LINES;
 const PIPER_VOICE: &str = "voices/en_US-joe-medium.onnx";
 const PATIENCE: Duration = Duration::from_secs(300);
 
@@ -95,14 +83,9 @@ impl Engine {
 }
 
 fn transcribe(client: &mut VoiceClient, pcm: &Pcm) -> String {
-    let id = client.transcribe(pcm.resampled(SAMPLE_RATE).samples);
-    loop {
-        match client.events().recv_timeout(PATIENCE).expect("transcript") {
-            VoiceEvent::Transcript { id: got, text, .. } if got == id => return text,
-            VoiceEvent::Failed { error, .. } => panic!("recognition failed: {error}"),
-            _ => {}
-        }
-    }
+    client
+        .transcribe_and_wait(pcm.resampled(SAMPLE_RATE).samples, PATIENCE)
+        .unwrap_or_else(|e| panic!("recognition failed: {e}"))
 }
 
 fn speak(
@@ -154,18 +137,9 @@ fn main() {
         panic!("npc-voice not found: run `cargo build --release -p npc_voice_helper` or set NPC_VOICE_HELPER")
     });
     let mut client = VoiceClient::start(VoiceConfig::new(whisper).with_helper(helper));
-    client.warm_up();
-    loop {
-        match client
-            .events()
-            .recv_timeout(PATIENCE)
-            .expect("helper answers")
-        {
-            VoiceEvent::Ready { .. } => break,
-            VoiceEvent::HelperStarted { .. } => {}
-            other => panic!("helper did not start: {other:?}"),
-        }
-    }
+    client
+        .start_and_wait(PATIENCE)
+        .expect("the speech helper starts");
 
     let (rss_before, _) = memory();
     let piper_settings = VoiceSettings::piper(PIPER_VOICE);

@@ -20,7 +20,7 @@ mod model;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use npc_native::voice::client::{VoiceClient, VoiceConfig, VoiceEvent};
+use npc_native::voice::client::{VoiceClient, VoiceConfig};
 use npc_native::voice::piper::PiperSynth;
 use npc_native::voice::protocol::SAMPLE_RATE;
 use npc_native::voice::synth::{
@@ -90,19 +90,10 @@ impl Pipeline<'_> {
             .resampled(SAMPLE_RATE);
         // The player has just stopped speaking.
         let t0 = Instant::now();
-        let id = self.voice.transcribe(pcm.samples);
-        let heard = loop {
-            match self
-                .voice
-                .events()
-                .recv_timeout(PATIENCE)
-                .expect("transcript")
-            {
-                VoiceEvent::Transcript { id: got, text, .. } if got == id => break text,
-                VoiceEvent::Failed { error, .. } => panic!("recognition failed: {error}"),
-                _ => {}
-            }
-        };
+        let heard = self
+            .voice
+            .transcribe_and_wait(pcm.samples, PATIENCE)
+            .unwrap_or_else(|e| panic!("recognition failed: {e}"));
         let transcribe = t0.elapsed();
         let request = self
             .runtime
@@ -220,18 +211,9 @@ fn main() {
         other => panic!("model did not load: {other:?}"),
     }
     let mut voice = VoiceClient::start(VoiceConfig::new(whisper).with_helper(helper));
-    voice.warm_up();
-    loop {
-        match voice
-            .events()
-            .recv_timeout(PATIENCE)
-            .expect("helper answers")
-        {
-            VoiceEvent::Ready { .. } => break,
-            VoiceEvent::HelperStarted { .. } => {}
-            other => panic!("helper did not start: {other:?}"),
-        }
-    }
+    voice
+        .start_and_wait(PATIENCE)
+        .expect("the speech helper starts");
     let assets = root().join("assets");
     let piper_stream = SpeechStream::start(Box::new(PiperSynth::new(&assets)));
     piper_stream.prepare(piper_voice.clone());

@@ -373,18 +373,8 @@ mod speech {
                 ),
             }
             let mut client = VoiceClient::start(VoiceConfig::new(whisper).with_helper(helper));
-            client.warm_up();
-            loop {
-                match client.events().recv_timeout(PATIENCE) {
-                    Ok(VoiceEvent::Ready { load_ms, model }) => {
-                        eprintln!("[speech helper ready: {model}, loaded in {load_ms} ms]");
-                        break;
-                    }
-                    Ok(VoiceEvent::HelperStarted { .. }) => {}
-                    Ok(other) => return Err(format!("the speech helper did not start: {other:?}")),
-                    Err(_) => return Err("the speech helper did not answer".into()),
-                }
-            }
+            let (model, load_ms) = client.start_and_wait(PATIENCE)?;
+            eprintln!("[speech helper ready: {model}, loaded in {load_ms} ms]");
             Ok(Self {
                 client,
                 speech,

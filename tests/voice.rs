@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use bevy::prelude::*;
 use bevy_npc_ai::npc_native::voice::audio::Pcm;
-use bevy_npc_ai::npc_native::voice::client::{VoiceClient, VoiceConfig, VoiceEvent};
+use bevy_npc_ai::npc_native::voice::client::{VoiceClient, VoiceConfig};
 use bevy_npc_ai::npc_native::voice::protocol::SAMPLE_RATE;
 use bevy_npc_ai::npc_native::voice::synth::{EspeakSynth, SpeechSynth, VoiceSettings};
 use bevy_npc_ai::npc_native::voice::wer;
@@ -163,18 +163,9 @@ fn transcribe(pcm: &Pcm) -> String {
     let mut client = VoiceClient::start(
         VoiceConfig::new(common::root().join("assets/models/ggml-tiny.en.bin")).with_helper(helper),
     );
-    let id = client.transcribe(pcm.resampled(SAMPLE_RATE).samples);
-    loop {
-        match client
-            .events()
-            .recv_timeout(Duration::from_secs(300))
-            .expect("the helper answers")
-        {
-            VoiceEvent::Transcript { id: got, text, .. } if got == id => return text,
-            VoiceEvent::Failed { error, .. } => panic!("recognition failed: {error}"),
-            _ => {}
-        }
-    }
+    client
+        .transcribe_and_wait(pcm.resampled(SAMPLE_RATE).samples, Duration::from_secs(300))
+        .unwrap_or_else(|e| panic!("recognition failed: {e}"))
 }
 
 #[test]

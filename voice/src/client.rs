@@ -186,6 +186,31 @@ impl VoiceClient {
         self.send(UtteranceId(0), Vec::new());
     }
 
+    /// Starts the helper ([`warm_up`](Self::warm_up)) and waits up to `patience` for it to
+    /// load its model; returns the [`VoiceEvent::Ready`] model description and load time in
+    /// milliseconds. Blocks: for set-up code and tools, not a game's frame.
+    ///
+    /// # Errors
+    /// The first other event the helper sent instead (it could not start), or no answer.
+    pub fn start_and_wait(&mut self, patience: Duration) -> Result<(String, u32), String> {
+        self.warm_up();
+        let deadline = Instant::now() + patience;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.events.recv_timeout(left) {
+                Ok(VoiceEvent::Ready { load_ms, model }) => return Ok((model, load_ms)),
+                Ok(VoiceEvent::HelperStarted { .. }) => {}
+                Ok(other) => return Err(format!("the speech helper did not start: {other:?}")),
+                Err(_) => {
+                    return Err(format!(
+                        "the speech helper did not answer within {} s",
+                        patience.as_secs()
+                    ));
+                }
+            }
+        }
+    }
+
     /// Queues 16 kHz mono samples for recognition; returns at once. The answer arrives as a
     /// [`VoiceEvent::Transcript`] or [`VoiceEvent::Failed`] with the returned id.
     pub fn transcribe(&mut self, samples: Vec<f32>) -> UtteranceId {
@@ -198,6 +223,31 @@ impl VoiceClient {
     fn send(&self, id: UtteranceId, samples: Vec<f32>) {
         if let Some(commands) = &self.commands {
             let _ = commands.send(Command_::Transcribe(id, samples, Instant::now()));
+        }
+    }
+
+    /// Transcribes 16 kHz mono `samples` and waits up to `patience` for the text. Blocks:
+    /// for tools and tests, not a game's frame (use [`transcribe`](Self::transcribe)).
+    ///
+    /// # Errors
+    /// The helper's failure for this utterance, or no answer in time.
+    pub fn transcribe_and_wait(
+        &mut self,
+        samples: Vec<f32>,
+        patience: Duration,
+    ) -> Result<String, String> {
+        let id = self.transcribe(samples);
+        let deadline = Instant::now() + patience;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.events.recv_timeout(left) {
+                Ok(VoiceEvent::Transcript { id: got, text, .. }) if got == id => return Ok(text),
+                Ok(VoiceEvent::Failed { id: got, error }) if got == id => {
+                    return Err(error.to_string());
+                }
+                Ok(_) => {}
+                Err(_) => return Err("no transcript in time".into()),
+            }
         }
     }
 

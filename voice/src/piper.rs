@@ -19,9 +19,7 @@
 //! [`SpeechSynth::prepare`] names them.
 
 use std::collections::{HashMap, HashSet};
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
 use ort::environment::Environment;
 use ort::session::Session;
@@ -30,7 +28,7 @@ use ort::value::Tensor;
 use serde::Deserialize;
 
 use crate::audio::Pcm;
-use crate::synth::{EspeakSynth, SpeechSynth, SynthError, VoiceEngine, VoiceSettings};
+use crate::synth::{EspeakSynth, SpeechSynth, SynthError, VoiceEngine, VoiceSettings, run_espeak};
 
 /// The longest text one [`PiperSynth::synthesize`] call speaks, in characters; longer text is
 /// refused with [`SynthError::TooLong`] (an NPC's sentence is far shorter; this bounds the
@@ -437,45 +435,13 @@ pub fn phonemize(espeak: &Path, text: &str, voice: &str) -> Result<String, Synth
         ..VoiceSettings::default()
     }
     .validate()?;
-    let unavailable = |e: std::io::Error| SynthError::Unavailable {
-        program: espeak.display().to_string(),
-        message: e.to_string(),
-    };
-    let line: String = text
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect();
-    let mut child = Command::new(espeak)
-        .args(["-q", "--ipa", "-v", voice])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(unavailable)?;
-    let writer = child.stdin.take().map(|mut stdin| {
-        let line = line.clone();
-        std::thread::spawn(move || {
-            let _ = stdin.write_all(line.as_bytes());
-            let _ = stdin.write_all(b"\n");
-        })
-    });
-    let output = child.wait_with_output().map_err(unavailable)?;
-    if let Some(writer) = writer {
-        let _ = writer.join();
-    }
-    if !output.status.success() {
-        return Err(SynthError::Failed(format!(
-            "espeak-ng exited with {}: {}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim()
-        )));
-    }
-    let lines: Vec<String> = String::from_utf8_lossy(&output.stdout)
+    let stdout = run_espeak(espeak, &["-q", "--ipa", "-v", voice], text)?;
+    let lines: Vec<String> = String::from_utf8_lossy(&stdout)
         .lines()
         .map(strip_language_flags)
         .filter(|l| !l.is_empty())
         .collect();
-    Ok(join_clauses(&lines, &clause_marks(&line)))
+    Ok(join_clauses(&lines, &clause_marks(text)))
 }
 
 /// The punctuation closing each clause of `text`, as espeak-ng cuts clauses: at `, . ; : ! ?`

@@ -4,7 +4,7 @@
 //! writing the rest.
 
 use std::io::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -295,12 +295,9 @@ impl EspeakSynth {
 impl SpeechSynth for EspeakSynth {
     fn synthesize(&mut self, text: &str, voice: &VoiceSettings) -> Result<Pcm, SynthError> {
         voice.validate()?;
-        let unavailable = |e: std::io::Error| SynthError::Unavailable {
-            program: self.program.display().to_string(),
-            message: e.to_string(),
-        };
-        let mut child = Command::new(&self.program)
-            .args([
+        let stdout = run_espeak(
+            &self.program,
+            &[
                 "--stdout",
                 "-b",
                 "1",
@@ -310,36 +307,53 @@ impl SpeechSynth for EspeakSynth {
                 &voice.pitch.to_string(),
                 "-s",
                 &voice.rate.to_string(),
-            ])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(unavailable)?;
-        // Text without line breaks: espeak-ng reads stdin line by line and pauses at each.
-        let line: String = text
-            .chars()
-            .map(|c| if c.is_control() { ' ' } else { c })
-            .collect();
-        let writer = child.stdin.take().map(|mut stdin| {
-            std::thread::spawn(move || {
-                let _ = stdin.write_all(line.as_bytes());
-                let _ = stdin.write_all(b"\n");
-            })
-        });
-        let output = child.wait_with_output().map_err(unavailable)?;
-        if let Some(writer) = writer {
-            let _ = writer.join();
+            ],
+            text,
+        )?;
+        if stdout.is_empty() {
+            return Err(SynthError::Failed("espeak-ng wrote no audio".into()));
         }
-        if !output.status.success() || output.stdout.is_empty() {
-            return Err(SynthError::Failed(format!(
-                "espeak-ng exited with {}: {}",
-                output.status,
-                String::from_utf8_lossy(&output.stderr).trim()
-            )));
-        }
-        Pcm::from_wav(&output.stdout).map_err(SynthError::Failed)
+        Pcm::from_wav(&stdout).map_err(SynthError::Failed)
     }
+}
+
+/// Runs the espeak-ng `program` with `args`, `text` on its stdin as one line (control
+/// characters become spaces: espeak-ng reads stdin line by line and pauses at each); returns
+/// its stdout. Text never becomes a command-line argument.
+pub(crate) fn run_espeak(program: &Path, args: &[&str], text: &str) -> Result<Vec<u8>, SynthError> {
+    let unavailable = |e: std::io::Error| SynthError::Unavailable {
+        program: program.display().to_string(),
+        message: e.to_string(),
+    };
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(unavailable)?;
+    let line: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    let writer = child.stdin.take().map(|mut stdin| {
+        std::thread::spawn(move || {
+            let _ = stdin.write_all(line.as_bytes());
+            let _ = stdin.write_all(b"\n");
+        })
+    });
+    let output = child.wait_with_output().map_err(unavailable)?;
+    if let Some(writer) = writer {
+        let _ = writer.join();
+    }
+    if !output.status.success() {
+        return Err(SynthError::Failed(format!(
+            "espeak-ng exited with {}: {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        )));
+    }
+    Ok(output.stdout)
 }
 
 /// Cuts streamed text into sentences: a sentence ends at `.`, `!`, `?` or `…` followed by

@@ -126,6 +126,21 @@ pub fn wer(reference: &str, hypothesis: &str) -> f64 {
     word_errors(&r, &h) as f64 / r.len() as f64
 }
 
+/// Ten NPC lines the voice round trips speak and transcribe: the helper's test (espeak-ng) and
+/// the voice bench (Piper beside espeak-ng), so their word error rates are comparable.
+pub const NPC_LINES: [&str; 10] = [
+    "Welcome to my forge, traveler.",
+    "I need twenty iron bars before the winter comes.",
+    "The bridge to the north was destroyed by the river.",
+    "Have you seen my brother near the old mill?",
+    "That sword will cost you fifty gold coins.",
+    "The king has ordered all gates closed at night.",
+    "Bring me three wolf pelts and I will pay you well.",
+    "Stay away from the forest after dark.",
+    "My shop opens at dawn and closes at sunset.",
+    "Thank you for helping our village.",
+];
+
 #[cfg(test)]
 mod tests {
     use super::*;

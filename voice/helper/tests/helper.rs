@@ -66,18 +66,7 @@ fn outcome(client: &VoiceClient, id: UtteranceId, seen: &mut Vec<VoiceEvent>) ->
     }
 }
 
-const LINES: [&str; 10] = [
-    "Welcome to my forge, traveler.",
-    "I need twenty iron bars before the winter comes.",
-    "The bridge to the north was destroyed by the river.",
-    "Have you seen my brother near the old mill?",
-    "That sword will cost you fifty gold coins.",
-    "The king has ordered all gates closed at night.",
-    "Bring me three wolf pelts and I will pay you well.",
-    "Stay away from the forest after dark.",
-    "My shop opens at dawn and closes at sunset.",
-    "Thank you for helping our village.",
-];
+const LINES: [&str; 10] = wer::NPC_LINES;
 
 #[test]
 fn espeak_to_helper_round_trip_has_low_word_error_rate() {
