@@ -214,6 +214,8 @@ pub(crate) struct StopFilter {
     hide_from: Vec<String>,
     /// Text at and after the first marker, never released.
     hidden: String,
+    /// A stop string was reached: nothing after it is ever released.
+    stopped: bool,
 }
 
 impl StopFilter {
@@ -225,6 +227,7 @@ impl StopFilter {
             released: String::new(),
             hide_from: Vec::new(),
             hidden: String::new(),
+            stopped: false,
         }
     }
 
@@ -243,19 +246,37 @@ impl StopFilter {
     /// Feeds one token's bytes. Returns the text that is now safe to show and whether a stop
     /// string was reached (in which case the reply is complete).
     pub(crate) fn push(&mut self, bytes: &[u8]) -> (String, bool) {
+        if self.stopped {
+            return (String::new(), true);
+        }
         self.pending_bytes.extend_from_slice(bytes);
-        let valid_up_to = match std::str::from_utf8(&self.pending_bytes) {
-            Ok(text) => text.len(),
-            Err(err) if err.error_len().is_some() => {
-                // Invalid bytes (not merely incomplete): replace rather than stall the stream.
-                let text = String::from_utf8_lossy(&self.pending_bytes).into_owned();
-                self.pending_bytes.clear();
-                return self.push_text(&text);
+        // Valid text goes on; each invalid sequence (not merely incomplete) becomes U+FFFD, as
+        // `String::from_utf8_lossy` would make of the whole reply; an incomplete character at
+        // the end waits for the next token.
+        let mut text = String::new();
+        loop {
+            match std::str::from_utf8(&self.pending_bytes) {
+                Ok(valid) => {
+                    text.push_str(valid);
+                    self.pending_bytes.clear();
+                    break;
+                }
+                Err(err) => {
+                    let valid = err.valid_up_to();
+                    text.push_str(&String::from_utf8_lossy(&self.pending_bytes[..valid]));
+                    match err.error_len() {
+                        Some(invalid) => {
+                            text.push(char::REPLACEMENT_CHARACTER);
+                            self.pending_bytes.drain(..valid + invalid);
+                        }
+                        None => {
+                            self.pending_bytes.drain(..valid);
+                            break;
+                        }
+                    }
+                }
             }
-            Err(err) => err.valid_up_to(),
-        };
-        let text = String::from_utf8(self.pending_bytes.drain(..valid_up_to).collect())
-            .unwrap_or_default();
+        }
         self.push_text(&text)
     }
 
@@ -273,6 +294,9 @@ impl StopFilter {
             .min()
         {
             self.held.truncate(at);
+            self.stopped = true;
+            // Bytes of the stop's token after the stop string are not the reply's.
+            self.pending_bytes.clear();
             return (self.release_all(), true);
         }
         let markers = self.hide_from.iter().filter(|_| self.hidden.is_empty());
@@ -291,6 +315,9 @@ impl StopFilter {
 
     /// Releases whatever is held (the reply ended for another reason).
     pub(crate) fn finish(&mut self) -> String {
+        if self.stopped {
+            return String::new();
+        }
         if !self.pending_bytes.is_empty() {
             let text = String::from_utf8_lossy(&self.pending_bytes).into_owned();
             self.pending_bytes.clear();
@@ -407,6 +434,23 @@ mod tests {
     }
 
     #[test]
+    fn nothing_after_a_stop_string_is_released_not_even_half_a_character() {
+        // Found by the property tests: the stop's token ended in the first byte of a
+        // two-byte character, and `finish` released it as U+FFFD after the stop.
+        let mut filter = StopFilter::new(vec!["END".into()]);
+        assert_eq!(filter.push(b"fine END\xc2"), ("fine ".to_owned(), true));
+        assert_eq!(filter.finish(), "");
+        assert_eq!(filter.push(b"more"), (String::new(), true));
+        assert_eq!(filter.text(), "fine ");
+        // An invalid byte before a valid two-byte character split over tokens: one U+FFFD
+        // and the character, as `from_utf8_lossy` reads the whole.
+        let mut filter = StopFilter::new(Vec::new());
+        let (a, _) = filter.push(b"a\x80\xc2");
+        let (b, _) = filter.push(b"\x80b");
+        assert_eq!(format!("{a}{b}{}", filter.finish()), "a\u{fffd}\u{80}b");
+    }
+
+    #[test]
     fn held_prefix_is_released_when_it_turns_out_harmless() {
         let mut filter = StopFilter::new(vec!["END".into()]);
         assert_eq!(filter.push(b"the EN").0, "the ");
@@ -445,5 +489,113 @@ mod tests {
         let bytes = "é".as_bytes();
         assert_eq!(filter.push(&bytes[..1]).0, "");
         assert_eq!(filter.push(&bytes[1..]).0, "é");
+    }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        /// Text with multi-byte characters and the stop string's pieces in it.
+        fn text() -> impl Strategy<Value = String> {
+            proptest::collection::vec(
+                prop_oneof![
+                    Just("é".to_owned()),
+                    Just("🔥".to_owned()),
+                    Just("\n".to_owned()),
+                    Just("Pla".to_owned()),
+                    Just("yer:".to_owned()),
+                    Just("[ACT".to_owned()),
+                    "[a-z ]{1,4}",
+                ],
+                0..24,
+            )
+            .prop_map(|parts| parts.concat())
+        }
+
+        /// Cuts `bytes` at the given points (anywhere, also inside a character).
+        fn chunks(bytes: &[u8], cuts: &[proptest::sample::Index]) -> Vec<Vec<u8>> {
+            let mut at: Vec<usize> = cuts.iter().map(|c| c.index(bytes.len() + 1)).collect();
+            at.push(0);
+            at.push(bytes.len());
+            at.sort_unstable();
+            at.windows(2).map(|w| bytes[w[0]..w[1]].to_vec()).collect()
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            #[test]
+            fn the_released_text_does_not_depend_on_where_tokens_split_it(
+                text in text(),
+                cuts in proptest::collection::vec(any::<proptest::sample::Index>(), 0..12),
+            ) {
+                let stop = "\nPlayer:";
+                let expected = text.find(stop).map_or(text.as_str(), |at| &text[..at]);
+                let mut filter = StopFilter::new(vec![stop.into()]);
+                let mut shown = String::new();
+                let mut stopped = false;
+                for chunk in chunks(text.as_bytes(), &cuts) {
+                    let (out, done) = filter.push(&chunk);
+                    shown.push_str(&out);
+                    if done {
+                        stopped = true;
+                        break;
+                    }
+                }
+                if !stopped {
+                    shown.push_str(&filter.finish());
+                }
+                prop_assert_eq!(&shown, expected);
+                prop_assert_eq!(stopped, text.contains(stop));
+            }
+
+            #[test]
+            fn a_hidden_tail_never_streams_wherever_it_is_split(
+                text in text(),
+                cuts in proptest::collection::vec(any::<proptest::sample::Index>(), 0..12),
+            ) {
+                let marker = "\n[ACT";
+                let mut filter = StopFilter::new(Vec::new()).with_hidden_tail(vec![marker.into()]);
+                let mut shown = String::new();
+                for chunk in chunks(text.as_bytes(), &cuts) {
+                    shown.push_str(&filter.push(&chunk).0);
+                }
+                shown.push_str(&filter.finish());
+                let visible = text.find(marker).map_or(text.as_str(), |at| &text[..at]);
+                // Nothing at or after the marker is shown; a reply ending on the marker's
+                // first bytes keeps those back too.
+                prop_assert!(visible.starts_with(&shown), "{:?} shown of {:?}", shown, text);
+                prop_assert!(!shown.contains(marker));
+                prop_assert!(visible.len() - shown.len() < marker.len());
+            }
+
+            #[test]
+            fn arbitrary_bytes_never_panic_or_stall(
+                bytes in proptest::collection::vec(any::<u8>(), 0..256),
+                cuts in proptest::collection::vec(any::<proptest::sample::Index>(), 0..12),
+            ) {
+                let mut filter = StopFilter::new(vec!["\u{fffd}x".into(), "END".into()]);
+                let mut shown = String::new();
+                for chunk in chunks(&bytes, &cuts) {
+                    let (out, done) = filter.push(&chunk);
+                    shown.push_str(&out);
+                    if done {
+                        break;
+                    }
+                }
+                shown.push_str(&filter.finish());
+                // Exactly what the whole reply reads as (each invalid sequence one U+FFFD, as
+                // `from_utf8_lossy` makes it), up to the first stop string, wherever the
+                // tokens split it: nothing held for ever, nothing doubled.
+                let lossy = String::from_utf8_lossy(&bytes);
+                let expected = ["\u{fffd}x", "END"]
+                    .iter()
+                    .filter_map(|stop| lossy.find(stop))
+                    .min()
+                    .map_or(&*lossy, |at| &lossy[..at]);
+                prop_assert_eq!(shown, expected);
+            }
+        }
     }
 }
