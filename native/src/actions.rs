@@ -1004,4 +1004,75 @@ mod tests {
         );
         assert_eq!(state.take_notes_into("Bye.".into()), "Bye.");
     }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        /// A call of one of [`specs`]'s actions with values that fit, and its line.
+        fn declared_call() -> impl Strategy<Value = (ActionCall, String)> {
+            prop_oneof![
+                prop_oneof![Just("horseshoe"), Just("iron sword")].prop_map(|item| {
+                    (
+                        ActionCall {
+                            name: "give_item".into(),
+                            args: vec![("item".into(), ActionValue::Text(item.into()))],
+                        },
+                        format!("give_item(item=\"{item}\")"),
+                    )
+                }),
+                Just((
+                    ActionCall {
+                        name: "open_gate".into(),
+                        args: Vec::new(),
+                    },
+                    "open_gate()".to_owned(),
+                )),
+                (1i64..=500, "[a-z ]{0,10}").prop_map(|(gold, note)| {
+                    (
+                        ActionCall {
+                            name: "set_price".into(),
+                            args: vec![
+                                ("gold".into(), ActionValue::Integer(gold)),
+                                ("note".into(), ActionValue::Text(note.clone())),
+                            ],
+                        },
+                        format!("set_price(gold={gold}, note=\"{note}\")"),
+                    )
+                }),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            #[test]
+            fn whatever_the_model_writes_only_a_declared_call_comes_out(
+                tail in "(\n\\[ACTION\\] )?[a-zA-Z_]{0,12}\\(?[a-z_=\", 0-9-]{0,30}\\)?\\.?",
+                noise in ".{0,40}",
+            ) {
+                for text in [tail.clone(), format!("{ACTION_MARKER}{noise}"), noise.clone()] {
+                    if let Some(call) = parse_action(&specs(), &text) {
+                        prop_assert!(call_is_declared(&specs(), &call), "{:?} from {:?}", call, text);
+                    }
+                }
+            }
+
+            #[test]
+            fn a_declared_call_reads_back_marked_or_inline(
+                (call, line) in declared_call(),
+                cut in any::<proptest::sample::Index>(),
+            ) {
+                let marked = format!("{ACTION_MARKER}{line}");
+                prop_assert_eq!(parse_action(&specs(), &marked), Some(call.clone()));
+                prop_assert_eq!(parse_action(&specs(), &format!("{line}.")), Some(call));
+                // Cut short (the token limit): no action, never a different one.
+                let cut = cut.index(marked.len());
+                if marked.is_char_boundary(cut) && cut < marked.len() {
+                    prop_assert_eq!(parse_action(&specs(), &marked[..cut]), None);
+                }
+            }
+        }
+    }
 }

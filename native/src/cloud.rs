@@ -7,7 +7,7 @@
 //! between stream reads and during backoff. The API key goes only into the `Authorization`
 //! header: never into logs, errors or `Debug` output.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::time::{Duration, Instant};
 
 use crate::config::escalation::CloudConfig;
@@ -211,7 +211,7 @@ impl CloudClient {
         if !(200..300).contains(&status) {
             return Err(Attempt::Fail(CloudError::Status(status)));
         }
-        let reader = BufReader::new(response.into_body().into_reader());
+        let mut reader = BufReader::new(response.into_body().into_reader());
         let mut reply = CloudReply {
             text: String::new(),
             prompt_tokens: None,
@@ -221,12 +221,14 @@ impl CloudClient {
             truncated: false,
         };
         let mut done = false;
-        for line in reader.lines() {
+        let mut line = Vec::new();
+        loop {
             if cancelled() {
                 return Err(Attempt::Fail(CloudError::Cancelled));
             }
-            let line = match line {
-                Ok(line) => line,
+            match read_line(&mut reader, &mut line) {
+                Ok(0) => break,
+                Ok(_) => {}
                 Err(err) => {
                     let reason = err.to_string();
                     return Err(if reply.text.is_empty() {
@@ -238,63 +240,24 @@ impl CloudClient {
                         })
                     });
                 }
-            };
-            let line = line.trim();
-            if line.is_empty() || line.starts_with(':') {
-                continue;
             }
-            let Some(data) = line.strip_prefix("data:") else {
-                if line.starts_with("event:")
-                    || line.starts_with("id:")
-                    || line.starts_with("retry:")
-                {
-                    continue;
+            let text = String::from_utf8_lossy(&line);
+            match sse_event(&text, &mut reply) {
+                Ok(SseEvent::Skip) => {}
+                Ok(SseEvent::Done) => {
+                    done = true;
+                    break;
                 }
-                return Err(Attempt::Fail(bad(
-                    &reply,
-                    "a line that is not server-sent events",
-                )));
-            };
-            let data = data.trim();
-            if data == "[DONE]" {
-                done = true;
-                break;
-            }
-            let chunk: serde_json::Value = serde_json::from_str(data)
-                .map_err(|_| Attempt::Fail(bad(&reply, "an event that is not JSON")))?;
-            if chunk.get("error").is_some() {
-                return Err(Attempt::Fail(bad(&reply, "the stream reported an error")));
-            }
-            if let Some(usage) = chunk.get("usage").filter(|u| u.is_object()) {
-                reply.prompt_tokens = usage
-                    .get("prompt_tokens")
-                    .and_then(serde_json::Value::as_u64);
-                reply.completion_tokens = usage
-                    .get("completion_tokens")
-                    .and_then(serde_json::Value::as_u64);
-            }
-            let Some(choices) = chunk.get("choices").and_then(|c| c.as_array()) else {
-                if chunk.get("usage").is_some() {
-                    continue;
-                }
-                return Err(Attempt::Fail(bad(&reply, "an event without choices")));
-            };
-            for choice in choices {
-                if choice.get("finish_reason").and_then(|r| r.as_str()) == Some("length") {
-                    reply.truncated = true;
-                }
-                if let Some(text) = choice
-                    .get("delta")
-                    .and_then(|d| d.get("content"))
-                    .and_then(|c| c.as_str())
-                    && !text.is_empty()
-                {
-                    reply.text.push_str(text);
-                    reply.streamed_chunks += 1;
-                    if !on_delta(text) {
-                        return Err(Attempt::Fail(CloudError::Cancelled));
+                Ok(SseEvent::Deltas(deltas)) => {
+                    for delta in deltas {
+                        reply.text.push_str(&delta);
+                        reply.streamed_chunks += 1;
+                        if !on_delta(&delta) {
+                            return Err(Attempt::Fail(CloudError::Cancelled));
+                        }
                     }
                 }
+                Err(what) => return Err(Attempt::Fail(bad(&reply, what))),
             }
         }
         if !done {
@@ -310,6 +273,96 @@ impl CloudClient {
         }
         Ok(reply)
     }
+}
+
+/// The longest line of a server-sent event stream read (a chunk of a few tokens is a few
+/// hundred bytes): a server that never ends a line cannot make the game allocate without
+/// bound.
+const MAX_SSE_LINE: usize = 1 << 20;
+
+/// Reads one line (without its `\n`) into `line`, at most [`MAX_SSE_LINE`] bytes; returns the
+/// bytes consumed, 0 at the end of the stream.
+fn read_line(reader: &mut impl BufRead, line: &mut Vec<u8>) -> std::io::Result<usize> {
+    line.clear();
+    let read = reader
+        .by_ref()
+        .take(MAX_SSE_LINE as u64 + 1)
+        .read_until(b'\n', line)?;
+    if line.last() == Some(&b'\n') {
+        line.pop();
+    } else if line.len() > MAX_SSE_LINE {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("an event line longer than {MAX_SSE_LINE} bytes"),
+        ));
+    }
+    Ok(read)
+}
+
+/// What one line of an OpenAI-compatible chat stream says.
+#[derive(Debug, PartialEq)]
+enum SseEvent {
+    /// A comment, a blank line, an `event:`/`id:`/`retry:` field, a usage-only chunk.
+    Skip,
+    /// `data: [DONE]`.
+    Done,
+    /// Content deltas, in order.
+    Deltas(Vec<String>),
+}
+
+/// Reads one line of the stream, recording usage and a length stop in `reply`.
+///
+/// # Errors
+/// What is wrong with the line (it ends the reply).
+fn sse_event(line: &str, reply: &mut CloudReply) -> Result<SseEvent, &'static str> {
+    let line = line.trim();
+    if line.is_empty() || line.starts_with(':') {
+        return Ok(SseEvent::Skip);
+    }
+    let Some(data) = line.strip_prefix("data:") else {
+        if line.starts_with("event:") || line.starts_with("id:") || line.starts_with("retry:") {
+            return Ok(SseEvent::Skip);
+        }
+        return Err("a line that is not server-sent events");
+    };
+    let data = data.trim();
+    if data == "[DONE]" {
+        return Ok(SseEvent::Done);
+    }
+    let chunk: serde_json::Value =
+        serde_json::from_str(data).map_err(|_| "an event that is not JSON")?;
+    if chunk.get("error").is_some() {
+        return Err("the stream reported an error");
+    }
+    if let Some(usage) = chunk.get("usage").filter(|u| u.is_object()) {
+        reply.prompt_tokens = usage
+            .get("prompt_tokens")
+            .and_then(serde_json::Value::as_u64);
+        reply.completion_tokens = usage
+            .get("completion_tokens")
+            .and_then(serde_json::Value::as_u64);
+    }
+    let Some(choices) = chunk.get("choices").and_then(|c| c.as_array()) else {
+        if chunk.get("usage").is_some() {
+            return Ok(SseEvent::Skip);
+        }
+        return Err("an event without choices");
+    };
+    let mut deltas = Vec::new();
+    for choice in choices {
+        if choice.get("finish_reason").and_then(|r| r.as_str()) == Some("length") {
+            reply.truncated = true;
+        }
+        if let Some(text) = choice
+            .get("delta")
+            .and_then(|d| d.get("content"))
+            .and_then(|c| c.as_str())
+            && !text.is_empty()
+        {
+            deltas.push(text.to_owned());
+        }
+    }
+    Ok(SseEvent::Deltas(deltas))
 }
 
 fn bad(reply: &CloudReply, what: &str) -> CloudError {
@@ -346,4 +399,120 @@ const WIRE_LOG_TARGET: &str = "ureq_proto::util";
 /// `ureq`'s wire dump: asked the way `ureq_proto`'s own `trace!` asks.
 fn wire_logging_enabled() -> bool {
     log::log_enabled!(target: WIRE_LOG_TARGET, log::Level::Trace)
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn reply() -> CloudReply {
+        CloudReply {
+            text: String::new(),
+            prompt_tokens: None,
+            completion_tokens: None,
+            estimated_prompt_tokens: 0,
+            streamed_chunks: 0,
+            truncated: false,
+        }
+    }
+
+    /// The lines a real stream is made of, and ones a broken server sends.
+    fn line() -> impl Strategy<Value = String> {
+        prop_oneof![
+            ".{0,30}".prop_map(|t| format!(
+                "data: {{\"choices\":[{{\"delta\":{{\"content\":{}}}}}]}}",
+                serde_json::Value::String(t)
+            )),
+            Just("data: {\"choices\":[{\"delta\":{},\"finish_reason\":\"length\"}]}".to_owned()),
+            Just("data: {\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":3}}".to_owned()),
+            Just(": keep-alive".to_owned()),
+            Just(String::new()),
+            Just("event: message".to_owned()),
+            Just("data: [DONE]".to_owned()),
+            Just("data: {\"error\":{\"message\":\"overloaded\"}}".to_owned()),
+            ".{0,40}",
+            "data: .{0,40}",
+        ]
+    }
+
+    #[test]
+    fn a_line_longer_than_the_limit_is_an_error_and_a_normal_one_is_not() {
+        let mut line = Vec::new();
+        let long = vec![b'x'; MAX_SSE_LINE + 10];
+        let err = read_line(&mut long.as_slice(), &mut line).unwrap_err();
+        assert!(err.to_string().contains("longer than"), "{err}");
+        assert!(line.len() <= MAX_SSE_LINE + 1);
+        let mut input: &[u8] = b"data: [DONE]\nnext";
+        assert_eq!(read_line(&mut input, &mut line).unwrap(), 13);
+        assert_eq!(line, b"data: [DONE]");
+        assert_eq!(read_line(&mut input, &mut line).unwrap(), 4);
+        assert_eq!(line, b"next");
+        assert_eq!(read_line(&mut input, &mut line).unwrap(), 0);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn any_line_is_an_event_or_a_reason_never_a_panic(line in line()) {
+            let mut reply = reply();
+            match sse_event(&line, &mut reply) {
+                Ok(SseEvent::Deltas(deltas)) => prop_assert!(deltas.iter().all(|d| !d.is_empty())),
+                Ok(_) => {}
+                Err(why) => prop_assert!(!why.is_empty()),
+            }
+        }
+
+        #[test]
+        fn the_text_is_the_content_of_the_events_before_done_however_the_bytes_arrive(
+            lines in proptest::collection::vec(line(), 0..12),
+            chunk in 1usize..64,
+        ) {
+            // The reference: each line on its own.
+            let mut expected = String::new();
+            let mut expected_end = None;
+            let mut by_line = reply();
+            for line in &lines {
+                match sse_event(line, &mut by_line) {
+                    Ok(SseEvent::Deltas(deltas)) => expected.extend(deltas),
+                    Ok(SseEvent::Skip) => {}
+                    Ok(SseEvent::Done) => {
+                        expected_end = Some(Ok(()));
+                        break;
+                    }
+                    Err(why) => {
+                        expected_end = Some(Err(why));
+                        break;
+                    }
+                }
+            }
+            // The same stream read through `read_line` in small reads.
+            let wire = lines.join("\n");
+            let mut reader = BufReader::with_capacity(chunk, wire.as_bytes());
+            let mut got = String::new();
+            let mut end = None;
+            let mut line = Vec::new();
+            let mut by_stream = reply();
+            while read_line(&mut reader, &mut line).unwrap() > 0 {
+                match sse_event(&String::from_utf8_lossy(&line), &mut by_stream) {
+                    Ok(SseEvent::Deltas(deltas)) => got.extend(deltas),
+                    Ok(SseEvent::Skip) => {}
+                    Ok(SseEvent::Done) => {
+                        end = Some(Ok(()));
+                        break;
+                    }
+                    Err(why) => {
+                        end = Some(Err(why));
+                        break;
+                    }
+                }
+            }
+            prop_assert_eq!(got, expected);
+            prop_assert_eq!(end, expected_end);
+            prop_assert_eq!(by_stream.truncated, by_line.truncated);
+            prop_assert_eq!(by_stream.prompt_tokens, by_line.prompt_tokens);
+        }
+    }
 }

@@ -567,4 +567,71 @@ mod tests {
         let typo = "(name: \"Brom\", role: \"smith\", voice: Some((pich: 20)))";
         assert!(Persona::from_ron(typo, None).is_err());
     }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        const SHIPPED: &str = include_str!("../../assets/personas/blacksmith.persona.ron");
+
+        /// The shipped persona with one edit a modder's typo or a damaged file could make.
+        fn edited() -> impl Strategy<Value = String> {
+            let at = any::<proptest::sample::Index>();
+            prop_oneof![
+                at.prop_map(|at| cut(SHIPPED, at.index(SHIPPED.len()))),
+                (
+                    any::<proptest::sample::Index>(),
+                    any::<proptest::sample::Index>()
+                )
+                    .prop_map(|(a, b)| {
+                        let (a, b) = (a.index(SHIPPED.len()), b.index(SHIPPED.len()));
+                        let (from, to) = (floor(SHIPPED, a.min(b)), floor(SHIPPED, a.max(b)));
+                        format!("{}{}", &SHIPPED[..from], &SHIPPED[to..])
+                    }),
+                (
+                    any::<proptest::sample::Index>(),
+                    "[(){}\\[\\]\",:a-z0-9 \n]{1,8}"
+                )
+                    .prop_map(|(at, insert)| {
+                        let at = floor(SHIPPED, at.index(SHIPPED.len()));
+                        format!("{}{insert}{}", &SHIPPED[..at], &SHIPPED[at..])
+                    }),
+            ]
+        }
+
+        fn floor(text: &str, mut at: usize) -> usize {
+            while !text.is_char_boundary(at) {
+                at -= 1;
+            }
+            at
+        }
+
+        fn cut(text: &str, at: usize) -> String {
+            text[..floor(text, at)].to_owned()
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn an_edited_persona_parses_or_names_where_it_broke(text in edited()) {
+                match Persona::from_ron(&text, Some("blacksmith.persona.ron")) {
+                    Ok(persona) => prop_assert!(persona.validate().is_ok()),
+                    Err(err) => {
+                        prop_assert_eq!(err.file.as_deref(), Some("blacksmith.persona.ron"));
+                        prop_assert!(!err.message.is_empty());
+                        let lines = text.lines().count().max(1);
+                        prop_assert!(err.line <= lines + 1, "line {} of {}", err.line, lines);
+                    }
+                }
+            }
+
+            #[test]
+            fn arbitrary_text_is_an_error_not_a_panic(text in ".{0,200}") {
+                let _ = Persona::from_ron(&text, None);
+                let _ = Persona::from_ron(&format!("(name: \"A\", role: \"b\", {text})"), None);
+            }
+        }
+    }
 }

@@ -384,4 +384,130 @@ mod tests {
         let odd = [3u8, 0, 0, 0, TRANSCRIBE, 0, 0];
         assert!(Request::read(&mut &odd[..]).is_err());
     }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        fn request() -> impl Strategy<Value = Request> {
+            prop_oneof![
+                (
+                    any::<u64>(),
+                    proptest::collection::vec(-1.0f32..=1.0, 0..64)
+                )
+                    .prop_map(|(id, samples)| Request::Transcribe { id, samples }),
+                Just(Request::Shutdown),
+            ]
+        }
+
+        fn reply() -> impl Strategy<Value = Reply> {
+            let segment =
+                (any::<u32>(), any::<u32>(), ".{0,20}").prop_map(|(start_ms, end_ms, text)| {
+                    Segment {
+                        start_ms,
+                        end_ms,
+                        text,
+                    }
+                });
+            prop_oneof![
+                (any::<u32>(), ".{0,30}")
+                    .prop_map(|(load_ms, model)| Reply::Ready { load_ms, model }),
+                (
+                    any::<u64>(),
+                    ".{0,40}",
+                    proptest::collection::vec(segment, 0..5),
+                    any::<u32>(),
+                    any::<u32>()
+                )
+                    .prop_map(|(id, text, segments, audio_ms, decode_ms)| {
+                        Reply::Transcript {
+                            id,
+                            text,
+                            segments,
+                            audio_ms,
+                            decode_ms,
+                        }
+                    }),
+                (any::<u64>(), ".{0,30}").prop_map(|(id, message)| Reply::Failed { id, message }),
+                ".{0,30}".prop_map(|message| Reply::Fatal { message }),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn every_request_and_reply_round_trips(
+                requests in proptest::collection::vec(request(), 0..4),
+                replies in proptest::collection::vec(reply(), 0..4),
+            ) {
+                let mut wire = Vec::new();
+                for r in &requests {
+                    r.write(&mut wire).unwrap();
+                }
+                let mut input = wire.as_slice();
+                for r in &requests {
+                    prop_assert_eq!(Request::read(&mut input).unwrap(), Some(r.clone()));
+                }
+                prop_assert_eq!(Request::read(&mut input).unwrap(), None);
+                let mut wire = Vec::new();
+                for r in &replies {
+                    r.write(&mut wire).unwrap();
+                }
+                let mut input = wire.as_slice();
+                for r in &replies {
+                    prop_assert_eq!(Reply::read(&mut input).unwrap(), Some(r.clone()));
+                }
+                prop_assert_eq!(Reply::read(&mut input).unwrap(), None);
+            }
+
+            #[test]
+            fn a_cut_stream_is_an_error_or_the_frames_before_the_cut(
+                replies in proptest::collection::vec(reply(), 1..4),
+                cut in any::<proptest::sample::Index>(),
+            ) {
+                let mut wire = Vec::new();
+                for r in &replies {
+                    r.write(&mut wire).unwrap();
+                }
+                let cut = cut.index(wire.len());
+                let mut input = &wire[..cut];
+                let mut read = 0;
+                while let Ok(Some(reply)) = Reply::read(&mut input) {
+                    prop_assert_eq!(&reply, &replies[read]);
+                    read += 1;
+                }
+                prop_assert!(read < replies.len());
+            }
+
+            #[test]
+            fn random_bytes_are_errors_not_panics_and_reading_ends(
+                bytes in proptest::collection::vec(any::<u8>(), 0..256),
+            ) {
+                for tagged in [false, true] {
+                    // With a plausible length prefix, the body's parser is reached too.
+                    let mut wire = Vec::new();
+                    if tagged {
+                        wire.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+                    }
+                    wire.extend_from_slice(&bytes);
+                    let mut input = wire.as_slice();
+                    for _ in 0..=wire.len() {
+                        match Reply::read(&mut input) {
+                            Ok(Some(_)) => {}
+                            Ok(None) | Err(_) => break,
+                        }
+                    }
+                    let mut input = wire.as_slice();
+                    for _ in 0..=wire.len() {
+                        match Request::read(&mut input) {
+                            Ok(Some(_)) => {}
+                            Ok(None) | Err(_) => break,
+                        }
+                    }
+                }
+            }
+        }
+    }
 }

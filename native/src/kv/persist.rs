@@ -107,19 +107,12 @@ pub(crate) fn save(
     }
     kv_section.extend_from_slice(kv);
 
-    let mut bytes = Vec::with_capacity(kv_section.len() + conversation.len() + header.len() + 128);
-    bytes.extend_from_slice(MAGIC);
-    bytes.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
-    for section in [
+    let bytes = encode(&[
         header.as_bytes(),
         conversation.as_bytes(),
         &kv_section,
         mind.as_bytes(),
-    ] {
-        bytes.extend_from_slice(&(section.len() as u64).to_le_bytes());
-        bytes.extend_from_slice(&Sha256::digest(section));
-        bytes.extend_from_slice(section);
-    }
+    ]);
 
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
@@ -138,6 +131,21 @@ pub(crate) fn save(
     Ok(bytes.len() as u64)
 }
 
+/// The file's bytes: magic, format version, then each section as its length, its sha256 and
+/// its bytes.
+fn encode(sections: &[&[u8]]) -> Vec<u8> {
+    let size: usize = sections.iter().map(|s| s.len() + 40).sum();
+    let mut bytes = Vec::with_capacity(size + 12);
+    bytes.extend_from_slice(MAGIC);
+    bytes.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    for section in sections {
+        bytes.extend_from_slice(&(section.len() as u64).to_le_bytes());
+        bytes.extend_from_slice(&Sha256::digest(section));
+        bytes.extend_from_slice(section);
+    }
+    bytes
+}
+
 /// Where a save is written before it replaces `path`: `path` with `.partial` appended.
 pub(crate) fn temporary_path(path: &Path) -> std::path::PathBuf {
     let mut name = path.as_os_str().to_owned();
@@ -145,24 +153,40 @@ pub(crate) fn temporary_path(path: &Path) -> std::path::PathBuf {
     name.into()
 }
 
+/// The largest state file read, in bytes: far above any this build writes (a 2,048-token
+/// context of a 1.5B model is about 60 MB of KV), so that a crafted or runaway file cannot make
+/// the game allocate without bound.
+pub(crate) const MAX_STATE_FILE_BYTES: u64 = 4 << 30;
+
 /// Reads `path`, checking everything before anything is trusted.
 pub(crate) fn load(path: &Path, expected: &StateIdentity) -> Result<LoadedState, StateError> {
+    let io = |e: std::io::Error| StateError::Io {
+        path: path.to_path_buf(),
+        writing: false,
+        message: e.to_string(),
+    };
     let mut bytes = Vec::new();
     File::open(path)
-        .and_then(|mut f| f.read_to_end(&mut bytes))
-        .map_err(|e| StateError::Io {
+        .and_then(|f| f.take(MAX_STATE_FILE_BYTES + 1).read_to_end(&mut bytes))
+        .map_err(io)?;
+    if bytes.len() as u64 > MAX_STATE_FILE_BYTES {
+        return Err(StateError::Damaged {
             path: path.to_path_buf(),
-            writing: false,
-            message: e.to_string(),
-        })?;
+            reason: format!(
+                "it is larger than {MAX_STATE_FILE_BYTES} bytes, more than any state file holds"
+            ),
+        });
+    }
+    parse(&bytes, path, expected)
+}
+
+/// [`load`] on the bytes of a file: checks everything before anything is trusted.
+fn parse(bytes: &[u8], path: &Path, expected: &StateIdentity) -> Result<LoadedState, StateError> {
     let damaged = |reason: String| StateError::Damaged {
         path: path.to_path_buf(),
         reason,
     };
-    let mut reader = Sections {
-        bytes: &bytes,
-        at: 0,
-    };
+    let mut reader = Sections { bytes, at: 0 };
     if reader.take(8) != Some(MAGIC.as_slice()) {
         return Err(StateError::NotAStateFile(path.to_path_buf()));
     }
@@ -567,5 +591,165 @@ mod tests {
         );
         let loaded = load(&path, &identity()).unwrap();
         assert_eq!(loaded.kv.unwrap().1, b"first");
+    }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        fn file(turns: &[(String, String)], tokens: &[i32], kv: &[u8]) -> Vec<u8> {
+            let conversation = SavedConversation {
+                turns: turns.to_vec(),
+            };
+            let mut kv_section = (tokens.len() as u64).to_le_bytes().to_vec();
+            kv_section.extend(tokens.iter().flat_map(|t| t.to_le_bytes()));
+            kv_section.extend_from_slice(kv);
+            encode(&[
+                ron::to_string(&identity()).unwrap().as_bytes(),
+                ron::to_string(&conversation).unwrap().as_bytes(),
+                &kv_section,
+                ron::to_string(&SavedMind::default()).unwrap().as_bytes(),
+            ])
+        }
+
+        fn parsed(bytes: &[u8]) -> Result<LoadedState, StateError> {
+            parse(bytes, Path::new("npc.state"), &identity())
+        }
+
+        fn conversation() -> impl Strategy<Value = Vec<(String, String)>> {
+            proptest::collection::vec((".{0,40}", ".{0,40}"), 0..6)
+        }
+
+        /// Offsets of the section length fields in a file of `sections` body sizes.
+        fn length_fields(bytes: &[u8]) -> Vec<usize> {
+            let mut at = 12;
+            let mut fields = Vec::new();
+            while at + 40 <= bytes.len() {
+                fields.push(at);
+                let len = u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap()) as usize;
+                at += 40 + len;
+            }
+            fields
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn a_valid_file_reads_back(
+                turns in conversation(),
+                tokens in proptest::collection::vec(any::<i32>(), 0..64),
+                kv in proptest::collection::vec(any::<u8>(), 0..256),
+            ) {
+                let state = parsed(&file(&turns, &tokens, &kv)).unwrap();
+                let read: Vec<(String, String)> =
+                    state.turns.into_iter().map(|t| (t.player, t.npc)).collect();
+                prop_assert_eq!(read, turns);
+                prop_assert_eq!(state.kv.unwrap(), (tokens, kv));
+            }
+
+            #[test]
+            fn a_truncated_file_is_an_error_or_loses_only_what_was_cut(
+                turns in conversation(),
+                tokens in proptest::collection::vec(any::<i32>(), 0..64),
+                kv in proptest::collection::vec(any::<u8>(), 0..256),
+                cut in any::<proptest::sample::Index>(),
+            ) {
+                let bytes = file(&turns, &tokens, &kv);
+                let cut = cut.index(bytes.len());
+                if let Ok(state) = parsed(&bytes[..cut]) {
+                    // The conversation section survived whole; the KV either did or is refused.
+                    prop_assert_eq!(state.turns.len(), turns.len());
+                    if let Ok(read) = state.kv {
+                        prop_assert_eq!(read, (tokens, kv));
+                    }
+                }
+            }
+
+            #[test]
+            fn a_flipped_bit_never_yields_wrong_kv_or_a_wrong_conversation(
+                turns in conversation(),
+                tokens in proptest::collection::vec(any::<i32>(), 0..64),
+                kv in proptest::collection::vec(any::<u8>(), 0..256),
+                at in any::<proptest::sample::Index>(),
+                bit in 0u8..8,
+            ) {
+                let mut bytes = file(&turns, &tokens, &kv);
+                let at = at.index(bytes.len());
+                bytes[at] ^= 1 << bit;
+                if let Ok(state) = parsed(&bytes) {
+                    let read: Vec<(String, String)> =
+                        state.turns.into_iter().map(|t| (t.player, t.npc)).collect();
+                    prop_assert_eq!(read, turns);
+                    if let Ok(read) = state.kv {
+                        prop_assert_eq!(read, (tokens, kv));
+                    }
+                }
+            }
+
+            #[test]
+            fn lying_lengths_with_valid_checksums_are_refused_without_allocating(
+                tokens in proptest::collection::vec(any::<i32>(), 0..64),
+                kv in proptest::collection::vec(any::<u8>(), 0..256),
+                claimed in prop_oneof![Just(u64::MAX), Just(u64::MAX / 4 + 1), 65u64..1_000_000],
+            ) {
+                // A token count beyond the section, with the section's checksum recomputed:
+                // the hash holds, the structure does not.
+                let mut kv_section = claimed.to_le_bytes().to_vec();
+                kv_section.extend(tokens.iter().flat_map(|t| t.to_le_bytes()));
+                kv_section.extend_from_slice(&kv);
+                let bytes = encode(&[
+                    ron::to_string(&identity()).unwrap().as_bytes(),
+                    ron::to_string(&SavedConversation { turns: Vec::new() }).unwrap().as_bytes(),
+                    &kv_section,
+                ]);
+                let state = parsed(&bytes).unwrap();
+                let claimed_fits = usize::try_from(claimed)
+                    .ok()
+                    .and_then(|n| n.checked_mul(4))
+                    .is_some_and(|n| n + 8 <= kv_section.len());
+                prop_assert_eq!(state.kv.is_ok(), claimed_fits);
+
+                // A section length beyond the file, in every length field.
+                let good = file(&[], &tokens, &kv);
+                for field in length_fields(&good) {
+                    let mut bytes = good.clone();
+                    bytes[field..field + 8].copy_from_slice(&claimed.max(1 << 40).to_le_bytes());
+                    if let Ok(state) = parsed(&bytes) {
+                        prop_assert!(state.kv.is_err() || state.mind.is_none());
+                    }
+                }
+            }
+
+            #[test]
+            fn an_edited_header_with_a_valid_checksum_keeps_the_kv_out(
+                context in 1u32..100_000,
+                precision in "[a-z0-9_]{1,8}",
+            ) {
+                let edited = StateIdentity {
+                    context_per_npc: context,
+                    kv_precision: precision,
+                    ..identity()
+                };
+                prop_assume!(edited != identity());
+                let mut kv_section = 1u64.to_le_bytes().to_vec();
+                kv_section.extend_from_slice(&7i32.to_le_bytes());
+                let bytes = encode(&[
+                    ron::to_string(&edited).unwrap().as_bytes(),
+                    ron::to_string(&SavedConversation { turns: Vec::new() }).unwrap().as_bytes(),
+                    &kv_section,
+                ]);
+                prop_assert!(parsed(&bytes).unwrap().kv.is_err());
+            }
+
+            #[test]
+            fn random_bytes_are_never_a_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+                let mut with_magic = MAGIC.to_vec();
+                with_magic.extend_from_slice(&bytes);
+                let _ = parsed(&bytes);
+                let _ = parsed(&with_magic);
+            }
+        }
     }
 }

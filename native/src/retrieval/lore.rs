@@ -527,4 +527,44 @@ mod tests {
         let err = LoreBook::from_ron("(entries: [(id: \"\", text: \"x\")])", None).unwrap_err();
         assert!(err.message.contains("non-empty"), "{err}");
     }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        const SHIPPED: &str = include_str!("../../../assets/lore/oakvale.lore.ron");
+
+        fn floor(text: &str, mut at: usize) -> usize {
+            while !text.is_char_boundary(at) {
+                at -= 1;
+            }
+            at
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(128))]
+
+            #[test]
+            fn a_damaged_lore_file_is_an_error_naming_the_file_or_a_valid_book(
+                a in any::<proptest::sample::Index>(),
+                b in any::<proptest::sample::Index>(),
+                insert in "[(){}\\[\\]\",:a-z0-9 \n]{0,6}",
+            ) {
+                let (a, b) = (a.index(SHIPPED.len()), b.index(SHIPPED.len()));
+                let (from, to) = (floor(SHIPPED, a.min(b)), floor(SHIPPED, a.max(b)));
+                let text = format!("{}{insert}{}", &SHIPPED[..from], &SHIPPED[to..]);
+                match LoreBook::from_ron(&text, Some("oakvale.lore.ron")) {
+                    Ok(book) => prop_assert!(book
+                        .entries
+                        .iter()
+                        .all(|e| !e.id.trim().is_empty() && !e.text.trim().is_empty())),
+                    Err(err) => {
+                        prop_assert_eq!(err.file.as_deref(), Some("oakvale.lore.ron"));
+                        prop_assert_eq!(err.field.as_deref(), Some("lore"));
+                    }
+                }
+            }
+        }
+    }
 }
