@@ -65,6 +65,8 @@ pub struct Runtime {
     events: Receiver<Event>,
     next_request: AtomicU64,
     worker: Option<JoinHandle<()>>,
+    /// Set when the runtime is dropped: a model load in progress gives up at once.
+    stopping: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The worker is gone (it died or shut down); the request was not delivered.
@@ -82,15 +84,18 @@ impl Runtime {
     pub fn start(config: RuntimeConfig) -> Self {
         let (requests, inbox) = crossbeam_channel::unbounded();
         let (event_sender, events) = crossbeam_channel::unbounded();
+        let stopping = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop = std::sync::Arc::clone(&stopping);
         let worker = std::thread::Builder::new()
             .name("npc_native worker".into())
-            .spawn(move || engine::run(config, inbox, event_sender))
+            .spawn(move || engine::run(config, inbox, event_sender, stop))
             .expect("failed to spawn the npc_native worker thread");
         Self {
             requests,
             events,
             next_request: AtomicU64::new(1),
             worker: Some(worker),
+            stopping,
         }
     }
 
@@ -271,7 +276,12 @@ impl Runtime {
 }
 
 impl Drop for Runtime {
+    /// Stops the worker and waits for it to end: a model still loading stops at its next
+    /// tensor (llama.cpp's progress callback), a reply in progress after its current step. The
+    /// worker is joined, never left running: a thread inside llama.cpp while the process exits
+    /// is how engine plugins crash on quit.
     fn drop(&mut self) {
+        self.stopping.store(true, Ordering::Relaxed);
         let _ = self.requests.send(Request::Shutdown);
         if let Some(worker) = self.worker.take() {
             let _ = worker.join();

@@ -17,6 +17,8 @@ mod sequence;
 
 use std::collections::{HashMap, VecDeque};
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
@@ -42,8 +44,15 @@ use sequence::{Conversation, Job, Prewarm};
 const CLOUD_POLL: Duration = Duration::from_millis(5);
 
 /// Entry point of the worker thread. Never panics out: a panic becomes [`Event::WorkerDied`].
-pub(crate) fn run(config: RuntimeConfig, inbox: Receiver<Request>, events: Sender<Event>) {
-    let outcome = catch_unwind(AssertUnwindSafe(|| serve(&config, &inbox, &events)));
+pub(crate) fn run(
+    config: RuntimeConfig,
+    inbox: Receiver<Request>,
+    events: Sender<Event>,
+    stopping: Arc<AtomicBool>,
+) {
+    let outcome = catch_unwind(AssertUnwindSafe(|| {
+        serve(&config, &inbox, &events, &stopping);
+    }));
     if let Err(panic) = outcome {
         let reason = panic
             .downcast_ref::<&str>()
@@ -55,7 +64,12 @@ pub(crate) fn run(config: RuntimeConfig, inbox: Receiver<Request>, events: Sende
     }
 }
 
-fn serve(config: &RuntimeConfig, inbox: &Receiver<Request>, events: &Sender<Event>) {
+fn serve(
+    config: &RuntimeConfig,
+    inbox: &Receiver<Request>,
+    events: &Sender<Event>,
+    stopping: &Arc<AtomicBool>,
+) {
     let started = Instant::now();
     if !config.llama_logs {
         llama_cpp_2::send_logs_to_tracing(
@@ -64,9 +78,11 @@ fn serve(config: &RuntimeConfig, inbox: &Receiver<Request>, events: &Sender<Even
     }
     let loaded = config
         .model_file()
-        .and_then(|path| Ok((llama::load_model(config, &path)?, path)));
+        .and_then(|path| Ok((llama::load_model(config, &path, stopping)?, path)));
     let (model, model_path) = match loaded {
         Ok(loaded) => loaded,
+        // The game is quitting: the load was abandoned, nobody waits for its outcome.
+        Err(_) if stopping.load(Ordering::Relaxed) => return,
         Err(error) => return serve_without_model(&error, inbox, events),
     };
     let catalog = model_path

@@ -3,6 +3,8 @@
 use std::fs::File;
 use std::io::Read;
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::model::params::LlamaModelParams;
@@ -12,11 +14,18 @@ use crate::config::RuntimeConfig;
 use crate::types::ModelError;
 
 /// Checks the file before llama.cpp sees it (llama.cpp may abort on some bad input), then
-/// loads it.
-pub(crate) fn load_model(config: &RuntimeConfig, path: &Path) -> Result<LlamaModel, ModelError> {
+/// loads it; gives up as soon as `stopping` is set (the game is quitting).
+pub(crate) fn load_model(
+    config: &RuntimeConfig,
+    path: &Path,
+    stopping: &Arc<AtomicBool>,
+) -> Result<LlamaModel, ModelError> {
     config.validate().map_err(ModelError::Config)?;
     check_gguf(path)?;
-    let params = LlamaModelParams::default().with_n_gpu_layers(config.effective_gpu_layers());
+    let stop = Arc::clone(stopping);
+    let params = LlamaModelParams::default()
+        .with_n_gpu_layers(config.effective_gpu_layers())
+        .with_progress_callback(move |_| !stop.load(Ordering::Relaxed));
     LlamaModel::load_from_file(super::backend(), path, &params).map_err(|err| {
         ModelError::LoadFailed {
             path: path.to_path_buf(),
