@@ -137,24 +137,55 @@ fn replies_are_spoken_sentence_by_sentence_into_the_buffer() {
     // No problem: the Piper voice loaded (a fallback to espeak-ng is reported as one).
     assert!(seen.problems.is_empty(), "{:?}", seen.problems);
 
-    // Round trip: what the Piper voice said, heard by Whisper.
+    let meter = app.world().resource::<NpcCostMeter>();
+    let spoke = meter.entity(npc).expect("the blacksmith is metered");
+    assert_eq!(spoke.spoken_sentences as usize, clips.len());
+    assert!(spoke.spoken_characters > 0 && spoke.speech_compute > Duration::ZERO);
+}
+
+/// The round trip: two NPC lines streamed to the blacksmith's Piper voice as reply deltas,
+/// split into sentences, synthesised into the buffer and heard back by Whisper. (Fixed lines:
+/// the test model's replies invent names, "Ironfist", that no listener spells back.)
+#[test]
+fn piper_speech_in_the_buffer_is_heard_back_by_whisper() {
+    let _serial = common::serial();
+    let mut app = app();
+    let npc = spawn_blacksmith(&mut app);
+    let lines = "Welcome to my forge, traveler. That sword will cost you fifty gold coins. ";
+    update_until(&mut app, "the persona", |app| {
+        app.world()
+            .resource::<Assets<Persona>>()
+            .iter()
+            .next()
+            .is_some()
+    });
+    for piece in [
+        "Welcome to my forge, tra",
+        "veler. That sword will cost",
+        " you fifty gold coins. ",
+    ] {
+        app.world_mut().write_message(NpcReplyDelta {
+            npc,
+            text: piece.into(),
+        });
+        app.update();
+    }
+    update_until(&mut app, "two sentences of speech", |app| {
+        app.world().resource::<SpeechBuffer>().clips.len() >= 2
+    });
+    let clips = &app.world().resource::<SpeechBuffer>().clips;
     let mut spoken = Pcm::default();
     for clip in clips {
         spoken.sample_rate = clip.pcm.sample_rate;
         spoken.samples.extend_from_slice(&clip.pcm.samples);
     }
     let heard = transcribe(&spoken);
-    let error = wer::wer(&seen.replies[0].text, &heard);
+    let error = wer::wer(lines, &heard);
     println!("Whisper heard {heard:?} (word error rate {error:.2})");
-    assert!(
-        error <= 0.25,
-        "heard {heard:?} for {:?}",
-        seen.replies[0].text
-    );
-    let meter = app.world().resource::<NpcCostMeter>();
-    let spoke = meter.entity(npc).expect("the blacksmith is metered");
-    assert_eq!(spoke.spoken_sentences as usize, clips.len());
-    assert!(spoke.spoken_characters > 0 && spoke.speech_compute > Duration::ZERO);
+    // The voice bench measures 1-2 % on its ten lines; these two were heard whole there.
+    assert!(error <= 0.15, "heard {heard:?}");
+    let seen = app.world().resource::<Seen>();
+    assert!(seen.problems.is_empty(), "no fallback: {:?}", seen.problems);
 }
 
 /// Transcribes `pcm` with the `npc-voice` helper, outside the app.

@@ -410,6 +410,8 @@ enum StreamCommand {
         sentences: u32,
     },
     Prepare(VoiceSettings),
+    /// The stream is dropped: stop now, whatever is queued or whichever lines are open.
+    Stop,
 }
 
 /// What the [`SpeechStream`] thread produces.
@@ -459,6 +461,8 @@ pub struct SpeechStream {
     commands: Option<Sender<StreamCommand>>,
     events: Receiver<SpeechEvent>,
     thread: Option<JoinHandle<()>>,
+    /// Set on drop: the thread skips whatever is still queued.
+    stopping: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Feeds one line's text into a [`SpeechStream`] as it is generated.
@@ -509,11 +513,17 @@ impl SpeechStream {
     pub fn start(mut synth: Box<dyn SpeechSynth>) -> Self {
         let (commands, inbox) = crossbeam_channel::unbounded::<StreamCommand>();
         let (outbox, events) = crossbeam_channel::unbounded();
+        let stopping = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop = std::sync::Arc::clone(&stopping);
         let thread = std::thread::Builder::new()
             .name("npc-speech".into())
             .spawn(move || {
                 for command in inbox {
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        break;
+                    }
                     let event = match command {
+                        StreamCommand::Stop => break,
                         StreamCommand::Sentence {
                             line,
                             seq,
@@ -556,6 +566,7 @@ impl SpeechStream {
             commands: Some(commands),
             events,
             thread,
+            stopping,
         }
     }
 
@@ -595,8 +606,14 @@ fn warn(synth: &mut dyn SpeechSynth, outbox: &Sender<SpeechEvent>) -> bool {
 }
 
 impl Drop for SpeechStream {
+    /// Stops the thread and waits for it: queued sentences are dropped, and open
+    /// [`LineWriter`]s (a reply still streaming when the game quits) do not keep it alive.
     fn drop(&mut self) {
-        self.commands = None;
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(commands) = self.commands.take() {
+            let _ = commands.send(StreamCommand::Stop);
+        }
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
@@ -620,6 +637,38 @@ mod tests {
         assert_eq!(s.finish().as_deref(), Some("Yes 3.5 coins"));
         assert_eq!(s.finish(), None);
         assert!(SentenceSplitter::default().push(" . ! \n").is_empty());
+    }
+
+    /// A synthesiser that takes its time, to have sentences queued when the stream drops.
+    struct Slow;
+
+    impl SpeechSynth for Slow {
+        fn synthesize(&mut self, text: &str, _: &VoiceSettings) -> Result<Pcm, SynthError> {
+            std::thread::sleep(Duration::from_millis(200));
+            Ok(Pcm {
+                sample_rate: 16_000,
+                samples: vec![0.0; text.len()],
+            })
+        }
+    }
+
+    #[test]
+    fn dropping_the_stream_with_a_line_open_and_sentences_queued_returns() {
+        // Found by the plugin's voice test: an unfinished line's writer held the channel open,
+        // and the stream's drop waited for it for ever (a game quitting mid-reply hung).
+        let stream = SpeechStream::start(Box::new(Slow));
+        let mut open = stream.begin_line(1, VoiceSettings::default()).unwrap();
+        open.push("One. Two. Three. Four. Five. Six. Seven. Eight. Nine. Ten. ");
+        let started = Instant::now();
+        drop(stream);
+        // At most the sentence in progress is finished; the rest are dropped.
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+        open.push("Still writing. ");
+        open.finish();
     }
 
     #[test]
