@@ -206,12 +206,19 @@ impl Persona {
         self.escalation
             .validate()
             .map_err(|e| invalid(&e.field, e.message))?;
-        if self
-            .lore
-            .as_deref()
-            .is_some_and(|path| path.trim().is_empty())
-        {
-            return Err(invalid("lore", "the lore file path is empty".into()));
+        if let Some(path) = self.lore.as_deref() {
+            if path.trim().is_empty() {
+                return Err(invalid("lore", "the lore file path is empty".into()));
+            }
+            if !npc_voice::synth::is_asset_relative(path) || path.len() > 512 {
+                return Err(invalid(
+                    "lore",
+                    format!(
+                        "{path:?} must be relative to the asset folder and stay inside it \
+                         (no `..`, no drive or root)"
+                    ),
+                ));
+            }
         }
         if let Some(entry) = self
             .lore_entries
@@ -549,6 +556,24 @@ mod tests {
             (5, Some("top_p")),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_lore_path_cannot_leave_the_asset_folder() {
+        for path in [
+            "../saves/other.lore.ron",
+            "lore/../../secret.ron",
+            "/etc/passwd",
+            "C:\\\\Windows\\\\win.ini",
+            "lore\\\\..\\\\..\\\\x.ron",
+        ] {
+            let source = format!("(name: \"Brom\", role: \"smith\", lore: Some({path:?}))");
+            let err = Persona::from_ron(&source, Some("mod.persona.ron")).expect_err(path);
+            assert_eq!(err.field.as_deref(), Some("lore"), "{path}: {err}");
+            assert!(err.message.contains("inside it"), "{path}: {err}");
+        }
+        let fine = "(name: \"Brom\", role: \"smith\", lore: Some(\"lore/oakvale.lore.ron\"))";
+        assert!(Persona::from_ron(fine, None).is_ok());
     }
 
     #[test]

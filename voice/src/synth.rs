@@ -162,6 +162,25 @@ impl VoiceSettings {
     }
 }
 
+/// Whether `path` names something inside an asset folder: relative, with no `..`, root or
+/// drive (checked as text, on every platform's separators, so a file from a mod cannot point
+/// the game at `/etc/...` or `..\..\save`).
+#[must_use]
+pub fn is_asset_relative(path: &str) -> bool {
+    !path.starts_with('/')
+        && !path.starts_with('\\')
+        && !Path::new(path).is_absolute()
+        && path
+            .split(['/', '\\'])
+            .all(|part| part != ".." && !part.contains(':'))
+        && Path::new(path).components().all(|c| {
+            matches!(
+                c,
+                std::path::Component::Normal(_) | std::path::Component::CurDir
+            )
+        })
+}
+
 /// A voice model path must stay inside the asset folder: relative, no `..`, a `.onnx` file.
 fn check_model_path(model: &str) -> Result<(), SynthError> {
     let path = std::path::Path::new(model);
@@ -169,16 +188,10 @@ fn check_model_path(model: &str) -> Result<(), SynthError> {
     if model.trim().is_empty() || model.len() > 512 {
         return bad("is empty or longer than 512 bytes");
     }
-    if path.is_absolute() || model.starts_with('/') || model.starts_with('\\') {
-        return bad("must be relative to the asset folder");
-    }
-    if path.components().any(|c| {
-        !matches!(
-            c,
-            std::path::Component::Normal(_) | std::path::Component::CurDir
-        )
-    }) {
-        return bad("may not leave the asset folder (no `..`, no drive or root)");
+    if !is_asset_relative(model) {
+        return bad(
+            "must be relative to the asset folder and stay inside it (no `..`, no drive or root)",
+        );
     }
     if path.extension().is_none_or(|e| e != "onnx") {
         return bad("is not a .onnx file");
