@@ -27,7 +27,7 @@ use npc_native::voice::piper::PiperSynth;
 use npc_native::voice::protocol::SAMPLE_RATE;
 use npc_native::voice::synth::{EspeakSynth, SpeechSynth, VoiceSettings};
 use npc_native::voice::wer;
-use npc_native::{CostTotals, PriceTable, SpeechStats};
+use npc_native::{CostMeter, NpcId, PriceTable, SpeechStats};
 
 const LINES: [&str; 10] = wer::NPC_LINES;
 const PIPER_VOICE: &str = "voices/en_US-joe-medium.onnx";
@@ -63,7 +63,7 @@ struct Engine {
     words: usize,
     rtf: Vec<f64>,
     synth_ms: Vec<f64>,
-    totals: CostTotals,
+    meter: CostMeter,
     heard: Vec<String>,
 }
 
@@ -76,7 +76,7 @@ impl Engine {
             words: 0,
             rtf: Vec::new(),
             synth_ms: Vec::new(),
-            totals: CostTotals::default(),
+            meter: CostMeter::default(),
             heard: Vec::new(),
         }
     }
@@ -107,16 +107,9 @@ fn speak(
     );
     engine.rtf.push(took.as_secs_f64() / pcm.seconds());
     engine.synth_ms.push(took.as_secs_f64() * 1000.0);
-    let mut meter = npc_native::CostMeter::default();
-    meter.record_speech(
-        npc_native::NpcId(0),
-        &SpeechStats::new(line, pcm.seconds(), took),
-    );
-    let t = meter.total();
-    engine.totals.spoken_sentences += t.spoken_sentences;
-    engine.totals.spoken_characters += t.spoken_characters;
-    engine.totals.spoken_audio += t.spoken_audio;
-    engine.totals.speech_compute += t.speech_compute;
+    engine
+        .meter
+        .record_speech(NpcId(0), &SpeechStats::new(line, pcm.seconds(), took));
     if let Some(client) = client {
         let heard = transcribe(client, &pcm);
         let (reference, hypothesis) = (wer::normalize(line), wer::normalize(&heard));
@@ -231,7 +224,8 @@ fn main() {
             e.name,
             median(e.rtf.clone()),
             median(e.synth_ms.clone()),
-            e.totals.spoken_audio.as_secs_f64() / e.totals.spoken_sentences.max(1) as f64,
+            e.meter.total().spoken_audio.as_secs_f64()
+                / e.meter.total().spoken_sentences.max(1) as f64,
         );
     }
     let (p, s) = (&engines[0], &engines[1]);
@@ -269,7 +263,7 @@ fn main() {
     );
 
     let prices = PriceTable::default();
-    let t = &engines[0].totals;
+    let t = &engines[0].meter.total();
     let chars_per_line = t.spoken_characters as f64 / t.spoken_sentences as f64;
     let synth_per_line = t.speech_compute.as_secs_f64() / t.spoken_sentences as f64;
     // The seed's workload: 5 NPC lines a minute; an NPC reply here is one to three sentences

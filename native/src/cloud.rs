@@ -418,6 +418,24 @@ mod tests {
         }
     }
 
+    /// The text of `lines` read as a stream, how it ended (`[DONE]`, an error, or nothing),
+    /// and what the reply recorded.
+    fn replay(
+        lines: impl IntoIterator<Item = String>,
+    ) -> (String, Option<Result<(), &'static str>>, CloudReply) {
+        let mut reply = reply();
+        let mut text = String::new();
+        for line in lines {
+            match sse_event(&line, &mut reply) {
+                Ok(SseEvent::Deltas(deltas)) => text.extend(deltas),
+                Ok(SseEvent::Skip) => {}
+                Ok(SseEvent::Done) => return (text, Some(Ok(())), reply),
+                Err(why) => return (text, Some(Err(why)), reply),
+            }
+        }
+        (text, None, reply)
+    }
+
     /// The lines a real stream is made of, and ones a broken server sends.
     fn line() -> impl Strategy<Value = String> {
         prop_oneof![
@@ -471,44 +489,16 @@ mod tests {
             chunk in 1usize..64,
         ) {
             // The reference: each line on its own.
-            let mut expected = String::new();
-            let mut expected_end = None;
-            let mut by_line = reply();
-            for line in &lines {
-                match sse_event(line, &mut by_line) {
-                    Ok(SseEvent::Deltas(deltas)) => expected.extend(deltas),
-                    Ok(SseEvent::Skip) => {}
-                    Ok(SseEvent::Done) => {
-                        expected_end = Some(Ok(()));
-                        break;
-                    }
-                    Err(why) => {
-                        expected_end = Some(Err(why));
-                        break;
-                    }
-                }
-            }
+            let (expected, expected_end, by_line) = replay(lines.iter().cloned());
             // The same stream read through `read_line` in small reads.
             let wire = lines.join("\n");
             let mut reader = BufReader::with_capacity(chunk, wire.as_bytes());
-            let mut got = String::new();
-            let mut end = None;
             let mut line = Vec::new();
-            let mut by_stream = reply();
-            while read_line(&mut reader, &mut line).unwrap() > 0 {
-                match sse_event(&String::from_utf8_lossy(&line), &mut by_stream) {
-                    Ok(SseEvent::Deltas(deltas)) => got.extend(deltas),
-                    Ok(SseEvent::Skip) => {}
-                    Ok(SseEvent::Done) => {
-                        end = Some(Ok(()));
-                        break;
-                    }
-                    Err(why) => {
-                        end = Some(Err(why));
-                        break;
-                    }
-                }
-            }
+            let streamed = std::iter::from_fn(|| {
+                (read_line(&mut reader, &mut line).unwrap() > 0)
+                    .then(|| String::from_utf8_lossy(&line).into_owned())
+            });
+            let (got, end, by_stream) = replay(streamed);
             prop_assert_eq!(got, expected);
             prop_assert_eq!(end, expected_end);
             prop_assert_eq!(by_stream.truncated, by_line.truncated);

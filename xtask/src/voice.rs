@@ -204,15 +204,10 @@ pub fn setup_piper() -> Result {
         &cache_dir().join("piper/joe"),
     )?;
     let voices = project_root().join("assets/voices");
-    for (member, hash) in PIPER_VOICE_FILES {
-        let name = member.rsplit('/').next().unwrap_or(member);
-        let target = if name == "MODEL_CARD" {
-            voices.join("en_US-joe-medium.MODEL_CARD")
-        } else {
-            voices.join(name)
-        };
-        link(&voice.join(name), &target, hash)?;
-    }
+    link_members(PIPER_VOICE_FILES, &voice, &voices, |name| match name {
+        "MODEL_CARD" => "en_US-joe-medium.MODEL_CARD".into(),
+        other => other.into(),
+    })?;
     println!(
         "[setup voice] Piper voice {} (sha256 ok)",
         voices.join("en_US-joe-medium.onnx").display()
@@ -230,18 +225,29 @@ pub fn setup_piper() -> Result {
         &cache_dir().join("onnxruntime-1.31.1"),
     )?;
     let lib = project_root().join("assets/lib");
-    for (member, hash) in ONNX_RUNTIME_FILES {
-        let name = member.rsplit('/').next().unwrap_or(member);
-        let target = match name {
-            "libonnxruntime.so.1.31.1" => lib.join("libonnxruntime.so"),
-            other => lib.join(format!("onnxruntime-{other}")),
-        };
-        link(&runtime.join(name), &target, hash)?;
-    }
+    link_members(ONNX_RUNTIME_FILES, &runtime, &lib, |name| match name {
+        "libonnxruntime.so.1.31.1" => "libonnxruntime.so".into(),
+        other => format!("onnxruntime-{other}"),
+    })?;
     println!(
         "[setup voice] ONNX Runtime 1.31.1 {} (sha256 ok)",
         lib.join("libonnxruntime.so").display()
     );
+    Ok(())
+}
+
+/// Links each of `members` (unpacked by [`fetch_members`] into `from`) into `to`, under the
+/// name `rename` gives its base name.
+fn link_members(
+    members: &[(&str, &str)],
+    from: &Path,
+    to: &Path,
+    rename: impl Fn(&str) -> String,
+) -> Result {
+    for (member, hash) in members {
+        let name = member.rsplit('/').next().unwrap_or(member);
+        link(&from.join(name), &to.join(rename(name)), hash)?;
+    }
     Ok(())
 }
 

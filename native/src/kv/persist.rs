@@ -165,17 +165,23 @@ pub(crate) fn load(path: &Path, expected: &StateIdentity) -> Result<LoadedState,
         writing: false,
         message: e.to_string(),
     };
+    let too_large = || StateError::Damaged {
+        path: path.to_path_buf(),
+        reason: format!(
+            "it is larger than {MAX_STATE_FILE_BYTES} bytes, more than any state file holds"
+        ),
+    };
+    let file = File::open(path).map_err(io)?;
+    // Refused by its size before a byte is read; `take` still bounds a file that grows.
+    if file.metadata().map_err(io)?.len() > MAX_STATE_FILE_BYTES {
+        return Err(too_large());
+    }
     let mut bytes = Vec::new();
-    File::open(path)
-        .and_then(|f| f.take(MAX_STATE_FILE_BYTES + 1).read_to_end(&mut bytes))
+    file.take(MAX_STATE_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
         .map_err(io)?;
     if bytes.len() as u64 > MAX_STATE_FILE_BYTES {
-        return Err(StateError::Damaged {
-            path: path.to_path_buf(),
-            reason: format!(
-                "it is larger than {MAX_STATE_FILE_BYTES} bytes, more than any state file holds"
-            ),
-        });
+        return Err(too_large());
     }
     parse(&bytes, path, expected)
 }
