@@ -629,6 +629,105 @@ fn a_mismatched_or_corrupt_state_falls_back_to_recompute_and_keeps_the_conversat
     );
 }
 
+/// A state file's sections (magic and version first, then length, sha256, bytes each).
+fn state_sections(file: &[u8]) -> Vec<Vec<u8>> {
+    let mut sections = Vec::new();
+    let mut at = 12;
+    while at < file.len() {
+        let len = u64::from_le_bytes(file[at..at + 8].try_into().unwrap()) as usize;
+        sections.push(file[at + 40..at + 40 + len].to_vec());
+        at += 40 + len;
+    }
+    sections
+}
+
+/// A state file of `sections` with valid checksums: what a crafted file looks like.
+fn state_file(head: &[u8], sections: &[Vec<u8>]) -> Vec<u8> {
+    use sha2::Digest;
+    let mut file = head[..12].to_vec();
+    for section in sections {
+        file.extend_from_slice(&(section.len() as u64).to_le_bytes());
+        file.extend_from_slice(&sha2::Sha256::digest(section));
+        file.extend_from_slice(section);
+    }
+    file
+}
+
+#[test]
+fn a_crafted_state_with_valid_checksums_is_checked_against_the_model_before_llama_cpp() {
+    let _serial = common::serial();
+    let dir = common::scratch_dir("crafted");
+    let path = dir.join("brom.state");
+    let (live, kv_tokens) = converse_and_save(&path);
+    drop(live);
+    let file = std::fs::read(&path).unwrap();
+    let sections = state_sections(&file);
+    assert_eq!(sections.len(), 4, "header, conversation, KV, mind");
+    // The KV section: token count, tokens, then llama.cpp's bytes: magic, sequence, stream
+    // count, one cell count per stream (the saved slot's is the one that is not zero).
+    let kv = &sections[2];
+    let blob = 8 + 4 * kv_tokens;
+    let u32_at =
+        |bytes: &[u8], at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap());
+    let streams = u32_at(kv, blob + 8) as usize;
+    let count_at = (0..streams)
+        .map(|s| blob + 12 + 4 * s)
+        .find(|&at| u32_at(kv, at) != 0)
+        .expect("one stream holds the cells");
+    assert_eq!(u32_at(kv, count_at) as usize, kv_tokens);
+    let cells = count_at + 4;
+    let layers_at = cells + 12 * kv_tokens + 4;
+
+    let crafted: Vec<(&str, Vec<u8>)> = vec![
+        ("one token fewer than cells", {
+            let mut kv = kv.clone();
+            kv[..8].copy_from_slice(&(kv_tokens as u64 - 1).to_le_bytes());
+            kv.drain(8 + 4 * (kv_tokens - 1)..8 + 4 * kv_tokens);
+            kv
+        }),
+        ("a cell at a position it cannot have", {
+            let mut kv = kv.clone();
+            kv[cells + 12..cells + 16].copy_from_slice(&1_000_000i32.to_le_bytes());
+            kv
+        }),
+        ("a lying cell count", {
+            let mut kv = kv.clone();
+            kv[count_at..count_at + 4].copy_from_slice(&(u32::MAX - 1).to_le_bytes());
+            kv
+        }),
+        ("a layer count that is not the model's", {
+            let mut kv = kv.clone();
+            let layers = u32_at(&kv, layers_at);
+            kv[layers_at..layers_at + 4].copy_from_slice(&(layers - 1).to_le_bytes());
+            kv
+        }),
+        ("the bytes cut short", kv[..kv.len() - 100].to_vec()),
+    ];
+    let runtime = default_runtime();
+    accept(&runtime, NpcId(1), greedy("blacksmith"));
+    for (what, kv) in crafted {
+        let mut edited = sections.clone();
+        edited[2] = kv;
+        let crafted = dir.join("crafted.state");
+        std::fs::write(&crafted, state_file(&file, &edited)).unwrap();
+        runtime.load_npc(NpcId(1), &crafted).unwrap();
+        let (turns, kv_tokens, note) = loaded(&runtime);
+        assert_eq!((turns, kv_tokens), (2, 0), "{what}: recomputed");
+        let note = note.unwrap_or_default();
+        assert!(
+            note.contains("does not fit this model"),
+            "{what}: refused by the layout check, not by llama.cpp: {note}"
+        );
+        // The NPC carries on from its conversation.
+        let (_, stats) = reply(&runtime, NpcId(1), "And how much is a horseshoe?");
+        assert_eq!(stats.dropped_turns, 0, "{what}");
+    }
+    // The untouched sections, re-encoded, still restore: the test edits only what it says.
+    std::fs::write(dir.join("same.state"), state_file(&file, &sections)).unwrap();
+    runtime.load_npc(NpcId(1), dir.join("same.state")).unwrap();
+    assert_eq!(loaded(&runtime), (2, kv_tokens, None));
+}
+
 #[test]
 fn a_failed_save_is_reported_and_keeps_the_previous_file() {
     let _serial = common::serial();

@@ -246,7 +246,7 @@ impl Engine<'_, '_> {
                     let snapshot = SeqSnapshot { tokens, bytes };
                     if let Err(reason) = self.kv.load(&mut self.ctx, npc, snapshot) {
                         kv_tokens = 0;
-                        kv_note = Some(reason.to_owned());
+                        kv_note = Some(reason);
                     }
                 }
             }

@@ -30,7 +30,7 @@ use llama_cpp_2::model::LlamaModel;
 use crate::actions;
 use crate::config::{KvPrecision, RuntimeConfig};
 use crate::escalation::Escalator;
-use crate::kv::cache::{DiskConfig, KvCacheManager};
+use crate::kv::cache::{DiskConfig, KvCacheManager, probe_layout};
 use crate::kv::persist::{self, StateIdentity};
 use crate::llama::prompt::PromptBuilder;
 use crate::llama::{self, FLASH_ATTENTION_DISABLED, FLASH_ATTENTION_ENABLED, backend};
@@ -126,6 +126,10 @@ fn serve(
         }
     };
     llama::warm_up(&model, &mut ctx);
+    let layout = probe_layout(&mut ctx);
+    if let Err(reason) = &layout {
+        tracing::warn!("saved and evicted KV states will be recomputed, not restored: {reason}");
+    }
     let prompts = PromptBuilder::new(&model);
     let context_per_npc = (ctx.n_ctx() / config.slots) as usize;
     let info = ModelInfo {
@@ -165,6 +169,8 @@ fn serve(
                 budget: config.evicted_kv_disk_bytes,
                 dir: config.eviction_dir.clone(),
             },
+            context_per_npc,
+            layout,
         ),
         identity,
         batch: LlamaBatch::new(batch_size, i32::try_from(config.slots).unwrap_or(1)),

@@ -20,6 +20,7 @@ use llama_cpp_2::context::session::LlamaStateSeqFlags;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::token::LlamaToken;
 
+use crate::kv::layout::KvLayout;
 use crate::types::NpcId;
 
 /// A sequence's KV state outside the context: the tokens it holds and llama.cpp's bytes.
@@ -66,6 +67,11 @@ pub(crate) struct KvCacheManager {
     evicted_bytes: usize,
     ram_budget: usize,
     disk: DiskTier,
+    /// Cells one sequence holds.
+    context: usize,
+    /// What every snapshot must look like before llama.cpp gets it (see [`KvLayout`]); the
+    /// error says why none can be restored.
+    layout: Result<KvLayout, String>,
 }
 
 /// Where evicted KV state goes when RAM is full.
@@ -224,8 +230,17 @@ impl Drop for DiskTier {
 }
 
 impl KvCacheManager {
-    pub(crate) fn new(slots: u32, reuse: bool, ram_budget: usize, disk: DiskConfig) -> Self {
+    pub(crate) fn new(
+        slots: u32,
+        reuse: bool,
+        ram_budget: usize,
+        disk: DiskConfig,
+        context: usize,
+        layout: Result<KvLayout, String>,
+    ) -> Self {
         Self {
+            context,
+            layout,
             slots: (0..slots).map(|_| Slot::default()).collect(),
             clock: 0,
             reuse,
@@ -277,9 +292,9 @@ impl KvCacheManager {
             if let Some(at) = self.evicted.iter().position(|(owner, _)| *owner == npc) {
                 let (_, snapshot) = self.evicted.remove(at).expect("position is in range");
                 self.evicted_bytes -= snapshot.bytes.len();
-                self.restore(ctx, index, snapshot);
+                self.restore_evicted(ctx, index, npc, snapshot);
             } else if let Some(snapshot) = self.disk.take(npc) {
-                self.restore(ctx, index, snapshot);
+                self.restore_evicted(ctx, index, npc, snapshot);
             }
         }
         self.clock += 1;
@@ -524,22 +539,47 @@ impl KvCacheManager {
         })
     }
 
-    /// Puts a snapshot into the (empty) sequence of slot `index`. Returns `false`, leaving
-    /// the slot empty, if llama.cpp refuses it.
+    /// Puts a snapshot into the (empty) sequence of slot `index`. On error (the bytes do not
+    /// have this context's layout, or llama.cpp refuses them) the slot is left empty and
+    /// its NPC recomputes.
     #[allow(unsafe_code)]
-    fn restore(&mut self, ctx: &mut LlamaContext<'_>, index: usize, snapshot: SeqSnapshot) -> bool {
+    fn restore(
+        &mut self,
+        ctx: &mut LlamaContext<'_>,
+        index: usize,
+        snapshot: SeqSnapshot,
+    ) -> Result<(), String> {
+        let layout = self.layout.as_ref().map_err(String::clone)?;
+        layout
+            .check(&snapshot.bytes, snapshot.tokens.len(), self.context)
+            .map_err(|e| format!("the saved KV state does not fit this model: {e}"))?;
         self.flush_copies(ctx, index);
-        // SAFETY: snapshots come from `snapshot_slot` of this context, or from a state file
-        // whose checksum and identity (model, template, context shape) were verified.
+        // SAFETY: the bytes have this context's layout (checked above: every count, size and
+        // position against a probe of this context); llama.cpp bounds-checks its reads too.
         let restored = unsafe {
             ctx.state_seq_set_data_ext(&snapshot.bytes, seq_id(index), LlamaStateSeqFlags::empty())
         };
         if restored {
             self.slots[index].tokens = snapshot.tokens;
+            Ok(())
         } else {
             let _ = ctx.clear_kv_cache_seq(u32::try_from(index).ok(), None, None);
+            Err("llama.cpp refused the saved KV state".into())
         }
-        restored
+    }
+
+    /// Brings back `npc`'s evicted state; one that cannot be restored (a disk file changed
+    /// under the runtime) is recomputed on its next turn.
+    fn restore_evicted(
+        &mut self,
+        ctx: &mut LlamaContext<'_>,
+        index: usize,
+        npc: NpcId,
+        snapshot: SeqSnapshot,
+    ) {
+        if let Err(reason) = self.restore(ctx, index, snapshot) {
+            tracing::warn!("NPC {npc:?}: evicted KV state not restored ({reason}); recomputing");
+        }
     }
 
     /// Gives `npc` the state in `snapshot` (from a save file), replacing what it had.
@@ -552,19 +592,37 @@ impl KvCacheManager {
         ctx: &mut LlamaContext<'_>,
         npc: NpcId,
         snapshot: SeqSnapshot,
-    ) -> Result<(), &'static str> {
+    ) -> Result<(), String> {
         self.forget(ctx, npc);
         let Some(index) = self.acquire(ctx, npc) else {
-            return Err("every KV slot is busy replying");
+            return Err("every KV slot is busy replying".into());
         };
         let restored = self.restore(ctx, index, snapshot);
         self.release(index);
-        if restored {
-            Ok(())
-        } else {
-            Err("llama.cpp refused the saved KV state")
-        }
+        restored
     }
+}
+
+/// The layout every snapshot of `ctx` must have: the state of a one-token sequence, written
+/// by this context into sequence 0 (then cleared). Run once, before any NPC has a slot.
+#[allow(unsafe_code)]
+pub(crate) fn probe_layout(ctx: &mut LlamaContext<'_>) -> Result<KvLayout, String> {
+    let mut batch = LlamaBatch::new(1, 1);
+    batch
+        .add(LlamaToken(0), 0, &[0], false)
+        .map_err(|e| e.to_string())?;
+    ctx.decode(&mut batch)
+        .map_err(|e| format!("the KV layout probe did not decode: {e}"))?;
+    let flags = LlamaStateSeqFlags::empty();
+    let size = ctx.state_seq_get_size_ext(0, flags);
+    let mut bytes = vec![0u8; size];
+    // SAFETY: `bytes` holds exactly the size llama.cpp reported for this sequence.
+    let written = unsafe { ctx.state_seq_get_data_ext(bytes.as_mut_ptr(), 0, flags) };
+    let _ = ctx.clear_kv_cache_seq(Some(0), None, None);
+    if written != size {
+        return Err("llama.cpp did not write the KV layout probe".into());
+    }
+    KvLayout::from_probe(&bytes)
 }
 
 /// The llama.cpp sequence id of slot `index`.

@@ -2,4 +2,5 @@
 //! ([`cache`]), and the state files that carry it with a saved game ([`persist`]).
 
 pub(crate) mod cache;
+pub(crate) mod layout;
 pub(crate) mod persist;
