@@ -265,6 +265,7 @@ impl Engine<'_, '_> {
         if phase == Phase::Generated {
             return used;
         }
+        let limit = self.step_time_limit(limit, used);
         let replies: Vec<Prefill> = self
             .active
             .iter()
@@ -291,6 +292,16 @@ impl Engine<'_, '_> {
             }
         }
         used
+    }
+
+    /// `limit` (batch entries this step may hold; `used` are taken by generated tokens) cut
+    /// to the prompt tokens [`RuntimeConfig::max_step_time`] allows (see
+    /// [`step_prompt_tokens`](super::step_prompt_tokens)).
+    fn step_time_limit(&self, limit: usize, used: usize) -> usize {
+        match self.step_tokens {
+            Some(prompt) => limit.min(used.saturating_add(prompt)),
+            None => limit,
+        }
     }
 
     /// After a decode: what the batch computed is in the KV cache now; record what each

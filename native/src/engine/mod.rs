@@ -119,13 +119,30 @@ fn serve(
                 .with_type_v(kind)
         }
     };
+    // Each step below takes from milliseconds to a second on a large context: a game that
+    // quits meanwhile is not kept waiting for the rest.
+    if stopping.load(Ordering::Relaxed) {
+        return;
+    }
     let mut ctx = match model.new_context(backend(), params) {
         Ok(ctx) => ctx,
         Err(err) => {
             return serve_without_model(&ModelError::Context(err.to_string()), inbox, events);
         }
     };
+    if stopping.load(Ordering::Relaxed) {
+        return;
+    }
     llama::warm_up(&model, &mut ctx);
+    if stopping.load(Ordering::Relaxed) {
+        return;
+    }
+    let step_tokens = config
+        .max_step_time
+        .map(|limit| step_prompt_tokens(&mut ctx, limit, config.batch_size as usize));
+    if stopping.load(Ordering::Relaxed) {
+        return;
+    }
     let layout = probe_layout(&mut ctx);
     if let Err(reason) = &layout {
         tracing::warn!("saved and evicted KV states will be recomputed, not restored: {reason}");
@@ -180,8 +197,45 @@ fn serve(
         escalator: Escalator::new(&config.escalation),
         summarizer: Summarizer::new(threads),
         prewarm: VecDeque::new(),
+        step_tokens,
     };
     engine.run(inbox);
+}
+
+/// Tokens sampled to time prompt processing at start-up.
+const CALIBRATION_TOKENS: usize = 32;
+/// Fewest prompt tokens a step takes, however slow the machine.
+const MIN_STEP_PROMPT: usize = 16;
+
+/// The prompt tokens one step may take to stay within `limit`: a 32-token decode is timed
+/// at start-up (into sequence 0, then cleared) and the tokens that fit `limit` at that
+/// speed are rounded down to a power of two (at least 16, at most `batch`). Fixed for the
+/// runtime's life and rounded, so the chunks a prompt is cut into do not change from step
+/// to step, and rarely from run to run (replies stay reproducible, see
+/// [`RuntimeConfig::reproducible_batching`]). A short decode is slower per token than a
+/// long one, so the estimate errs towards shorter steps.
+fn step_prompt_tokens(ctx: &mut LlamaContext<'_>, limit: Duration, batch: usize) -> usize {
+    let mut calibration = LlamaBatch::new(CALIBRATION_TOKENS, 1);
+    for at in 0..CALIBRATION_TOKENS {
+        let token = llama_cpp_2::token::LlamaToken(i32::try_from(at).unwrap_or(0));
+        if calibration.add(token, pos(at), &[0], false).is_err() {
+            return batch;
+        }
+    }
+    let started = Instant::now();
+    let decoded = ctx.decode(&mut calibration);
+    let took = started.elapsed();
+    let _ = ctx.clear_kv_cache_seq(Some(0), None, None);
+    if decoded.is_err() || took.is_zero() {
+        return batch;
+    }
+    let fits = limit.as_secs_f64() / (took.as_secs_f64() / CALIBRATION_TOKENS as f64);
+    let fits = (fits as usize).clamp(MIN_STEP_PROMPT, batch.max(MIN_STEP_PROMPT));
+    let rounded = 1 << fits.ilog2();
+    tracing::debug!(
+        "a step takes at most {rounded} prompt tokens ({took:?} for {CALIBRATION_TOKENS})"
+    );
+    rounded
 }
 
 fn serve_without_model(error: &ModelError, inbox: &Receiver<Request>, events: &Sender<Event>) {
@@ -261,6 +315,9 @@ struct Engine<'m, 'e> {
     /// NPCs whose prompt prefix is to be computed before they are spoken to, oldest first
     /// (see [`RuntimeConfig::prewarm`]).
     prewarm: VecDeque<Prewarm>,
+    /// Most prompt tokens one step takes ([`RuntimeConfig::max_step_time`]); `None`: no
+    /// limit but the batch.
+    step_tokens: Option<usize>,
 }
 
 impl Engine<'_, '_> {
