@@ -46,6 +46,9 @@ commands:
   eval [--model ID|all]  setup, then the dialogue evaluation (tests/data/eval) on the default
           model or each one named: a table per split and a summary line (NPC_EVAL_SPLIT=dev
           runs the tuning split alone, NPC_EVAL_VERBOSE=1 prints every failing reply)
+  soak [--minutes N] [--seed S]  setup, build llama-server, then the soak run: 32 NPCs on
+          the test model with faults injected and every invariant checked (3 minutes by
+          default; `cargo xtask test` runs that short form)
   llama-server  build (cached) llama.cpp's llama-server for the cloud tests; print its path";
 
 fn main() -> ExitCode {
@@ -73,6 +76,7 @@ fn main() -> ExitCode {
             };
             setup(&models).and_then(|()| models.iter().try_for_each(eval))
         }),
+        "soak" => setup(&with_default(vec![TEST_MODEL])).and_then(|()| soak(&rest)),
         "llama-server" => ensure_llama_server().map(|path| println!("{}", path.display())),
         _ => {
             eprintln!("{USAGE}");
@@ -275,7 +279,29 @@ fn test(args: &[String]) -> Result {
         ])
         .env(LLAMA_SERVER_ENV, &server)
         .args(args))?;
-    voice::test(args)
+    voice::test(args)?;
+    soak(&[])
+}
+
+/// The soak run (`examples/soak.rs`): `args` go to it (`--minutes N`, `--seed S`); without
+/// `--minutes`, its 3-minute short form. Fails if any invariant was violated.
+fn soak(args: &[String]) -> Result {
+    let server = ensure_llama_server()?;
+    println!("[soak] 32 NPCs, faults injected, invariants checked");
+    run(cargo()
+        .args([
+            "run",
+            "--release",
+            "-p",
+            "npc_native",
+            "--features",
+            "cloud",
+            "--example",
+            "soak",
+            "--",
+        ])
+        .args(args)
+        .env(LLAMA_SERVER_ENV, &server))
 }
 
 /// The RPG demo in a real (virtual) window: builds it with its rendering features, runs it
