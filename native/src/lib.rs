@@ -40,12 +40,14 @@ pub use escalation::{
 };
 pub use mind::knowledge::{DEFAULT_RECALL, DEFAULT_RETRIEVE};
 pub use mind::memory::Memory;
-pub use persona::{Persona, PersonaError, VoiceSettings, first_person};
+pub use persona::{MAX_PERSONA_BYTES, Persona, PersonaError, VoiceSettings, first_person};
 pub use protocol::{
     CloudUsage, DebugHook, Event, FinishReason, ModelError, ModelInfo, NpcError, NpcId, Priority,
     ReplySource, ReplyStats, ReplyTiming, Request, RequestId, SayOptions, StateError,
 };
-pub use retrieval::lore::{LoreBook, LoreEntry, LoreHit, LoreIndex, terms as lore_terms};
+pub use retrieval::lore::{
+    LoreBook, LoreEntry, LoreHit, LoreIndex, MAX_LORE_BYTES, terms as lore_terms,
+};
 pub use sampling::{SamplingOverrides, SamplingParams};
 pub use types::FieldError;
 pub use types::Turn;

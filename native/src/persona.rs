@@ -6,6 +6,11 @@
 use serde::{Deserialize, Serialize};
 
 use crate::actions::{ActionSpec, actions_prompt, validate_actions};
+
+/// The largest persona file read, in bytes: fifty times the largest shipped one, so that a
+/// mod's persona cannot make the game parse, store and prompt without bound (its prompt must
+/// also fit the context, and its lore file has its own limit).
+pub const MAX_PERSONA_BYTES: usize = 256 << 10;
 use crate::retrieval::lore::LoreEntry;
 use crate::sampling::SamplingOverrides;
 pub use crate::types::PersonaError;
@@ -145,6 +150,18 @@ impl Persona {
     /// fields and wrongly typed values, and for values that parse but make no sense
     /// (see [`Persona::validate`]).
     pub fn from_ron(source: &str, file: Option<&str>) -> Result<Self, PersonaError> {
+        if source.len() > MAX_PERSONA_BYTES {
+            return Err(PersonaError {
+                file: file.map(str::to_owned),
+                line: 0,
+                column: 0,
+                field: None,
+                message: format!(
+                    "the persona is {} bytes, more than the {MAX_PERSONA_BYTES} a persona file may be",
+                    source.len()
+                ),
+            });
+        }
         // Designers write `temperature: 0.6`, not `temperature: Some(0.6)`.
         let options = ron::Options::default()
             .with_default_extension(ron::extensions::Extensions::IMPLICIT_SOME);
@@ -465,6 +482,39 @@ mod tests {
         knowledge: ["A horseshoe costs 3 gold."],
         sampling: (temperature: 0.5),
     )"#;
+
+    #[test]
+    fn a_persona_cannot_grow_without_bound() {
+        // A file past the limit is refused before it is parsed.
+        let padding = " ".repeat(MAX_PERSONA_BYTES);
+        let huge = format!("{GOOD}{padding}");
+        let err = Persona::from_ron(&huge, Some("mod.persona.ron")).unwrap_err();
+        assert!(err.message.contains("more than the"), "{err}");
+        assert_eq!(err.file.as_deref(), Some("mod.persona.ron"));
+        // Stop strings, which the filter holds back bytes for: a few, short.
+        let many = (0..17)
+            .map(|i| format!("\"S{i}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let source = GOOD.replace("(temperature: 0.5)", &format!("(stop: [{many}])"));
+        let err = Persona::from_ron(&source, None).unwrap_err();
+        assert_eq!(err.field.as_deref(), Some("stop"), "{err}");
+        let long = GOOD.replace(
+            "(temperature: 0.5)",
+            &format!("(stop: [\"{}\"])", "x".repeat(65)),
+        );
+        assert_eq!(
+            Persona::from_ron(&long, None).unwrap_err().field.as_deref(),
+            Some("stop")
+        );
+        // Just inside both limits parses.
+        let fine = (0..16)
+            .map(|i| format!("\"S{i}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let source = GOOD.replace("(temperature: 0.5)", &format!("(stop: [{fine}])"));
+        assert!(Persona::from_ron(&source, None).is_ok());
+    }
 
     #[test]
     fn parses_and_prompts_in_a_stable_order() {

@@ -106,6 +106,11 @@ fn stop_contains(list: &[String], s: &str) -> bool {
     list.iter().any(|item| item == s)
 }
 
+/// Most stop strings a persona or config may set.
+const MAX_STOP_STRINGS: usize = 16;
+/// Longest stop string, in bytes.
+const MAX_STOP_BYTES: usize = 64;
+
 impl SamplingParams {
     /// Range checks, so that llama.cpp is never handed values it would abort on.
     ///
@@ -137,6 +142,16 @@ impl SamplingParams {
         }
         if self.stop.iter().any(String::is_empty) {
             return Err(FieldError::new("stop", "stop strings must not be empty"));
+        }
+        // The stop filter holds back as many bytes as the longest one, and checks each.
+        if self.stop.len() > MAX_STOP_STRINGS || self.stop.iter().any(|s| s.len() > MAX_STOP_BYTES)
+        {
+            return Err(FieldError::new(
+                "stop",
+                format!(
+                    "at most {MAX_STOP_STRINGS} stop strings of at most {MAX_STOP_BYTES} bytes"
+                ),
+            ));
         }
         Ok(())
     }

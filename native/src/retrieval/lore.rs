@@ -25,6 +25,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::types::PersonaError;
 
+/// The largest lore file read, in bytes (a book of about 100,000 entries): a mod's lore cannot
+/// make the game read and index without bound.
+pub const MAX_LORE_BYTES: u64 = 16 << 20;
+
 /// One piece of world knowledge.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -88,13 +92,23 @@ impl LoreBook {
     /// A [`PersonaError`] if the file cannot be read or parsed.
     pub fn load(path: &Path) -> Result<Self, PersonaError> {
         let name = path.display().to_string();
-        let source = std::fs::read_to_string(path).map_err(|err| PersonaError {
+        let error = |message: String| PersonaError {
             file: Some(name.clone()),
             line: 0,
             column: 0,
             field: Some("lore".to_owned()),
-            message: format!("cannot read the lore file: {err}"),
-        })?;
+            message,
+        };
+        let size = std::fs::metadata(path)
+            .map_err(|err| error(format!("cannot read the lore file: {err}")))?
+            .len();
+        if size > MAX_LORE_BYTES {
+            return Err(error(format!(
+                "the lore file is {size} bytes, more than the {MAX_LORE_BYTES} a lore file may be"
+            )));
+        }
+        let source = std::fs::read_to_string(path)
+            .map_err(|err| error(format!("cannot read the lore file: {err}")))?;
         Self::from_ron(&source, Some(&name))
     }
 }
@@ -444,6 +458,18 @@ mod tests {
             text: text.into(),
             keywords: Vec::new(),
         }
+    }
+
+    #[test]
+    fn a_lore_file_past_the_limit_is_refused_unread() {
+        let path = std::env::temp_dir().join(format!("npc-huge-lore-{}.ron", std::process::id()));
+        let file = std::fs::File::create(&path).unwrap();
+        // A sparse file: its size is past the limit, nothing is written.
+        file.set_len(MAX_LORE_BYTES + 1).unwrap();
+        let err = LoreBook::load(&path).unwrap_err();
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(err.field.as_deref(), Some("lore"));
+        assert!(err.message.contains("more than the"), "{err}");
     }
 
     fn index() -> LoreIndex {
