@@ -150,41 +150,6 @@ impl Proxy {
     }
 }
 
-/// Reads one HTTP request (headers and a `Content-Length` body), at most 1 MiB.
-fn read_request(stream: &mut TcpStream) -> Option<Vec<u8>> {
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .ok()?;
-    let mut raw = Vec::new();
-    let mut buf = [0u8; 8192];
-    loop {
-        let n = stream.read(&mut buf).ok()?;
-        if n == 0 {
-            return None;
-        }
-        raw.extend_from_slice(&buf[..n]);
-        if let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
-            let length: usize = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length:"))
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(0);
-            while raw.len() < end + 4 + length {
-                let n = stream.read(&mut buf).ok()?;
-                if n == 0 {
-                    return None;
-                }
-                raw.extend_from_slice(&buf[..n]);
-            }
-            return Some(raw);
-        }
-        if raw.len() > 1 << 20 {
-            return None;
-        }
-    }
-}
-
 fn serve(mut client: TcpStream, mode: Cloud, upstream: u16) {
     let respond = |client: &mut TcpStream, status: &str, extra: &str, body: &str| {
         let _ = write!(
@@ -193,7 +158,8 @@ fn serve(mut client: TcpStream, mode: Cloud, upstream: u16) {
             body.len()
         );
     };
-    let Some(request) = read_request(&mut client) else {
+    let _ = client.set_read_timeout(Some(Duration::from_secs(10)));
+    let Some(request) = servers::read_request(&mut client) else {
         return;
     };
     match mode {

@@ -138,7 +138,7 @@ pub fn http_get_status(port: u16, path: &str) -> Option<u16> {
 }
 
 /// Reads one HTTP request (headers and a `Content-Length` body); returns its raw bytes.
-fn read_request(stream: &mut TcpStream) -> Option<Vec<u8>> {
+pub fn read_request(stream: &mut TcpStream) -> Option<Vec<u8>> {
     let mut raw = Vec::new();
     let mut buf = [0u8; 4096];
     let header_end = loop {
