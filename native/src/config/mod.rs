@@ -132,10 +132,11 @@ pub struct RuntimeConfig {
     /// the game waits for the worker (llama.cpp cannot stop a decode once it started: on
     /// two CPU cores and the default model a 512-token step takes about 3 s) and how long
     /// one NPC's long prompt holds up the others. Default 500 ms: there, quitting while four
-    /// NPCs process their prompts took 0.51 s (median) instead of 1.92 s, and a 500-token
-    /// prompt's first token came 1.06× later (`cargo bench -p npc_native --bench exit`).
-    /// `None` fills every step up to the batch size. On a GPU, or with a small model, the
-    /// count reaches the batch size and nothing changes.
+    /// NPCs process their prompts took 0.23 s (median) instead of 2.42 s, and a 503-token
+    /// prompt's first token came 1.04× later (`cargo bench -p npc_native --bench exit`).
+    /// `None` fills every step up to the batch size. With a small model the count reaches the
+    /// batch size and nothing changes; with layers on a GPU (where a 512-token step takes
+    /// milliseconds) it is not applied.
     pub max_step_time: Option<Duration>,
     /// Let llama.cpp print its own log lines to stderr.
     pub llama_logs: bool,

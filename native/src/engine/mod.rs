@@ -137,8 +137,11 @@ fn serve(
     if stopping.load(Ordering::Relaxed) {
         return;
     }
+    // On a GPU a full batch takes milliseconds, and a first decode's kernel set-up would make
+    // the timing wrong: the limit is for CPU runs.
     let step_tokens = config
         .max_step_time
+        .filter(|_| config.effective_gpu_layers() == 0)
         .map(|limit| step_prompt_tokens(&mut ctx, limit, config.batch_size as usize));
     if stopping.load(Ordering::Relaxed) {
         return;
