@@ -700,7 +700,7 @@ fn session(
                 escalated_ttft.push(stats.time_to_first_token);
             }
             ReplySource::Fallback => fallback += 1,
-            ReplySource::Local => {}
+            ReplySource::Local | ReplySource::Remote => {}
         }
         // Cloud-only: the whole persona, the long lore and the whole history, every turn,
         // with a reply as long as ours (at least the seed's ~100 tokens when ours fell back).

@@ -9,6 +9,10 @@
 //! `NPC_AI_CLOUD_MODEL` and `NPC_AI_CLOUD_KEY`, when built with the `cloud` feature; otherwise
 //! the NPC says its fallback line), `--inform` (the same, but the cloud only supplies the fact
 //! and the local model says it: `CloudRole::Inform`).
+//! `--remote URL` has an inference server generate the NPC's replies (an OpenAI-compatible
+//! `/v1` base URL such as llama-server's `http://127.0.0.1:8080/v1`; `NPC_AI_REMOTE_MODEL`
+//! and `NPC_AI_REMOTE_KEY` name its model and key; needs the `cloud` feature; see
+//! docs/serving.md); the local model stays loaded for prompts and answers if the server fails.
 //! `--llama-logs` lets llama.cpp print its own log (model, KV cache and compute buffer sizes).
 //! Type a line and press Enter; the reply streams token by token, followed by its speed.
 //! Ctrl-D ends the conversation and prints what it cost (see docs/benchmarks.md, "The cost meter").
@@ -29,8 +33,8 @@ use std::time::Duration;
 use crossbeam_channel::RecvTimeoutError;
 
 use npc_native::{
-    CloudConfig, CloudRole, CostMeter, EscalationConfig, Event, NpcId, Persona, ReplySource,
-    Runtime, RuntimeConfig,
+    CloudConfig, CloudRole, CostMeter, EscalationConfig, Event, NpcId, Persona, RemoteConfig,
+    ReplySource, Runtime, RuntimeConfig,
 };
 
 #[cfg_attr(not(feature = "voice"), allow(dead_code))]
@@ -79,6 +83,19 @@ fn parse_args() -> Result<Args, String> {
                 escalation.cloud_role = CloudRole::Inform;
                 config = config.with_escalation(escalation);
             }
+            "--remote" => {
+                let mut remote = RemoteConfig::new(
+                    value()?,
+                    std::env::var("NPC_AI_REMOTE_MODEL").unwrap_or_else(|_| "default".into()),
+                );
+                if let Ok(key) = std::env::var("NPC_AI_REMOTE_KEY") {
+                    remote = remote.with_api_key(key);
+                }
+                if !cfg!(feature = "cloud") {
+                    return Err("--remote needs a build with `--features cloud`".into());
+                }
+                config = config.with_remote(remote);
+            }
             "--llama-logs" => config = config.with_llama_logs(true),
             "--voice" => voice = true,
             "--voice-out" => voice_out = Some(value()?.into()),
@@ -106,7 +123,7 @@ fn main() -> ExitCode {
                 eprintln!("chat: {err}");
             }
             eprintln!(
-                "usage: chat --persona FILE [--model ID|GGUF] [--threads N] [--context N] [--seed N] [--escalate | --inform] [--llama-logs] [--voice] [--voice-out DIR]"
+                "usage: chat --persona FILE [--model ID|GGUF] [--threads N] [--context N] [--seed N] [--escalate | --inform] [--remote URL] [--llama-logs] [--voice] [--voice-out DIR]"
             );
             return ExitCode::from(2);
         }

@@ -762,6 +762,7 @@ impl Soak {
                     ReplySource::Cloud => "cloud",
                     ReplySource::Informed => "informed",
                     ReplySource::Fallback => "fallback",
+                    ReplySource::Remote => "remote",
                 };
                 self.tally.count(format!("replies: {source}"));
                 if stats.dropped_turns > 0 {

@@ -11,6 +11,10 @@
 //! # Villagers speak (the blacksmith and the guard with a Piper neural voice); hold Tab to
 //! # talk to the villager you face (needs `cargo build --release -p npc_voice_helper`).
 //! cargo run --release -p bevy_npc_ai --example rpg --features demo -- --voice
+//! # The villagers' replies come from an inference server (llama-server, vLLM; see
+//! # docs/serving.md); the local model stays loaded and answers if the server fails.
+//! cargo run --release -p bevy_npc_ai --example rpg --features demo,cloud -- \
+//!     --remote http://127.0.0.1:8080/v1
 //! ```
 //!
 //! WASD walks, E talks to the villager in reach, Enter sends the typed line, Esc leaves,
@@ -36,6 +40,8 @@ struct Args {
     seed: u32,
     /// `--voice`: villagers speak their lines; push-to-talk on Tab.
     voice: bool,
+    /// `--remote URL`: an inference server generates the villagers' replies.
+    remote: Option<String>,
 }
 
 fn root() -> PathBuf {
@@ -50,6 +56,7 @@ fn parse_args() -> Result<Args, String> {
         max_frames: 20_000,
         seed: 1,
         voice: false,
+        remote: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -65,10 +72,12 @@ fn parse_args() -> Result<Args, String> {
             }
             "--seed" => args.seed = value()?.parse().map_err(|e| format!("--seed: {e}"))?,
             "--voice" => args.voice = true,
+            "--remote" if cfg!(feature = "cloud") => args.remote = Some(value()?),
+            "--remote" => return Err("--remote needs a build with `--features cloud`".into()),
             "--help" | "-h" => {
                 return Err(
                     "usage: rpg [--model ID|FILE.gguf] [--threads N] [--seed N] [--voice] \
-                            [--script SHOT.png [--max-frames N]]"
+                            [--remote URL] [--script SHOT.png [--max-frames N]]"
                         .into(),
                 );
             }
@@ -94,6 +103,17 @@ fn main() -> ExitCode {
         });
     if let Some(threads) = args.threads {
         ai = ai.with_threads(threads);
+    }
+    if let Some(url) = args.remote {
+        // The model name and key, when the server needs them: NPC_AI_REMOTE_MODEL, _KEY.
+        let mut remote = RemoteConfig::new(
+            url,
+            std::env::var("NPC_AI_REMOTE_MODEL").unwrap_or_else(|_| "default".into()),
+        );
+        if let Ok(key) = std::env::var("NPC_AI_REMOTE_KEY") {
+            remote = remote.with_api_key(key);
+        }
+        ai = ai.with_remote(remote);
     }
     match args.model {
         Some(id) if bevy_npc_ai::npc_native::catalog::find(&id).is_some() => {

@@ -63,6 +63,9 @@ pub struct CloudReply {
     pub streamed_chunks: usize,
     /// The server stopped at the token limit.
     pub truncated: bool,
+    /// Prompt tokens the server took from its prefix cache, when it says (OpenAI's
+    /// `usage.prompt_tokens_details.cached_tokens`, or llama-server's `timings.cache_n`).
+    pub cached_tokens: Option<u64>,
 }
 
 /// A client for one OpenAI-compatible endpoint.
@@ -121,7 +124,29 @@ impl CloudClient {
         cancelled: &dyn Fn() -> bool,
         on_delta: &mut dyn FnMut(&str) -> bool,
     ) -> Result<CloudReply, CloudError> {
-        let body = serde_json::json!({
+        self.chat_stream_with(
+            messages,
+            max_tokens,
+            &serde_json::Map::new(),
+            cancelled,
+            on_delta,
+        )
+    }
+
+    /// [`CloudClient::chat_stream`] with more fields in the request body (sampling settings,
+    /// stop strings, a grammar); they replace the standard fields of the same name.
+    ///
+    /// # Errors
+    /// As [`CloudClient::chat_stream`].
+    pub fn chat_stream_with(
+        &self,
+        messages: &[(String, String)],
+        max_tokens: u32,
+        extra: &serde_json::Map<String, serde_json::Value>,
+        cancelled: &dyn Fn() -> bool,
+        on_delta: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<CloudReply, CloudError> {
+        let mut body = serde_json::json!({
             "model": self.config.model,
             "messages": messages
                 .iter()
@@ -130,8 +155,13 @@ impl CloudClient {
             "stream": true,
             "stream_options": {"include_usage": true},
             "max_tokens": max_tokens,
-        })
-        .to_string();
+        });
+        if let Some(fields) = body.as_object_mut() {
+            for (key, value) in extra {
+                fields.insert(key.clone(), value.clone());
+            }
+        }
+        let body = body.to_string();
         let estimated_prompt_tokens = messages
             .iter()
             .map(|(_, content)| content.len() as u64 / 4 + 4)
@@ -219,6 +249,7 @@ impl CloudClient {
             estimated_prompt_tokens: 0,
             streamed_chunks: 0,
             truncated: false,
+            cached_tokens: None,
         };
         let mut done = false;
         let mut line = Vec::new();
@@ -341,9 +372,24 @@ fn sse_event(line: &str, reply: &mut CloudReply) -> Result<SseEvent, &'static st
         reply.completion_tokens = usage
             .get("completion_tokens")
             .and_then(serde_json::Value::as_u64);
+        if let Some(cached) = usage
+            .get("prompt_tokens_details")
+            .and_then(|d| d.get("cached_tokens"))
+            .and_then(serde_json::Value::as_u64)
+        {
+            reply.cached_tokens = Some(cached);
+        }
+    }
+    // llama-server's own counters, on its last chunk.
+    if let Some(cached) = chunk
+        .get("timings")
+        .and_then(|t| t.get("cache_n"))
+        .and_then(serde_json::Value::as_u64)
+    {
+        reply.cached_tokens = Some(cached);
     }
     let Some(choices) = chunk.get("choices").and_then(|c| c.as_array()) else {
-        if chunk.get("usage").is_some() {
+        if chunk.get("usage").is_some() || chunk.get("timings").is_some() {
             return Ok(SseEvent::Skip);
         }
         return Err("an event without choices");
@@ -415,6 +461,7 @@ mod tests {
             estimated_prompt_tokens: 0,
             streamed_chunks: 0,
             truncated: false,
+            cached_tokens: None,
         }
     }
 
@@ -445,6 +492,7 @@ mod tests {
             )),
             Just("data: {\"choices\":[{\"delta\":{},\"finish_reason\":\"length\"}]}".to_owned()),
             Just("data: {\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":3}}".to_owned()),
+            Just("data: {\"choices\":[],\"timings\":{\"cache_n\":40,\"prompt_n\":2}}".to_owned()),
             Just(": keep-alive".to_owned()),
             Just(String::new()),
             Just("event: message".to_owned()),
@@ -453,6 +501,27 @@ mod tests {
             ".{0,40}",
             "data: .{0,40}",
         ]
+    }
+
+    #[test]
+    fn the_servers_cache_count_is_read_from_usage_or_from_llama_servers_timings() {
+        let mut with_usage = reply();
+        let line = r#"data: {"choices":[],"usage":{"prompt_tokens":50,"completion_tokens":5,"prompt_tokens_details":{"cached_tokens":40}}}"#;
+        assert_eq!(
+            sse_event(line, &mut with_usage),
+            Ok(SseEvent::Deltas(Vec::new()))
+        );
+        assert_eq!(with_usage.cached_tokens, Some(40));
+        assert_eq!(with_usage.prompt_tokens, Some(50));
+        let mut with_timings = reply();
+        let line = r#"data: {"timings":{"cache_n":45,"prompt_n":5}}"#;
+        assert_eq!(sse_event(line, &mut with_timings), Ok(SseEvent::Skip));
+        assert_eq!(with_timings.cached_tokens, Some(45));
+        // Neither: unknown, not zero.
+        let mut plain = reply();
+        let line = r#"data: {"choices":[{"delta":{"content":"Hi"}}]}"#;
+        assert!(sse_event(line, &mut plain).is_ok());
+        assert_eq!(plain.cached_tokens, None);
     }
 
     #[test]

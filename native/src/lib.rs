@@ -32,7 +32,8 @@ pub use npc_catalog as catalog;
 
 pub use actions::{ActionCall, ActionSpec, ActionValue, ParamKind, ParamSpec};
 pub use config::{
-    CPU_UBATCH, GPU_BACKEND, KvPrecision, ModelSource, RuntimeConfig, default_assets_dir,
+    Backend, CPU_UBATCH, GPU_BACKEND, KvPrecision, ModelSource, RemoteConfig, RuntimeConfig,
+    default_assets_dir,
 };
 pub use cost::{CostMeter, CostTotals, PriceTable, SpeechStats};
 pub use escalation::{

@@ -104,6 +104,13 @@ pub struct Persona {
     /// keeps only the extractive summary and costs no model time).
     #[serde(default)]
     pub model_summary: Option<bool>,
+    /// Which model generates this NPC's replies: `Some(Local)` or `Some(Remote)` (the
+    /// runtime's inference server, [`RuntimeConfig::remote`](crate::RuntimeConfig::remote)).
+    /// `None` (default) follows the runtime: remote when it has a server for all NPCs
+    /// ([`RemoteConfig::all_npcs`](crate::RemoteConfig::all_npcs)). `Some(Remote)` without a
+    /// server runs locally, with a warning.
+    #[serde(default)]
+    pub backend: Option<crate::config::Backend>,
 }
 
 impl Persona {

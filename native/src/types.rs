@@ -341,6 +341,10 @@ pub enum ReplySource {
     /// The persona's in-character fallback line: escalation was not allowed or the cloud
     /// failed.
     Fallback,
+    /// The runtime's inference server ([`RemoteConfig`](crate::RemoteConfig)), from the
+    /// prompt the local model would have had: `prompt_tokens` and `generated_tokens` are the
+    /// server's counts, `cached_tokens` what its prefix cache held (when it reports it).
+    Remote,
 }
 
 impl ReplyStats {
@@ -393,6 +397,9 @@ pub enum FinishReason {
     ContextFull,
     /// The request's deadline passed; the text so far is the reply.
     Deadline,
+    /// The inference server's stream broke after part of the reply
+    /// ([`ReplySource::Remote`]); the text so far is the reply.
+    Interrupted,
     /// The secret guard stopped the reply: it was giving a secret away or repeating the
     /// NPC's instructions. The text released before that stays, and the NPC ends with one
     /// of its deflections ([`Persona::deflections`](crate::Persona::deflections)).

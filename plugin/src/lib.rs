@@ -37,7 +37,7 @@ pub mod prelude {
         NpcPersonaApplied, NpcReplied, NpcReplyCancelled, NpcReplyDelta, NpcSecretRevealed,
         NpcState, NpcStateLoaded, NpcStateSaved, Persona, PlayerSaid, RevealSecret, SaveNpcState,
     };
-    pub use npc_native::{ActionCall, ActionValue, ReplyStats, SamplingParams};
+    pub use npc_native::{ActionCall, ActionValue, RemoteConfig, ReplyStats, SamplingParams};
 }
 
 /// The plugin's systems, in order, all in `Update`. Order your own systems around them:
@@ -177,6 +177,15 @@ impl NpcAiPlugin {
     #[must_use]
     pub fn with_escalation(mut self, escalation: npc_native::EscalationConfig) -> Self {
         self.config = self.config.with_escalation(escalation);
+        self
+    }
+
+    /// Has an inference server generate NPC replies (see [`npc_native::RemoteConfig`]; the
+    /// `cloud` feature carries its HTTP client). The game's code does not change: the same
+    /// components, messages and events.
+    #[must_use]
+    pub fn with_remote(mut self, remote: npc_native::RemoteConfig) -> Self {
+        self.config = self.config.with_remote(remote);
         self
     }
 

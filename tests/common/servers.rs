@@ -68,23 +68,26 @@ impl LlamaServer {
         api_key: Option<&str>,
         threads: usize,
     ) -> Self {
+        Self::start_serving(model, api_key, threads, 2, 4096)
+    }
+
+    /// [`LlamaServer::start`] with `threads` threads, `parallel` slots (`-np`, continuous
+    /// batching across them) and a context of `context` tokens shared among the slots.
+    pub fn start_serving(
+        model: &std::path::Path,
+        api_key: Option<&str>,
+        threads: usize,
+        parallel: usize,
+        context: usize,
+    ) -> Self {
         let port = free_port();
         let mut command = Command::new(llama_server_binary());
         command
             .arg("-m")
             .arg(model)
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-            .args([
-                "-c",
-                "4096",
-                "-np",
-                "2",
-                "--no-webui",
-                "--seed",
-                "7",
-                "--temp",
-                "0",
-            ])
+            .args(["-c", &context.to_string(), "-np", &parallel.to_string()])
+            .args(["--no-webui", "--seed", "7", "--temp", "0"])
             .args(["-t", &threads.to_string()])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -182,6 +185,12 @@ pub enum Misbehaviour {
         first: usize,
         then_port: Option<u16>,
     },
+    /// Answers 200 with a chat stream of these content pieces, then `[DONE]` if `done`, else
+    /// closes the connection mid-reply (a dropped stream).
+    Streams {
+        pieces: &'static [&'static str],
+        done: bool,
+    },
 }
 
 /// A loopback server that misbehaves; counts the requests it got.
@@ -263,6 +272,22 @@ fn serve(mode: Misbehaviour, seen: usize, request: &[u8], stream: &mut TcpStream
             } else if let Some(port) = then_port {
                 forward(request, port, stream);
             }
+        }
+        Misbehaviour::Streams { pieces, done } => {
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n"
+            );
+            for piece in pieces {
+                let chunk = serde_json::json!({"choices": [{"delta": {"content": piece}}]});
+                let _ = write!(stream, "data: {chunk}\n\n");
+                let _ = stream.flush();
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if done {
+                let _ = write!(stream, "data: [DONE]\n\n");
+            }
+            let _ = stream.flush();
         }
     }
     let _ = stream.shutdown(Shutdown::Both);

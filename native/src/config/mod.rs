@@ -7,8 +7,10 @@ use serde::{Deserialize, Serialize};
 
 pub(crate) mod escalation;
 mod prices;
+pub(crate) mod remote;
 
 pub use prices::PriceTable;
+pub use remote::{Backend, RemoteConfig};
 
 /// The GPU backend compiled in (`cuda`, `vulkan` or `metal` feature), if any.
 pub const GPU_BACKEND: Option<&str> = if cfg!(feature = "cuda") {
@@ -188,6 +190,10 @@ pub struct RuntimeConfig {
     /// Routing of hard questions to a cloud model (off by default), and the don't-know
     /// reminder and grounding check for questions the NPC may not know (on).
     pub escalation: escalation::EscalationConfig,
+    /// An inference server that generates the replies of every NPC (or of the personas that
+    /// ask for it), instead of the local model: see [`RemoteConfig`]. `None` (default): all
+    /// replies are local.
+    pub remote: Option<RemoteConfig>,
     /// The secret guard over every reply ([`crate::guard`]): on by default. Off, replies
     /// stream exactly as the model writes them (for benchmarks and tests of raw generation).
     pub guard: bool,
@@ -226,6 +232,7 @@ impl Default for RuntimeConfig {
             kv_precision: KvPrecision::F16,
             preamble: String::new(),
             escalation: escalation::EscalationConfig::default(),
+            remote: None,
             assets_dir: default_assets_dir(),
             cache_dir: default_cache_dir(),
         }
@@ -396,6 +403,14 @@ impl RuntimeConfig {
     #[must_use]
     pub fn with_escalation(mut self, escalation: escalation::EscalationConfig) -> Self {
         self.escalation = escalation;
+        self
+    }
+
+    /// Generates NPC replies on an inference server (see [`RemoteConfig`]); the local model
+    /// stays loaded for tokenizing, summaries and fallback.
+    #[must_use]
+    pub fn with_remote(mut self, remote: RemoteConfig) -> Self {
+        self.remote = Some(remote);
         self
     }
 

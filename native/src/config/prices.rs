@@ -18,6 +18,11 @@ pub struct PriceTable {
     /// A cloud text-to-speech voice, per million characters: what the characters the NPCs
     /// spoke locally would have cost there (the meter's comparison; nothing is paid).
     pub cloud_speech_per_million_chars: f64,
+    /// The studio's own inference server ([`RemoteConfig`](crate::RemoteConfig)), per
+    /// million tokens it computes (prompt tokens its prefix cache did not hold, and output
+    /// tokens). Default 0: what a serving cluster costs is the studio's to set
+    /// (`docs/serving.md` shows how to size it).
+    pub remote_per_million: f64,
 }
 
 impl Default for PriceTable {
@@ -34,6 +39,7 @@ impl Default for PriceTable {
             cloud_output_per_million: 30.0,
             local_per_hour: 0.34,
             cloud_speech_per_million_chars: 15.0,
+            remote_per_million: 0.0,
         }
     }
 }
@@ -45,6 +51,12 @@ impl PriceTable {
         (input as f64 * self.cloud_input_per_million
             + output as f64 * self.cloud_output_per_million)
             / 1e6
+    }
+
+    /// Cost of `tokens` computed on the studio's inference server.
+    #[must_use]
+    pub fn remote_cost(&self, tokens: u64) -> f64 {
+        tokens as f64 * self.remote_per_million / 1e6
     }
 
     /// What `characters` of speech would cost on the cloud voice.

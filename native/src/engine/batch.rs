@@ -14,7 +14,7 @@ use crate::protocol::{Event, FinishReason, NpcError, ReplySource, ReplyStats, Re
 use crate::sampling::StopFilter;
 
 use super::scheduler::{self, Prefill};
-use super::sequence::{Job, Phase, Queued};
+use super::sequence::{Job, Phase, Prepared, Queued, Reply};
 use super::{Engine, pos};
 
 impl Engine<'_, '_> {
@@ -39,11 +39,13 @@ impl Engine<'_, '_> {
         }
     }
 
-    pub(super) fn start_job(
+    /// Builds the prompt of a waiting line and the [`Reply`] that will carry its text: the
+    /// part of starting a reply that does not depend on who generates it. The local model's
+    /// [`Engine::start_job`] and the inference server (`super::remote`) both start here.
+    pub(super) fn prepare_reply(
         &mut self,
         queued: Queued,
-        slot: usize,
-    ) -> Result<Job, (RequestId, NpcError)> {
+    ) -> Result<(Reply, Prepared), (RequestId, NpcError)> {
         let Queued {
             npc,
             request,
@@ -56,6 +58,7 @@ impl Engine<'_, '_> {
             hint,
             unknown,
             routing,
+            ..
         } = queued;
         let Some(conversation) = self.npcs.get_mut(&npc) else {
             return Err((request, NpcError::UnknownNpc(npc)));
@@ -85,67 +88,18 @@ impl Engine<'_, '_> {
                 sampling.max_tokens as usize,
             )
             .map_err(|error| (request, error))?;
-        let dropped_turns = conversation.knowledge.summary.turns;
-        let prompt = align_with_cache(
-            self.model,
-            self.kv.tokens(slot),
-            assembled.tokens,
-            // The respelling stays inside the persona's prompt budget too.
-            self.context_per_npc
-                .saturating_sub(sampling.max_tokens as usize)
-                .min(conversation.knowledge.budget().unwrap_or(usize::MAX)),
-        );
-        let reuse = self.kv.reuse_prefix(&mut self.ctx, slot, &prompt);
-        let cached = reuse.cached;
-        let seed = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos())
-            ^ (request.0 as u32);
-        let mut filter = actions::filter(
-            &conversation.actions,
-            StopFilter::new(sampling.stop.clone()),
-        );
-        let mut opened_at = None;
-        let mut guard = ReplyGuard::default();
-        if let Some(fact) = &fact {
-            // The reply opens with the fact (the prompt ends with it): the game gets it now,
-            // and this is its first token.
-            let (opening, _) = filter.push(fact.as_bytes());
-            let opening = guard.push(&conversation.guard, &opening);
-            if !opening.is_empty() {
-                opened_at = Some(Instant::now());
-                let _ = self.events.send(Event::Delta {
-                    npc,
-                    request,
-                    text: opening,
-                });
-            }
-        }
-        Ok(Job {
+        let reply = Reply {
             npc,
             request,
             line,
-            slot,
-            pending_from: cached,
-            in_batch: 0,
-            n_past: cached,
-            next_token: None,
-            logits_at: None,
-            token_in_batch: false,
-            sampler: actions::ReplySampler::new(
-                self.model,
-                conversation.actions.grammar.as_deref(),
-                sampling.sampler(self.model.n_vocab(), seed),
-                sampling.candidates_needed(),
+            filter: actions::filter(
+                &conversation.actions,
+                StopFilter::new(sampling.stop.clone()),
             ),
-            filter,
             max_tokens: sampling.max_tokens,
             stats: ReplyStats {
-                prompt_tokens: prompt.len(),
-                cached_tokens: cached,
-                shared_tokens: reuse.copied,
-                time_to_first_token: opened_at.map_or(Duration::ZERO, |at| at - received),
-                dropped_turns,
+                prompt_tokens: assembled.tokens.len(),
+                dropped_turns: conversation.knowledge.summary.turns,
                 cloud_fact,
                 lore_entries: assembled.lore_entries,
                 dropped_lore: assembled.dropped_lore,
@@ -168,14 +122,79 @@ impl Engine<'_, '_> {
             check_grounding,
             unknown,
             fact,
-            guard,
+            guard: ReplyGuard::default(),
             secrets: conversation.guard.clone(),
             deflection: None,
-            pending: prompt,
             received,
-            first_token_at: opened_at,
+            first_token_at: None,
             priority: options.priority,
             deadline,
+        };
+        let prepared = Prepared {
+            tokens: assembled.tokens,
+            messages: assembled.messages,
+            grammar: conversation.actions.grammar.clone(),
+            budget: self
+                .context_per_npc
+                .saturating_sub(sampling.max_tokens as usize)
+                .min(conversation.knowledge.budget().unwrap_or(usize::MAX)),
+            sampling,
+        };
+        Ok((reply, prepared))
+    }
+
+    pub(super) fn start_job(
+        &mut self,
+        queued: Queued,
+        slot: usize,
+    ) -> Result<Job, (RequestId, NpcError)> {
+        let aligning_started = Instant::now();
+        let (mut reply, prepared) = self.prepare_reply(queued)?;
+        let prompt = align_with_cache(
+            self.model,
+            self.kv.tokens(slot),
+            prepared.tokens,
+            // The respelling stays inside the persona's prompt budget too.
+            prepared.budget,
+        );
+        let reuse = self.kv.reuse_prefix(&mut self.ctx, slot, &prompt);
+        let cached = reuse.cached;
+        let seed = fresh_seed(reply.request);
+        if let Some(fact) = reply.fact.clone() {
+            // The reply opens with the fact (the prompt ends with it): the game gets it now,
+            // and this is its first token.
+            let (opening, _) = reply.push(fact.as_bytes());
+            if !opening.is_empty() {
+                let now = Instant::now();
+                reply.first_token_at = Some(now);
+                reply.stats.time_to_first_token = now - reply.received;
+                let _ = self.events.send(Event::Delta {
+                    npc: reply.npc,
+                    request: reply.request,
+                    text: opening,
+                });
+            }
+        }
+        reply.stats.prompt_tokens = prompt.len();
+        reply.stats.cached_tokens = cached;
+        reply.stats.shared_tokens = reuse.copied;
+        reply.stats.timing.prompt = aligning_started.elapsed();
+        Ok(Job {
+            reply,
+            slot,
+            pending_from: cached,
+            in_batch: 0,
+            n_past: cached,
+            next_token: None,
+            logits_at: None,
+            token_in_batch: false,
+            sampler: actions::ReplySampler::new(
+                self.model,
+                prepared.grammar.as_deref(),
+                prepared.sampling.sampler(self.model.n_vocab(), seed),
+                prepared.sampling.candidates_needed(),
+            ),
+            pending: prompt,
         })
     }
 
@@ -362,11 +381,8 @@ impl Engine<'_, '_> {
             // neither is the decode before it (tokens per second counts n - 1 intervals).
             job.stats.generation_time = now - first;
             job.stats.generated_tokens += 1;
-            let (text, stopped) = job.filter.push(&vocab.token_to_piece(token, false, None));
-            let guard_started = Instant::now();
-            let text = job.guard.push(&job.secrets, &text);
-            job.stats.timing.guard += guard_started.elapsed();
-            if !text.is_empty() && !job.hold {
+            let (text, stopped) = job.reply.push(&vocab.token_to_piece(token, false, None));
+            if !text.is_empty() {
                 let _ = self.events.send(Event::Delta {
                     npc: job.npc,
                     request: job.request,
@@ -418,6 +434,14 @@ impl Engine<'_, '_> {
             }
         }
     }
+}
+
+/// A seed for a reply whose persona sets none: the clock's nanoseconds and the request.
+pub(super) fn fresh_seed(request: RequestId) -> u32 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos())
+        ^ (request.0 as u32)
 }
 
 /// Re-tokenizing a reply's text does not always give back the tokens that were sampled (a

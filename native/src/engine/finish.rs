@@ -10,16 +10,23 @@ use crate::llama::prompt::Turn;
 use crate::protocol::{Event, FinishReason, NpcError, ReplySource};
 
 use super::Engine;
-use super::sequence::Job;
+use super::sequence::{Job, Reply};
 
 /// Importance of a fact the cloud supplied, as the NPC remembers it (mid-scale: recalled
 /// when a line shares its words, not always).
 const LEARNED_FACT_IMPORTANCE: u8 = 5;
 
 impl Engine<'_, '_> {
+    /// A local reply ended (`reason`): its sequence slot is free, then
+    /// [`Engine::finish_reply`].
+    pub(super) fn finish(&mut self, job: Job, reason: FinishReason) {
+        self.kv.release(job.slot);
+        self.finish_reply(job.reply, reason);
+    }
+
     /// A reply ended (`reason`): the stop filter's and the guard's last text goes out (or,
     /// for a held reply, the checks decide what does), then [`Engine::conclude`].
-    pub(super) fn finish(&mut self, mut job: Job, mut reason: FinishReason) {
+    pub(super) fn finish_reply(&mut self, mut job: Reply, mut reason: FinishReason) {
         let tail = job.filter.finish();
         let guard_started = Instant::now();
         let mut tail = job.guard.push(&job.secrets, &tail);
@@ -41,7 +48,6 @@ impl Engine<'_, '_> {
             job.deflection = deflection;
         }
         job.stats.timing.guard += guard_started.elapsed();
-        self.kv.release(job.slot);
         job.stats.finish = reason;
         job.stats.confidence = job.confidence.summary();
         let out = if job.hold {
@@ -66,7 +72,7 @@ impl Engine<'_, '_> {
     /// A held reply is complete: `None` when its confidence sends the line to the cloud (or
     /// the fallback line) instead; else the text to send, the NPC's don't-know line when
     /// the grounding check finds it stated what it cannot know.
-    fn settle_held(&mut self, job: &mut Job) -> Option<String> {
+    fn settle_held(&mut self, job: &mut Reply) -> Option<String> {
         let text = job.spoken();
         let decision = match self.npcs.get(&job.npc) {
             Some(c) if job.escalate_held => self.escalator.second_opinion(
@@ -111,9 +117,9 @@ impl Engine<'_, '_> {
         Some(job.spoken())
     }
 
-    /// The one end of every local reply: the conversation keeps the turn (and a fact the
-    /// cloud supplied for it), the game gets the action it asked for and the reply.
-    fn conclude(&mut self, job: Job) {
+    /// The one end of every reply, local or remote: the conversation keeps the turn (and a
+    /// fact the cloud supplied for it), the game gets the action it asked for and the reply.
+    fn conclude(&mut self, job: Reply) {
         let text = job.spoken();
         let turn_text = job.turn_text();
         let mut action = None;

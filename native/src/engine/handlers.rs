@@ -85,6 +85,12 @@ impl Engine<'_, '_> {
                 Ok((system, sampling, tokens.len(), grammar, knowledge))
             });
         let (system, sampling, prefix_tokens, grammar, mut knowledge) = result?;
+        if base.backend == Some(crate::config::Backend::Remote) && self.remote.is_none() {
+            tracing::warn!(
+                "NPC {npc:?}: its persona asks for the remote backend but the runtime has no \
+                 server (RuntimeConfig::remote); it runs on the local model"
+            );
+        }
         let profile = NpcProfile::new(persona);
         let guard = Arc::new(if self.config.guard {
             // The world preamble is public (what every NPC may say), not the NPC's framing.
@@ -140,8 +146,9 @@ impl Engine<'_, '_> {
                 knowledge,
             },
         );
-        if self.config.prewarm && self.config.kv_reuse {
-            self.drop_prewarm(npc);
+        self.drop_prewarm(npc);
+        // The server computes a remote NPC's prompt: nothing to prepare here.
+        if self.config.prewarm && self.config.kv_reuse && !self.is_remote(npc) {
             self.prewarm.push_back(Prewarm { npc, computed: 0 });
         }
         Ok(prefix_tokens)
@@ -378,19 +385,23 @@ impl Engine<'_, '_> {
             crate::escalation::learned_answer(&c.knowledge.memories.texts(), &line)
                 .map(str::to_owned)
         });
-        self.queue.push(Queued {
-            npc,
-            request,
-            line,
-            options,
-            deadline: options.deadline.map(|d| sent + d),
-            received: Instant::now(),
-            fact: learned,
-            cloud_fact: None,
-            hint,
-            unknown: unknown.unwrap_or_default(),
-            routing,
-        });
+        self.enqueue(
+            Queued {
+                npc,
+                request,
+                line,
+                options,
+                deadline: options.deadline.map(|d| sent + d),
+                received: Instant::now(),
+                fact: learned,
+                cloud_fact: None,
+                hint,
+                unknown: unknown.unwrap_or_default(),
+                routing,
+                local_only: false,
+            },
+            false,
+        );
     }
 
     /// Queues a local reply for each fact the cloud supplied, with the fact before the line.
@@ -418,19 +429,23 @@ impl Engine<'_, '_> {
                 tracing::info!("NPC {:?}: the cloud's fact was unusable", informed.npc);
             }
             // Ahead of every waiting line: the player has waited for the cloud already.
-            self.queue.push_first(Queued {
-                npc: informed.npc,
-                request: informed.request,
-                line: informed.line,
-                options: SayOptions::default(),
-                deadline: None,
-                received: informed.asked,
-                fact,
-                cloud_fact: Some(informed.usage),
-                hint: None,
-                unknown: Vec::new(),
-                routing: Duration::ZERO,
-            });
+            self.enqueue(
+                Queued {
+                    npc: informed.npc,
+                    request: informed.request,
+                    line: informed.line,
+                    options: SayOptions::default(),
+                    deadline: None,
+                    received: informed.asked,
+                    fact,
+                    cloud_fact: Some(informed.usage),
+                    hint: None,
+                    unknown: Vec::new(),
+                    routing: Duration::ZERO,
+                    local_only: false,
+                },
+                true,
+            );
         }
     }
 
@@ -494,6 +509,9 @@ impl Engine<'_, '_> {
 
     pub(super) fn cancel(&mut self, npc: NpcId) {
         self.escalator.cancel(npc, self.events);
+        if let Some(request) = self.remote.as_mut().and_then(|r| r.cancel(npc)) {
+            self.emit(Event::Cancelled { npc, request });
+        }
         if let Some(queued) = self.queue.remove(npc) {
             self.emit(Event::Cancelled {
                 npc,

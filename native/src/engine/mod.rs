@@ -6,12 +6,14 @@
 //! - [`handlers`]: the answer to each [`Request`];
 //! - [`batch`]: admission, prompt building, batch filling, decoding and sampling;
 //! - [`finish`]: the end of a reply;
-//! - [`background`]: prewarm and summaries, when nothing else is waiting.
+//! - [`background`]: prewarm and summaries, when nothing else is waiting;
+//! - [`remote`]: replies the inference server generates ([`RuntimeConfig::remote`]).
 
 mod background;
 mod batch;
 mod finish;
 mod handlers;
+mod remote;
 mod scheduler;
 mod sequence;
 
@@ -21,7 +23,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError, select};
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::context::params::KvCacheType;
 use llama_cpp_2::llama_batch::LlamaBatch;
@@ -37,11 +39,15 @@ use crate::llama::{self, FLASH_ATTENTION_DISABLED, FLASH_ATTENTION_ENABLED, back
 use crate::mind::summarizer::Summarizer;
 use crate::protocol::{DebugHook, Event, ModelError, ModelInfo, NpcError, NpcId, Request};
 
+use remote::RemoteReplies;
 use scheduler::LineQueue;
 use sequence::{Conversation, Job, Prewarm};
 
 /// How long an idle worker waits on its inbox before looking for a fact the cloud supplied.
 const CLOUD_POLL: Duration = Duration::from_millis(5);
+/// How long an idle worker with remote replies in flight waits for a request or a piece
+/// before looking round (both wake it at once; this only bounds the wait).
+const REMOTE_POLL: Duration = Duration::from_secs(1);
 
 /// Entry point of the worker thread. Never panics out: a panic becomes [`Event::WorkerDied`].
 pub(crate) fn run(
@@ -201,6 +207,7 @@ fn serve(
         summarizer: Summarizer::new(threads),
         prewarm: VecDeque::new(),
         step_tokens,
+        remote: config.remote.as_ref().and_then(RemoteReplies::new),
     };
     engine.run(inbox);
 }
@@ -321,6 +328,9 @@ struct Engine<'m, 'e> {
     /// Most prompt tokens one step takes ([`RuntimeConfig::max_step_time`]); `None`: no
     /// limit but the batch.
     step_tokens: Option<usize>,
+    /// Replies the inference server generates ([`RuntimeConfig::remote`]); `None` without
+    /// one.
+    remote: Option<RemoteReplies>,
 }
 
 impl Engine<'_, '_> {
@@ -333,7 +343,32 @@ impl Engine<'_, '_> {
                 && !self.summary_work()
             {
                 // A cloud call in flight may hand over a fact: wait for it in short naps.
-                let next = if self.escalator.awaiting_cloud() {
+                let pieces = self
+                    .remote
+                    .as_ref()
+                    .filter(|r| r.in_flight())
+                    .map(|r| r.pieces.clone());
+                let next = if let Some(pieces) = pieces {
+                    // Remote replies stream in: wake for their pieces too.
+                    let nap = if self.escalator.awaiting_cloud() {
+                        CLOUD_POLL
+                    } else {
+                        REMOTE_POLL
+                    };
+                    select! {
+                        recv(inbox) -> request => match request {
+                            Ok(request) => Some(request),
+                            Err(_) => return,
+                        },
+                        recv(pieces) -> piece => {
+                            if let Ok(piece) = piece {
+                                self.on_piece(piece);
+                            }
+                            None
+                        },
+                        default(nap) => None,
+                    }
+                } else if self.escalator.awaiting_cloud() {
                     match inbox.recv_timeout(CLOUD_POLL) {
                         Ok(request) => Some(request),
                         Err(RecvTimeoutError::Timeout) => None,
@@ -363,6 +398,7 @@ impl Engine<'_, '_> {
                 }
             }
             self.absorb_informed();
+            self.absorb_remote();
             self.admit_queued();
             if !self.active.is_empty() {
                 self.step();
@@ -425,6 +461,7 @@ impl Engine<'_, '_> {
         self.active.iter().any(|job| job.npc == npc)
             || self.queue.holds(npc)
             || self.escalator.busy(npc)
+            || self.remote.as_ref().is_some_and(|r| r.busy(npc))
     }
 
     fn emit(&self, event: Event) {
@@ -434,6 +471,18 @@ impl Engine<'_, '_> {
 
     fn shut_down(&mut self) {
         self.escalator.shut_down(self.events);
+        for (npc, request) in self
+            .remote
+            .as_mut()
+            .map(RemoteReplies::stop_all)
+            .unwrap_or_default()
+        {
+            self.emit(Event::Failed {
+                npc,
+                request,
+                error: NpcError::ShuttingDown,
+            });
+        }
         for job in std::mem::take(&mut self.active) {
             self.emit(Event::Failed {
                 npc: job.npc,

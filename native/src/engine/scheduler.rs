@@ -146,6 +146,7 @@ mod tests {
             hint: None,
             unknown: Vec::new(),
             routing: Duration::ZERO,
+            local_only: false,
         }
     }
 

@@ -68,26 +68,14 @@ pub(super) enum Phase {
     Prompts,
 }
 
-/// One reply being produced.
-pub(super) struct Job {
+/// One reply being produced, whoever produces it: the text so far through the stop filter
+/// and the secret guard, its stats, and what decides how it ends. The local model's
+/// [`Job`]s and the inference server's replies (`super::remote`) share it, and end through
+/// the same code (`Engine::finish_reply`).
+pub(super) struct Reply {
     pub(super) npc: NpcId,
     pub(super) request: RequestId,
     pub(super) line: String,
-    pub(super) slot: usize,
-    /// Prompt tokens not yet decoded.
-    pub(super) pending: Vec<LlamaToken>,
-    pub(super) pending_from: usize,
-    /// Prompt tokens placed in the batch being decoded.
-    pub(super) in_batch: usize,
-    /// Position of the next token in the sequence.
-    pub(super) n_past: usize,
-    /// Sampled, streamed, not yet decoded.
-    pub(super) next_token: Option<LlamaToken>,
-    /// Index in the current batch whose logits this job samples from.
-    pub(super) logits_at: Option<i32>,
-    /// Its `next_token` is in the batch being decoded.
-    pub(super) token_in_batch: bool,
-    pub(super) sampler: actions::ReplySampler,
     pub(super) filter: StopFilter,
     pub(super) max_tokens: u32,
     pub(super) stats: ReplyStats,
@@ -95,7 +83,7 @@ pub(super) struct Job {
     pub(super) first_token_at: Option<Instant>,
     pub(super) priority: Priority,
     pub(super) deadline: Option<Instant>,
-    /// Probability and entropy of each sampled token.
+    /// Probability and entropy of each sampled token (local replies only).
     pub(super) confidence: TokenConfidence,
     /// Text is held back until the reply is complete: its confidence decides whether it stays
     /// local (`escalate_held`), or it answers an unfamiliar line (`check_grounding`).
@@ -116,7 +104,7 @@ pub(super) struct Job {
     pub(super) deflection: Option<String>,
 }
 
-impl Job {
+impl Reply {
     /// What the player got: the text the guard released, and the deflection if it stopped
     /// the reply.
     pub(super) fn spoken(&self) -> String {
@@ -139,9 +127,56 @@ impl Job {
             actions::turn_text(self.filter.text(), self.filter.hidden())
         }
     }
+
+    /// Takes the next piece of the reply's bytes through the stop filter and the guard;
+    /// returns the text the player may see now (nothing while the reply is held) and
+    /// whether a stop string ended it.
+    pub(super) fn push(&mut self, bytes: &[u8]) -> (String, bool) {
+        let (text, stopped) = self.filter.push(bytes);
+        let guard_started = Instant::now();
+        let text = self.guard.push(&self.secrets, &text);
+        self.stats.timing.guard += guard_started.elapsed();
+        (if self.hold { String::new() } else { text }, stopped)
+    }
+}
+
+/// One reply the local model is producing: its [`Reply`], and where it stands in its KV
+/// sequence.
+pub(super) struct Job {
+    pub(super) reply: Reply,
+    pub(super) slot: usize,
+    /// Prompt tokens not yet decoded.
+    pub(super) pending: Vec<LlamaToken>,
+    pub(super) pending_from: usize,
+    /// Prompt tokens placed in the batch being decoded.
+    pub(super) in_batch: usize,
+    /// Position of the next token in the sequence.
+    pub(super) n_past: usize,
+    /// Sampled, streamed, not yet decoded.
+    pub(super) next_token: Option<LlamaToken>,
+    /// Index in the current batch whose logits this job samples from.
+    pub(super) logits_at: Option<i32>,
+    /// Its `next_token` is in the batch being decoded.
+    pub(super) token_in_batch: bool,
+    pub(super) sampler: actions::ReplySampler,
+}
+
+impl std::ops::Deref for Job {
+    type Target = Reply;
+
+    fn deref(&self) -> &Reply {
+        &self.reply
+    }
+}
+
+impl std::ops::DerefMut for Job {
+    fn deref_mut(&mut self) -> &mut Reply {
+        &mut self.reply
+    }
 }
 
 /// A reply waiting for a free slot.
+#[derive(Clone)]
 pub(super) struct Queued {
     pub(super) npc: NpcId,
     pub(super) request: RequestId,
@@ -164,6 +199,23 @@ pub(super) struct Queued {
     pub(super) unknown: Vec<String>,
     /// Time spent deciding where the line goes.
     pub(super) routing: Duration,
+    /// The inference server failed on this line: the local model answers it, whatever the
+    /// NPC's backend.
+    pub(super) local_only: bool,
+}
+
+/// A line's prompt, ready for the local model (tokens) or a server (chat messages).
+pub(super) struct Prepared {
+    pub(super) tokens: Vec<LlamaToken>,
+    /// (role, content) pairs, the same prompt before the chat template.
+    #[cfg_attr(not(feature = "cloud"), allow(dead_code))]
+    pub(super) messages: Vec<(String, String)>,
+    pub(super) sampling: SamplingParams,
+    /// The NPC's action grammar (GBNF), if it declares actions.
+    pub(super) grammar: Option<String>,
+    /// Most tokens the prompt may take: the context less the reply's room, within the
+    /// persona's budget.
+    pub(super) budget: usize,
 }
 
 /// A prewarm in progress: the NPC and the tokens it has computed so far.

@@ -57,6 +57,10 @@ pub(crate) struct Knowledge {
 #[derive(Debug)]
 pub(crate) struct Assembled {
     pub(crate) tokens: Vec<LlamaToken>,
+    /// The same prompt as chat messages, for a server that applies the chat template
+    /// itself: (role, content) pairs, without the fact the local prompt ends with (it is
+    /// the first note of the last message).
+    pub(crate) messages: Vec<(String, String)>,
     pub(crate) lore_entries: usize,
     pub(crate) dropped_lore: usize,
     pub(crate) memories: usize,
@@ -308,20 +312,24 @@ impl Knowledge {
                 Some(block) => format!("{system}\n\n{block}"),
                 None => system.to_owned(),
             };
-            let mut text = prompts.render(
-                model,
-                &system,
-                verbatim,
-                &user_turn(&lore, &memories, hint, line),
-            )?;
+            let user = user_turn(&lore, &memories, hint, line);
+            let mut text = prompts.render(model, &system, verbatim, &user)?;
             if let Some(fact) = fact {
                 text.push_str(fact);
             }
             let tokens = PromptBuilder::tokenize(model, &text);
             if tokens.len() <= limit {
                 self.summary = summary;
+                let mut messages = Vec::with_capacity(2 + 2 * verbatim.len());
+                messages.push(("system".to_owned(), system));
+                for turn in verbatim {
+                    messages.push(("user".to_owned(), turn.player.clone()));
+                    messages.push(("assistant".to_owned(), turn.npc.clone()));
+                }
+                messages.push(("user".to_owned(), user));
                 return Ok(Assembled {
                     tokens,
+                    messages,
                     lore_entries: lore.len(),
                     dropped_lore: lore_entries - lore.len(),
                     memories: memories.len(),
