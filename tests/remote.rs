@@ -360,3 +360,61 @@ fn the_real_server_takes_the_action_grammar_and_a_remote_reply_can_be_cancelled(
     let heard = ask(&runtime, NpcId(2), "Hello.");
     assert_eq!(stats(&heard).source, ReplySource::Remote, "{heard:?}");
 }
+
+#[test]
+fn a_silent_server_times_out_and_the_local_model_answers() {
+    let _serial = common::serial();
+    let silent = MisbehavingServer::start(Misbehaviour::Silent);
+    let runtime = start(impatient(silent.base_url()));
+    add_npc(&runtime, NpcId(1), greedy("blacksmith"));
+    let asked = std::time::Instant::now();
+    let heard = ask(&runtime, NpcId(1), "What do you sell?");
+    assert_eq!(stats(&heard).source, ReplySource::Local, "{heard:?}");
+    // Two attempts of 400 ms each (the read timeout), then the local reply.
+    assert_eq!(silent.requests(), 2);
+    assert!(
+        asked.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        asked.elapsed()
+    );
+}
+
+#[test]
+fn the_chat_example_runs_its_npc_on_a_server_with_one_flag() {
+    let _serial = common::serial();
+    let server = LlamaServer::start_on_all_cores(&common::model_path());
+    let mut child = std::process::Command::new(common::example_binary("chat"))
+        .args(["--persona", "assets/personas/blacksmith.persona.ron"])
+        .arg("--model")
+        .arg(common::model_path())
+        .args(["--remote", &server.base_url()])
+        .current_dir(common::root())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the chat example");
+    let mut stdin = child.stdin.take().unwrap();
+    use std::io::Write;
+    writeln!(stdin, "Hello there.").unwrap();
+    writeln!(stdin, "What do you sell?").unwrap();
+    drop(stdin);
+    let output = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stats: Vec<&str> = stdout
+        .lines()
+        .filter(|line| line.contains("prompt tokens cached]"))
+        .collect();
+    assert_eq!(stats.len(), 2, "{stdout}");
+    assert!(
+        stats.iter().all(|line| line.contains("[Remote: ")),
+        "both replies came from the server: {stdout}"
+    );
+    // The cost report at the end counts the server's tokens.
+    assert!(stdout.contains("inference server: 2 replies"), "{stdout}");
+}
