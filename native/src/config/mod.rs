@@ -128,9 +128,12 @@ pub struct RuntimeConfig {
     /// Most prompt tokens processed per step while another NPC is generating: a long prompt
     /// then advances in chunks between that NPC's tokens instead of freezing its speech.
     pub prefill_chunk: u32,
-    /// Longest one `decode` step should take. The prompt tokens that fit it are found once,
-    /// at start-up (a 32-token decode is timed, and the count rounded down to a power of
-    /// two, at least 16), and prompt chunks are cut to that. It bounds how long quitting
+    /// Longest one `decode` step should take. The prompt tokens that fit it are found at
+    /// start-up (a 32-token decode is timed, and the count rounded down to a power of two,
+    /// at least 16), and prompt chunks are cut to that; when another process slows the
+    /// cores (a step over 1.5× the limit) the count drops to what fits at the speed seen,
+    /// and comes back up (to the start-up count) after 16 full steps in a row that ran fast
+    /// enough for twice their tokens. It bounds how long quitting
     /// the game waits for the worker (llama.cpp cannot stop a decode once it started: on
     /// two CPU cores and the default model a 512-token step takes about 3 s) and how long
     /// one NPC's long prompt holds up the others. Default 500 ms: there, quitting while four

@@ -1,6 +1,7 @@
 //! One step of the engine: admit waiting lines into free slots (building their prompts), fill
 //! a batch with every speaking NPC's next token and prompt chunks, decode, sample.
 
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use llama_cpp_2::model::LlamaModel;
@@ -223,6 +224,10 @@ impl Engine<'_, '_> {
             // keys and values differently (in the last bits) from one that holds prompt tokens
             // alone, so they go to llama.cpp in two calls.
             self.decode(Phase::Generated, generating);
+            // The game is quitting: the prompts' decode would only keep it waiting.
+            if self.stopping.load(Ordering::Relaxed) {
+                return;
+            }
             self.decode(Phase::Prompts, generating);
         } else {
             self.decode(Phase::Both, generating);
@@ -244,6 +249,11 @@ impl Engine<'_, '_> {
         self.kv.decoded();
         if let Err(err) = decoded {
             return self.fail_all(&format!("decode failed: {err}"));
+        }
+        if let Some(budget) = self.step_budget.as_mut() {
+            let entries = usize::try_from(self.batch.n_tokens()).unwrap_or(0);
+            let prompt = self.active.iter().map(|job| job.in_batch).sum();
+            budget.observe(prompt, entries, decode_time);
         }
         self.commit_batch(decode_time);
         let finished = self.sample_batch();
@@ -315,10 +325,10 @@ impl Engine<'_, '_> {
 
     /// `limit` (batch entries this step may hold; `used` are taken by generated tokens) cut
     /// to the prompt tokens [`RuntimeConfig::max_step_time`] allows (see
-    /// [`step_prompt_tokens`](super::step_prompt_tokens)).
+    /// [`StepBudget`](super::scheduler::StepBudget)).
     fn step_time_limit(&self, limit: usize, used: usize) -> usize {
-        match self.step_tokens {
-            Some(prompt) => limit.min(used.saturating_add(prompt)),
+        match &self.step_budget {
+            Some(budget) => limit.min(used.saturating_add(budget.tokens())),
             None => limit,
         }
     }

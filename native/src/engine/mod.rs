@@ -40,7 +40,7 @@ use crate::mind::summarizer::Summarizer;
 use crate::protocol::{DebugHook, Event, ModelError, ModelInfo, NpcError, NpcId, Request};
 
 use remote::RemoteReplies;
-use scheduler::LineQueue;
+use scheduler::{LineQueue, StepBudget};
 use sequence::{Conversation, Job, Prewarm};
 
 /// How long an idle worker waits on its inbox before looking for a fact the cloud supplied.
@@ -145,10 +145,10 @@ fn serve(
     }
     // On a GPU a full batch takes milliseconds, and a first decode's kernel set-up would make
     // the timing wrong: the limit is for CPU runs.
-    let step_tokens = config
+    let step_budget = config
         .max_step_time
         .filter(|_| config.effective_gpu_layers() == 0)
-        .map(|limit| step_prompt_tokens(&mut ctx, limit, config.batch_size as usize));
+        .map(|limit| step_budget(&mut ctx, limit, config.batch_size as usize));
     if stopping.load(Ordering::Relaxed) {
         return;
     }
@@ -206,7 +206,8 @@ fn serve(
         escalator: Escalator::new(&config.escalation),
         summarizer: Summarizer::new(threads),
         prewarm: VecDeque::new(),
-        step_tokens,
+        step_budget,
+        stopping: Arc::clone(stopping),
         remote: config.remote.as_ref().and_then(RemoteReplies::new),
     };
     engine.run(inbox);
@@ -214,22 +215,19 @@ fn serve(
 
 /// Tokens sampled to time prompt processing at start-up.
 const CALIBRATION_TOKENS: usize = 32;
-/// Fewest prompt tokens a step takes, however slow the machine.
-const MIN_STEP_PROMPT: usize = 16;
 
-/// The prompt tokens one step may take to stay within `limit`: a 32-token decode is timed
-/// at start-up (into sequence 0, then cleared) and the tokens that fit `limit` at that
-/// speed are rounded down to a power of two (at least 16, at most `batch`). Fixed for the
-/// runtime's life and rounded, so the chunks a prompt is cut into do not change from step
-/// to step, and rarely from run to run (replies stay reproducible, see
-/// [`RuntimeConfig::reproducible_batching`]). A short decode is slower per token than a
-/// long one, so the estimate errs towards shorter steps.
-fn step_prompt_tokens(ctx: &mut LlamaContext<'_>, limit: Duration, batch: usize) -> usize {
+/// The prompt tokens one step may take to stay within `limit`, as a start-up timing finds
+/// them: a 32-token decode is timed (into sequence 0, then cleared) and the tokens that fit
+/// `limit` at that speed (at least 16, at most `batch`) start the [`StepBudget`], which
+/// follows the machine's speed from there. A short decode is slower per token than a long
+/// one, so the estimate errs towards shorter steps.
+fn step_budget(ctx: &mut LlamaContext<'_>, limit: Duration, batch: usize) -> StepBudget {
     let mut calibration = LlamaBatch::new(CALIBRATION_TOKENS, 1);
+    let unmeasured = StepBudget::new(limit, batch);
     for at in 0..CALIBRATION_TOKENS {
         let token = llama_cpp_2::token::LlamaToken(i32::try_from(at).unwrap_or(0));
         if calibration.add(token, pos(at), &[0], false).is_err() {
-            return batch;
+            return unmeasured;
         }
     }
     let started = Instant::now();
@@ -237,15 +235,15 @@ fn step_prompt_tokens(ctx: &mut LlamaContext<'_>, limit: Duration, batch: usize)
     let took = started.elapsed();
     let _ = ctx.clear_kv_cache_seq(Some(0), None, None);
     if decoded.is_err() || took.is_zero() {
-        return batch;
+        return unmeasured;
     }
     let fits = limit.as_secs_f64() / (took.as_secs_f64() / CALIBRATION_TOKENS as f64);
-    let fits = (fits as usize).clamp(MIN_STEP_PROMPT, batch.max(MIN_STEP_PROMPT));
-    let rounded = 1 << fits.ilog2();
+    let budget = StepBudget::new(limit, (fits as usize).min(batch));
     tracing::debug!(
-        "a step takes at most {rounded} prompt tokens ({took:?} for {CALIBRATION_TOKENS})"
+        "a step takes at most {} prompt tokens ({took:?} for {CALIBRATION_TOKENS})",
+        budget.tokens()
     );
-    rounded
+    budget
 }
 
 fn serve_without_model(error: &ModelError, inbox: &Receiver<Request>, events: &Sender<Event>) {
@@ -327,7 +325,9 @@ struct Engine<'m, 'e> {
     prewarm: VecDeque<Prewarm>,
     /// Most prompt tokens one step takes ([`RuntimeConfig::max_step_time`]); `None`: no
     /// limit but the batch.
-    step_tokens: Option<usize>,
+    step_budget: Option<StepBudget>,
+    /// Set when the game drops the runtime: a step of two decodes stops after the first.
+    stopping: Arc<AtomicBool>,
     /// Replies the inference server generates ([`RuntimeConfig::remote`]); `None` without
     /// one.
     remote: Option<RemoteReplies>,

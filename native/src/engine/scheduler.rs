@@ -8,7 +8,7 @@
 //! reply in progress at its deadline ends with the text so far.
 
 use std::collections::VecDeque;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::protocol::{NpcId, Priority};
 
@@ -123,10 +123,86 @@ pub(super) fn prefill_plan(replies: &[Prefill], used: usize, limit: usize) -> Ve
     plan
 }
 
+/// Fewest prompt tokens a step takes, however slow the machine.
+const MIN_STEP_PROMPT: usize = 16;
+/// A step this many times over [`RuntimeConfig::max_step_time`](crate::RuntimeConfig) cuts
+/// the count at once.
+const SLOW_STEP: f64 = 1.5;
+/// Prompt steps in a row that would have fitted twice their tokens (with a fifth to spare)
+/// before the count doubles back.
+const FAST_STEPS: u32 = 16;
+
+/// The prompt tokens one step may take to stay within
+/// [`RuntimeConfig::max_step_time`](crate::RuntimeConfig::max_step_time): first what a
+/// start-up timing says fits, then following the machine's speed. Another process on the
+/// cores (a server, the game's own load, two threads too many) can make every decode several
+/// times slower than at start-up: a step that takes over [`SLOW_STEP`] times the limit cuts
+/// the count to the power of two that fits at the speed it ran; [`FAST_STEPS`] full prompt
+/// steps in a row fast enough for twice their tokens double it back, up to the start-up
+/// count. Powers of two, changed only when the speed moves that far: on a machine whose load
+/// holds steady the chunks a prompt is cut into stay the same (replies stay reproducible,
+/// see [`RuntimeConfig::reproducible_batching`](crate::RuntimeConfig)).
+#[derive(Clone, Debug)]
+pub(super) struct StepBudget {
+    limit: Duration,
+    /// The start-up count, rounded to a power of two: the most it grows back to.
+    calibrated: usize,
+    tokens: usize,
+    /// Full prompt steps in a row that ran fast enough for twice their tokens.
+    fast: u32,
+}
+
+impl StepBudget {
+    /// `calibrated` prompt tokens fit `limit` at start-up (rounded down to a power of two,
+    /// at least [`MIN_STEP_PROMPT`]).
+    pub(super) fn new(limit: Duration, calibrated: usize) -> Self {
+        let calibrated = power_of_two_floor(calibrated.max(MIN_STEP_PROMPT));
+        Self {
+            limit,
+            calibrated,
+            tokens: calibrated,
+            fast: 0,
+        }
+    }
+
+    /// The prompt tokens the next step may take.
+    pub(super) fn tokens(&self) -> usize {
+        self.tokens
+    }
+
+    /// A decode that carried `prompt` prompt tokens among `entries` batch entries took
+    /// `took`.
+    pub(super) fn observe(&mut self, prompt: usize, entries: usize, took: Duration) {
+        if prompt == 0 || entries == 0 {
+            return;
+        }
+        let limit = self.limit.as_secs_f64();
+        let took = took.as_secs_f64();
+        if took > limit * SLOW_STEP {
+            let per_entry = took / entries as f64;
+            let fits = (limit / per_entry) as usize;
+            let cut = power_of_two_floor(fits.max(MIN_STEP_PROMPT));
+            self.tokens = self.tokens.min(cut);
+            self.fast = 0;
+        } else if prompt >= self.tokens && took * 2.0 < limit * 0.8 {
+            self.fast += 1;
+            if self.fast >= FAST_STEPS {
+                self.tokens = (self.tokens * 2).min(self.calibrated);
+                self.fast = 0;
+            }
+        } else if prompt >= self.tokens {
+            self.fast = 0;
+        }
+    }
+}
+
+/// The largest power of two not above `n` (`n` ≥ 1).
+fn power_of_two_floor(n: usize) -> usize {
+    1 << n.max(1).ilog2()
+}
+
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
     use crate::protocol::{RequestId, SayOptions};
 
@@ -241,5 +317,64 @@ mod tests {
         assert_eq!(prefill_plan(&replies, 2, limit), [(2, 128)]);
         // A full batch leaves nothing for prompts.
         assert!(prefill_plan(&replies, limit, limit).is_empty());
+    }
+
+    #[test]
+    fn a_slow_step_cuts_the_count_at_once_and_fast_steps_double_it_back() {
+        let limit = Duration::from_millis(500);
+        let mut budget = StepBudget::new(limit, 200);
+        assert_eq!(budget.tokens(), 128, "rounded down to a power of two");
+        // Four times slower than at start-up: 128 tokens took 2 s.
+        budget.observe(128, 130, Duration::from_secs(2));
+        assert_eq!(
+            budget.tokens(),
+            32,
+            "the power of two that fits 500 ms at that speed"
+        );
+        // A step within the limit changes nothing.
+        budget.observe(32, 40, Duration::from_millis(400));
+        assert_eq!(budget.tokens(), 32);
+        // Fast again: full steps that would fit twice their tokens.
+        for _ in 0..FAST_STEPS - 1 {
+            budget.observe(32, 32, Duration::from_millis(100));
+        }
+        assert_eq!(
+            budget.tokens(),
+            32,
+            "not before {FAST_STEPS} steps in a row"
+        );
+        budget.observe(32, 32, Duration::from_millis(100));
+        assert_eq!(budget.tokens(), 64);
+        // A middling step breaks the run.
+        for _ in 0..FAST_STEPS - 1 {
+            budget.observe(64, 64, Duration::from_millis(100));
+        }
+        budget.observe(64, 64, Duration::from_millis(300));
+        budget.observe(64, 64, Duration::from_millis(100));
+        assert_eq!(budget.tokens(), 64);
+        for _ in 0..FAST_STEPS * 4 {
+            budget.observe(budget.tokens(), budget.tokens(), Duration::from_millis(10));
+        }
+        assert_eq!(budget.tokens(), 128, "never past the start-up count");
+    }
+
+    #[test]
+    fn the_count_stays_within_its_bounds_and_ignores_steps_without_a_prompt() {
+        let mut budget = StepBudget::new(Duration::from_millis(500), 3);
+        assert_eq!(budget.tokens(), MIN_STEP_PROMPT);
+        budget.observe(16, 16, Duration::from_secs(60));
+        assert_eq!(budget.tokens(), MIN_STEP_PROMPT, "never under the minimum");
+        let mut budget = StepBudget::new(Duration::from_millis(500), 512);
+        budget.observe(0, 8, Duration::from_secs(5));
+        budget.observe(0, 0, Duration::from_secs(5));
+        assert_eq!(
+            budget.tokens(),
+            512,
+            "generated tokens alone say nothing of a prompt"
+        );
+        // A short step that is slow per entry still cuts (to the minimum here: 125 ms an
+        // entry fits 4 in the limit).
+        budget.observe(4, 8, Duration::from_secs(1));
+        assert_eq!(budget.tokens(), MIN_STEP_PROMPT);
     }
 }
