@@ -84,13 +84,7 @@ fn parse_args() -> Result<Args, String> {
                 config = config.with_escalation(escalation);
             }
             "--remote" => {
-                let mut remote = RemoteConfig::new(
-                    value()?,
-                    std::env::var("NPC_AI_REMOTE_MODEL").unwrap_or_else(|_| "default".into()),
-                );
-                if let Ok(key) = std::env::var("NPC_AI_REMOTE_KEY") {
-                    remote = remote.with_api_key(key);
-                }
+                let remote = RemoteConfig::from_env_at(value()?);
                 if !cfg!(feature = "cloud") {
                     return Err("--remote needs a build with `--features cloud`".into());
                 }

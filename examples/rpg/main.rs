@@ -106,14 +106,7 @@ fn main() -> ExitCode {
     }
     if let Some(url) = args.remote {
         // The model name and key, when the server needs them: NPC_AI_REMOTE_MODEL, _KEY.
-        let mut remote = RemoteConfig::new(
-            url,
-            std::env::var("NPC_AI_REMOTE_MODEL").unwrap_or_else(|_| "default".into()),
-        );
-        if let Ok(key) = std::env::var("NPC_AI_REMOTE_KEY") {
-            remote = remote.with_api_key(key);
-        }
-        ai = ai.with_remote(remote);
+        ai = ai.with_remote(RemoteConfig::from_env_at(url));
     }
     match args.model {
         Some(id) if bevy_npc_ai::npc_native::catalog::find(&id).is_some() => {

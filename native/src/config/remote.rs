@@ -91,23 +91,34 @@ impl RemoteConfig {
         self
     }
 
-    /// Reads `NPC_AI_REMOTE_URL` (the server's base URL up to `/v1`), `NPC_AI_REMOTE_MODEL`
-    /// (default `default`, which llama-server accepts for its one model) and
-    /// `NPC_AI_REMOTE_KEY`. `None` when no URL is set.
+    /// Reads `NPC_AI_REMOTE_URL` (the server's base URL up to `/v1`) and the rest as
+    /// [`RemoteConfig::from_env_at`] does. `None` when no URL is set.
     #[must_use]
     pub fn from_env() -> Option<Self> {
         let url = std::env::var("NPC_AI_REMOTE_URL")
             .ok()
             .filter(|u| !u.trim().is_empty())?;
-        let model = std::env::var("NPC_AI_REMOTE_MODEL").unwrap_or_else(|_| "default".into());
-        let mut config = Self::new(url.trim(), model);
-        if let Some(key) = std::env::var("NPC_AI_REMOTE_KEY")
+        Some(Self::from_env_at(url.trim()))
+    }
+
+    /// A server at `base_url` (up to `/v1`, e.g. llama-server's `http://127.0.0.1:8080/v1`),
+    /// its model named by `NPC_AI_REMOTE_MODEL` (default `default`, which llama-server
+    /// accepts for its one model) and its key by `NPC_AI_REMOTE_KEY` when set: what a
+    /// `--remote URL` flag builds.
+    #[must_use]
+    pub fn from_env_at(base_url: impl Into<String>) -> Self {
+        let model = std::env::var("NPC_AI_REMOTE_MODEL")
+            .ok()
+            .filter(|m| !m.trim().is_empty())
+            .unwrap_or_else(|| "default".into());
+        let config = Self::new(base_url, model);
+        match std::env::var("NPC_AI_REMOTE_KEY")
             .ok()
             .filter(|k| !k.is_empty())
         {
-            config = config.with_api_key(key);
+            Some(key) => config.with_api_key(key),
+            None => config,
         }
-        Some(config)
     }
 
     /// The backend of an NPC whose persona says `chosen`.

@@ -133,7 +133,7 @@ impl Engine<'_, '_> {
         };
         let prepared = Prepared {
             tokens: assembled.tokens,
-            messages: assembled.messages,
+            chat: assembled.chat,
             grammar: conversation.actions.grammar.clone(),
             budget: self
                 .context_per_npc

@@ -224,7 +224,9 @@ impl Engine<'_, '_> {
                 .filter(|_| remote.config.send_grammar);
             let call = ServerCall {
                 request: reply.request,
-                messages: prepared.messages,
+                messages: prepared
+                    .chat
+                    .messages(self.npcs.get(&npc).map_or(&[][..], |c| c.turns.as_slice())),
                 max_tokens: prepared.sampling.max_tokens,
                 fields: request_fields(npc, &prepared.sampling, grammar, seed),
                 deadline: reply.deadline,

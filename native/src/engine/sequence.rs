@@ -11,7 +11,7 @@ use crate::actions::{self, NpcActions};
 use crate::escalation::{NpcProfile, TokenConfidence};
 use crate::guard::{ReplyGuard, SecretGuard};
 use crate::llama::prompt::Turn;
-use crate::mind::knowledge::Knowledge;
+use crate::mind::knowledge::{ChatParts, Knowledge};
 use crate::persona::Persona;
 use crate::protocol::{CloudUsage, NpcId, Priority, ReplyStats, RequestId, SayOptions};
 use crate::sampling::{SamplingParams, StopFilter};
@@ -207,9 +207,9 @@ pub(super) struct Queued {
 /// A line's prompt, ready for the local model (tokens) or a server (chat messages).
 pub(super) struct Prepared {
     pub(super) tokens: Vec<LlamaToken>,
-    /// (role, content) pairs, the same prompt before the chat template.
+    /// The same prompt before the chat template.
     #[cfg_attr(not(feature = "cloud"), allow(dead_code))]
-    pub(super) messages: Vec<(String, String)>,
+    pub(super) chat: ChatParts,
     pub(super) sampling: SamplingParams,
     /// The NPC's action grammar (GBNF), if it declares actions.
     pub(super) grammar: Option<String>,

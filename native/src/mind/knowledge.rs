@@ -57,14 +57,40 @@ pub(crate) struct Knowledge {
 #[derive(Debug)]
 pub(crate) struct Assembled {
     pub(crate) tokens: Vec<LlamaToken>,
-    /// The same prompt as chat messages, for a server that applies the chat template
-    /// itself: (role, content) pairs, without the fact the local prompt ends with (it is
-    /// the first note of the last message).
-    pub(crate) messages: Vec<(String, String)>,
+    /// The same prompt before the chat template, for a server that applies it itself.
+    pub(crate) chat: ChatParts,
     pub(crate) lore_entries: usize,
     pub(crate) dropped_lore: usize,
     pub(crate) memories: usize,
     pub(crate) dropped_memories: usize,
+}
+
+/// An assembled prompt's parts before the chat template: the system text (with the
+/// summary), the turns kept verbatim and the user message (notes and the line). The local
+/// prompt ends with the cloud's fact after the template; here it is the user message's
+/// first note.
+#[derive(Debug)]
+pub(crate) struct ChatParts {
+    pub(crate) system: String,
+    /// The first of the conversation's turns kept verbatim (the rest are in the summary).
+    pub(crate) verbatim_from: usize,
+    pub(crate) user: String,
+}
+
+impl ChatParts {
+    /// (role, content) pairs for a chat-completions request; `turns` is the conversation
+    /// the prompt was assembled from.
+    pub(crate) fn messages(self, turns: &[Turn]) -> Vec<(String, String)> {
+        let verbatim = turns.get(self.verbatim_from..).unwrap_or_default();
+        let mut messages = Vec::with_capacity(2 + 2 * verbatim.len());
+        messages.push(("system".to_owned(), self.system));
+        for turn in verbatim {
+            messages.push(("user".to_owned(), turn.player.clone()));
+            messages.push(("assistant".to_owned(), turn.npc.clone()));
+        }
+        messages.push(("user".to_owned(), self.user));
+        messages
+    }
 }
 
 impl Knowledge {
@@ -319,17 +345,15 @@ impl Knowledge {
             }
             let tokens = PromptBuilder::tokenize(model, &text);
             if tokens.len() <= limit {
+                let verbatim_from = summary.turns;
                 self.summary = summary;
-                let mut messages = Vec::with_capacity(2 + 2 * verbatim.len());
-                messages.push(("system".to_owned(), system));
-                for turn in verbatim {
-                    messages.push(("user".to_owned(), turn.player.clone()));
-                    messages.push(("assistant".to_owned(), turn.npc.clone()));
-                }
-                messages.push(("user".to_owned(), user));
                 return Ok(Assembled {
                     tokens,
-                    messages,
+                    chat: ChatParts {
+                        system,
+                        verbatim_from,
+                        user,
+                    },
                     lore_entries: lore.len(),
                     dropped_lore: lore_entries - lore.len(),
                     memories: memories.len(),
