@@ -70,6 +70,7 @@ pub(crate) struct Assembled {
 /// prompt ends with the cloud's fact after the template; here it is the user message's
 /// first note.
 #[derive(Debug)]
+#[cfg_attr(not(feature = "cloud"), allow(dead_code))]
 pub(crate) struct ChatParts {
     pub(crate) system: String,
     /// The first of the conversation's turns kept verbatim (the rest are in the summary).
@@ -80,6 +81,7 @@ pub(crate) struct ChatParts {
 impl ChatParts {
     /// (role, content) pairs for a chat-completions request; `turns` is the conversation
     /// the prompt was assembled from.
+    #[cfg_attr(not(feature = "cloud"), allow(dead_code))]
     pub(crate) fn messages(self, turns: &[Turn]) -> Vec<(String, String)> {
         let verbatim = turns.get(self.verbatim_from..).unwrap_or_default();
         let mut messages = Vec::with_capacity(2 + 2 * verbatim.len());
