@@ -4,7 +4,12 @@
 //!
 //! ```text
 //! cargo xtask bench        # or: NPC_AI_PEER_BIN=<llama.cpp build/bin> cargo bench -p npc_native --bench batching
+//! NPC_BENCH_HOST_ONLY=1 cargo bench -p npc_native --bench batching   # the host-time table alone
 //! ```
+//!
+//! A last table splits each step into llama.cpp's `decode` and the runtime's own work around
+//! it (`ReplyTiming::steps` and `step_host`), with the default sampling threads and with
+//! sampling on the worker thread alone, in interleaved pairs.
 //!
 //! These shared 2-core machines drift by ±20 % over minutes, so the peer and the runtime are
 //! measured in pairs, one right after the other, for every size and [`REPS`] times over; each
@@ -32,6 +37,8 @@ const GENERATE: u32 = 64;
 const CONTEXT: u32 = 1536;
 /// Measurement pairs (peer, runtime) per size.
 const REPS: usize = 5;
+/// Pairs (default sampling threads, one) per size for the host-time table.
+const HOST_REPS: usize = 3;
 /// The peer's prompt, and the context the runtime's NPCs hold when the timed line arrives.
 const PEER_PROMPT: usize = 1000;
 /// The sentence the NPCs' ~1,000-token history repeats.
@@ -73,6 +80,16 @@ struct Round {
     /// Between the first streamed text of the first NPC and that of the last: how far the
     /// NPCs' replies started apart (0 when all lines went into the same step).
     spread: f64,
+    /// Per step that carried generated tokens, averaged over the NPCs: seconds inside
+    /// llama.cpp's `decode`, and the runtime's own work around it (filling the batch, every
+    /// NPC's sampling, confidence, text, stop filter, guard and events).
+    decode_per_step: f64,
+    host_per_step: f64,
+    /// Per NPC and step: seconds picking the token, scoring its confidence, and turning it
+    /// into text (detokenizing, stop filter, guard, the delta event).
+    sampling_per_token: f64,
+    confidence_per_token: f64,
+    text_per_token: f64,
 }
 
 /// Sends `npcs` their saved states (`restore`, if any) and then the line, all at once: the
@@ -92,6 +109,8 @@ fn round(runtime: &Runtime, npcs: &[NpcId], restore: Option<&[PathBuf]>, line: &
     let mut started: Vec<std::time::Instant> = Vec::new();
     let mut seen = Vec::new();
     let mut done = 0;
+    let (mut decode, mut host, mut steps) = (0.0, 0.0, 0u32);
+    let (mut sampling, mut confidence, mut text) = (0.0, 0.0, 0.0);
     while done < requests.len() {
         match next(runtime) {
             Event::NpcLoaded {
@@ -107,6 +126,12 @@ fn round(runtime: &Runtime, npcs: &[NpcId], restore: Option<&[PathBuf]>, line: &
                 last = last.max(start + stats.generation_time.as_secs_f64());
                 tokens += stats.generated_tokens;
                 context = context.max(stats.prompt_tokens);
+                decode += stats.timing.decode.as_secs_f64();
+                host += stats.timing.step_host.as_secs_f64();
+                steps += stats.timing.steps;
+                sampling += stats.timing.sampling.as_secs_f64();
+                confidence += stats.timing.confidence.as_secs_f64();
+                text += (stats.timing.text + stats.timing.guard).as_secs_f64();
                 done += 1;
             }
             Event::Failed { error, .. } => panic!("{error}"),
@@ -118,11 +143,18 @@ fn round(runtime: &Runtime, npcs: &[NpcId], restore: Option<&[PathBuf]>, line: &
         (Some(a), Some(b)) => (*b - *a).as_secs_f64(),
         _ => 0.0,
     };
+    let sampled = tokens.max(1) as f64;
+    let steps = f64::from(steps.max(1));
     Round {
         tokens,
         seconds: last - first,
         context,
         spread,
+        decode_per_step: decode / steps,
+        host_per_step: host / steps,
+        sampling_per_token: sampling / sampled,
+        confidence_per_token: confidence / sampled,
+        text_per_token: text / sampled,
     }
 }
 
@@ -156,6 +188,15 @@ impl Group {
             }
         }
         Group { npcs, files }
+    }
+
+    /// Gives `runtime` (another runtime on the same model and context) the same NPCs, to
+    /// load the same saved states.
+    fn adopt(&self, runtime: &Runtime) {
+        for &npc in &self.npcs {
+            runtime.set_persona(npc, persona()).unwrap();
+            assert!(matches!(next(runtime), Event::PersonaAccepted { .. }));
+        }
     }
 
     /// NPCs `range` and their saved states.
@@ -338,6 +379,58 @@ fn measure(runtime: &Runtime, group: &Group, threads: u32, fa: bool, sequential:
     rows
 }
 
+/// Batched rounds on `parallel` (the default sampling threads) and `alone` (sampling on
+/// the worker thread), in interleaved pairs: per size, the median decode and host time per
+/// step of each, and the ratio of their host times (median of pairs).
+fn host_table(parallel: &Runtime, alone: &Runtime, group: &Group, threads: u32) {
+    let line = "Say every number from 1 to 300, separated by commas, and nothing else.";
+    let mut rows: Vec<Vec<(Round, Round)>> = SIZES.iter().map(|_| Vec::new()).collect();
+    for _ in 0..HOST_REPS {
+        for (&n, row) in SIZES.iter().zip(&mut rows) {
+            let (npcs, files) = group.slice(0..n);
+            let ours = round(parallel, npcs, Some(files), line);
+            let single = round(alone, npcs, Some(files), line);
+            row.push((ours, single));
+        }
+    }
+    let sampling = RuntimeConfig::new(model()).effective_sampling_threads();
+    println!(
+        "\nHost work per step (outside llama.cpp's decode), {threads} decode threads; \
+         {sampling} sampling threads vs 1; medians of {HOST_REPS} interleaved pairs:\n"
+    );
+    println!(
+        "| NPCs | decode per step (ms) | host per step (µs) | host share of the step | per NPC: sampling / confidence / text (µs) | host, sampling on the worker alone (µs) | host / host alone (range) |"
+    );
+    println!("|---|---:|---:|---:|---|---:|---|");
+    for (&n, row) in SIZES.iter().zip(&rows) {
+        let decode = median(row.iter().map(|(r, _)| r.decode_per_step).collect());
+        let host = median(row.iter().map(|(r, _)| r.host_per_step).collect());
+        let single = median(row.iter().map(|(_, s)| s.host_per_step).collect());
+        let part = |of: fn(&Round) -> f64| median(row.iter().map(|(r, _)| of(r)).collect()) * 1e6;
+        let parts = format!(
+            "{:.0} / {:.0} / {:.0}",
+            part(|r| r.sampling_per_token),
+            part(|r| r.confidence_per_token),
+            part(|r| r.text_per_token)
+        );
+        let ratios: Vec<f64> = row
+            .iter()
+            .map(|(r, s)| r.host_per_step / s.host_per_step)
+            .collect();
+        let (low, high) = ratios
+            .iter()
+            .fold((f64::MAX, 0f64), |(l, h), &r| (l.min(r), h.max(r)));
+        println!(
+            "| {n} | {:.1} | {:.0} | {:.2} % | {parts} | {:.0} | {:.2} ({low:.2}–{high:.2}) |",
+            decode * 1e3,
+            host * 1e6,
+            100.0 * host / (host + decode),
+            single * 1e6,
+            median(ratios.clone()),
+        );
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(at) = args.iter().position(|a| a == "--bare") {
@@ -367,8 +460,23 @@ fn main() {
     let runtime = Runtime::start(config.clone());
     assert!(matches!(next(&runtime), Event::ModelLoaded(_)));
     let group = Group::prepare(&runtime, 1, &dir);
-    let rows = measure(&runtime, &group, threads, false, true);
+    let host_only = std::env::var_os("NPC_BENCH_HOST_ONLY").is_some();
+    let rows = if host_only {
+        Vec::new()
+    } else {
+        measure(&runtime, &group, threads, false, true)
+    };
+    {
+        let alone = Runtime::start(config.clone().with_sampling_threads(1));
+        assert!(matches!(next(&alone), Event::ModelLoaded(_)));
+        group.adopt(&alone);
+        host_table(&runtime, &alone, &group, threads);
+    }
     drop(runtime);
+    if host_only {
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
+    }
 
     println!(
         "{}, {threads} threads, {GENERATE} greedy tokens per reply; medians of {REPS} \

@@ -1160,12 +1160,22 @@ fn four_replies(batched: bool, line: &str, tokens: u32) -> Vec<(String, usize)> 
             })
             .collect();
     }
-    let requests: Vec<RequestId> = (0..names.len())
-        .map(|index| runtime.say(NpcId(index as u64), line).unwrap())
+    let npcs: Vec<NpcId> = (0..names.len() as u64).map(NpcId).collect();
+    said_at_once(&runtime, &npcs, line)
+        .into_iter()
+        .map(|(text, stats)| (text, stats.generated_tokens))
+        .collect()
+}
+
+/// `line` said to every one of `npcs` at once; their replies (text, stats) in that order.
+fn said_at_once(runtime: &Runtime, npcs: &[NpcId], line: &str) -> Vec<(String, ReplyStats)> {
+    let requests: Vec<RequestId> = npcs
+        .iter()
+        .map(|&npc| runtime.say(npc, line).unwrap())
         .collect();
-    let mut replies = vec![None; names.len()];
+    let mut replies = vec![None; requests.len()];
     while replies.iter().any(Option::is_none) {
-        match next_event(&runtime) {
+        match next_event(runtime) {
             Event::Replied {
                 request,
                 text,
@@ -1173,7 +1183,7 @@ fn four_replies(batched: bool, line: &str, tokens: u32) -> Vec<(String, usize)> 
                 ..
             } => {
                 let at = requests.iter().position(|&r| r == request).unwrap();
-                replies[at] = Some((text, stats.generated_tokens));
+                replies[at] = Some((text, stats));
             }
             Event::Failed { error, .. } => panic!("{error}"),
             _ => {}
@@ -1203,6 +1213,52 @@ fn batched_replies_agree_with_solo_replies_on_their_first_16_tokens() {
         for (solo, batched) in solo.iter().zip(&batched) {
             assert_eq!(solo, batched, "{line}");
         }
+    }
+}
+
+/// Greedy replies (text, stats) of eight NPCs, the four shipped personas twice, to `line`,
+/// asked at once on a runtime whose steps sample on up to `threads` threads.
+fn eight_at_once(threads: u32, line: &str) -> Vec<(String, ReplyStats)> {
+    let runtime = start(
+        RuntimeConfig::new(common::model_path())
+            .with_slots(8)
+            .with_sampling_threads(threads),
+    );
+    let names = ["blacksmith", "innkeeper", "guard", "healer"];
+    for index in 0..8 {
+        let mut persona = greedy(names[index % names.len()]);
+        persona.sampling.max_tokens = Some(24);
+        accept(&runtime, NpcId(index as u64), persona);
+    }
+    let npcs: Vec<NpcId> = (0..8).map(NpcId).collect();
+    said_at_once(&runtime, &npcs, line)
+}
+
+#[test]
+fn npcs_sampled_on_several_threads_say_what_one_thread_picks() {
+    let _serial = common::serial();
+    // Eight NPCs generating together: two threads of four (one of them the worker), the
+    // blacksmith's action grammar among them; against the worker sampling all eight.
+    let line = "Good day! What can you tell me about this village?";
+    let threaded = eight_at_once(2, line);
+    let alone = eight_at_once(1, line);
+    for (index, ((text, stats), (alone_text, alone_stats))) in
+        threaded.iter().zip(&alone).enumerate()
+    {
+        assert_eq!(text, alone_text, "NPC {index}");
+        assert_eq!(stats.generated_tokens, alone_stats.generated_tokens);
+        // Every token after the first came from a decode that carried the one before it.
+        let (steps, generated) = (stats.timing.steps as usize, stats.generated_tokens);
+        assert!(
+            steps + 1 == generated || steps == generated,
+            "{steps} steps for {generated} tokens"
+        );
+        assert!(stats.timing.decode > Duration::ZERO && stats.timing.step_host > Duration::ZERO);
+        assert!(
+            stats.timing.step_host >= stats.timing.sampling,
+            "{:?}",
+            stats.timing
+        );
     }
 }
 

@@ -699,15 +699,24 @@ impl ReplySampler {
         }
     }
 
-    /// Picks the next token from the logits of batch entry `index` and accepts it into the
-    /// chain (and the grammar). `None` only if the grammar allows no token at all.
-    pub(crate) fn sample(
-        &mut self,
-        ctx: &llama_cpp_2::context::LlamaContext<'_>,
-        index: i32,
-    ) -> Option<llama_cpp_2::token::LlamaToken> {
+    /// Picks the next token from one batch entry's `logits` (one per vocabulary entry) and
+    /// accepts it into the chain (and the grammar). `None` only if the grammar allows no
+    /// token at all. It needs no context, so the NPCs of a step can sample on several
+    /// threads.
+    pub(crate) fn sample(&mut self, logits: &[f32]) -> Option<llama_cpp_2::token::LlamaToken> {
+        use llama_cpp_2::token::LlamaToken;
         use llama_cpp_2::token::data::LlamaTokenData;
         use llama_cpp_2::token::data_array::LlamaTokenDataArray;
+        // Every token, into the kept buffer (as llama.cpp's own candidate array holds them).
+        let every_token = |buffer: &mut Vec<LlamaTokenData>| {
+            let mut data = std::mem::take(buffer);
+            data.clear();
+            data.extend(logits.iter().enumerate().map(|(id, &logit)| {
+                #[allow(clippy::cast_possible_truncation, clippy::cast_possible_wrap)]
+                LlamaTokenData::new(LlamaToken(id as i32), logit, 0.0)
+            }));
+            LlamaTokenDataArray::new(data, false)
+        };
         let selected = |array: &LlamaTokenDataArray| {
             array
                 .selected
@@ -717,14 +726,13 @@ impl ReplySampler {
         };
         // The chain over the best candidates (or, without a bound, every token).
         let pick = |chain: &mut llama_cpp_2::sampling::LlamaSampler, buffer: &mut Vec<_>| {
-            let Some(k) = self.candidates else {
-                let mut all = ctx.token_data_array_ith(index);
-                all.apply_sampler(chain);
-                return selected(&all);
+            let mut array = match self.candidates {
+                Some(k) => {
+                    crate::logits::top_candidates(logits, k, buffer);
+                    LlamaTokenDataArray::new(std::mem::take(buffer), false)
+                }
+                None => every_token(buffer),
             };
-            let logits = ctx.get_logits_ith(index);
-            crate::logits::top_candidates(logits, k, buffer);
-            let mut array = LlamaTokenDataArray::new(std::mem::take(buffer), false);
             array.apply_sampler(chain);
             let token = selected(&array);
             *buffer = array.data;
@@ -743,10 +751,12 @@ impl ReplySampler {
                     Some(token) if allowed(grammar, token) => token,
                     _ => {
                         // The grammar refused the chain's pick: filter every token, then pick.
-                        let mut all = ctx.token_data_array_ith(index);
+                        let mut all = every_token(&mut self.buffer);
                         all.apply_sampler(grammar);
                         all.apply_sampler(&mut self.chain);
-                        selected(&all).filter(|&token| allowed(grammar, token))?
+                        let token = selected(&all).filter(|&token| allowed(grammar, token));
+                        self.buffer = all.data;
+                        token?
                     }
                 }
             }

@@ -305,6 +305,14 @@ pub struct ReplyTiming {
     /// The secret guard: checking the streamed text against the persona's secrets and the
     /// system prompt ([`guard`](crate::guard)).
     pub guard: Duration,
+    /// The `decode` calls that carried this reply's generated tokens: the steps `decode`
+    /// and `step_host` are summed over.
+    pub steps: u32,
+    /// Outside `decode` in those same calls: filling the batch, recording what it computed,
+    /// and picking, scoring and streaming the next token of every NPC in the call (a call
+    /// that carried several NPCs counts in full for each, like `decode`). Divided by
+    /// `steps`, the host time of a step; it overlaps `sampling`, `confidence` and `text`.
+    pub step_host: Duration,
 }
 
 impl ReplyTiming {

@@ -103,6 +103,11 @@ pub struct RuntimeConfig {
     /// Decode threads; `None` uses the machine's available cores. More threads than cores
     /// makes decoding several times slower, so do not oversubscribe.
     pub threads: Option<u32>,
+    /// Threads that pick the next tokens of a step's NPCs (sampler chain, action grammar,
+    /// confidence), at least 4 NPCs each; `None`: the machine's cores, at most 4. They run
+    /// between decodes, when llama.cpp's CPU threads have ended, so they do not compete
+    /// with them. `1` samples on the worker thread alone.
+    pub sampling_threads: Option<u32>,
     /// Context tokens per NPC conversation (persona + history + reply).
     pub context_size: u32,
     /// How many NPC conversations keep their KV cache in the context at once and can be
@@ -215,6 +220,7 @@ impl Default for RuntimeConfig {
         Self {
             model: ModelSource::default(),
             threads: None,
+            sampling_threads: None,
             context_size: 2048,
             slots: 4,
             batch_size: 512,
@@ -286,6 +292,23 @@ impl RuntimeConfig {
     pub fn with_threads(mut self, threads: u32) -> Self {
         self.threads = Some(threads);
         self
+    }
+
+    /// Sets the threads that sample a step's NPCs ([`RuntimeConfig::sampling_threads`]).
+    #[must_use]
+    pub fn with_sampling_threads(mut self, threads: u32) -> Self {
+        self.sampling_threads = Some(threads.max(1));
+        self
+    }
+
+    /// The sampling threads: the configured number, else the machine's cores, at most 4.
+    #[must_use]
+    pub fn effective_sampling_threads(&self) -> u32 {
+        self.sampling_threads.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map_or(1, |n| u32::try_from(n.get()).unwrap_or(u32::MAX))
+                .min(4)
+        })
     }
 
     /// Sets the context size per NPC conversation, in tokens.

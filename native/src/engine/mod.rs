@@ -207,6 +207,7 @@ fn serve(
         summarizer: Summarizer::new(threads),
         prewarm: VecDeque::new(),
         step_budget,
+        sampling_threads: config.effective_sampling_threads().max(1) as usize,
         stopping: Arc::clone(stopping),
         remote: config.remote.as_ref().and_then(RemoteReplies::new),
     };
@@ -326,6 +327,8 @@ struct Engine<'m, 'e> {
     /// Most prompt tokens one step takes ([`RuntimeConfig::max_step_time`]); `None`: no
     /// limit but the batch.
     step_budget: Option<StepBudget>,
+    /// Threads that sample a step's NPCs ([`RuntimeConfig::sampling_threads`]).
+    sampling_threads: usize,
     /// Set when the game drops the runtime: a step of two decodes stops after the first.
     stopping: Arc<AtomicBool>,
     /// Replies the inference server generates ([`RuntimeConfig::remote`]); `None` without
