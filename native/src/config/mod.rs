@@ -304,11 +304,8 @@ impl RuntimeConfig {
     /// The sampling threads: the configured number, else the machine's cores, at most 4.
     #[must_use]
     pub fn effective_sampling_threads(&self) -> u32 {
-        self.sampling_threads.unwrap_or_else(|| {
-            std::thread::available_parallelism()
-                .map_or(1, |n| u32::try_from(n.get()).unwrap_or(u32::MAX))
-                .min(4)
-        })
+        self.sampling_threads
+            .unwrap_or_else(|| available_cores().min(4))
     }
 
     /// Sets the context size per NPC conversation, in tokens.
@@ -464,10 +461,7 @@ impl RuntimeConfig {
     /// Threads to use: the configured number, else the available cores.
     #[must_use]
     pub fn effective_threads(&self) -> u32 {
-        self.threads.unwrap_or_else(|| {
-            std::thread::available_parallelism()
-                .map_or(1, |n| u32::try_from(n.get()).unwrap_or(u32::MAX))
-        })
+        self.threads.unwrap_or_else(available_cores)
     }
 
     /// Tokens per model pass: the configured number, else 512 with layers on a GPU and
@@ -553,4 +547,9 @@ pub(crate) fn default_cache_dir() -> PathBuf {
         .unwrap_or_else(std::env::temp_dir)
         .join("bevy_npc_ai")
         .join("compressed-lore")
+}
+
+/// The cores this process may use (1 when the system cannot say).
+fn available_cores() -> u32 {
+    std::thread::available_parallelism().map_or(1, |n| u32::try_from(n.get()).unwrap_or(u32::MAX))
 }
