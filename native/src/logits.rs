@@ -11,9 +11,10 @@
 use llama_cpp_2::token::LlamaToken;
 use llama_cpp_2::token::data::LlamaTokenData;
 
-/// Logits more than this far below the best one are left out of the normalizer: each weighs
-/// at most e⁻²⁴ ≈ 4·10⁻¹¹ of the best token, 6·10⁻⁶ of it summed over 151,936 entries, so
-/// the log-probability and the entropy move by under 10⁻⁵ nats.
+/// Logits more than this far below the best one count in the normalizer as if they were
+/// exactly this far below (so the exponential needs no range check): each weighs at most
+/// e⁻²⁴ ≈ 4·10⁻¹¹ of the best token, 6·10⁻⁶ of it summed over 151,936 entries, so the
+/// log-probability moves by under 10⁻⁵ nats and the entropy by under 2·10⁻⁴.
 pub(crate) const NEGLIGIBLE_LOGIT: f32 = 24.0;
 
 /// Lanes the passes below work in (the compiler maps them onto SIMD registers).
@@ -52,15 +53,22 @@ fn exp_negative(x: f32) -> f32 {
     // Round to nearest by adding and removing 1.5·2²³ (no libm call, so it vectorizes on any
     // x86-64; `f32::round` needs SSE4.1 to be inlined).
     const ROUND: f32 = 12_582_912.0;
-    let n = (x * LOG2E + ROUND) - ROUND;
+    let rounded = x * LOG2E + ROUND;
+    let n = rounded - ROUND;
     let r = (x - n * LN2_HI) - n * LN2_LO;
     let p = 1.0
         + r * (1.0
             + r * (1.0 / 2.0
                 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    // n ≥ -35 here, so the biased exponent stays in range.
-    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // `rounded` is ROUND + n exactly (its unit in the last place is 1), so its low bits hold
+    // n: 2^n comes from integer operations alone. A float-to-integer cast (`n as i32`)
+    // saturates and checks for NaN in Rust, which kept this loop from vectorizing and made
+    // the whole scan 2.6x slower. n ≥ -35 here, so the biased exponent stays in range.
+    let biased = rounded
+        .to_bits()
+        .wrapping_sub(ROUND.to_bits())
+        .wrapping_add(127);
+    let scale = f32::from_bits(biased << 23);
     p * scale
 }
 
@@ -69,7 +77,7 @@ fn exp_negative(x: f32) -> f32 {
 pub(crate) struct LogitScan {
     /// The largest logit.
     pub(crate) max: f32,
-    /// `log Σ exp(logit - max)` over the logits within [`NEGLIGIBLE_LOGIT`] of the max.
+    /// `log Σ exp(logit - max)`, each logit at most [`NEGLIGIBLE_LOGIT`] below the max.
     pub(crate) log_z: f64,
     /// Entropy of the distribution, in nats.
     pub(crate) entropy: f64,
@@ -87,11 +95,10 @@ impl LogitScan {
         let mut weighted = [0f32; LANES];
         let floor = -NEGLIGIBLE_LOGIT;
         let term = |logit: f32| {
-            let d = logit - max;
-            // NaN and far-below logits weigh nothing; `d.max(floor)` keeps exp in range.
-            let keep = if d > floor { 1.0 } else { 0.0 };
-            let e = exp_negative(d.max(floor)) * keep;
-            (e, e * d.max(floor))
+            // Far-below logits (and NaN, which `max` drops) count as `floor` below the best.
+            let d = (logit - max).max(floor);
+            let e = exp_negative(d);
+            (e, e * d)
         };
         let mut chunks = logits.chunks_exact(LANES);
         for chunk in &mut chunks {

@@ -5,7 +5,7 @@ use crate::types::ReplyConfidence;
 
 /// Log-probability of `token` and the entropy (nats) of the distribution given by `logits`.
 /// `None` when the token is out of range or the logits are not finite. Logits more than 24
-/// below the best are left out of the sums (together they weigh less than 10⁻⁵ of it).
+/// below the best count as 24 below it (together they weigh less than 10⁻⁵ of it).
 #[must_use]
 pub fn token_logprob_entropy(logits: &[f32], token: usize) -> Option<(f32, f32)> {
     let chosen = *logits.get(token)?;
