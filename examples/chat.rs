@@ -135,13 +135,19 @@ fn main() -> ExitCode {
     };
     let runtime = Runtime::start(args.config);
     match runtime.events().recv() {
-        Ok(Event::ModelLoaded(info)) => eprintln!(
-            "[model {} loaded in {:.1}s: {} threads, {} context tokens]",
-            info.path.display(),
-            info.load_time.as_secs_f64(),
-            info.threads,
-            info.context_per_npc
-        ),
+        Ok(Event::ModelLoaded(info)) => {
+            eprintln!(
+                "[model {} loaded in {:.1}s on {}: {} threads, {} context tokens]",
+                info.path.display(),
+                info.load_time.as_secs_f64(),
+                info.device,
+                info.threads,
+                info.context_per_npc
+            );
+            if let Some(reason) = &info.cpu_fallback {
+                eprintln!("[running on the CPU: {reason}]");
+            }
+        }
         Ok(Event::ModelFailed(err)) => {
             eprintln!("chat: {err}");
             return ExitCode::FAILURE;

@@ -321,6 +321,26 @@ fn npcs_reply_concurrently_in_one_batch() {
     }
 }
 
+/// A game that asks for GPU layers from a build without a GPU backend still runs, on the
+/// CPU, and is told why. (`tests/gpu.rs` forces the other fallback, a Vulkan build on a
+/// machine without a Vulkan driver.)
+#[cfg(not(any(feature = "cuda", feature = "vulkan", feature = "metal")))]
+#[test]
+fn gpu_layers_asked_of_a_cpu_build_run_on_the_cpu_and_say_why() {
+    let _serial = common::serial();
+    let runtime = Runtime::start(RuntimeConfig::new(common::model_path()).with_gpu_layers(99));
+    let Ok(Event::ModelLoaded(info)) = runtime.events().recv_timeout(WAIT) else {
+        panic!("model did not load")
+    };
+    assert_eq!((info.gpu_layers, info.device.as_str()), (0, "CPU"));
+    let reason = info.cpu_fallback.expect("the fallback says why");
+    assert!(reason.contains("no GPU backend"), "{reason}");
+    let npc = NpcId(1);
+    accept(&runtime, npc, greedy("blacksmith"));
+    let (text, stats) = reply(&runtime, npc, "Good morning!");
+    assert!(!text.is_empty() && stats.generated_tokens > 0);
+}
+
 #[test]
 fn threads_default_to_the_available_cores() {
     let _serial = common::serial();
@@ -331,6 +351,8 @@ fn threads_default_to_the_available_cores() {
     let cores = std::thread::available_parallelism().unwrap().get() as u32;
     assert_eq!(info.threads, cores);
     assert_eq!(info.gpu_layers, 0, "a CPU build offloads nothing");
+    assert_eq!(info.device, "CPU");
+    assert_eq!(info.cpu_fallback, None, "no GPU layer was asked for");
     assert!(
         info.has_chat_template,
         "SmolLM2 carries its ChatML template"
@@ -393,6 +415,16 @@ fn a_truncated_gguf_is_reported_not_aborted() {
 fn an_invalid_configuration_is_reported() {
     let error = model_failure(RuntimeConfig::new(common::model_path()).with_threads(0));
     assert!(matches!(error, ModelError::Config(_)), "{error}");
+    // A quantized KV cache without flash attention would make llama.cpp fail the context.
+    let error = model_failure(
+        RuntimeConfig::new(common::model_path())
+            .with_kv_precision(npc_native::KvPrecision::Q8_0)
+            .with_flash_attention(false),
+    );
+    assert!(
+        matches!(&error, ModelError::Config(field) if field.to_string().contains("flash_attention")),
+        "{error}"
+    );
 }
 
 #[test]
@@ -1169,27 +1201,7 @@ fn four_replies(batched: bool, line: &str, tokens: u32) -> Vec<(String, usize)> 
 
 /// `line` said to every one of `npcs` at once; their replies (text, stats) in that order.
 fn said_at_once(runtime: &Runtime, npcs: &[NpcId], line: &str) -> Vec<(String, ReplyStats)> {
-    let requests: Vec<RequestId> = npcs
-        .iter()
-        .map(|&npc| runtime.say(npc, line).unwrap())
-        .collect();
-    let mut replies = vec![None; requests.len()];
-    while replies.iter().any(Option::is_none) {
-        match next_event(runtime) {
-            Event::Replied {
-                request,
-                text,
-                stats,
-                ..
-            } => {
-                let at = requests.iter().position(|&r| r == request).unwrap();
-                replies[at] = Some((text, stats));
-            }
-            Event::Failed { error, .. } => panic!("{error}"),
-            _ => {}
-        }
-    }
-    replies.into_iter().map(Option::unwrap).collect()
+    common::replies_at_once(runtime, npcs, line, WAIT)
 }
 
 #[test]

@@ -334,8 +334,17 @@ pub struct ModelInfo {
     pub slots: u32,
     /// Threads used for decoding.
     pub threads: u32,
-    /// Layers offloaded to a GPU.
+    /// Layers offloaded to a GPU: 0 on the CPU. With
+    /// [`RuntimeConfig::gpu_layers`](crate::RuntimeConfig::gpu_layers) unset on a GPU build,
+    /// the layers that fit the device's free memory beside the KV cache.
     pub gpu_layers: u32,
+    /// Where the model runs: `"CPU"`, or the GPU as llama.cpp names it, e.g.
+    /// `"Vulkan0 (AMD Radeon RX 7600 (RADV NAVI33))"`.
+    pub device: String,
+    /// Why the model runs on the CPU although GPU layers were asked for (no GPU backend
+    /// compiled in, no device found, the model or its KV cache did not fit, the load on the
+    /// device failed); `None` when it runs where it was asked to.
+    pub cpu_fallback: Option<String>,
     /// `false` if the GGUF had no chat template and ChatML was used instead.
     pub has_chat_template: bool,
     /// Time spent loading.

@@ -101,3 +101,48 @@ pub fn hold(runtime: &npc_native::Runtime) -> crossbeam_channel::Sender<()> {
         .expect("the worker takes requests");
     open
 }
+
+/// The worker's next event within `wait`, passing over [`npc_native::Event::Prewarmed`].
+pub fn next_event(runtime: &npc_native::Runtime, wait: std::time::Duration) -> npc_native::Event {
+    loop {
+        match runtime
+            .events()
+            .recv_timeout(wait)
+            .expect("the worker answers in time")
+        {
+            npc_native::Event::Prewarmed { .. } => {}
+            event => return event,
+        }
+    }
+}
+
+/// The replies to `line` of every NPC in `npcs`, asked at once (so they decode together),
+/// in the order of `npcs`; panics on a failed reply.
+pub fn replies_at_once(
+    runtime: &npc_native::Runtime,
+    npcs: &[npc_native::NpcId],
+    line: &str,
+    wait: std::time::Duration,
+) -> Vec<(String, npc_native::ReplyStats)> {
+    let requests: Vec<_> = npcs
+        .iter()
+        .map(|&npc| runtime.say(npc, line).unwrap())
+        .collect();
+    let mut replies = vec![None; requests.len()];
+    while replies.iter().any(Option::is_none) {
+        match next_event(runtime, wait) {
+            npc_native::Event::Replied {
+                request,
+                text,
+                stats,
+                ..
+            } => {
+                let at = requests.iter().position(|&r| r == request).unwrap();
+                replies[at] = Some((text, stats));
+            }
+            npc_native::Event::Failed { error, .. } => panic!("{error}"),
+            _ => {}
+        }
+    }
+    replies.into_iter().map(Option::unwrap).collect()
+}

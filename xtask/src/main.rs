@@ -10,6 +10,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
+mod gpu;
 mod models;
 mod voice;
 
@@ -49,6 +50,10 @@ commands:
   soak [--minutes N] [--seed S]  setup, build llama-server, then the soak run: 32 NPCs on
           the test model with faults injected and every invariant checked (3 minutes by
           default; `cargo xtask test` runs that short form)
+  gpu-check  setup, then build the `vulkan` feature (installing the Vulkan build tools and
+          pinned Vulkan headers) and run tests/gpu.rs on this machine's Vulkan driver (Mesa's
+          software lavapipe without a GPU): full offload, greedy text against the CPU,
+          batching, save/load, and the CPU fallback without a driver (args go to the tests)
   llama-server  build (cached) llama.cpp's llama-server for the cloud tests; print its path";
 
 fn main() -> ExitCode {
@@ -77,6 +82,7 @@ fn main() -> ExitCode {
             setup(&models).and_then(|()| models.iter().try_for_each(eval))
         }),
         "soak" => setup(&with_default(vec![TEST_MODEL])).and_then(|()| soak(&rest)),
+        "gpu-check" => setup(&with_default(vec![TEST_MODEL])).and_then(|()| gpu::check(&rest)),
         "llama-server" => ensure_llama_server().map(|path| println!("{}", path.display())),
         _ => {
             eprintln!("{USAGE}");
@@ -164,7 +170,7 @@ fn with_default(named: Vec<CatalogModel>) -> Vec<CatalogModel> {
 
 fn setup(models: &[CatalogModel]) -> Result {
     let steps = 1 + models.len();
-    let missing = missing_apt_packages();
+    let missing = missing_apt_packages(APT_PACKAGES);
     if missing.is_empty() {
         step(1, steps, "system packages", "already installed");
     } else {
@@ -194,8 +200,9 @@ fn setup(models: &[CatalogModel]) -> Result {
     Ok(())
 }
 
-fn missing_apt_packages() -> Vec<&'static str> {
-    APT_PACKAGES
+/// The `packages` dpkg does not list as installed.
+fn missing_apt_packages(packages: &[&'static str]) -> Vec<&'static str> {
+    packages
         .iter()
         .copied()
         .filter(|package| {

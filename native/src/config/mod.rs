@@ -123,8 +123,11 @@ pub struct RuntimeConfig {
     /// cores prompt processing is as fast at 128 as at 512 (`llama-bench -ub`, docs/guide.md
     /// "Models"), so CPU runs take the smaller buffer; GPUs gain from larger passes.
     pub ubatch_size: Option<u32>,
-    /// Layers offloaded to the GPU; `None` means all of them when a GPU backend (`cuda`,
-    /// `vulkan`, `metal`) is compiled in, and none otherwise.
+    /// Layers offloaded to the GPU. `None`: on a build with a GPU backend (`cuda`, `vulkan`,
+    /// `metal`), as many as fit the device's free memory beside the KV cache and compute
+    /// buffers (llama.cpp's fit, leaving 512 MiB for the game); none on a CPU build. When
+    /// the GPU cannot be used (no device, out of memory, a failed load), the model runs on
+    /// the CPU and [`ModelInfo::cpu_fallback`](crate::ModelInfo::cpu_fallback) says why.
     pub gpu_layers: Option<u32>,
     /// Sampling defaults; personas override them field by field.
     pub sampling: SamplingParams,
@@ -171,6 +174,12 @@ pub struct RuntimeConfig {
     pub eviction_dir: Option<PathBuf>,
     /// Number format of the KV cache (see [`KvPrecision`]).
     pub kv_precision: KvPrecision,
+    /// Flash attention on or off; `None` (the default) leaves it to llama.cpp (on where the
+    /// device supports it), except that [`reproducible_batching`](Self::reproducible_batching)
+    /// turns it off on the CPU. A quantized KV cache needs it on. Off is a way round a
+    /// driver whose flash-attention kernels fail: Mesa 22.3's software Vulkan driver
+    /// (lavapipe) crashed in them with several NPCs in a batch (`cargo xtask gpu-check`).
+    pub flash_attention: Option<bool>,
     /// Make an NPC's reply independent of which other NPCs are decoded in the same steps
     /// (on by default): with the same seed, a reply is the same token for token whether its
     /// NPC speaks alone or beside others.
@@ -239,6 +248,7 @@ impl Default for RuntimeConfig {
             eviction_dir: None,
             reproducible_batching: true,
             kv_precision: KvPrecision::F16,
+            flash_attention: None,
             preamble: String::new(),
             escalation: escalation::EscalationConfig::default(),
             remote: None,
@@ -405,7 +415,15 @@ impl RuntimeConfig {
     pub fn reproducible_batching_applies(&self) -> bool {
         self.reproducible_batching
             && self.kv_precision == KvPrecision::F16
+            && self.flash_attention != Some(true)
             && self.effective_gpu_layers() == 0
+    }
+
+    /// Turns flash attention on or off (see [`flash_attention`](Self::flash_attention)).
+    #[must_use]
+    pub fn with_flash_attention(mut self, on: bool) -> Self {
+        self.flash_attention = Some(on);
+        self
     }
 
     /// Turns [`reproducible_batching`](Self::reproducible_batching) on or off.
@@ -483,7 +501,8 @@ impl RuntimeConfig {
         self
     }
 
-    /// Layers to offload: the configured number, else all (GPU build) or none (CPU build).
+    /// Layers to offload as far as the configuration says: the configured number, else all
+    /// (GPU build; the load fits them to the device) or none (CPU build).
     #[must_use]
     pub fn effective_gpu_layers(&self) -> u32 {
         self.gpu_layers
@@ -497,6 +516,12 @@ impl RuntimeConfig {
     pub fn validate(&self) -> Result<(), FieldError> {
         if self.threads == Some(0) {
             return Err(FieldError::new("threads", "must be at least 1"));
+        }
+        if self.flash_attention == Some(false) && self.kv_precision != KvPrecision::F16 {
+            return Err(FieldError::new(
+                "flash_attention",
+                "a quantized KV cache (kv_precision Q8_0 or Q4_0) needs flash attention on",
+            ));
         }
         if self.context_size < 64 {
             return Err(FieldError::new(

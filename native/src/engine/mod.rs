@@ -25,17 +25,16 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError, select};
 use llama_cpp_2::context::LlamaContext;
-use llama_cpp_2::context::params::KvCacheType;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::LlamaModel;
 
 use crate::actions;
-use crate::config::{KvPrecision, RuntimeConfig};
+use crate::config::RuntimeConfig;
 use crate::escalation::Escalator;
 use crate::kv::cache::{DiskConfig, KvCacheManager, probe_layout};
 use crate::kv::persist::{self, StateIdentity};
 use crate::llama::prompt::PromptBuilder;
-use crate::llama::{self, FLASH_ATTENTION_DISABLED, FLASH_ATTENTION_ENABLED, backend};
+use crate::llama::{self, backend};
 use crate::mind::summarizer::Summarizer;
 use crate::protocol::{DebugHook, Event, ModelError, ModelInfo, NpcError, NpcId, Request};
 
@@ -84,13 +83,21 @@ fn serve(
     }
     let loaded = config
         .model_file()
-        .and_then(|path| Ok((llama::load_model(config, &path, stopping)?, path)));
-    let (model, model_path) = match loaded {
+        .and_then(|path| Ok((llama::load_placed(config, &path, stopping)?, path)));
+    let (placed, model_path) = match loaded {
         Ok(loaded) => loaded,
         // The game is quitting: the load was abandoned, nobody waits for its outcome.
         Err(_) if stopping.load(Ordering::Relaxed) => return,
         Err(error) => return serve_without_model(&error, inbox, events),
     };
+    let llama::Placed {
+        model,
+        config,
+        device,
+        cpu_fallback,
+    } = placed;
+    // From here on, the configuration as placed: its `gpu_layers` are the ones loaded.
+    let config = &config;
     let catalog = model_path
         .file_name()
         .and_then(|name| crate::catalog::by_file_name(&name.to_string_lossy()));
@@ -98,33 +105,7 @@ fn serve(
         llama::check_catalog_expectations(&model, entry);
     }
     let threads = config.effective_threads();
-    let params = llama::context_params(
-        config.context_size * config.slots,
-        config.batch_size,
-        config.effective_ubatch_size(),
-        config.slots,
-        threads,
-    )
-    .with_kv_unified(false);
-    let params = match config.kv_precision {
-        // llama.cpp's CPU flash attention takes a different kernel for one sequence's single
-        // query (the keys split across threads) than for several sequences at once.
-        KvPrecision::F16 if config.reproducible_batching_applies() => {
-            params.with_flash_attention_policy(FLASH_ATTENTION_DISABLED)
-        }
-        KvPrecision::F16 => params,
-        // Quantized V needs flash attention; K follows V so both halves shrink alike.
-        precision => {
-            let kind = match precision {
-                KvPrecision::Q4_0 => KvCacheType::Q4_0,
-                _ => KvCacheType::Q8_0,
-            };
-            params
-                .with_flash_attention_policy(FLASH_ATTENTION_ENABLED)
-                .with_type_k(kind)
-                .with_type_v(kind)
-        }
-    };
+    let params = llama::worker_context_params(config);
     // Each step below takes from milliseconds to a second on a large context: a game that
     // quits meanwhile is not kept waiting for the rest.
     if stopping.load(Ordering::Relaxed) {
@@ -166,6 +147,8 @@ fn serve(
         slots: config.slots,
         threads,
         gpu_layers: config.effective_gpu_layers().min(model.n_layer() + 1),
+        device,
+        cpu_fallback,
         has_chat_template: prompts.has_model_template,
         load_time: started.elapsed(),
     };

@@ -1,6 +1,7 @@
 //! llama.cpp, behind the few calls the runtime makes: the process-wide backend, model
 //! loading with the checks llama.cpp does not make, and context parameters.
 
+mod device;
 mod model;
 pub(crate) mod prompt;
 
@@ -8,12 +9,15 @@ use std::num::NonZeroU32;
 use std::sync::OnceLock;
 
 use llama_cpp_2::context::LlamaContext;
-use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::context::params::{KvCacheType, LlamaContextParams};
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::LlamaModel;
 
+pub(crate) use device::{Placed, load_placed};
 pub(crate) use model::{check_catalog_expectations, load_model};
+
+use crate::config::{KvPrecision, RuntimeConfig};
 
 /// llama.cpp's `LLAMA_FLASH_ATTN_TYPE_ENABLED`.
 pub(crate) const FLASH_ATTENTION_ENABLED: i32 = 1;
@@ -46,6 +50,42 @@ pub(crate) fn context_params(
         .with_n_ubatch(ubatch)
         .with_n_threads(threads)
         .with_n_threads_batch(threads)
+}
+
+/// The worker's context for `config`: every slot's conversation, kept apart (not unified),
+/// with the KV precision's and the flash-attention setting's attention kernels.
+pub(crate) fn worker_context_params(config: &RuntimeConfig) -> LlamaContextParams {
+    let params = context_params(
+        config.context_size * config.slots,
+        config.batch_size,
+        config.effective_ubatch_size(),
+        config.slots,
+        config.effective_threads(),
+    )
+    .with_kv_unified(false);
+    match config.kv_precision {
+        // llama.cpp's CPU flash attention takes a different kernel for one sequence's single
+        // query (the keys split across threads) than for several sequences at once.
+        KvPrecision::F16 if config.reproducible_batching_applies() => {
+            params.with_flash_attention_policy(FLASH_ATTENTION_DISABLED)
+        }
+        KvPrecision::F16 => match config.flash_attention {
+            Some(true) => params.with_flash_attention_policy(FLASH_ATTENTION_ENABLED),
+            Some(false) => params.with_flash_attention_policy(FLASH_ATTENTION_DISABLED),
+            None => params,
+        },
+        // Quantized V needs flash attention; K follows V so both halves shrink alike.
+        precision => {
+            let kind = match precision {
+                KvPrecision::Q4_0 => KvCacheType::Q4_0,
+                _ => KvCacheType::Q8_0,
+            };
+            params
+                .with_flash_attention_policy(FLASH_ATTENTION_ENABLED)
+                .with_type_k(kind)
+                .with_type_v(kind)
+        }
+    }
 }
 
 /// One throwaway decode at load time, so the first player line does not pay for llama.cpp's
