@@ -8,8 +8,15 @@
 //! example built with the `demo` feature:
 //! `cargo test --release -p bevy_npc_ai --features demo --test rpg_screenshot`.
 //! With `NPC_AI_UPDATE_SCREENSHOT=1` the picture is also copied to `docs/rpg.png`.
+//!
+//! With the `cloud` feature as well (as `cargo xtask test` builds it), the same scripted visit
+//! runs with `--remote` against a real `llama-server` serving the default model, and the
+//! blacksmith's reply must come from the server.
 
 mod common;
+#[cfg(feature = "cloud")]
+#[path = "common/servers.rs"]
+mod servers;
 
 use std::fs::File;
 use std::io::BufReader;
@@ -154,4 +161,44 @@ fn the_scripted_demo_draws_the_village_and_a_speech_bubble_with_text() {
         std::fs::create_dir_all(&docs).unwrap();
         std::fs::copy(&shot, docs.join("rpg.png")).unwrap();
     }
+}
+
+/// `--remote`: the villagers' replies come from a real `llama-server` (the default model),
+/// while the demo runs as it does on the local model.
+#[cfg(feature = "cloud")]
+#[test]
+fn the_scripted_demo_talks_through_an_inference_server_with_remote() {
+    let _serial = common::serial();
+    // Two slots of 2,048 tokens: the demo's context is 1,536 per NPC, and the blacksmith and
+    // a chattering villager may ask at once.
+    let server =
+        servers::LlamaServer::start_serving(&common::default_model_path(), None, 1, 2, 4096);
+    let dir = common::scratch_dir("rpg-remote");
+    let shot = dir.join("rpg.png");
+    let output = Command::new("xvfb-run")
+        .args(["-a", "-s", "-screen 0 1280x720x24"])
+        .arg(common::example_binary("rpg"))
+        .arg("--script")
+        .arg(&shot)
+        .args(["--threads", "1", "--remote"])
+        .arg(server.base_url())
+        .env("WGPU_BACKEND", "vulkan")
+        .output()
+        .expect("xvfb-run runs (cargo xtask setup installs it)");
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "the demo failed:\n{log}");
+    let note = std::fs::read_to_string(shot.with_extension("txt")).expect("bubble note");
+    println!("{note}");
+    let line = |key: &str| {
+        note.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert_eq!(line("source "), "Some(Remote)", "{note}");
+    let shown = line("shown ");
+    assert!(
+        shown.chars().any(char::is_alphanumeric),
+        "the bubble shows the server's reply: {note}"
+    );
 }

@@ -6,7 +6,7 @@
 use bevy::platform::collections::HashSet;
 use bevy::prelude::*;
 use bevy_npc_ai::RuntimeHandle;
-use bevy_npc_ai::npc_native::{NpcId, Priority, SayOptions};
+use bevy_npc_ai::npc_native::{NpcId, Priority, ReplySource, SayOptions};
 use bevy_npc_ai::prelude::*;
 
 /// How close the player must be to talk (world units).
@@ -189,6 +189,8 @@ pub struct DebugStats {
     pub pending: usize,
     /// Actions requested, approved.
     pub actions: (u32, u32),
+    /// Where the last reply came from (the local model, an inference server, ...).
+    pub source: Option<ReplySource>,
 }
 
 /// A scripted session (for the screenshot run): steps run in order, one at a time.
@@ -573,6 +575,7 @@ fn reply_done(
     stats.tokens_per_second = reply.stats.tokens_per_second();
     stats.cached_tokens = reply.stats.cached_tokens;
     stats.prompt_tokens = reply.stats.prompt_tokens;
+    stats.source = Some(reply.stats.source);
     if let Ok(mut bubble) = bubbles.get_mut(reply.entity) {
         bubble.streaming = false;
         bubble.finished_this_frame = true;

@@ -561,7 +561,7 @@ fn scripted_screenshot(
     mut commands: Commands,
     plan: Option<ResMut<ScreenshotPlan>>,
     script: Option<Res<Script>>,
-    conversation: Res<Conversation>,
+    (conversation, stats): (Res<Conversation>, Res<DebugStats>),
     backgrounds: Query<(&BubbleBackground, &Transform, &Sprite)>,
     texts: Query<(&BubbleText, &Text2d)>,
     mut exit: MessageWriter<AppExit>,
@@ -602,7 +602,7 @@ fn scripted_screenshot(
         .map(|(_, text)| text.0.replace('\n', " "))
         .unwrap_or_default();
     let note = format!(
-        "bubble {} {} {} {}\ntext_rgb {} {} {}\nshown {shown}\n",
+        "bubble {} {} {} {}\ntext_rgb {} {} {}\nshown {shown}\nsource {:?}\n",
         left.round(),
         top.round(),
         size.x.round(),
@@ -610,6 +610,7 @@ fn scripted_screenshot(
         BUBBLE_TEXT_RGB[0],
         BUBBLE_TEXT_RGB[1],
         BUBBLE_TEXT_RGB[2],
+        stats.source,
     );
     if let Err(err) = std::fs::write(plan.path.with_extension("txt"), note) {
         error!("cannot write the bubble note: {err}");

@@ -314,13 +314,14 @@ fn soak(args: &[String]) -> Result {
 /// The RPG demo in a real (virtual) window: builds it with its rendering features, runs it
 /// under Xvfb with a scripted conversation and checks the screenshot it saves.
 fn test_rpg_screenshot(args: &[String]) -> Result {
+    let server = ensure_llama_server()?;
     run(cargo().args([
         "build",
         "--release",
         "-p",
         "bevy_npc_ai",
         "--features",
-        "demo",
+        "demo,cloud",
         "--example",
         "rpg",
     ]))?;
@@ -331,9 +332,10 @@ fn test_rpg_screenshot(args: &[String]) -> Result {
             "-p",
             "bevy_npc_ai",
             "--features",
-            "demo",
+            "demo,cloud",
         ])
         .args(["--test", "rpg_screenshot"])
+        .env(LLAMA_SERVER_ENV, &server)
         .args(args))
 }
 

@@ -137,7 +137,9 @@ fn gpu_device() -> Option<String> {
 
 /// The layers of the model at `path` that fit the GPUs' free memory beside the worker's KV
 /// cache and compute buffers (llama.cpp's own fit, which measures them without allocating);
-/// `u32::MAX` when all of them do.
+/// `u32::MAX` when all of them do. The fit puts its own log callback in llama.cpp's
+/// process-wide slot while it runs and restores the previous one after; a second runtime
+/// loading at the same moment logs through it meanwhile.
 fn fitted_layers(config: &RuntimeConfig, path: &Path) -> Result<u32, String> {
     let path = CString::new(path.as_os_str().as_encoded_bytes())
         .map_err(|_| "the model path holds a NUL byte".to_owned())?;
