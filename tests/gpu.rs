@@ -9,7 +9,8 @@
 //! - several NPCs decode together, and a saved state loads back and is reused;
 //! - (`tests/gpu_logits.rs`: the device's logits are the CPU's along a greedy reply);
 //! - without a Vulkan driver the model runs on the CPU and says why (a child process, since
-//!   llama.cpp looks for devices once per process).
+//!   llama.cpp looks for devices once per process);
+//! - a file that is not a model is reported, as on the CPU.
 
 mod common;
 
@@ -169,4 +170,17 @@ fn no_driver_child() {
     accept(&runtime, NpcId(1), greedy("blacksmith", 8));
     let (text, _) = replies(&runtime, &[NpcId(1)], "Hello!").remove(0);
     assert!(!text.is_empty(), "the CPU answers");
+}
+
+/// A file that is not a model is reported as on the CPU build (the runtime checks it before
+/// llama.cpp's fit or load reads it), not retried on the CPU and not an abort.
+#[test]
+fn a_file_that_is_not_gguf_is_reported_on_a_gpu_build() {
+    let path = common::scratch_dir("gpu-not-gguf").join("model.gguf");
+    std::fs::write(&path, "this is a text file, not a model").unwrap();
+    let runtime = Runtime::start(RuntimeConfig::new(&path));
+    match runtime.events().recv_timeout(WAIT) {
+        Ok(Event::ModelFailed(npc_native::ModelError::NotGguf(_))) => {}
+        other => panic!("expected NotGguf, got {other:?}"),
+    }
 }

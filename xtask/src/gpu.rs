@@ -123,6 +123,11 @@ fn vulkan_sdk() -> Result<PathBuf> {
     fs::rename(unpacked.join("usr/include"), staged.join("include"))
         .map_err(|e| format!("the package holds no headers: {e}"))?;
     let glslc = find_on_path("glslc").ok_or("glslc is not installed")?;
+    if !Path::new(SYSTEM_LOADER).is_file() {
+        return Err(format!(
+            "no Vulkan loader at {SYSTEM_LOADER}: the check is written for x86-64 Debian"
+        ));
+    }
     let link = |from: &Path, to: PathBuf| {
         std::os::unix::fs::symlink(from, &to).map_err(|e| format!("{}: {e}", to.display()))
     };

@@ -15,6 +15,7 @@ use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::{LlamaBackendDeviceType, list_llama_ggml_backend_devices};
 
+use super::model::check_gguf;
 use super::{backend, load_model, worker_context_params};
 use crate::config::{GPU_BACKEND, RuntimeConfig};
 use crate::types::ModelError;
@@ -77,8 +78,10 @@ pub(crate) fn load_placed(
     let Some(gpu) = gpu_device() else {
         return on_cpu(Some(format!("the {backend_name} backend found no GPU")));
     };
-    // Checked here too: a fit and a load would fail on bad settings with a worse message.
+    // Checked before the fit reads the file, as before any load: a fit and a load would fail
+    // on bad settings with a worse message, and llama.cpp aborts on some bad files.
     config.validate().map_err(ModelError::Config)?;
+    check_gguf(path)?;
     let layers = match config.gpu_layers {
         Some(layers) => layers,
         None => match fitted_layers(config, path) {

@@ -70,7 +70,8 @@ fn catalog_mismatch(model: &LlamaModel, entry: &crate::catalog::CatalogModel) ->
     None
 }
 
-fn check_gguf(path: &Path) -> Result<(), ModelError> {
+/// The file at `path` exists and starts with the GGUF magic bytes.
+pub(crate) fn check_gguf(path: &Path) -> Result<(), ModelError> {
     let mut file = File::open(path).map_err(|_| ModelError::NotFound(path.to_path_buf()))?;
     if !file.metadata().is_ok_and(|meta| meta.is_file()) {
         return Err(ModelError::NotFound(path.to_path_buf()));
