@@ -48,22 +48,28 @@ fn read_png(path: &std::path::Path) -> Picture {
     }
 }
 
-#[test]
-fn the_scripted_demo_draws_the_village_and_a_speech_bubble_with_text() {
-    let _serial = common::serial();
-    let dir = common::scratch_dir("rpg-screenshot");
-    let shot = dir.join("rpg.png");
+/// Runs the demo's scripted visit under Xvfb, saving its screenshot to `shot`, with `args`
+/// after the script's; panics with its log if it fails.
+fn run_scripted_demo(shot: &std::path::Path, args: &[&str]) {
     let output = Command::new("xvfb-run")
         .args(["-a", "-s", "-screen 0 1280x720x24"])
         .arg(common::example_binary("rpg"))
         .arg("--script")
-        .arg(&shot)
-        .args(["--threads", "2", "--voice"])
+        .arg(shot)
+        .args(args)
         .env("WGPU_BACKEND", "vulkan")
         .output()
         .expect("xvfb-run runs (cargo xtask setup installs it)");
     let log = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "the demo failed:\n{log}");
+}
+
+#[test]
+fn the_scripted_demo_draws_the_village_and_a_speech_bubble_with_text() {
+    let _serial = common::serial();
+    let dir = common::scratch_dir("rpg-screenshot");
+    let shot = dir.join("rpg.png");
+    run_scripted_demo(&shot, &["--threads", "2", "--voice"]);
     let picture = read_png(&shot);
     assert_eq!((picture.width, picture.height), (1280, 720));
 
@@ -175,18 +181,7 @@ fn the_scripted_demo_talks_through_an_inference_server_with_remote() {
         servers::LlamaServer::start_serving(&common::default_model_path(), None, 1, 2, 4096);
     let dir = common::scratch_dir("rpg-remote");
     let shot = dir.join("rpg.png");
-    let output = Command::new("xvfb-run")
-        .args(["-a", "-s", "-screen 0 1280x720x24"])
-        .arg(common::example_binary("rpg"))
-        .arg("--script")
-        .arg(&shot)
-        .args(["--threads", "1", "--remote"])
-        .arg(server.base_url())
-        .env("WGPU_BACKEND", "vulkan")
-        .output()
-        .expect("xvfb-run runs (cargo xtask setup installs it)");
-    let log = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "the demo failed:\n{log}");
+    run_scripted_demo(&shot, &["--threads", "1", "--remote", &server.base_url()]);
     let note = std::fs::read_to_string(shot.with_extension("txt")).expect("bubble note");
     println!("{note}");
     let line = |key: &str| {
