@@ -176,7 +176,8 @@ pub struct RuntimeConfig {
     pub kv_precision: KvPrecision,
     /// Flash attention on or off; `None` (the default) leaves it to llama.cpp (on where the
     /// device supports it), except that [`reproducible_batching`](Self::reproducible_batching)
-    /// turns it off on the CPU. A quantized KV cache needs it on. Off is a way round a
+    /// turns it off on the CPU; `Some(true)` wins over that (reproducible batching then does
+    /// not apply). A quantized KV cache needs it on. Off is a way round a
     /// driver whose flash-attention kernels fail: Mesa 22.3's software Vulkan driver
     /// (lavapipe) crashed in them with several NPCs in a batch (`cargo xtask gpu-check`).
     pub flash_attention: Option<bool>,
@@ -410,7 +411,8 @@ impl RuntimeConfig {
     }
 
     /// Whether [`reproducible_batching`](Self::reproducible_batching) takes effect: it is on,
-    /// the KV cache is f16 and no layer runs on a GPU.
+    /// the KV cache is f16, [`flash_attention`](Self::flash_attention) is not forced on and
+    /// no layer runs on a GPU.
     #[must_use]
     pub fn reproducible_batching_applies(&self) -> bool {
         self.reproducible_batching

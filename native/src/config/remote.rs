@@ -16,8 +16,8 @@ pub enum Backend {
     Remote,
 }
 
-/// An inference server that generates NPC replies ([`RuntimeConfig::with_remote`]
-/// (crate::RuntimeConfig::with_remote)).
+/// An inference server that generates NPC replies
+/// ([`RuntimeConfig::with_remote`](crate::RuntimeConfig::with_remote)).
 ///
 /// Only the generation moves: the runtime still builds each prompt (persona, retrieved lore,
 /// memories, summary, the don't-know reminder) with the local model's tokenizer and budget,
