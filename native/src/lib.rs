@@ -39,9 +39,13 @@ pub use cost::{CostMeter, CostTotals, PriceTable, SpeechStats};
 pub use escalation::{
     CloudConfig, CloudRole, EscalationConfig, PersonaEscalation, ReplyConfidence,
 };
+pub use llama::adapter::{SyntheticAdapter, write_synthetic_adapter};
 pub use mind::knowledge::{DEFAULT_RECALL, DEFAULT_RETRIEVE};
 pub use mind::memory::Memory;
-pub use persona::{MAX_PERSONA_BYTES, Persona, PersonaError, VoiceSettings, first_person};
+pub use persona::{
+    MAX_ADAPTER_SCALE, MAX_PERSONA_BYTES, Persona, PersonaAdapter, PersonaError, VoiceSettings,
+    first_person,
+};
 pub use protocol::{
     CloudUsage, DebugHook, Event, FinishReason, ModelError, ModelInfo, NpcError, NpcId, Priority,
     ReplySource, ReplyStats, ReplyTiming, Request, RequestId, SayOptions, StateError,

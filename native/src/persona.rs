@@ -111,6 +111,33 @@ pub struct Persona {
     /// server runs locally, with a warning.
     #[serde(default)]
     pub backend: Option<crate::config::Backend>,
+    /// A LoRA adapter this NPC's replies run through: a fine-tuned voice on the shared base
+    /// model (`adapter: Some((path: "adapters/pirate.gguf", scale: 1.0))`). The file must be
+    /// one of the runtime's declared [`adapters`](crate::RuntimeConfig::adapters) (the same
+    /// path, relative to the asset folder); a persona naming another, or an adapter made for
+    /// another model, is rejected naming the file. `None` (default): the base model.
+    #[serde(default)]
+    pub adapter: Option<PersonaAdapter>,
+}
+
+/// The LoRA adapter a persona names ([`Persona::adapter`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PersonaAdapter {
+    /// The adapter's GGUF file, relative to the asset folder (as declared in
+    /// [`RuntimeConfig::adapters`](crate::RuntimeConfig::adapters)).
+    pub path: String,
+    /// How strongly the adapter applies, from 0 (the base model exactly) to
+    /// [`MAX_ADAPTER_SCALE`]; 1 is the strength it was trained at. Default 1.
+    #[serde(default = "one")]
+    pub scale: f32,
+}
+
+/// The strongest [`PersonaAdapter::scale`] accepted.
+pub const MAX_ADAPTER_SCALE: f32 = 4.0;
+
+fn one() -> f32 {
+    1.0
 }
 
 impl Persona {
@@ -240,6 +267,27 @@ impl Persona {
                     format!(
                         "{path:?} must be relative to the asset folder and stay inside it \
                          (no `..`, no drive or root)"
+                    ),
+                ));
+            }
+        }
+        if let Some(adapter) = &self.adapter {
+            if !npc_voice::synth::is_asset_relative(&adapter.path) || adapter.path.len() > 512 {
+                return Err(invalid(
+                    "adapter",
+                    format!(
+                        "{:?} must be a path relative to the asset folder that stays inside it \
+                         (no `..`, no drive or root)",
+                        adapter.path
+                    ),
+                ));
+            }
+            if !(0.0..=MAX_ADAPTER_SCALE).contains(&adapter.scale) {
+                return Err(invalid(
+                    "adapter",
+                    format!(
+                        "scale {} is outside 0 to {MAX_ADAPTER_SCALE}",
+                        adapter.scale
                     ),
                 ));
             }

@@ -118,6 +118,16 @@ pub enum NpcError {
     /// The persona is invalid.
     #[error("invalid persona: {0}")]
     InvalidPersona(String),
+    /// The persona's LoRA adapter ([`Persona::adapter`](crate::Persona::adapter)) cannot be
+    /// used: not declared in [`RuntimeConfig::adapters`](crate::RuntimeConfig::adapters), not a
+    /// GGUF LoRA, or made for another model.
+    #[error("adapter {}: {reason}", path.display())]
+    Adapter {
+        /// The adapter file, as the persona names it.
+        path: std::path::PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The NPC already has a reply in flight; cancel it or wait.
     #[error("the NPC is already replying")]
     Busy,

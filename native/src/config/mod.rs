@@ -223,6 +223,14 @@ pub struct RuntimeConfig {
     /// Where compressed lore is cached ([`Persona::compress_lore`](crate::Persona)). Default
     /// `$XDG_CACHE_HOME/bevy_npc_ai/compressed-lore` (or `~/.cache/…`).
     pub cache_dir: PathBuf,
+    /// LoRA adapters (GGUF) personas may name ([`Persona::adapter`](crate::Persona::adapter)),
+    /// relative to [`assets_dir`](Self::assets_dir) or absolute. Each is checked against the
+    /// model and loaded once, at start-up, and shared by every NPC that names it; a persona
+    /// that names one not declared here is rejected. Declared up front because llama.cpp
+    /// loads an adapter into the model, which `llama-cpp-2` allows only before the worker's
+    /// context exists (`LlamaModel::lora_adapter_init` takes the model mutably). Default:
+    /// none.
+    pub adapters: Vec<PathBuf>,
 }
 
 impl Default for RuntimeConfig {
@@ -255,6 +263,7 @@ impl Default for RuntimeConfig {
             remote: None,
             assets_dir: default_assets_dir(),
             cache_dir: default_cache_dir(),
+            adapters: Vec::new(),
         }
     }
 }
@@ -419,6 +428,13 @@ impl RuntimeConfig {
             && self.kv_precision == KvPrecision::F16
             && self.flash_attention != Some(true)
             && self.effective_gpu_layers() == 0
+    }
+
+    /// Declares a LoRA adapter personas may name (see [`adapters`](Self::adapters)).
+    #[must_use]
+    pub fn with_adapter(mut self, path: impl Into<PathBuf>) -> Self {
+        self.adapters.push(path.into());
+        self
     }
 
     /// Turns flash attention on or off (see [`flash_attention`](Self::flash_attention)).

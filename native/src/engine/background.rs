@@ -49,6 +49,8 @@ impl Engine<'_, '_> {
                 &conversation.turns,
             )
             .map_err(|err| err.to_string())?;
+        let adapter = conversation.adapter;
+        let tag = self.adapters.tag(adapter);
         let room = self
             .context_per_npc
             .saturating_sub(conversation.sampling.max_tokens as usize);
@@ -62,14 +64,14 @@ impl Engine<'_, '_> {
             .kv
             .acquire_unused(&mut self.ctx, npc)
             .ok_or("no free KV slot")?;
-        let held = self.kv.tokens(slot);
+        let held = self.kv.tokens_under(slot, &tag);
         let common = held.iter().zip(&target).take_while(|(a, b)| a == b).count();
         let cached = if common == target.len() {
             // Already there (this NPC's cache may hold more: never cut it back).
             common
         } else {
             self.kv
-                .reuse_prefix_leaving(&mut self.ctx, slot, &target, 0)
+                .reuse_prefix_leaving(&mut self.ctx, slot, &target, &tag, 0)
                 .cached
         };
         if cached >= target.len() {
@@ -87,6 +89,10 @@ impl Engine<'_, '_> {
                 self.kv.release(slot);
                 return Err("the batch is smaller than a prewarm chunk".into());
             }
+        }
+        if let Err(err) = self.adapters.apply(&mut self.ctx, adapter) {
+            self.kv.release(slot);
+            return Err(format!("the LoRA adapter could not be set: {err}"));
         }
         let decoded = self.ctx.decode(&mut self.batch);
         self.kv.decoded();

@@ -11,6 +11,7 @@ use crate::actions;
 use crate::escalation::TokenConfidence;
 use crate::guard::ReplyGuard;
 use crate::kv::cache::seq_id;
+use crate::llama::adapter::AdapterKey;
 use crate::protocol::{Event, FinishReason, NpcError, ReplySource, ReplyStats, RequestId};
 use crate::sampling::StopFilter;
 
@@ -150,15 +151,18 @@ impl Engine<'_, '_> {
         slot: usize,
     ) -> Result<Job, (RequestId, NpcError)> {
         let aligning_started = Instant::now();
+        let npc = queued.npc;
         let (mut reply, prepared) = self.prepare_reply(queued)?;
+        let adapter = self.npcs.get(&npc).and_then(|c| c.adapter);
+        let tag = self.adapters.tag(adapter);
         let prompt = align_with_cache(
             self.model,
-            self.kv.tokens(slot),
+            self.kv.tokens_under(slot, &tag),
             prepared.tokens,
             // The respelling stays inside the persona's prompt budget too.
             prepared.budget,
         );
-        let reuse = self.kv.reuse_prefix(&mut self.ctx, slot, &prompt);
+        let reuse = self.kv.reuse_prefix(&mut self.ctx, slot, &prompt, &tag);
         let cached = reuse.cached;
         let seed = fresh_seed(reply.request);
         if let Some(fact) = reply.fact.clone() {
@@ -196,51 +200,100 @@ impl Engine<'_, '_> {
                 prepared.sampling.candidates_needed(),
             ),
             pending: prompt,
+            adapter,
         })
     }
 
-    /// One decode over every active job: one token for each job that is generating, then
-    /// prompt chunks for jobs still prefilling, up to the batch size.
+    /// One step over every active job: one token for each job that is generating, then
+    /// prompt chunks for jobs still prefilling, up to the batch size. Jobs on different LoRA
+    /// adapters cannot share a `decode` call (llama.cpp applies a context's adapter to every
+    /// token of it): each adapter's jobs get their own call, every step, the adapter the
+    /// context has set first so that a step switches as few times as there are adapters
+    /// among its jobs less one.
     pub(super) fn step(&mut self) {
         self.enforce_deadlines();
         if self.active.is_empty() {
             return;
         }
+        let mut groups: Vec<Option<AdapterKey>> = Vec::new();
+        for job in &self.active {
+            if !groups.contains(&job.adapter) {
+                groups.push(job.adapter);
+            }
+        }
+        if let Some(at) = groups.iter().position(|&g| g == self.adapters.current()) {
+            groups[..=at].rotate_right(1);
+        }
+        for (at, group) in groups.into_iter().enumerate() {
+            // The game is quitting: the other decodes would only keep it waiting.
+            if at > 0 && self.stopping.load(Ordering::Relaxed) {
+                return;
+            }
+            if let Err(reason) = self.adapters.apply(&mut self.ctx, group) {
+                self.fail_group(
+                    group,
+                    &format!("the LoRA adapter could not be set: {reason}"),
+                );
+                continue;
+            }
+            self.step_group(group);
+        }
+    }
+
+    /// [`Engine::step`] for the jobs on one adapter (`None`: the base model), the context's
+    /// adapter set to it.
+    fn step_group(&mut self, group: Option<AdapterKey>) {
         // Generated tokens enter the batch in sequence order: llama.cpp splits a
         // multi-sequence batch into one micro-batch per run of consecutive sequence ids, so an
         // unordered batch would decode one NPC at a time.
         self.active.sort_by_key(|job| job.slot);
-        let generating = self
-            .active
-            .iter()
+        let in_group = self.active.iter().filter(|job| job.adapter == group);
+        let generating = in_group
+            .clone()
             .filter(|job| job.next_token.is_some())
             .count();
-        let prompting = self
-            .active
-            .iter()
+        let prompting = in_group
+            .clone()
             .any(|job| job.next_token.is_none() && job.pending_from < job.pending.len());
         if self.config.reproducible_batching_applies() && generating > 0 && prompting {
             // A micro-batch that mixes prompt tokens with generated ones computes the prompt's
             // keys and values differently (in the last bits) from one that holds prompt tokens
             // alone, so they go to llama.cpp in two calls.
-            self.decode(Phase::Generated, generating);
+            self.decode(Phase::Generated, generating, group);
             // The game is quitting: the prompts' decode would only keep it waiting.
             if self.stopping.load(Ordering::Relaxed) {
                 return;
             }
-            self.decode(Phase::Prompts, generating);
+            self.decode(Phase::Prompts, generating, group);
         } else {
-            self.decode(Phase::Both, generating);
+            self.decode(Phase::Both, generating, group);
         }
     }
 
-    /// One `decode` call: the next token of every speaking NPC and/or prompt chunks
-    /// ([`Engine::fill_batch`]), then what it computed goes into each reply's sequence
-    /// ([`Engine::commit_batch`]) and every reply whose logits it produced samples its next
-    /// token ([`Engine::sample_batch`]).
-    pub(super) fn decode(&mut self, phase: Phase, generating: usize) {
+    /// Every job on `group`'s adapter fails with `reason` (the adapter could not be set).
+    fn fail_group(&mut self, group: Option<AdapterKey>, reason: &str) {
+        tracing::error!("npc_native: {reason}");
+        let (failed, kept) = std::mem::take(&mut self.active)
+            .into_iter()
+            .partition(|job| job.adapter == group);
+        self.active = kept;
+        for job in failed {
+            self.kv.clear(&mut self.ctx, job.slot);
+            self.emit(Event::Failed {
+                npc: job.npc,
+                request: job.request,
+                error: NpcError::Inference(reason.to_owned()),
+            });
+        }
+    }
+
+    /// One `decode` call for the jobs on `group`'s adapter: the next token of every speaking
+    /// NPC and/or prompt chunks ([`Engine::fill_batch`]), then what it computed goes into
+    /// each reply's sequence ([`Engine::commit_batch`]) and every reply whose logits it
+    /// produced samples its next token ([`Engine::sample_batch`]).
+    fn decode(&mut self, phase: Phase, generating: usize, group: Option<AdapterKey>) {
         let started = Instant::now();
-        if self.fill_batch(phase, generating) == 0 {
+        if self.fill_batch(phase, generating, group) == 0 {
             return;
         }
         let decode_started = Instant::now();
@@ -271,10 +324,11 @@ impl Engine<'_, '_> {
         }
     }
 
-    /// Fills the batch for one `decode` call: the next token of every speaking NPC (unless
-    /// `phase` is prompts only), then prompt chunks as [`scheduler::prefill_plan`] shares
-    /// them out (unless `phase` is generated tokens only). Returns the entries added.
-    fn fill_batch(&mut self, phase: Phase, generating: usize) -> usize {
+    /// Fills the batch for one `decode` call of the jobs on `group`'s adapter: the next token
+    /// of every speaking NPC (unless `phase` is prompts only), then prompt chunks as
+    /// [`scheduler::prefill_plan`] shares them out (unless `phase` is generated tokens only).
+    /// Returns the entries added.
+    fn fill_batch(&mut self, phase: Phase, generating: usize, group: Option<AdapterKey>) -> usize {
         let limit = scheduler::step_limit(
             self.config.batch_size as usize,
             generating,
@@ -285,7 +339,7 @@ impl Engine<'_, '_> {
         for job in &mut self.active {
             job.logits_at = None;
             job.token_in_batch = false;
-            if phase == Phase::Prompts {
+            if phase == Phase::Prompts || job.adapter != group {
                 continue;
             }
             if let Some(token) = job.next_token {
@@ -307,8 +361,13 @@ impl Engine<'_, '_> {
             .iter()
             .map(|job| Prefill {
                 priority: job.priority,
-                remaining: job.pending.len().saturating_sub(job.pending_from),
-                generating: job.next_token.is_some(),
+                // Another adapter's prompts go in that adapter's call.
+                remaining: if job.adapter == group {
+                    job.pending.len().saturating_sub(job.pending_from)
+                } else {
+                    0
+                },
+                generating: job.next_token.is_some() && job.adapter == group,
             })
             .collect();
         for (at, take) in scheduler::prefill_plan(&replies, used, limit) {

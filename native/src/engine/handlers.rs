@@ -12,7 +12,7 @@ use crate::actions::{self, NpcActions};
 use crate::escalation::{Decision, Escalator, NpcProfile};
 use crate::guard::SecretGuard;
 use crate::kv::cache::SeqSnapshot;
-use crate::kv::persist;
+use crate::kv::persist::{self, StateIdentity};
 use crate::llama::prompt::Turn;
 use crate::mind::knowledge::Knowledge;
 use crate::persona::Persona;
@@ -82,9 +82,12 @@ impl Engine<'_, '_> {
                         )
                         .map_err(NpcError::Inference)?;
                 }
-                Ok((system, sampling, tokens.len(), grammar, knowledge))
+                let adapter = self
+                    .adapters
+                    .resolve(persona.adapter.as_ref(), &self.config.assets_dir)?;
+                Ok((system, sampling, tokens.len(), grammar, knowledge, adapter))
             });
-        let (system, sampling, prefix_tokens, grammar, mut knowledge) = result?;
+        let (system, sampling, prefix_tokens, grammar, mut knowledge, adapter) = result?;
         if base.backend == Some(crate::config::Backend::Remote) && self.remote.is_none() {
             tracing::warn!(
                 "NPC {npc:?}: its persona asks for the remote backend but the runtime has no \
@@ -144,6 +147,7 @@ impl Engine<'_, '_> {
                 },
                 profile,
                 knowledge,
+                adapter,
             },
         );
         self.drop_prewarm(npc);
@@ -189,9 +193,14 @@ impl Engine<'_, '_> {
         };
         let snapshot = self.kv.snapshot(&self.ctx, npc).unwrap_or_default();
         let tokens: Vec<i32> = snapshot.tokens.iter().map(|t| t.0).collect();
+        // The header names the adapter the saved keys and values were computed with.
+        let identity = StateIdentity {
+            adapter: snapshot.adapter.clone(),
+            ..self.identity.clone()
+        };
         match persist::save(
             &path,
-            &self.identity,
+            &identity,
             &conversation.turns,
             &tokens,
             &snapshot.bytes,
@@ -233,7 +242,17 @@ impl Engine<'_, '_> {
         self.drop_prewarm(npc);
         // A summary job for the old conversation is moot; the loaded one gets its own.
         self.summarizer.cancel(npc);
-        let loaded = match persist::load(path, &self.identity) {
+        // Saved KV is restored only if it was computed with the adapter the NPC has now.
+        let adapter = self
+            .npcs
+            .get(&npc)
+            .map(|c| self.adapters.tag(c.adapter))
+            .unwrap_or_default();
+        let identity = StateIdentity {
+            adapter: adapter.clone(),
+            ..self.identity.clone()
+        };
+        let loaded = match persist::load(path, &identity) {
             Ok(loaded) => loaded,
             Err(error) => return fail(self, error),
         };
@@ -250,7 +269,11 @@ impl Engine<'_, '_> {
                 } else {
                     kv_tokens = tokens.len();
                     let tokens = tokens.into_iter().map(LlamaToken).collect();
-                    let snapshot = SeqSnapshot { tokens, bytes };
+                    let snapshot = SeqSnapshot {
+                        tokens,
+                        adapter,
+                        bytes,
+                    };
                     if let Err(reason) = self.kv.load(&mut self.ctx, npc, snapshot) {
                         kv_tokens = 0;
                         kv_note = Some(reason);

@@ -33,6 +33,7 @@ use crate::config::RuntimeConfig;
 use crate::escalation::Escalator;
 use crate::kv::cache::{DiskConfig, KvCacheManager, probe_layout};
 use crate::kv::persist::{self, StateIdentity};
+use crate::llama::adapter::Adapters;
 use crate::llama::prompt::PromptBuilder;
 use crate::llama::{self, backend};
 use crate::mind::summarizer::Summarizer;
@@ -91,7 +92,7 @@ fn serve(
         Err(error) => return serve_without_model(&error, inbox, events),
     };
     let llama::Placed {
-        model,
+        mut model,
         config,
         device,
         cpu_fallback,
@@ -105,6 +106,14 @@ fn serve(
         llama::check_catalog_expectations(&model, entry);
     }
     let threads = config.effective_threads();
+    // Adapters load into the model, which must not be borrowed by a context yet.
+    let adapters = Adapters::load(
+        &mut model,
+        &model_path,
+        &config.adapters,
+        &config.assets_dir,
+    );
+    let model = model;
     let params = llama::worker_context_params(config);
     // Each step below takes from milliseconds to a second on a large context: a game that
     // quits meanwhile is not kept waiting for the rest.
@@ -159,6 +168,7 @@ fn serve(
         template: persist::text_hash(&prompts.template_text),
         context_per_npc: info.context_per_npc,
         kv_precision: config.kv_precision.name().to_owned(),
+        adapter: String::new(),
     };
     tracing::info!(?info, "model loaded");
     let _ = events.send(Event::ModelLoaded(info));
@@ -193,6 +203,7 @@ fn serve(
         sampling_threads: config.effective_sampling_threads().max(1) as usize,
         stopping: Arc::clone(stopping),
         remote: config.remote.as_ref().and_then(RemoteReplies::new),
+        adapters,
     };
     engine.run(inbox);
 }
@@ -317,6 +328,9 @@ struct Engine<'m, 'e> {
     /// Replies the inference server generates ([`RuntimeConfig::remote`]); `None` without
     /// one.
     remote: Option<RemoteReplies>,
+    /// The declared LoRA adapters ([`RuntimeConfig::adapters`]) and the one the context has
+    /// set.
+    adapters: Adapters,
 }
 
 impl Engine<'_, '_> {

@@ -10,6 +10,7 @@ use llama_cpp_2::token::LlamaToken;
 use crate::actions::{self, NpcActions};
 use crate::escalation::{NpcProfile, TokenConfidence};
 use crate::guard::{ReplyGuard, SecretGuard};
+use crate::llama::adapter::AdapterKey;
 use crate::llama::prompt::Turn;
 use crate::mind::knowledge::{ChatParts, Knowledge};
 use crate::persona::Persona;
@@ -39,6 +40,9 @@ pub(super) struct Conversation {
     pub(super) profile: NpcProfile,
     /// Lore, memories, summary and budget.
     pub(super) knowledge: Knowledge,
+    /// The LoRA adapter its replies run through (`None`: the base model); a reply keeps
+    /// the one it started with.
+    pub(super) adapter: Option<AdapterKey>,
 }
 
 impl Conversation {
@@ -159,6 +163,8 @@ pub(super) struct Job {
     /// Its `next_token` is in the batch being decoded.
     pub(super) token_in_batch: bool,
     pub(super) sampler: actions::ReplySampler,
+    /// The LoRA adapter this reply runs through: its decodes are in its adapter's call.
+    pub(super) adapter: Option<AdapterKey>,
 }
 
 impl std::ops::Deref for Job {

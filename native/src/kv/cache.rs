@@ -23,10 +23,14 @@ use llama_cpp_2::token::LlamaToken;
 use crate::kv::layout::KvLayout;
 use crate::types::NpcId;
 
-/// A sequence's KV state outside the context: the tokens it holds and llama.cpp's bytes.
+/// A sequence's KV state outside the context: the tokens it holds, the adapter they were
+/// computed with and llama.cpp's bytes.
 #[derive(Debug, Default)]
 pub(crate) struct SeqSnapshot {
     pub(crate) tokens: Vec<LlamaToken>,
+    /// The LoRA adapter's tag (`Adapters::tag` in `crate::llama::adapter`): empty for the
+    /// base model.
+    pub(crate) adapter: String,
     pub(crate) bytes: Vec<u8>,
 }
 
@@ -35,6 +39,9 @@ struct Slot {
     owner: Option<NpcId>,
     /// Tokens whose keys and values are in this sequence, in position order.
     tokens: Vec<LlamaToken>,
+    /// The LoRA adapter they were computed with (empty: the base model). Keys and values
+    /// depend on it: a prompt under another adapter reuses none of them.
+    adapter: String,
     last_used: u64,
     busy: bool,
     /// Keys and values were copied from another sequence; llama.cpp moves the bytes at the
@@ -99,6 +106,7 @@ struct DiskTier {
 struct DiskState {
     owner: NpcId,
     tokens: Vec<LlamaToken>,
+    adapter: String,
     path: PathBuf,
     len: u64,
     sha256: [u8; 32],
@@ -158,6 +166,7 @@ impl DiskTier {
         self.files.push_back(DiskState {
             owner,
             tokens: snapshot.tokens,
+            adapter: snapshot.adapter,
             path,
             len,
             sha256: Sha256::digest(&snapshot.bytes).into(),
@@ -175,6 +184,7 @@ impl DiskTier {
         match bytes {
             Ok(bytes) if Sha256::digest(&bytes).as_slice() == state.sha256 => Some(SeqSnapshot {
                 tokens: state.tokens,
+                adapter: state.adapter,
                 bytes,
             }),
             Ok(_) => {
@@ -200,6 +210,7 @@ impl DiskTier {
         let bytes = fs::read(&state.path).ok()?;
         (Sha256::digest(&bytes).as_slice() == state.sha256).then(|| SeqSnapshot {
             tokens: state.tokens.clone(),
+            adapter: state.adapter.clone(),
             bytes,
         })
     }
@@ -307,14 +318,16 @@ impl KvCacheManager {
     /// Prepares slot `index` to continue into `prompt`: keeps the longest common prefix,
     /// drops the rest. When another slot shares a longer start with `prompt` (the world
     /// preamble every NPC begins with), that sequence is copied in instead. At least the
-    /// last prompt token is always left to compute, since its logits start the reply.
+    /// last prompt token is always left to compute, since its logits start the reply. Only
+    /// tokens computed with the same `adapter` (its tag; empty for the base model) count.
     pub(crate) fn reuse_prefix(
         &mut self,
         ctx: &mut LlamaContext<'_>,
         index: usize,
         prompt: &[LlamaToken],
+        adapter: &str,
     ) -> PrefixReuse {
-        self.reuse_prefix_leaving(ctx, index, prompt, 1)
+        self.reuse_prefix_leaving(ctx, index, prompt, adapter, 1)
     }
 
     /// [`reuse_prefix`](Self::reuse_prefix) that leaves at least `uncomputed` tokens of
@@ -325,8 +338,14 @@ impl KvCacheManager {
         ctx: &mut LlamaContext<'_>,
         index: usize,
         prompt: &[LlamaToken],
+        adapter: &str,
         uncomputed: usize,
     ) -> PrefixReuse {
+        if self.slots[index].adapter != adapter {
+            // Computed under another adapter (the persona changed it): nothing is reusable.
+            self.clear_tokens(ctx, index);
+            adapter.clone_into(&mut self.slots[index].adapter);
+        }
         if !self.reuse {
             self.clear_tokens(ctx, index);
             return PrefixReuse::default();
@@ -345,7 +364,9 @@ impl KvCacheManager {
             .slots
             .iter()
             .enumerate()
-            .filter(|(other, slot)| *other != index && !slot.copy_pending)
+            .filter(|(other, slot)| {
+                *other != index && !slot.copy_pending && slot.adapter == adapter
+            })
             .map(|(other, slot)| (other, common_with(&slot.tokens)))
             .max_by_key(|&(_, shared)| shared)
             .filter(|&(_, shared)| shared >= common + MIN_SHARED_GAIN);
@@ -438,9 +459,15 @@ impl KvCacheManager {
         }
     }
 
-    /// The tokens slot `index` holds, in position order.
-    pub(crate) fn tokens(&self, index: usize) -> &[LlamaToken] {
-        &self.slots[index].tokens
+    /// The tokens slot `index` holds, in position order, if they were computed under
+    /// `adapter` (its tag), else none.
+    pub(crate) fn tokens_under(&self, index: usize, adapter: &str) -> &[LlamaToken] {
+        let slot = &self.slots[index];
+        if slot.adapter == adapter {
+            &slot.tokens
+        } else {
+            &[]
+        }
     }
 
     /// Records tokens just decoded into slot `index`.
@@ -513,6 +540,7 @@ impl KvCacheManager {
             .find(|(owner, _)| *owner == npc)
             .map(|(_, s)| SeqSnapshot {
                 tokens: s.tokens.clone(),
+                adapter: s.adapter.clone(),
                 bytes: s.bytes.clone(),
             })
             .or_else(|| self.disk.peek(npc))
@@ -535,6 +563,7 @@ impl KvCacheManager {
             unsafe { ctx.state_seq_get_data_ext(bytes.as_mut_ptr(), seq_id(index), flags) };
         (written == size).then(|| SeqSnapshot {
             tokens: tokens.clone(),
+            adapter: self.slots[index].adapter.clone(),
             bytes,
         })
     }
@@ -561,6 +590,7 @@ impl KvCacheManager {
         };
         if restored {
             self.slots[index].tokens = snapshot.tokens;
+            self.slots[index].adapter = snapshot.adapter;
             Ok(())
         } else {
             let _ = ctx.clear_kv_cache_seq(u32::try_from(index).ok(), None, None);

@@ -46,6 +46,10 @@ pub(crate) struct StateIdentity {
     /// the field existed were all f16.
     #[serde(default = "f16_name")]
     pub(crate) kv_precision: String,
+    /// The LoRA adapter the keys and values were computed with: its file's fingerprint and
+    /// scale, empty for the base model (and in files written before adapters existed).
+    #[serde(default)]
+    pub(crate) adapter: String,
 }
 
 fn f16_name() -> String {
@@ -302,6 +306,19 @@ fn describe_mismatch(found: &StateIdentity, expected: &StateIdentity) -> String 
             "saved with {} KV values, running with {}",
             found.kv_precision, expected.kv_precision
         )
+    } else if found.adapter != expected.adapter {
+        let name = |tag: &str| {
+            if tag.is_empty() {
+                "the base model".to_owned()
+            } else {
+                format!("the LoRA adapter {tag}")
+            }
+        };
+        format!(
+            "saved with {}, the NPC now runs with {}",
+            name(&found.adapter),
+            name(&expected.adapter)
+        )
     } else {
         "saved with a different format".into()
     }
@@ -383,6 +400,7 @@ mod tests {
             template: "t".into(),
             context_per_npc: 2048,
             kv_precision: "f16".into(),
+            adapter: String::new(),
         }
     }
 
@@ -457,6 +475,15 @@ mod tests {
                 .kv
                 .unwrap_err()
                 .contains("different model")
+        );
+        let other = StateIdentity {
+            adapter: "abc@1".into(),
+            ..identity()
+        };
+        let why = load(&path, &other).unwrap().kv.unwrap_err();
+        assert!(
+            why.contains("base model") && why.contains("adapter abc@1"),
+            "{why}"
         );
     }
 

@@ -1,7 +1,9 @@
 //! llama.cpp, behind the few calls the runtime makes: the process-wide backend, model
 //! loading with the checks llama.cpp does not make, and context parameters.
 
+pub(crate) mod adapter;
 mod device;
+mod gguf;
 mod model;
 pub(crate) mod prompt;
 
