@@ -10,10 +10,13 @@
 //!
 //! The adapters are synthetic (`npc_native::write_synthetic_adapter`, rank 8 on every
 //! layer's `attn_q` and `attn_v`): the cost of an adapter does not depend on what it learned.
-//! A step decodes each adapter's NPCs in their own `decode` call (llama.cpp applies a
-//! context's adapter to every token of a call), so k adapters make k calls per step and k
-//! adapter switches; the table's last column is what each switch and smaller call adds to a
-//! step. Rates are generated tokens over the window from the first reply token of any NPC to
+//! NPCs on different adapters cannot share a `decode` call (llama.cpp applies a context's
+//! adapter to every token of a call), and each change of the context's adapter makes
+//! llama.cpp rebuild its graphs: the runtime decodes one adapter's NPCs for
+//! `RuntimeConfig::adapter_slice_steps` steps (default 1: each adapter one step in turn)
+//! before the next adapter's; the table compares that with a slice of 8, in interleaved
+//! pairs too. Every NPC keeps its KV slot between rounds, in the runtimes and in the child
+//! processes alike. Rates are generated tokens over the window from the first reply token of any NPC to
 //! the last of all; every reply runs to its 32 tokens.
 
 #[path = "model.rs"]
@@ -38,6 +41,8 @@ const GENERATE: u32 = 32;
 /// Interleaved pairs (base model, adapters) per adapter count.
 const REPS: usize = 3;
 const CONTEXT: u32 = 1024;
+/// The longer slice compared with the default one.
+const LONGER_SLICE: u32 = 8;
 /// Long enough that every reply runs to its [`GENERATE`] tokens.
 const LINE: &str = "Say every number from 1 to 300, separated by commas, and nothing else.";
 
@@ -222,10 +227,21 @@ fn main() {
     }
     let config = config(&dir, most);
     let threads = config.effective_threads();
-    let runtime = start(config);
+    let slice = config.adapter_slice_steps;
+    // Every NPC keeps its KV slot (no eviction between rounds, as in the child processes):
+    // the adapter sets in one runtime, the base-model NPCs in another; and the adapter sets
+    // on a runtime with a longer slice.
+    let slots = (NPCS * ADAPTER_COUNTS.len()) as u32;
+    let runtime = start(config.clone().with_slots(slots));
+    let on_base = start(config.clone());
+    let longer = start(
+        config
+            .with_slots(slots)
+            .with_adapter_slice_steps(LONGER_SLICE),
+    );
     // One group of 16 NPCs on the base model, and one per adapter count.
     let base: Vec<NpcId> = (0..NPCS as u64).map(NpcId).collect();
-    prepare(&runtime, &base, |_| None);
+    prepare(&on_base, &base, |_| None);
     let sets: Vec<Vec<NpcId>> = ADAPTER_COUNTS
         .iter()
         .enumerate()
@@ -234,22 +250,28 @@ fn main() {
                 .map(|j| NpcId(100 * (set as u64 + 1) + j))
                 .collect();
             prepare(&runtime, &npcs, |j| Some(j % k));
+            prepare(&longer, &npcs, |j| Some(j % k));
             npcs
         })
         .collect();
-    let rate = |npcs: &[NpcId]| {
-        let (tokens, first, last) = round(&runtime, npcs);
+    let rate = |runtime: &Runtime, npcs: &[NpcId]| {
+        let (tokens, first, last) = round(runtime, npcs);
         tokens as f64 / (last - first)
     };
     let mut rows: Vec<Pairs> = ADAPTER_COUNTS.iter().map(|_| Pairs::default()).collect();
+    let mut sliced: Vec<Pairs> = ADAPTER_COUNTS.iter().map(|_| Pairs::default()).collect();
     for _ in 0..REPS {
-        for (set, row) in sets.iter().zip(&mut rows) {
-            let on_base = rate(&base);
-            let on_adapters = rate(set);
-            row.push(on_adapters, on_base);
+        for ((set, row), sliced) in sets.iter().zip(&mut rows).zip(&mut sliced) {
+            let base_rate = rate(&on_base, &base);
+            let on_adapters = rate(&runtime, set);
+            let longer_slice = rate(&longer, set);
+            row.push(on_adapters, base_rate);
+            sliced.push(longer_slice, on_adapters);
         }
     }
     drop(runtime);
+    drop(on_base);
+    drop(longer);
     let mut separate: Vec<Vec<f64>> = ADAPTER_COUNTS.iter().map(|_| Vec::new()).collect();
     for _ in 0..REPS {
         for (&k, out) in ADAPTER_COUNTS.iter().zip(&mut separate) {
@@ -264,26 +286,25 @@ fn main() {
         model::name()
     );
     println!(
-        "| adapters | NPCs per adapter | on adapters: tok/s | base model: tok/s | adapters / base (range) | added per step and extra adapter (ms) | one process per adapter: tok/s | in one runtime / processes |"
+        "| adapters | NPCs per adapter | on adapters (slice {slice}): tok/s | base model: tok/s | adapters / base (range) | round of steps vs base, per extra adapter (ms) | slice {LONGER_SLICE}: tok/s | slice {LONGER_SLICE} / slice {slice} (range) | one process per adapter: tok/s | in one runtime / processes |"
     );
-    println!("|---|---:|---:|---:|---|---:|---:|---:|");
-    for ((&k, row), separate) in ADAPTER_COUNTS.iter().zip(&rows).zip(&separate) {
+    println!("|---|---:|---:|---:|---|---:|---:|---|---:|---:|");
+    for (((&k, row), separate), sliced) in
+        ADAPTER_COUNTS.iter().zip(&rows).zip(&separate).zip(&sliced)
+    {
         let (ours, base) = (row.ours(), row.peer());
-        // Every NPC takes one token per step: steps per second is the rate over the NPCs.
-        let step = |rate: f64| NPCS as f64 / rate;
-        let added = if k > 1 {
-            format!("{:.1}", (step(ours) - step(base)) * 1e3 / (k - 1) as f64)
-        } else {
-            format!(
-                "{:.1} (one call, one switch-free step)",
-                (step(ours) - step(base)) * 1e3
-            )
-        };
+        // Every NPC takes one token per round of the adapters: the time of a round, from
+        // the rate over the NPCs, less the base model's, per adapter beyond the first.
+        let round_time = |rate: f64| NPCS as f64 / rate;
+        let added = (round_time(ours) - round_time(base)) * 1e3 / (k.max(2) - 1) as f64;
+        let added = format!("{added:.1}");
         let processes = median(separate.clone());
         println!(
-            "| {k} | {} | {ours:.0} | {base:.0} | {} | {added} | {processes:.0} | {:.2}× |",
+            "| {k} | {} | {ours:.0} | {base:.0} | {} | {added} | {:.0} | {} | {processes:.0} | {:.2}× |",
             NPCS / k,
             row.ratio(),
+            sliced.ours(),
+            sliced.ratio(),
             ours / processes
         );
     }

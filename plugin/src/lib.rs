@@ -189,6 +189,16 @@ impl NpcAiPlugin {
         self
     }
 
+    /// Declares a LoRA adapter (a GGUF file in the asset folder) that personas may name with
+    /// `adapter: Some((path: "adapters/pirate.gguf", scale: 1.0))`; it is checked against the
+    /// model and loaded once, when the model loads (see
+    /// [`RuntimeConfig::adapters`](npc_native::RuntimeConfig::adapters)).
+    #[must_use]
+    pub fn with_adapter(mut self, path: impl Into<PathBuf>) -> Self {
+        self.config = self.config.with_adapter(path);
+        self
+    }
+
     /// The runtime configuration this plugin will start.
     #[must_use]
     pub fn config(&self) -> &RuntimeConfig {

@@ -204,40 +204,47 @@ impl Engine<'_, '_> {
         })
     }
 
-    /// One step over every active job: one token for each job that is generating, then
-    /// prompt chunks for jobs still prefilling, up to the batch size. Jobs on different LoRA
-    /// adapters cannot share a `decode` call (llama.cpp applies a context's adapter to every
-    /// token of it): each adapter's jobs get their own call, every step, the adapter the
-    /// context has set first so that a step switches as few times as there are adapters
-    /// among its jobs less one.
+    /// One step over the active jobs: one token for each job that is generating, then
+    /// prompt chunks for jobs still prefilling, up to the batch size.
+    ///
+    /// Jobs on different LoRA adapters cannot share a `decode` call (llama.cpp applies a
+    /// context's adapter to every token of it), and changing the context's adapter makes
+    /// llama.cpp rebuild its scheduler and reserve its graphs again. So when the active jobs
+    /// are on several adapters, a step decodes one adapter's jobs: the context's adapter
+    /// keeps it for
+    /// [`RuntimeConfig::adapter_slice_steps`](crate::RuntimeConfig::adapter_slice_steps)
+    /// steps, then the next adapter in turn takes it, so that every adapter's NPCs advance
+    /// and the switches are one per slice.
     pub(super) fn step(&mut self) {
         self.enforce_deadlines();
         if self.active.is_empty() {
             return;
         }
-        let mut groups: Vec<Option<AdapterKey>> = Vec::new();
-        for job in &self.active {
-            if !groups.contains(&job.adapter) {
-                groups.push(job.adapter);
-            }
+        let mut groups: Vec<Option<AdapterKey>> =
+            self.active.iter().map(|job| job.adapter).collect();
+        groups.sort_unstable();
+        groups.dedup();
+        let current = self.adapters.current();
+        let keep = groups.contains(&current)
+            && (groups.len() == 1 || self.adapters.steps() < self.config.adapter_slice_steps);
+        let group = if keep {
+            current
+        } else {
+            // The next adapter after the current one, in turn.
+            groups
+                .iter()
+                .copied()
+                .find(|&g| g > current)
+                .unwrap_or(groups[0])
+        };
+        if let Err(reason) = self.adapters.apply(&mut self.ctx, group) {
+            return self.fail_group(
+                group,
+                &format!("the LoRA adapter could not be set: {reason}"),
+            );
         }
-        if let Some(at) = groups.iter().position(|&g| g == self.adapters.current()) {
-            groups[..=at].rotate_right(1);
-        }
-        for (at, group) in groups.into_iter().enumerate() {
-            // The game is quitting: the other decodes would only keep it waiting.
-            if at > 0 && self.stopping.load(Ordering::Relaxed) {
-                return;
-            }
-            if let Err(reason) = self.adapters.apply(&mut self.ctx, group) {
-                self.fail_group(
-                    group,
-                    &format!("the LoRA adapter could not be set: {reason}"),
-                );
-                continue;
-            }
-            self.step_group(group);
-        }
+        self.adapters.stepped();
+        self.step_group(group);
     }
 
     /// [`Engine::step`] for the jobs on one adapter (`None`: the base model), the context's

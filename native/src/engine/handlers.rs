@@ -82,9 +82,14 @@ impl Engine<'_, '_> {
                         )
                         .map_err(NpcError::Inference)?;
                 }
-                let adapter = self
-                    .adapters
-                    .resolve(persona.adapter.as_ref(), &self.config.assets_dir)?;
+                let adapter = match &persona.adapter {
+                    Some(wanted) => self.adapters.resolve(
+                        &wanted.path,
+                        wanted.scale,
+                        &self.config.assets_dir,
+                    )?,
+                    None => None,
+                };
                 Ok((system, sampling, tokens.len(), grammar, knowledge, adapter))
             });
         let (system, sampling, prefix_tokens, grammar, mut knowledge, adapter) = result?;
@@ -151,6 +156,12 @@ impl Engine<'_, '_> {
             },
         );
         self.drop_prewarm(npc);
+        if adapter.is_some() && self.is_remote(npc) {
+            tracing::warn!(
+                "NPC {npc:?}: its persona names a LoRA adapter, but its replies come from the \
+                 inference server, which does not apply it"
+            );
+        }
         // The server computes a remote NPC's prompt: nothing to prepare here.
         if self.config.prewarm && self.config.kv_reuse && !self.is_remote(npc) {
             self.prewarm.push_back(Prewarm { npc, computed: 0 });

@@ -112,6 +112,7 @@ fn serve(
         &model_path,
         &config.adapters,
         &config.assets_dir,
+        |file| persist::model_fingerprint(file).unwrap_or_default(),
     );
     let model = model;
     let params = llama::worker_context_params(config);

@@ -13,7 +13,6 @@ use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::model::{LlamaLoraAdapter, LlamaModel};
 
 use super::gguf::{self, GGML_F32, Header, WriteTensor, WriteValue};
-use crate::persona::PersonaAdapter;
 use crate::types::NpcError;
 
 /// ggml's type ids an adapter's tensors may have: F32, F16, BF16, and the quantized types
@@ -25,7 +24,7 @@ const GGML_BLOCKS_OF_32: [u32; 5] = [2, 3, 6, 7, 8];
 /// Which adapter, at which strength, an NPC's reply runs through; `None` where it is used
 /// is the base model (a scale of 0 is the base model too: llama.cpp leaves such an adapter
 /// out of the set).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub(crate) struct AdapterKey {
     /// Index in [`Adapters`].
     index: usize,
@@ -38,6 +37,8 @@ pub(crate) struct Adapters {
     entries: Vec<Entry>,
     /// What the context has set now.
     current: Option<AdapterKey>,
+    /// Decode steps since the context's adapter last changed.
+    steps: u32,
 }
 
 struct Entry {
@@ -45,8 +46,8 @@ struct Entry {
     declared: PathBuf,
     /// The file, resolved against the asset folder and canonical where it exists.
     file: PathBuf,
-    /// [`model_fingerprint`](crate::kv::persist::model_fingerprint) of the file: what a
-    /// state file records of the adapter its KV was computed with.
+    /// The file's fingerprint: what a state file records of the adapter its KV was computed
+    /// with.
     fingerprint: String,
     /// The loaded adapter, or why it could not be loaded.
     adapter: Result<LlamaLoraAdapter, String>,
@@ -58,17 +59,20 @@ impl Adapters {
         Self {
             entries: Vec::new(),
             current: None,
+            steps: 0,
         }
     }
 
     /// Checks and loads every declared adapter into `model` (before any context exists). An
     /// adapter that fails is kept with its reason: a persona naming it is rejected with it,
-    /// and the rest of the runtime works.
+    /// and the rest of the runtime works. `fingerprint` names a file's contents (what a state
+    /// file records of the adapter its KV was computed with).
     pub(crate) fn load(
         model: &mut LlamaModel,
         model_path: &Path,
         declared: &[PathBuf],
         assets_dir: &Path,
+        fingerprint: impl Fn(&Path) -> String,
     ) -> Self {
         if declared.is_empty() {
             return Self::none();
@@ -94,7 +98,7 @@ impl Adapters {
                 }
                 Entry {
                     declared: path.clone(),
-                    fingerprint: crate::kv::persist::model_fingerprint(&file).unwrap_or_default(),
+                    fingerprint: fingerprint(&file),
                     file,
                     adapter,
                 }
@@ -103,29 +107,28 @@ impl Adapters {
         Self {
             entries,
             current: None,
+            steps: 0,
         }
     }
 
-    /// The key of the adapter `wanted` names (`None`: the base model, as for scale 0), or
-    /// why it cannot be used. Paths match when they are the same as declared or name the
-    /// same file.
+    /// The key of the adapter at `path` (a persona's, relative to `assets_dir`) at `scale`
+    /// (`None`: the base model, as for scale 0), or why it cannot be used. Paths match when
+    /// they are the same as declared or name the same file.
     pub(crate) fn resolve(
         &self,
-        wanted: Option<&PersonaAdapter>,
+        path: &str,
+        scale: f32,
         assets_dir: &Path,
     ) -> Result<Option<AdapterKey>, NpcError> {
-        let Some(wanted) = wanted else {
-            return Ok(None);
-        };
         let rejected = |reason: String| NpcError::Adapter {
-            path: PathBuf::from(&wanted.path),
+            path: PathBuf::from(path),
             reason,
         };
-        let file = resolve(assets_dir, Path::new(&wanted.path));
+        let file = resolve(assets_dir, Path::new(path));
         let index = self
             .entries
             .iter()
-            .position(|entry| entry.declared == Path::new(&wanted.path) || entry.file == file)
+            .position(|entry| entry.declared == Path::new(path) || entry.file == file)
             .ok_or_else(|| {
                 rejected(
                     "not among the runtime's adapters (RuntimeConfig::adapters); adapters are \
@@ -137,9 +140,9 @@ impl Adapters {
         if let Err(reason) = &self.entries[index].adapter {
             return Err(rejected(reason.clone()));
         }
-        Ok((wanted.scale != 0.0).then_some(AdapterKey {
+        Ok((scale != 0.0).then_some(AdapterKey {
             index,
-            scale: wanted.scale.to_bits(),
+            scale: scale.to_bits(),
         }))
     }
 
@@ -187,6 +190,7 @@ impl Adapters {
         };
         if result.is_ok() {
             self.current = key;
+            self.steps = 0;
         }
         result
     }
@@ -194,6 +198,16 @@ impl Adapters {
     /// The adapter the context has set now.
     pub(crate) fn current(&self) -> Option<AdapterKey> {
         self.current
+    }
+
+    /// Steps decoded under the current adapter since it was set.
+    pub(crate) fn steps(&self) -> u32 {
+        self.steps
+    }
+
+    /// Counts a step decoded under the current adapter.
+    pub(crate) fn stepped(&mut self) {
+        self.steps = self.steps.saturating_add(1);
     }
 }
 
