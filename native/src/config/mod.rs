@@ -238,6 +238,11 @@ pub struct RuntimeConfig {
     /// switch makes llama.cpp rebuild its compute graphs, which a longer slice does fewer
     /// times (on a CPU the adapter bench finds no difference between 1 and 8; a GPU, whose
     /// steps are short, is unmeasured).
+    ///
+    /// Priorities and deadlines hold within each adapter's share: a line with a slot waits
+    /// at most `(adapters with replies in progress - 1) * adapter_slice_steps` steps for its
+    /// adapter's turn, and with `a` adapters replying, each of their NPCs gets a token about
+    /// every `a` steps.
     pub adapter_slice_steps: u32,
 }
 

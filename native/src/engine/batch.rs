@@ -220,31 +220,37 @@ impl Engine<'_, '_> {
         if self.active.is_empty() {
             return;
         }
+        let current = self.adapters.current();
+        let group = if self.active.iter().all(|job| job.adapter == current) {
+            // One group, on the context's adapter already (always so without adapters).
+            current
+        } else {
+            self.next_group(current)
+        };
+        if let Err(reason) = self.adapters.apply(&mut self.ctx, group) {
+            let reason = format!("the LoRA adapter could not be set: {reason}");
+            return self.fail_active(&reason, |job| job.adapter == group);
+        }
+        self.adapters.stepped();
+        self.step_group(group);
+    }
+
+    /// The adapter the next step decodes when the active jobs are on several adapters or not
+    /// on `current`: `current` until it has had its slice of steps, then the next adapter in
+    /// turn that has an active job.
+    fn next_group(&self, current: Option<AdapterKey>) -> Option<AdapterKey> {
         let mut groups: Vec<Option<AdapterKey>> =
             self.active.iter().map(|job| job.adapter).collect();
         groups.sort_unstable();
         groups.dedup();
-        let current = self.adapters.current();
-        let keep = groups.contains(&current)
-            && (groups.len() == 1 || self.adapters.steps() < self.config.adapter_slice_steps);
-        let group = if keep {
-            current
-        } else {
-            // The next adapter after the current one, in turn.
-            groups
-                .iter()
-                .copied()
-                .find(|&g| g > current)
-                .unwrap_or(groups[0])
-        };
-        if let Err(reason) = self.adapters.apply(&mut self.ctx, group) {
-            return self.fail_group(
-                group,
-                &format!("the LoRA adapter could not be set: {reason}"),
-            );
+        if groups.contains(&current) && self.adapters.steps() < self.config.adapter_slice_steps {
+            return current;
         }
-        self.adapters.stepped();
-        self.step_group(group);
+        groups
+            .iter()
+            .copied()
+            .find(|&g| g > current)
+            .unwrap_or(groups[0])
     }
 
     /// [`Engine::step`] for the jobs on one adapter (`None`: the base model), the context's
@@ -274,23 +280,6 @@ impl Engine<'_, '_> {
             self.decode(Phase::Prompts, generating, group);
         } else {
             self.decode(Phase::Both, generating, group);
-        }
-    }
-
-    /// Every job on `group`'s adapter fails with `reason` (the adapter could not be set).
-    fn fail_group(&mut self, group: Option<AdapterKey>, reason: &str) {
-        tracing::error!("npc_native: {reason}");
-        let (failed, kept) = std::mem::take(&mut self.active)
-            .into_iter()
-            .partition(|job| job.adapter == group);
-        self.active = kept;
-        for job in failed {
-            self.kv.clear(&mut self.ctx, job.slot);
-            self.emit(Event::Failed {
-                npc: job.npc,
-                request: job.request,
-                error: NpcError::Inference(reason.to_owned()),
-            });
         }
     }
 

@@ -157,8 +157,18 @@ impl Engine<'_, '_> {
     /// A decode failed: the batch's state is unknown, so every active reply fails and its
     /// sequence is cleared (to be recomputed on the next turn).
     pub(super) fn fail_all(&mut self, reason: &str) {
+        self.fail_active(reason, |_| true);
+    }
+
+    /// The active replies `pick` chooses fail with `reason`; their sequences are cleared
+    /// (to be recomputed on the next turn) and the rest go on.
+    pub(super) fn fail_active(&mut self, reason: &str, pick: impl Fn(&Job) -> bool) {
         tracing::error!("npc_native: {reason}");
-        for job in std::mem::take(&mut self.active) {
+        let (failed, kept): (Vec<Job>, Vec<Job>) = std::mem::take(&mut self.active)
+            .into_iter()
+            .partition(|job| pick(job));
+        self.active = kept;
+        for job in failed {
             self.kv.clear(&mut self.ctx, job.slot);
             self.emit(Event::Failed {
                 npc: job.npc,
