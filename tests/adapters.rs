@@ -150,8 +150,15 @@ fn scale_zero_replies_exactly_as_the_base_model() {
 }
 
 /// Six NPCs over the base model and two adapters (one at two scales), asked at once, reply
-/// as each does alone: a step decodes each adapter's NPCs in their own call, and nothing is
-/// shared between sequences of different adapters.
+/// as each does alone: a step decodes each adapter's NPCs in their own call, and a prompt
+/// prefix is copied only from a sequence on the same adapter at the same scale.
+///
+/// Two NPCs on one adapter are not asserted to say the same: the second copies the first's
+/// prompt and computes its last prompt token in a decode of one token, and llama.cpp's CPU
+/// kernels round some products differently for one token than for many (tinyBLAS serves only
+/// two or more); how the first NPC's prompt was cut into chunks follows the step budget timed
+/// at start-up. A near-tie on adapter b flipped on one machine (AMD EPYC, AVX2) and not on
+/// another.
 #[test]
 fn mixed_adapter_batches_equal_solo_replies() {
     let _serial = common::serial();
@@ -167,7 +174,8 @@ fn mixed_adapter_batches_equal_solo_replies() {
     let npcs: Vec<NpcId> = (0..adapters.len() as u64).map(NpcId).collect();
     let line = "Who are you, and what do you make?";
     let replies = |together: bool| {
-        let runtime = start(&dir, &["a.gguf", "b.gguf"]);
+        // Without prewarm, the copies happen at reply time and the replies' stats show them.
+        let runtime = start_with(&dir, &["a.gguf", "b.gguf"], false);
         for (&npc, &adapter) in npcs.iter().zip(&adapters) {
             set(&runtime, npc, blacksmith(adapter, 16)).unwrap();
         }
@@ -182,8 +190,17 @@ fn mixed_adapter_batches_equal_solo_replies() {
     for (at, (solo, mixed)) in solo.iter().zip(&mixed).enumerate() {
         assert_eq!(solo.0, mixed.0, "NPC {at} on {:?}", adapters[at]);
     }
-    assert_eq!(solo[0].0, solo[3].0, "two base NPCs");
-    assert_eq!(solo[2].0, solo[5].0, "two NPCs on adapter b");
+    // Asked one at a time, NPCs 3 (base) and 5 (adapter b) copy the prefix of an earlier NPC
+    // on theirs (0 and 2); NPC 4 (adapter a at 0.5) finds none at its scale.
+    let shared: Vec<usize> = solo.iter().map(|(_, stats)| stats.shared_tokens).collect();
+    for (at, &tokens) in shared.iter().enumerate() {
+        assert_eq!(
+            tokens > 0,
+            at == 3 || at == 5,
+            "NPC {at} on {:?} shared {tokens} tokens: {shared:?}",
+            adapters[at]
+        );
+    }
     assert_ne!(solo[0].0, solo[1].0, "adapter a changes the reply");
     assert_ne!(solo[1].0, solo[2].0, "adapters a and b differ");
     assert_ne!(solo[1].0, solo[4].0, "scale 0.5 differs from scale 1");
