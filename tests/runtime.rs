@@ -1221,6 +1221,7 @@ fn batched_replies_agree_with_solo_replies_on_their_first_16_tokens() {
     // about half the probability, so both replies' least likely token is under 0.55 (a 0.2
     // nat margin, far above rounding). Before that they agree. Replies are capped at 16
     // tokens, so equal texts mean equal tokens.
+    let torn = |stats: &ReplyStats| stats.confidence.is_some_and(|c| c.min_prob < 0.55);
     let mut parted = Vec::new();
     for line in [
         "Who are you?",
@@ -1229,11 +1230,11 @@ fn batched_replies_agree_with_solo_replies_on_their_first_16_tokens() {
         let solo = four_replies(false, line, 16);
         let batched = four_replies(true, line, 16);
         for ((solo, solo_stats), (batched, batched_stats)) in solo.iter().zip(&batched) {
-            assert_eq!(solo_stats.generated_tokens, batched_stats.generated_tokens);
             if solo == batched {
+                assert_eq!(solo_stats.generated_tokens, batched_stats.generated_tokens);
                 continue;
             }
-            let torn = |stats: &ReplyStats| stats.confidence.is_some_and(|c| c.min_prob < 0.55);
+            // Once parted, either reply may end sooner.
             let shared = solo
                 .split_inclusive(' ')
                 .zip(batched.split_inclusive(' '))
