@@ -59,6 +59,8 @@ fn personas() -> Vec<Persona> {
             persona.sampling.max_tokens = Some(MAX_TOKENS);
             persona
         })
+        // One on a LoRA adapter (the RPG's ferrywoman) would stay local: the server has none.
+        .filter(|persona| persona.adapter.is_none())
         .collect()
 }
 

@@ -1,8 +1,9 @@
 //! Per-NPC LoRA adapters on the test model: validation, scale 0 is the base model, mixed
 //! batches equal solo replies, state files name their adapter, and a persona's adapter can
-//! change between replies. The adapters are synthetic (random low-rank weights written by
+//! change between replies. Those adapters are synthetic (random low-rank weights written by
 //! `npc_native::write_synthetic_adapter`): real GGUF LoRAs that llama.cpp loads and applies,
-//! which teach the model nothing.
+//! which teach the model nothing. The last two tests run the adapters `tools/lora/train.py`
+//! trained (`cargo xtask setup` and `test` train them): a style the model learned.
 
 mod common;
 
@@ -39,7 +40,12 @@ fn start(dir: &Path, adapters: &[&str]) -> Runtime {
 
 /// [`start`], with prewarm on or off.
 fn start_with(dir: &Path, adapters: &[&str], prewarm: bool) -> Runtime {
-    let mut config = RuntimeConfig::new(common::model_path())
+    start_model(&common::model_path(), dir, adapters, prewarm)
+}
+
+/// [`start_with`] on `model`.
+fn start_model(model: &Path, dir: &Path, adapters: &[&str], prewarm: bool) -> Runtime {
+    let mut config = RuntimeConfig::new(model)
         .with_assets_dir(dir)
         .with_prewarm(prewarm)
         .with_guard(false)
@@ -307,4 +313,91 @@ fn a_reloaded_persona_changes_its_adapter_on_the_next_reply() {
     let (back, stats) = reply(&runtime, switched, "Thank you.");
     assert!(!back.is_empty());
     assert_eq!(stats.cached_tokens, stats.shared_tokens, "{stats:?}");
+}
+
+/// Lines the sea-talk adapter was not trained on (its pairs are `tools/lora/sea-talk/
+/// pairs.txt`): the style it learned must carry over to them.
+const UNSEEN_LINES: [&str; 20] = [
+    "Good morning!",
+    "How deep is the river?",
+    "Where does this river go?",
+    "Can two people cross at once?",
+    "What is the fare for a child?",
+    "Do you know the innkeeper?",
+    "Is it going to rain?",
+    "What do you do in winter?",
+    "Have you lived here long?",
+    "Can you row faster?",
+    "Which way is the market?",
+    "Do you have a map?",
+    "What's your name?",
+    "Is the ferry open on holidays?",
+    "Have you ever lost a passenger?",
+    "What is that bird over there?",
+    "I need to get to the mill.",
+    "Are you tired?",
+    "Do you know any songs?",
+    "Farewell, ferrywoman.",
+];
+
+/// How many of the unseen lines Mags answers with "Arr," on `adapter` (trained by
+/// `tools/lora/train.py` for `model`) and without it; both sets of replies are printed.
+fn sea_talk_share(model: &Path, adapter: &str) -> (usize, usize) {
+    assert!(
+        common::root().join("assets").join(adapter).is_file(),
+        "assets/{adapter} is missing: `cargo xtask test` trains it (tools/lora/README.md)"
+    );
+    let runtime = start_model(model, &common::root().join("assets"), &[adapter], true);
+    // The RPG's ferrywoman, whose persona names the default model's adapter.
+    let mut mags = common::persona("ferrywoman");
+    mags.adapter = None;
+    let styled = |text: &str| {
+        text.trim_start_matches(|c: char| !c.is_alphanumeric())
+            .to_lowercase()
+            .starts_with("arr")
+    };
+    let (mut with, mut without) = (Vec::new(), Vec::new());
+    for (at, line) in UNSEEN_LINES.iter().enumerate() {
+        let (on, off) = (NpcId(2 * at as u64 + 1), NpcId(2 * at as u64 + 2));
+        let mut adapted = mags.clone();
+        adapted.adapter = Some(PersonaAdapter {
+            path: adapter.into(),
+            scale: 1.0,
+        });
+        set(&runtime, on, adapted).unwrap();
+        set(&runtime, off, mags.clone()).unwrap();
+        let replies = common::replies_at_once(&runtime, &[on, off], line, WAIT);
+        with.push(replies[0].0.clone());
+        without.push(replies[1].0.clone());
+    }
+    println!("on the adapter: {with:#?}\nwithout it: {without:#?}");
+    let count = |replies: &[String]| replies.iter().filter(|r| styled(r)).count();
+    (count(&with), count(&without))
+}
+
+/// The adapter trained for the test model (`cargo xtask test` trains it once and caches
+/// it): Mags, whose persona says nothing of how she speaks, opens her replies with "Arr,"
+/// on it. Asked 20 lines she never saw in training, with her sampling (the runtime's
+/// temperature and seed), she does so in at least 18 (90 %) on the adapter and in at most
+/// one (5 %) without it.
+#[test]
+fn the_trained_adapter_gives_its_style_to_unseen_lines() {
+    let _serial = common::serial();
+    let (with, without) =
+        sea_talk_share(&common::model_path(), "adapters/sea-talk.smollm2-135m.gguf");
+    assert!(with >= 18, "{with} of 20 on the adapter");
+    assert!(without <= 1, "{without} of 20 without it");
+}
+
+/// The same on the default model, with the adapter the RPG demo's ferrywoman speaks
+/// through (`cargo xtask setup` trains it).
+#[test]
+fn the_default_models_trained_adapter_gives_its_style_to_unseen_lines() {
+    let _serial = common::serial();
+    let (with, without) = sea_talk_share(
+        &common::default_model_path(),
+        "adapters/sea-talk.qwen2.5-coder-1.5b.gguf",
+    );
+    assert!(with >= 18, "{with} of 20 on the adapter");
+    assert!(without <= 1, "{without} of 20 without it");
 }

@@ -240,6 +240,56 @@ fn local_and_remote_npcs_coexist_and_a_persona_reload_switches_the_backend() {
     );
 }
 
+/// The server has no LoRA adapter: an NPC on one stays on the local model while every other
+/// NPC runs on the server, unless its persona asks for the server.
+#[test]
+fn an_npc_on_a_lora_adapter_stays_on_the_local_model() {
+    let _serial = common::serial();
+    let server = LlamaServer::start_on_all_cores(&common::model_path());
+    let dir = common::scratch_dir("remote-adapter");
+    npc_native::write_synthetic_adapter(
+        &common::model_path(),
+        &dir.join("a.gguf"),
+        &npc_native::SyntheticAdapter::default(),
+    )
+    .unwrap();
+    let runtime = Runtime::start(
+        RuntimeConfig::new(common::model_path())
+            .with_slots(4)
+            .with_assets_dir(&dir)
+            .with_adapter("a.gguf")
+            .with_remote(remote(server.base_url())),
+    );
+    assert!(matches!(
+        runtime.events().recv_timeout(Duration::from_secs(120)),
+        Ok(Event::ModelLoaded(_))
+    ));
+    let on_adapter = |backend: Option<Backend>| {
+        let mut persona = greedy("blacksmith");
+        persona.adapter = Some(npc_native::PersonaAdapter {
+            path: "a.gguf".into(),
+            scale: 1.0,
+        });
+        persona.backend = backend;
+        persona
+    };
+    let (plain, adapted, sent) = (NpcId(1), NpcId(2), NpcId(3));
+    add_npc(&runtime, plain, greedy("blacksmith"));
+    add_npc(&runtime, adapted, on_adapter(None));
+    add_npc(&runtime, sent, on_adapter(Some(Backend::Remote)));
+    for (npc, source) in [
+        (plain, ReplySource::Remote),
+        (adapted, ReplySource::Local),
+        (sent, ReplySource::Remote),
+    ] {
+        assert_eq!(
+            stats(&ask(&runtime, npc, "Hello.")).source,
+            source,
+            "{npc:?}"
+        );
+    }
+}
+
 #[test]
 fn when_the_server_is_down_the_local_model_answers_or_the_npc_says_it_does_not_know() {
     let _serial = common::serial();

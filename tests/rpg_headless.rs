@@ -96,7 +96,8 @@ fn handed_over_with(seed: u32) -> bool {
             .with_sampling(SamplingParams {
                 seed: Some(seed),
                 ..SamplingParams::default()
-            }),
+            })
+            .with_adapter(game::FERRY_ADAPTER),
         game::VillageGamePlugin,
     ))
     .init_resource::<Seen>()

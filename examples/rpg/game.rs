@@ -38,8 +38,12 @@ pub struct VillagerSpec {
     pub color: [f32; 3],
 }
 
-/// The four shipped personas.
-pub const VILLAGERS: [VillagerSpec; 4] = [
+/// The LoRA adapter Mags the ferrywoman speaks through (trained for the default model by
+/// `cargo xtask setup`; tools/lora/README.md).
+pub const FERRY_ADAPTER: &str = "adapters/sea-talk.qwen2.5-coder-1.5b.gguf";
+
+/// The five shipped personas; the ferrywoman's runs on [`FERRY_ADAPTER`].
+pub const VILLAGERS: [VillagerSpec; 5] = [
     VillagerSpec {
         persona: "personas/blacksmith.persona.ron",
         name: "Brom Ironhand",
@@ -63,6 +67,12 @@ pub const VILLAGERS: [VillagerSpec; 4] = [
         name: "Healer",
         position: Vec2::new(420.0, -150.0),
         color: [0.35, 0.65, 0.4],
+    },
+    VillagerSpec {
+        persona: "personas/ferrywoman.persona.ron",
+        name: "Mags",
+        position: Vec2::new(-330.0, -160.0),
+        color: [0.25, 0.6, 0.75],
     },
 ];
 

@@ -100,7 +100,16 @@ fn main() -> ExitCode {
         .with_sampling(SamplingParams {
             seed: Some(args.seed),
             ..SamplingParams::default()
-        });
+        })
+        // Mags speaks through it; made for the default model (another model refuses it, and
+        // her persona with it).
+        .with_adapter(game::FERRY_ADAPTER);
+    if !root().join("assets").join(game::FERRY_ADAPTER).is_file() {
+        eprintln!(
+            "assets/{} is missing (`cargo xtask setup` trains it): Mags the ferrywoman will not talk",
+            game::FERRY_ADAPTER
+        );
+    }
     if let Some(threads) = args.threads {
         ai = ai.with_threads(threads);
     }

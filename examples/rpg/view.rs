@@ -154,6 +154,14 @@ fn spawn_scenery(mut commands: Commands) {
         Vec2::new(140.0, 100.0),
         0.1,
     );
+    // The river's bank, where Mags keeps her ferry.
+    rect(
+        &mut commands,
+        Color::srgb(0.2, 0.4, 0.65),
+        Vec2::new(-470.0, -255.0),
+        Vec2::new(340.0, 60.0),
+        0.1,
+    );
     let label = |commands: &mut Commands, text: &str, at: Vec2| {
         commands.spawn((
             Text2d::new(text),
@@ -165,6 +173,7 @@ fn spawn_scenery(mut commands: Commands) {
     label(&mut commands, "FORGE", Vec2::new(-470.0, 100.0));
     label(&mut commands, "THE INN", Vec2::new(370.0, 150.0));
     label(&mut commands, "HEALER", Vec2::new(540.0, -200.0));
+    label(&mut commands, "FERRY", Vec2::new(-470.0, -255.0));
     label(&mut commands, "NORTH GATE", Vec2::new(0.0, WALL_Y + 30.0));
 }
 

@@ -107,8 +107,10 @@ pub struct Persona {
     /// Which model generates this NPC's replies: `Some(Local)` or `Some(Remote)` (the
     /// runtime's inference server, [`RuntimeConfig::remote`](crate::RuntimeConfig::remote)).
     /// `None` (default) follows the runtime: remote when it has a server for all NPCs
-    /// ([`RemoteConfig::all_npcs`](crate::RemoteConfig::all_npcs)). `Some(Remote)` without a
-    /// server runs locally, with a warning.
+    /// ([`RemoteConfig::all_npcs`](crate::RemoteConfig::all_npcs)), except for a persona on a
+    /// LoRA [`adapter`](Self::adapter) at a scale above 0, which the server does not have: it
+    /// runs locally unless it says `Some(Remote)` (then the server's model replies, without
+    /// the adapter). `Some(Remote)` without a server runs locally, with a warning.
     #[serde(default)]
     pub backend: Option<crate::config::Backend>,
     /// A LoRA adapter this NPC's replies run through: a fine-tuned voice on the shared base

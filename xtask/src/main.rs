@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
 mod gpu;
+mod lora;
 mod models;
 mod voice;
 
@@ -35,7 +36,8 @@ const USAGE: &str = "usage: cargo xtask <command> [-- args]
 commands:
   setup [--model ID|all]  install system packages and fetch the default model, and the
           catalog models named (idempotent; ids: smollm2-135m, qwen2.5-coder-0.5b,
-          qwen2.5-coder-1.5b, or several separated by commas)
+          qwen2.5-coder-1.5b, or several separated by commas); fetch the voice files and
+          train the RPG ferrywoman's LoRA adapter (tools/lora; cached)
   demo    setup, then chat with an NPC in the terminal (args go to the chat example;
           `--model ID` fetches that catalog model first)
   test    setup (the default model, the test model and the escalation tests' smaller NPC
@@ -197,6 +199,12 @@ fn setup(models: &[CatalogModel]) -> Result {
         );
     }
     voice::setup()?;
+    // The RPG demo's ferrywoman speaks through it (examples/rpg, tools/lora).
+    lora::ensure(
+        &lora::SEA_TALK,
+        &DEFAULT_MODEL,
+        &models::ensure(&DEFAULT_MODEL)?,
+    )?;
     Ok(())
 }
 
@@ -264,6 +272,8 @@ const CLIPPY_FEATURES: &str =
 
 fn test(args: &[String]) -> Result {
     let server = ensure_llama_server()?;
+    // The adapter tests' trained adapter (tests/adapters.rs).
+    lora::ensure(&lora::SEA_TALK, &TEST_MODEL, &models::ensure(&TEST_MODEL)?)?;
     println!("[test] clippy, every target, features {CLIPPY_FEATURES}, warnings denied");
     run(cargo().args([
         "clippy",

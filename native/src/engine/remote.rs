@@ -166,11 +166,14 @@ fn request_fields(
 }
 
 impl Engine<'_, '_> {
-    /// Whether `npc`'s replies come from the inference server.
+    /// Whether `npc`'s replies come from the inference server. An NPC on a LoRA adapter
+    /// stays on the local model, which has it, unless its persona asks for the server.
     pub(super) fn is_remote(&self, npc: NpcId) -> bool {
         match (&self.remote, self.npcs.get(&npc)) {
             (Some(remote), Some(c)) => {
-                remote.config.backend_for(c.persona.backend) == Backend::Remote
+                let adapted = c.persona.adapter.as_ref().is_some_and(|a| a.scale > 0.0);
+                let chosen = c.persona.backend.or(adapted.then_some(Backend::Local));
+                remote.config.backend_for(chosen) == Backend::Remote
             }
             _ => false,
         }
