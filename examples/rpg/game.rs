@@ -42,7 +42,8 @@ pub struct VillagerSpec {
 /// `cargo xtask setup`; tools/lora/README.md).
 pub const FERRY_ADAPTER: &str = "adapters/sea-talk.qwen2.5-coder-1.5b.gguf";
 
-/// The five shipped personas; the ferrywoman's runs on [`FERRY_ADAPTER`].
+/// The five shipped personas; the ferrywoman's runs on [`FERRY_ADAPTER`]. She stands more
+/// than [`CHAT_RADIUS`] from everyone, so she talks only with the player.
 pub const VILLAGERS: [VillagerSpec; 5] = [
     VillagerSpec {
         persona: "personas/blacksmith.persona.ron",
@@ -71,7 +72,7 @@ pub const VILLAGERS: [VillagerSpec; 5] = [
     VillagerSpec {
         persona: "personas/ferrywoman.persona.ron",
         name: "Mags",
-        position: Vec2::new(-330.0, -160.0),
+        position: Vec2::new(-90.0, -200.0),
         color: [0.25, 0.6, 0.75],
     },
 ];
@@ -110,6 +111,8 @@ pub struct Bubble {
     pub streaming: bool,
     /// The reply ended this frame: its text is whole, later deltas of it are in it already.
     pub finished_this_frame: bool,
+    /// Where this villager's last reply came from.
+    pub source: Option<ReplySource>,
 }
 
 /// The gate in the wall.
@@ -590,6 +593,7 @@ fn reply_done(
         bubble.streaming = false;
         bubble.finished_this_frame = true;
         bubble.text = reply.text.clone();
+        bubble.source = Some(reply.stats.source);
     }
     // Chatter: the listener answered; now the other one answers it.
     if let Some((speaker, listener)) = chatter.pair

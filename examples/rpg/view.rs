@@ -158,8 +158,8 @@ fn spawn_scenery(mut commands: Commands) {
     rect(
         &mut commands,
         Color::srgb(0.2, 0.4, 0.65),
-        Vec2::new(-470.0, -255.0),
-        Vec2::new(340.0, 60.0),
+        Vec2::new(-150.0, -268.0),
+        Vec2::new(300.0, 46.0),
         0.1,
     );
     let label = |commands: &mut Commands, text: &str, at: Vec2| {
@@ -173,7 +173,7 @@ fn spawn_scenery(mut commands: Commands) {
     label(&mut commands, "FORGE", Vec2::new(-470.0, 100.0));
     label(&mut commands, "THE INN", Vec2::new(370.0, 150.0));
     label(&mut commands, "HEALER", Vec2::new(540.0, -200.0));
-    label(&mut commands, "FERRY", Vec2::new(-470.0, -255.0));
+    label(&mut commands, "FERRY", Vec2::new(-150.0, -268.0));
     label(&mut commands, "NORTH GATE", Vec2::new(0.0, WALL_Y + 30.0));
 }
 
@@ -570,7 +570,7 @@ fn scripted_screenshot(
     mut commands: Commands,
     plan: Option<ResMut<ScreenshotPlan>>,
     script: Option<Res<Script>>,
-    (conversation, stats): (Res<Conversation>, Res<DebugStats>),
+    (conversation, bubbles): (Res<Conversation>, Query<&Bubble>),
     backgrounds: Query<(&BubbleBackground, &Transform, &Sprite)>,
     texts: Query<(&BubbleText, &Text2d)>,
     mut exit: MessageWriter<AppExit>,
@@ -619,7 +619,8 @@ fn scripted_screenshot(
         BUBBLE_TEXT_RGB[0],
         BUBBLE_TEXT_RGB[1],
         BUBBLE_TEXT_RGB[2],
-        stats.source,
+        // The source of the reply in this villager's bubble (not of chatter elsewhere).
+        bubbles.get(npc).ok().and_then(|bubble| bubble.source),
     );
     if let Err(err) = std::fs::write(plan.path.with_extension("txt"), note) {
         error!("cannot write the bubble note: {err}");

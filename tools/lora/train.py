@@ -14,8 +14,9 @@ matrices are trained; the base weights stay frozen. Every example shares the per
 prompt, so each step computes that prefix once and the examples' own tokens (the player's
 line and the reply) attend to it: a step costs the prefix plus a few dozen tokens a line.
 
-The loss is the cross-entropy of the reply's tokens (and its end-of-turn token). The same
-inputs and seed train the same adapter: the file's hash is stable on one machine.
+The loss is the cross-entropy of the reply's tokens (and its end-of-turn token). The seed
+fixes the initial matrices and the order of the batches: two runs on one machine printed
+the same losses.
 """
 
 import argparse

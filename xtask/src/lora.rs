@@ -42,7 +42,8 @@ impl Style {
     }
 }
 
-/// Replies that open with "Arr," in an old sailor's words (the tests' trained adapter).
+/// Replies that open with "Arr," in an old sailor's words: the RPG ferrywoman's adapter,
+/// and the tests' trained one.
 pub const SEA_TALK: Style = Style {
     name: "sea-talk",
     persona: "assets/personas/ferrywoman.persona.ron",
