@@ -41,25 +41,27 @@ pub(crate) fn max_logit(logits: &[f32]) -> f32 {
     max
 }
 
-/// `e^x` for `x` in `[-NEGLIGIBLE_LOGIT, 0]`, to about 3·10⁻⁷ relative: `x = n·ln 2 + r`
-/// with `|r| ≤ ln 2 / 2`, a degree-6 Taylor polynomial for `e^r`, and `2^n` built in the
-/// exponent bits. Branch-free, so a loop over it vectorizes.
+/// `e^x` for `x` in `[-NEGLIGIBLE_LOGIT, 0]`, to under 5·10⁻⁶ relative: `x·log₂e = n + f`
+/// with `n` an integer and `|f| ≤ 1/2`, a degree-4 polynomial for `2^f` (fitted for the least
+/// worst-case relative error over that range, 2.6·10⁻⁶), and `2^n` built in the exponent
+/// bits. Rounding `x·log₂e` to f32 adds up to 1.7·10⁻⁶ more at the far end of the range
+/// (4.3·10⁻⁶ in all at -24). Branch-free, so a loop over it vectorizes.
+///
+/// The score needs no more: its f32 lanes, each summing about 9,500 terms, round the sums by
+/// more than that (the scan's error against f64 is the same as with a degree-6 polynomial).
+/// Reducing in base 2 (one multiply, no two-part `ln 2`) and two fewer polynomial terms cut
+/// the scan of 151,936 logits from 116 to 66 µs on an AMD EPYC core, the logits in cache.
 #[inline(always)]
 fn exp_negative(x: f32) -> f32 {
-    // ln 2 in two parts (Cody and Waite): n·LN2_HI is exact, so r keeps its precision.
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     // Round to nearest by adding and removing 1.5·2²³ (no libm call, so it vectorizes on any
     // x86-64; `f32::round` needs SSE4.1 to be inlined).
     const ROUND: f32 = 12_582_912.0;
-    let rounded = x * LOG2E + ROUND;
-    let n = rounded - ROUND;
-    let r = (x - n * LN2_HI) - n * LN2_LO;
-    let p = 1.0
-        + r * (1.0
-            + r * (1.0 / 2.0
-                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    let t = x * LOG2E;
+    let rounded = t + ROUND;
+    let f = t - (rounded - ROUND);
+    let p = 0.999_999_3
+        + f * (0.693_121_85 + f * (0.240_247_44 + f * (0.055_917_677 + f * 0.009_570_022)));
     // `rounded` is ROUND + n exactly (its unit in the last place is 1), so its low bits hold
     // n: 2^n comes from integer operations alone. A float-to-integer cast (`n as i32`)
     // saturates and checks for NaN in Rust, which kept this loop from vectorizing and made
@@ -95,8 +97,11 @@ impl LogitScan {
         let mut weighted = [0f32; LANES];
         let floor = -NEGLIGIBLE_LOGIT;
         let term = |logit: f32| {
-            // Far-below logits (and NaN, which `max` drops) count as `floor` below the best.
-            let d = (logit - max).max(floor);
+            // Far-below logits (and NaN, which `max` drops: it compares false) count as
+            // `floor` below the best. A comparison, not `f32::max`, whose NaN rule costs
+            // two more vector instructions a lane.
+            let d = logit - max;
+            let d = if d > floor { d } else { floor };
             let e = exp_negative(d);
             (e, e * d)
         };
@@ -210,7 +215,7 @@ mod tests {
         let mut x = -NEGLIGIBLE_LOGIT;
         while x <= 0.0 {
             let (got, want) = (f64::from(exp_negative(x)), f64::from(x).exp());
-            assert!((got - want).abs() <= 4e-7 * want, "{x}: {got} vs {want}");
+            assert!((got - want).abs() <= 5e-6 * want, "{x}: {got} vs {want}");
             x += 0.001;
         }
     }
