@@ -16,7 +16,7 @@ use std::process::Command;
 use npc_catalog::CatalogModel;
 use sha2::{Digest, Sha256};
 
-use crate::{Result, cache_dir, cargo, project_root, run};
+use crate::{Result, cache_dir, cargo, place, project_root, run};
 
 /// An adapter the project trains: its style directory under `tools/lora/` and the training
 /// settings `train.py` gets.
@@ -26,19 +26,24 @@ pub struct Style {
     pub name: &'static str,
     /// The persona it is trained under, from the project root.
     pub persona: &'static str,
-    /// Arguments for `train.py` beyond the model, data and output, per catalog model id (the
-    /// last entry for any other model).
+    /// Arguments for `train.py` beyond the model, data and output, per catalog model id (a
+    /// model it lists none for is not trained: settings are tuned per model).
     pub settings: &'static [(&'static str, &'static [&'static str])],
 }
 
 impl Style {
     /// The training settings for `model`.
-    fn settings_for(&self, model: &CatalogModel) -> &'static [&'static str] {
+    fn settings_for(&self, model: &CatalogModel) -> Result<&'static [&'static str]> {
         self.settings
             .iter()
             .find(|(id, _)| *id == model.id)
-            .or(self.settings.last())
-            .map_or(&[], |(_, settings)| settings)
+            .map(|(_, settings)| *settings)
+            .ok_or_else(|| {
+                format!(
+                    "the {} adapter has no training settings for {} (xtask/src/lora.rs)",
+                    self.name, model.id
+                )
+            })
     }
 }
 
@@ -92,7 +97,7 @@ pub fn ensure(style: &Style, model: &CatalogModel, model_path: &Path) -> Result<
         key.update(Sha256::digest(&bytes));
     }
     key.update(model.sha256.as_bytes());
-    let settings = style.settings_for(model);
+    let settings = style.settings_for(model)?;
     key.update(settings.join(" ").as_bytes());
     let key = format!("{:x}", key.finalize());
     let adapters = cache_dir().join("adapters");
@@ -144,14 +149,7 @@ pub fn ensure(style: &Style, model: &CatalogModel, model_path: &Path) -> Result<
     let target = root
         .join("assets/adapters")
         .join(format!("{}.{}.gguf", style.name, model.id));
-    if let Some(parent) = target.parent() {
-        fs::create_dir_all(parent)
-            .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
-    }
-    let _ = fs::remove_file(&target);
-    if fs::hard_link(&cached, &target).is_err() {
-        fs::copy(&cached, &target).map_err(|e| format!("cannot copy {}: {e}", cached.display()))?;
-    }
+    place(&cached, &target)?;
     println!("{label}: {}", target.display());
     Ok(target)
 }

@@ -251,6 +251,19 @@ fn sha256(path: &Path) -> Option<String> {
     models::file_sha256(path)
 }
 
+/// Puts the file `from` (in the cache) at `to` (in the project): a hard link, or a copy where
+/// the two are on different file systems; `to`'s folder is created and what it held replaced.
+fn place(from: &Path, to: &Path) -> Result {
+    if let Some(dir) = to.parent() {
+        fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    }
+    let _ = fs::remove_file(to);
+    if fs::hard_link(from, to).is_err() {
+        fs::copy(from, to).map_err(|e| format!("cannot copy {}: {e}", from.display()))?;
+    }
+    Ok(())
+}
+
 fn cargo() -> Command {
     let mut command = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     command.current_dir(project_root());

