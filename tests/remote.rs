@@ -290,6 +290,95 @@ fn an_npc_on_a_lora_adapter_stays_on_the_local_model() {
     }
 }
 
+/// This process's resident memory (Linux's `/proc/self/statm`), in bytes.
+fn resident_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").expect("Linux's /proc");
+    let pages: u64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
+    pages * 4096
+}
+
+/// Waits for the event `pick` takes (skipping others), or fails after 60 s.
+fn wait_for<T>(runtime: &Runtime, mut pick: impl FnMut(Event) -> Option<T>) -> T {
+    loop {
+        match runtime.events().recv_timeout(Duration::from_secs(60)) {
+            Ok(event) => {
+                if let Some(found) = pick(event) {
+                    return found;
+                }
+            }
+            Err(err) => panic!("the event did not come: {err}"),
+        }
+    }
+}
+
+/// `RemoteConfig::local_model` off: the runtime reads the file's vocabulary and template
+/// alone (no weights), the server answers every NPC (one whose persona asks for the local
+/// model too) from a prompt its cache keeps, a save carries the conversation to another
+/// NPC, and once the server is gone the NPC says its don't-know line.
+#[test]
+fn without_a_local_model_every_npc_is_served_remotely_and_a_failed_line_gets_the_dont_know_line()
+{
+    let _serial = common::serial();
+    let server = LlamaServer::start_on_all_cores(&common::model_path());
+    let config = RuntimeConfig::new(common::model_path())
+        .with_slots(4)
+        .with_remote(remote(server.base_url()).with_local_model(false));
+    let context_size = config.context_size;
+    let before = resident_bytes();
+    let runtime = Runtime::start(config);
+    let info = wait_for(&runtime, |event| match event {
+        Event::ModelLoaded(info) => Some(info),
+        Event::ModelFailed(error) => panic!("{error}"),
+        _ => None,
+    });
+    assert_eq!(info.device, "none", "{info:?}");
+    assert_eq!(info.context_per_npc, context_size);
+    // No weights, no KV cache: the process grows by the vocabulary, not the model.
+    let grown = resident_bytes().saturating_sub(before);
+    let file = std::fs::metadata(common::model_path()).unwrap().len();
+    println!("resident memory grew by {grown} bytes; the model file is {file}");
+    assert!(grown < file / 2, "grew by {grown} bytes, the file is {file}");
+    let (brom, guard, heir) = (NpcId(1), NpcId(2), NpcId(3));
+    add_npc(&runtime, brom, greedy("blacksmith"));
+    let mut wants_local = greedy("guard");
+    wants_local.backend = Some(Backend::Local);
+    add_npc(&runtime, guard, wants_local);
+    let first = runtime.say(brom, "Hello there.").unwrap();
+    let second = runtime.say(guard, "Hello.").unwrap();
+    for heard in hear_all(&runtime, &[first, second]) {
+        assert_eq!(stats(&heard).source, ReplySource::Remote, "{heard:?}");
+        assert!(!heard.text.trim().is_empty(), "{heard:?}");
+    }
+    let again = ask(&runtime, brom, "What do you sell?");
+    assert_eq!(stats(&again).source, ReplySource::Remote, "{again:?}");
+    assert!(
+        stats(&again).cached_tokens > 0,
+        "the server's cache held the first turn's prefix: {again:?}"
+    );
+    let dir = common::scratch_dir("remote-only");
+    let file = dir.join("brom.npc");
+    runtime.save_npc(brom, &file).unwrap();
+    wait_for(&runtime, |event| match event {
+        Event::NpcSaved { npc, .. } if npc == brom => Some(()),
+        Event::NpcSaveFailed { error, .. } => panic!("{error}"),
+        _ => None,
+    });
+    add_npc(&runtime, heir, greedy("blacksmith"));
+    runtime.load_npc(heir, &file).unwrap();
+    let turns = wait_for(&runtime, |event| match event {
+        Event::NpcLoaded { npc, turns, .. } if npc == heir => Some(turns),
+        Event::NpcLoadFailed { error, .. } => panic!("{error}"),
+        _ => None,
+    });
+    assert_eq!(turns, 2);
+    let heard = ask(&runtime, heir, "Hello again.");
+    assert_eq!(stats(&heard).source, ReplySource::Remote, "{heard:?}");
+    drop(server);
+    let heard = ask(&runtime, brom, "Anything else?");
+    assert_eq!(stats(&heard).source, ReplySource::Fallback, "{heard:?}");
+    assert!(!heard.text.trim().is_empty(), "{heard:?}");
+}
+
 #[test]
 fn when_the_server_is_down_the_local_model_answers_or_the_npc_says_it_does_not_know() {
     let _serial = common::serial();

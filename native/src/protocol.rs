@@ -339,7 +339,9 @@ pub struct ModelInfo {
     /// the layers that fit the device's free memory beside the KV cache.
     pub gpu_layers: u32,
     /// Where the model runs: `"CPU"`, or the GPU as llama.cpp names it, e.g.
-    /// `"Vulkan0 (AMD Radeon RX 7600 (RADV NAVI33))"`.
+    /// `"Vulkan0 (AMD Radeon RX 7600 (RADV NAVI33))"`; `"none"` when only its vocabulary and
+    /// template were read, every reply coming from the inference server
+    /// ([`RemoteConfig::local_model`](crate::RemoteConfig::local_model) off).
     pub device: String,
     /// Why the model runs on the CPU although GPU layers were asked for (no GPU backend
     /// compiled in, no device found, the model or its KV cache did not fit, the load on the

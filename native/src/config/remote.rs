@@ -43,6 +43,22 @@ pub struct RemoteConfig {
     /// When the server cannot answer, the local model does (default). Off, the NPC says its
     /// don't-know line.
     pub local_fallback: bool,
+    /// Loads the local model's weights and KV cache (default). Off, the runtime reads only
+    /// the model file's vocabulary and chat template (no weights, no context: what a
+    /// dedicated game server that never generates a reply itself needs), and then:
+    /// - every NPC runs on the server, `backend: Some(Local)` and adapter personas too (a
+    ///   warning says so), so [`all_npcs`](Self::all_npcs) and
+    ///   [`local_fallback`](Self::local_fallback) do not apply;
+    /// - a line the server cannot answer gets the NPC's don't-know line;
+    /// - the rolling summary keeps only its extractive part (the folded turns' sentences
+    ///   with names, numbers and the player's own facts), as with a persona's
+    ///   `model_summary: Some(false)`: the written gist needs the model;
+    /// - nothing is prewarmed, and a save file's KV state is not restored (a remote NPC's
+    ///   save has none).
+    ///
+    /// The file should still be the server's model (or one with its tokenizer), so the
+    /// prompt budget counts the server's tokens.
+    pub local_model: bool,
     /// Sends an NPC's action grammar (GBNF) as the request's `grammar` field, the way
     /// llama-server constrains a reply (default on). A server that ignores the field still
     /// has its reply parsed by the same action parser: a malformed call is dropped, as a
@@ -66,6 +82,7 @@ impl RemoteConfig {
             server,
             all_npcs: true,
             local_fallback: true,
+            local_model: true,
             send_grammar: true,
         }
     }
@@ -91,6 +108,13 @@ impl RemoteConfig {
         self
     }
 
+    /// Sets whether the local model's weights are loaded (see [`RemoteConfig::local_model`]).
+    #[must_use]
+    pub fn with_local_model(mut self, on: bool) -> Self {
+        self.local_model = on;
+        self
+    }
+
     /// Reads `NPC_AI_REMOTE_URL` (the server's base URL up to `/v1`) and the rest as
     /// [`RemoteConfig::from_env_at`] does. `None` when no URL is set.
     #[must_use]
@@ -103,15 +127,17 @@ impl RemoteConfig {
 
     /// A server at `base_url` (up to `/v1`, e.g. llama-server's `http://127.0.0.1:8080/v1`),
     /// its model named by `NPC_AI_REMOTE_MODEL` (default `default`, which llama-server
-    /// accepts for its one model) and its key by `NPC_AI_REMOTE_KEY` when set: what a
-    /// `--remote URL` flag builds.
+    /// accepts for its one model), its key by `NPC_AI_REMOTE_KEY` when set, and no local
+    /// weights ([`local_model`](Self::local_model) off) when `NPC_AI_REMOTE_ONLY` is `1`:
+    /// what a `--remote URL` flag builds.
     #[must_use]
     pub fn from_env_at(base_url: impl Into<String>) -> Self {
         let model = std::env::var("NPC_AI_REMOTE_MODEL")
             .ok()
             .filter(|m| !m.trim().is_empty())
             .unwrap_or_else(|| "default".into());
-        let config = Self::new(base_url, model);
+        let only = std::env::var("NPC_AI_REMOTE_ONLY").is_ok_and(|v| v.trim() == "1");
+        let config = Self::new(base_url, model).with_local_model(!only);
         match std::env::var("NPC_AI_REMOTE_KEY")
             .ok()
             .filter(|k| !k.is_empty())

@@ -60,9 +60,10 @@ impl Engine<'_, '_> {
                 target.len()
             ));
         }
+        let ctx = self.ctx.as_mut().ok_or("no local model")?;
         let slot = self
             .kv
-            .acquire_unused(&mut self.ctx, npc)
+            .acquire_unused(ctx, npc)
             .ok_or("no free KV slot")?;
         let held = self.kv.tokens_under(slot, &tag);
         let common = held.iter().zip(&target).take_while(|(a, b)| a == b).count();
@@ -71,7 +72,7 @@ impl Engine<'_, '_> {
             common
         } else {
             self.kv
-                .reuse_prefix_leaving(&mut self.ctx, slot, &target, &tag, 0)
+                .reuse_prefix_leaving(ctx, slot, &target, &tag, 0)
                 .cached
         };
         if cached >= target.len() {
@@ -90,14 +91,14 @@ impl Engine<'_, '_> {
                 return Err("the batch is smaller than a prewarm chunk".into());
             }
         }
-        if let Err(err) = self.adapters.apply(&mut self.ctx, adapter) {
+        if let Err(err) = self.adapters.apply(ctx, adapter) {
             self.kv.release(slot);
             return Err(format!("the LoRA adapter could not be set: {err}"));
         }
-        let decoded = self.ctx.decode(&mut self.batch);
+        let decoded = ctx.decode(&mut self.batch);
         self.kv.decoded();
         if let Err(err) = decoded {
-            self.kv.clear(&mut self.ctx, slot);
+            self.kv.clear(ctx, slot);
             return Err(format!("decode failed: {err}"));
         }
         for &token in &target[cached..end] {

@@ -17,13 +17,17 @@ use crate::sampling::StopFilter;
 
 use super::scheduler::{self, Prefill};
 use super::sequence::{Job, Phase, Prepared, Queued, Reply};
-use super::{Engine, pos};
+use super::{Engine, no_local_model, pos};
 
 impl Engine<'_, '_> {
     /// Moves queued replies into free slots, building their prompts.
     pub(super) fn admit_queued(&mut self) {
         while let Some(npc) = self.queue.next_npc() {
-            let Some(slot) = self.kv.acquire(&mut self.ctx, npc) else {
+            // Without a local model nothing is queued (`Engine::enqueue_local`).
+            let Some(ctx) = self.ctx.as_mut() else {
+                return;
+            };
+            let Some(slot) = self.kv.acquire(ctx, npc) else {
                 return;
             };
             let queued = self.queue.pop().expect("a line is waiting");
@@ -162,7 +166,10 @@ impl Engine<'_, '_> {
             // The respelling stays inside the persona's prompt budget too.
             prepared.budget,
         );
-        let reuse = self.kv.reuse_prefix(&mut self.ctx, slot, &prompt, &tag);
+        let Some(ctx) = self.ctx.as_mut() else {
+            return Err((reply.request, no_local_model()));
+        };
+        let reuse = self.kv.reuse_prefix(ctx, slot, &prompt, &tag);
         let cached = reuse.cached;
         let seed = fresh_seed(reply.request);
         if let Some(fact) = reply.fact.clone() {
@@ -227,7 +234,10 @@ impl Engine<'_, '_> {
         } else {
             self.next_group(current)
         };
-        if let Err(reason) = self.adapters.apply(&mut self.ctx, group) {
+        let Some(ctx) = self.ctx.as_mut() else {
+            return self.fail_active("no local model", |_| true);
+        };
+        if let Err(reason) = self.adapters.apply(ctx, group) {
             let reason = format!("the LoRA adapter could not be set: {reason}");
             return self.fail_active(&reason, |job| job.adapter == group);
         }
@@ -293,7 +303,10 @@ impl Engine<'_, '_> {
             return;
         }
         let decode_started = Instant::now();
-        let decoded = self.ctx.decode(&mut self.batch);
+        let Some(ctx) = self.ctx.as_mut() else {
+            return self.fail_active("no local model", |_| true);
+        };
+        let decoded = ctx.decode(&mut self.batch);
         let decode_time = decode_started.elapsed();
         // Pending sequence copies ran at the start of the decode, whatever its outcome.
         self.kv.decoded();
@@ -482,7 +495,9 @@ impl Engine<'_, '_> {
     /// which llama.cpp's are not (its CPU threads
     /// live only within a `decode`).
     fn pick_tokens(&mut self) -> Vec<Picked> {
-        let ctx = &self.ctx;
+        let Some(ctx) = self.ctx.as_ref() else {
+            return vec![None; self.active.len()];
+        };
         let logits: Vec<Option<&[f32]>> = self
             .active
             .iter()

@@ -169,7 +169,9 @@ impl Engine<'_, '_> {
             .partition(|job| pick(job));
         self.active = kept;
         for job in failed {
-            self.kv.clear(&mut self.ctx, job.slot);
+            if let Some(ctx) = self.ctx.as_mut() {
+                self.kv.clear(ctx, job.slot);
+            }
             self.emit(Event::Failed {
                 npc: job.npc,
                 request: job.request,

@@ -9,6 +9,7 @@ use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 
 use crate::actions::{self, NpcActions};
+use crate::config::Backend;
 use crate::escalation::{Decision, Escalator, NpcProfile};
 use crate::guard::SecretGuard;
 use crate::kv::cache::SeqSnapshot;
@@ -162,6 +163,12 @@ impl Engine<'_, '_> {
                  inference server, which does not apply it"
             );
         }
+        if self.ctx.is_none() && base.backend == Some(Backend::Local) {
+            tracing::warn!(
+                "NPC {npc:?}: its persona asks for the local model, but this runtime loads \
+                 none (RemoteConfig::local_model is off): the inference server answers it"
+            );
+        }
         // The server computes a remote NPC's prompt: nothing to prepare here.
         if self.config.prewarm && self.config.kv_reuse && !self.is_remote(npc) {
             self.prewarm.push_back(Prewarm { npc, computed: 0 });
@@ -202,7 +209,11 @@ impl Engine<'_, '_> {
             let error = NpcError::UnknownNpc(npc).into();
             return self.emit(Event::NpcSaveFailed { npc, path, error });
         };
-        let snapshot = self.kv.snapshot(&self.ctx, npc).unwrap_or_default();
+        let snapshot = self
+            .ctx
+            .as_ref()
+            .and_then(|ctx| self.kv.snapshot(ctx, npc))
+            .unwrap_or_default();
         let tokens: Vec<i32> = snapshot.tokens.iter().map(|t| t.0).collect();
         // The header names the adapter the saved keys and values were computed with.
         let identity = StateIdentity {
@@ -270,13 +281,16 @@ impl Engine<'_, '_> {
         let mut kv_note = None;
         let mut kv_tokens = 0;
         match loaded.kv {
+            Ok((tokens, _)) if !tokens.is_empty() && self.ctx.is_none() => {
+                kv_note = Some("this runtime loads no local model to restore it into".to_owned());
+            }
             Ok((tokens, bytes)) if !tokens.is_empty() => {
                 let n_vocab = self.model.n_vocab();
                 if tokens.len() >= self.context_per_npc
                     || tokens.iter().any(|&t| t < 0 || t >= n_vocab)
                 {
                     kv_note = Some("saved tokens do not fit this model or context".to_owned());
-                    self.kv.forget(&mut self.ctx, npc);
+                    self.forget_kv(npc);
                 } else {
                     kv_tokens = tokens.len();
                     let tokens = tokens.into_iter().map(LlamaToken).collect();
@@ -285,15 +299,19 @@ impl Engine<'_, '_> {
                         adapter,
                         bytes,
                     };
-                    if let Err(reason) = self.kv.load(&mut self.ctx, npc, snapshot) {
+                    let loaded = match self.ctx.as_mut() {
+                        Some(ctx) => self.kv.load(ctx, npc, snapshot),
+                        None => Err("no local model".to_owned()),
+                    };
+                    if let Err(reason) = loaded {
                         kv_tokens = 0;
                         kv_note = Some(reason);
                     }
                 }
             }
-            Ok(_) => self.kv.forget(&mut self.ctx, npc),
+            Ok(_) => self.forget_kv(npc),
             Err(reason) => {
-                self.kv.forget(&mut self.ctx, npc);
+                self.forget_kv(npc);
                 kv_note = Some(reason);
             }
         }
@@ -480,6 +498,13 @@ impl Engine<'_, '_> {
                 },
                 true,
             );
+        }
+    }
+
+    /// Drops `npc`'s KV state, wherever it is (a runtime without a local model has none).
+    pub(super) fn forget_kv(&mut self, npc: NpcId) {
+        if let Some(ctx) = self.ctx.as_mut() {
+            self.kv.forget(ctx, npc);
         }
     }
 

@@ -32,6 +32,7 @@ use crate::actions;
 use crate::config::RuntimeConfig;
 use crate::escalation::Escalator;
 use crate::kv::cache::{DiskConfig, KvCacheManager, probe_layout};
+use crate::kv::layout::KvLayout;
 use crate::kv::persist::{self, StateIdentity};
 use crate::llama::adapter::Adapters;
 use crate::llama::prompt::PromptBuilder;
@@ -82,9 +83,25 @@ fn serve(
             llama_cpp_2::LogOptions::default().with_logs_enabled(false),
         );
     }
-    let loaded = config
-        .model_file()
-        .and_then(|path| Ok((llama::load_placed(config, &path, stopping)?, path)));
+    // A runtime whose every reply comes from the inference server reads the model's
+    // vocabulary and template alone (`RemoteConfig::local_model` off). Without the `cloud`
+    // feature there is no server client, so the model is loaded in full.
+    let remote_only = config.remote.as_ref().is_some_and(|remote| !remote.local_model);
+    if remote_only && cfg!(not(feature = "cloud")) {
+        tracing::warn!(
+            "RemoteConfig::local_model is off, but npc_native was built without the `cloud` \
+             feature (its HTTP client): the local model is loaded and answers every NPC"
+        );
+    }
+    let remote_only = remote_only && cfg!(feature = "cloud");
+    let loaded = config.model_file().and_then(|path| {
+        let placed = if remote_only {
+            llama::load_vocabulary(config, &path)?
+        } else {
+            llama::load_placed(config, &path, stopping)?
+        };
+        Ok((placed, path))
+    });
     let (placed, model_path) = match loaded {
         Ok(loaded) => loaded,
         // The game is quitting: the load was abandoned, nobody waits for its outcome.
@@ -106,49 +123,35 @@ fn serve(
         llama::check_catalog_expectations(&model, entry);
     }
     let threads = config.effective_threads();
-    // Adapters load into the model, which must not be borrowed by a context yet.
-    let adapters = Adapters::load(
-        &mut model,
-        &model_path,
-        &config.adapters,
-        &config.assets_dir,
-        |file| persist::model_fingerprint(file).unwrap_or_default(),
-    );
-    let model = model;
-    let params = llama::worker_context_params(config);
-    // Each step below takes from milliseconds to a second on a large context: a game that
-    // quits meanwhile is not kept waiting for the rest.
-    if stopping.load(Ordering::Relaxed) {
-        return;
-    }
-    let mut ctx = match model.new_context(backend(), params) {
-        Ok(ctx) => ctx,
-        Err(err) => {
-            return serve_without_model(&ModelError::Context(err.to_string()), inbox, events);
-        }
+    // Adapters load into the model, which must not be borrowed by a context yet; a
+    // vocabulary has no tensors to adapt.
+    let adapters = if remote_only {
+        Adapters::none()
+    } else {
+        Adapters::load(
+            &mut model,
+            &model_path,
+            &config.adapters,
+            &config.assets_dir,
+            |file| persist::model_fingerprint(file).unwrap_or_default(),
+        )
     };
-    if stopping.load(Ordering::Relaxed) {
-        return;
-    }
-    llama::warm_up(&model, &mut ctx);
-    if stopping.load(Ordering::Relaxed) {
-        return;
-    }
-    // On a GPU a full batch takes milliseconds, and a first decode's kernel set-up would make
-    // the timing wrong: the limit is for CPU runs.
-    let step_budget = config
-        .max_step_time
-        .filter(|_| config.effective_gpu_layers() == 0)
-        .map(|limit| step_budget(&mut ctx, limit, config.batch_size as usize));
-    if stopping.load(Ordering::Relaxed) {
-        return;
-    }
-    let layout = probe_layout(&mut ctx);
-    if let Err(reason) = &layout {
-        tracing::warn!("saved and evicted KV states will be recomputed, not restored: {reason}");
-    }
+    let model = model;
+    let (ctx, step_budget, layout) = if remote_only {
+        let layout = Err("no local model".to_owned());
+        (None, None, layout)
+    } else {
+        let Some(local) = start_context(config, &model, stopping, inbox, events) else {
+            return;
+        };
+        let (ctx, step_budget, layout) = local;
+        (Some(ctx), step_budget, layout)
+    };
     let prompts = PromptBuilder::new(&model);
-    let context_per_npc = (ctx.n_ctx() / config.slots) as usize;
+    // Without a context, what one would give each NPC: the server's slots are sized alike.
+    let context_per_npc = ctx.as_ref().map_or(config.context_size as usize, |ctx| {
+        (ctx.n_ctx() / config.slots) as usize
+    });
     let info = ModelInfo {
         path: model_path.clone(),
         catalog_id: catalog.map(|entry| entry.id),
@@ -198,7 +201,11 @@ fn serve(
         queue: LineQueue::default(),
         active: Vec::new(),
         escalator: Escalator::new(&config.escalation),
-        summarizer: Summarizer::new(threads),
+        summarizer: if remote_only {
+            Summarizer::off()
+        } else {
+            Summarizer::new(threads)
+        },
         prewarm: VecDeque::new(),
         step_budget,
         sampling_threads: config.effective_sampling_threads().max(1) as usize,
@@ -207,6 +214,56 @@ fn serve(
         adapters,
     };
     engine.run(inbox);
+}
+
+/// The worker's context, warmed up, with its step budget and KV layout; `None` when the game
+/// quit meanwhile or the context could not be made (then the runtime serves without a model).
+fn start_context<'m>(
+    config: &RuntimeConfig,
+    model: &'m LlamaModel,
+    stopping: &Arc<AtomicBool>,
+    inbox: &Receiver<Request>,
+    events: &Sender<Event>,
+) -> Option<(
+    LlamaContext<'m>,
+    Option<StepBudget>,
+    Result<KvLayout, String>,
+)> {
+    let params = llama::worker_context_params(config);
+    // Each step below takes from milliseconds to a second on a large context: a game that
+    // quits meanwhile is not kept waiting for the rest.
+    let quitting = || stopping.load(Ordering::Relaxed);
+    if quitting() {
+        return None;
+    }
+    let mut ctx = match model.new_context(backend(), params) {
+        Ok(ctx) => ctx,
+        Err(err) => {
+            serve_without_model(&ModelError::Context(err.to_string()), inbox, events);
+            return None;
+        }
+    };
+    if quitting() {
+        return None;
+    }
+    llama::warm_up(model, &mut ctx);
+    if quitting() {
+        return None;
+    }
+    // On a GPU a full batch takes milliseconds, and a first decode's kernel set-up would make
+    // the timing wrong: the limit is for CPU runs.
+    let step_budget = config
+        .max_step_time
+        .filter(|_| config.effective_gpu_layers() == 0)
+        .map(|limit| step_budget(&mut ctx, limit, config.batch_size as usize));
+    if quitting() {
+        return None;
+    }
+    let layout = probe_layout(&mut ctx);
+    if let Err(reason) = &layout {
+        tracing::warn!("saved and evicted KV states will be recomputed, not restored: {reason}");
+    }
+    Some((ctx, step_budget, layout))
 }
 
 /// Tokens sampled to time prompt processing at start-up.
@@ -301,7 +358,9 @@ fn run_debug_hook(hook: DebugHook) {
 struct Engine<'m, 'e> {
     config: &'e RuntimeConfig,
     model: &'m LlamaModel,
-    ctx: LlamaContext<'m>,
+    /// The context the local model decodes in; `None` on a runtime whose replies all come
+    /// from the inference server ([`RemoteConfig::local_model`](crate::RemoteConfig) off).
+    ctx: Option<LlamaContext<'m>>,
     prompts: PromptBuilder,
     events: &'e Sender<Event>,
     context_per_npc: usize,
@@ -449,7 +508,7 @@ impl Engine<'_, '_> {
                 self.cancel(npc);
                 self.summarizer.cancel(npc);
                 self.npcs.remove(&npc);
-                self.kv.forget(&mut self.ctx, npc);
+                self.forget_kv(npc);
             }
             Request::Shutdown => return false,
             Request::Debug(hook) => run_debug_hook(hook),
@@ -499,6 +558,13 @@ impl Engine<'_, '_> {
             });
         }
     }
+}
+
+/// Why a line cannot reach the local model of a runtime that loads none.
+fn no_local_model() -> NpcError {
+    NpcError::ModelUnavailable(
+        "this runtime loads no local model (RemoteConfig::local_model is off)".to_owned(),
+    )
 }
 
 fn pos(n: usize) -> i32 {

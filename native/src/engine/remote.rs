@@ -168,8 +168,10 @@ fn request_fields(
 impl Engine<'_, '_> {
     /// Whether `npc`'s replies come from the inference server. An NPC on a LoRA adapter
     /// stays on the local model, which has it, unless its persona asks for the server.
+    /// Without a local model, every NPC's do.
     pub(super) fn is_remote(&self, npc: NpcId) -> bool {
         match (&self.remote, self.npcs.get(&npc)) {
+            (Some(_), Some(_)) if self.ctx.is_none() => true,
             (Some(remote), Some(c)) => {
                 let adapted = c.persona.adapter.as_ref().is_some_and(|a| a.scale > 0.0);
                 let chosen = c.persona.backend.or(adapted.then_some(Backend::Local));
@@ -185,11 +187,29 @@ impl Engine<'_, '_> {
         if !queued.local_only && self.is_remote(queued.npc) {
             return self.start_remote(queued);
         }
+        self.enqueue_local(queued, first);
+    }
+
+    /// A line for the local model: queued (ahead of the others when `first`), or, on a
+    /// runtime without one, answered with the NPC's don't-know line.
+    fn enqueue_local(&mut self, queued: Queued, first: bool) {
+        if self.ctx.is_none() {
+            return self.say_dont_know(queued.npc, queued.request, queued.line);
+        }
         if first {
             self.queue.push_first(queued);
         } else {
             self.queue.push(queued);
         }
+    }
+
+    /// Answers `line` with `npc`'s don't-know line (nothing if the NPC is gone).
+    fn say_dont_know(&mut self, npc: NpcId, request: RequestId, line: String) {
+        let said = match self.npcs.get(&npc) {
+            Some(c) => self.escalator.fallback_line(npc, &c.profile),
+            None => return,
+        };
+        self.reply_with_fallback(npc, request, line, said);
     }
 
     /// Prepares `queued` and starts its server thread.
@@ -212,7 +232,7 @@ impl Engine<'_, '_> {
         fallback.line.clone_from(&reply.line);
         reply.stats.source = ReplySource::Remote;
         let Some(remote) = self.remote.as_mut() else {
-            return self.queue.push_first(fallback);
+            return self.enqueue_local(fallback, true);
         };
         let stop = Arc::new(AtomicBool::new(false));
         #[cfg(feature = "cloud")]
@@ -242,7 +262,7 @@ impl Engine<'_, '_> {
                 .spawn(move || serve_line(&client, call, &pieces, &thread_stop));
             if spawned.is_err() {
                 tracing::warn!("NPC {npc:?}: could not start a server thread; answering locally");
-                return self.queue.push_first(fallback);
+                return self.enqueue_local(fallback, true);
             }
         }
         #[cfg(not(feature = "cloud"))]
@@ -314,7 +334,7 @@ impl Engine<'_, '_> {
                 let Some(flight) = remote.take(request) else {
                     return;
                 };
-                let local_fallback = remote.config.local_fallback;
+                let local_fallback = remote.config.local_fallback && self.ctx.is_some();
                 self.end_remote(flight, outcome, local_fallback);
             }
         }
@@ -385,11 +405,7 @@ impl Engine<'_, '_> {
             "NPC {npc:?}: the server failed ({}); answering with the don't-know line",
             failure.reason
         );
-        let said = match self.npcs.get(&npc) {
-            Some(c) => self.escalator.fallback_line(npc, &c.profile),
-            None => return,
-        };
-        self.reply_with_fallback(npc, request, reply.line, said);
+        self.say_dont_know(npc, request, reply.line);
     }
 }
 

@@ -23,6 +23,10 @@ use crate::types::ModelError;
 /// What [`ModelInfo::device`](crate::ModelInfo::device) says of a model on the CPU.
 pub(crate) const CPU_DEVICE: &str = "CPU";
 
+/// What [`ModelInfo::device`](crate::ModelInfo::device) says when no weights are loaded
+/// ([`RemoteConfig::local_model`](crate::RemoteConfig::local_model) off).
+pub(crate) const NO_DEVICE: &str = "none";
+
 /// Memory left free on each device when the layers are fitted: other programs' and the
 /// game's own (textures, the frame) use the GPU too.
 const FIT_MARGIN_BYTES: usize = 512 * 1024 * 1024;
@@ -49,6 +53,26 @@ pub(crate) struct Placed {
 /// GPU, as many layers as it names or (`gpu_layers: None`) as fit the device's free memory,
 /// falling back to the CPU when that cannot be done. File errors (missing, not GGUF) are not
 /// retried: the CPU would refuse the file as well.
+/// The model file's vocabulary and chat template alone, no weights (a runtime whose every
+/// reply comes from the inference server), checked as a full load is.
+pub(crate) fn load_vocabulary(config: &RuntimeConfig, path: &Path) -> Result<Placed, ModelError> {
+    config.validate().map_err(ModelError::Config)?;
+    check_gguf(path)?;
+    let params = LlamaModelParams::default().with_vocab_only(true);
+    let model = LlamaModel::load_from_file(backend(), path, &params).map_err(|err| {
+        ModelError::LoadFailed {
+            path: path.to_path_buf(),
+            reason: err.to_string(),
+        }
+    })?;
+    Ok(Placed {
+        model,
+        config: config.clone().with_gpu_layers(0),
+        device: NO_DEVICE.to_owned(),
+        cpu_fallback: None,
+    })
+}
+
 pub(crate) fn load_placed(
     config: &RuntimeConfig,
     path: &Path,

@@ -119,6 +119,14 @@ impl<'m> Summarizer<'m> {
         }
     }
 
+    /// No summaries at all: a runtime without the model's weights.
+    pub(crate) fn off() -> Self {
+        Self {
+            unavailable: true,
+            ..Self::new(1)
+        }
+    }
+
     /// Whether a job is in progress.
     pub(crate) fn busy(&self) -> bool {
         self.running.is_some()
