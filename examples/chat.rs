@@ -12,7 +12,9 @@
 //! `--remote URL` has an inference server generate the NPC's replies (an OpenAI-compatible
 //! `/v1` base URL such as llama-server's `http://127.0.0.1:8080/v1`; `NPC_AI_REMOTE_MODEL`
 //! and `NPC_AI_REMOTE_KEY` name its model and key; needs the `cloud` feature; see
-//! docs/serving.md); the local model stays loaded for prompts and answers if the server fails.
+//! docs/serving.md); the local model stays loaded for prompts and answers if the server fails,
+//! or, with `NPC_AI_REMOTE_ONLY=1`, only its vocabulary is read and a failed line gets the
+//! NPC's don't-know line.
 //! `--llama-logs` lets llama.cpp print its own log (model, KV cache and compute buffer sizes).
 //! Type a line and press Enter; the reply streams token by token, followed by its speed.
 //! Ctrl-D ends the conversation and prints what it cost (see docs/benchmarks.md, "The cost meter").
@@ -135,6 +137,13 @@ fn main() -> ExitCode {
     };
     let runtime = Runtime::start(args.config);
     match runtime.events().recv() {
+        Ok(Event::ModelLoaded(info)) if !info.generates_locally() => eprintln!(
+            "[{} read for its vocabulary and template in {:.1}s: the server generates every \
+             reply; {} context tokens]",
+            info.path.display(),
+            info.load_time.as_secs_f64(),
+            info.context_per_npc
+        ),
         Ok(Event::ModelLoaded(info)) => {
             eprintln!(
                 "[model {} loaded in {:.1}s on {}: {} threads, {} context tokens]",

@@ -39,7 +39,8 @@ fn start(remote: RemoteConfig) -> Runtime {
             .with_remote(remote),
     );
     match runtime.events().recv_timeout(Duration::from_secs(120)) {
-        Ok(Event::ModelLoaded(_)) => runtime,
+        // The local model stays loaded by default (the fallback, the summaries).
+        Ok(Event::ModelLoaded(info)) if info.generates_locally() => runtime,
         other => panic!("model did not load: {other:?}"),
     }
 }
@@ -332,6 +333,7 @@ fn without_a_local_model_every_npc_is_served_remotely_and_a_failed_line_gets_the
         _ => None,
     });
     assert_eq!(info.device, "none", "{info:?}");
+    assert!(!info.generates_locally());
     assert_eq!(info.context_per_npc, context_size);
     // No weights, no KV cache: the process grows by the vocabulary, not the model.
     let grown = resident_bytes().saturating_sub(before);
@@ -518,42 +520,49 @@ fn a_silent_server_times_out_and_the_local_model_answers() {
     );
 }
 
+/// The chat example on the server with `--remote`, the local model loaded, then also with
+/// `NPC_AI_REMOTE_ONLY=1`, which reads only the model's vocabulary.
 #[test]
 fn the_chat_example_runs_its_npc_on_a_server_with_one_flag() {
     let _serial = common::serial();
     let server = LlamaServer::start_on_all_cores(&common::model_path());
-    let mut child = std::process::Command::new(common::example_binary("chat"))
-        .args(["--persona", "assets/personas/blacksmith.persona.ron"])
-        .arg("--model")
-        .arg(common::model_path())
-        .args(["--remote", &server.base_url()])
-        .current_dir(common::root())
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("start the chat example");
-    let mut stdin = child.stdin.take().unwrap();
-    use std::io::Write;
-    writeln!(stdin, "Hello there.").unwrap();
-    writeln!(stdin, "What do you sell?").unwrap();
-    drop(stdin);
-    let output = child.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let stats: Vec<&str> = stdout
-        .lines()
-        .filter(|line| line.contains("prompt tokens cached]"))
-        .collect();
-    assert_eq!(stats.len(), 2, "{stdout}");
-    assert!(
-        stats.iter().all(|line| line.contains("[Remote: ")),
-        "both replies came from the server: {stdout}"
-    );
-    // The cost report at the end counts the server's tokens.
-    assert!(stdout.contains("inference server: 2 replies"), "{stdout}");
+    for only in ["0", "1"] {
+        let mut child = std::process::Command::new(common::example_binary("chat"))
+            .args(["--persona", "assets/personas/blacksmith.persona.ron"])
+            .arg("--model")
+            .arg(common::model_path())
+            .args(["--remote", &server.base_url()])
+            .env("NPC_AI_REMOTE_ONLY", only)
+            .current_dir(common::root())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start the chat example");
+        let mut stdin = child.stdin.take().unwrap();
+        use std::io::Write;
+        writeln!(stdin, "Hello there.").unwrap();
+        writeln!(stdin, "What do you sell?").unwrap();
+        drop(stdin);
+        let output = child.wait_with_output().unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "{stderr}");
+        assert_eq!(
+            stderr.contains("read for its vocabulary and template"),
+            only == "1",
+            "NPC_AI_REMOTE_ONLY={only}: {stderr}"
+        );
+        let stats: Vec<&str> = stdout
+            .lines()
+            .filter(|line| line.contains("prompt tokens cached]"))
+            .collect();
+        assert_eq!(stats.len(), 2, "{stdout}");
+        assert!(
+            stats.iter().all(|line| line.contains("[Remote: ")),
+            "both replies came from the server: {stdout}"
+        );
+        // The cost report at the end counts the server's tokens.
+        assert!(stdout.contains("inference server: 2 replies"), "{stdout}");
+    }
 }

@@ -352,3 +352,13 @@ pub struct ModelInfo {
     /// Time spent loading.
     pub load_time: Duration,
 }
+
+impl ModelInfo {
+    /// Whether the model's weights were loaded, so the runtime can generate replies itself:
+    /// `false` when only its vocabulary and template were read
+    /// ([`RemoteConfig::local_model`](crate::RemoteConfig::local_model) off).
+    #[must_use]
+    pub fn generates_locally(&self) -> bool {
+        self.device != crate::llama::NO_DEVICE
+    }
+}

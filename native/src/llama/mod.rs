@@ -16,7 +16,7 @@ use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::LlamaModel;
 
-pub(crate) use device::{Placed, load_placed, load_vocabulary};
+pub(crate) use device::{NO_DEVICE, Placed, load_placed, load_vocabulary};
 pub(crate) use model::{check_catalog_expectations, load_model};
 
 use crate::config::{KvPrecision, RuntimeConfig};
