@@ -49,14 +49,15 @@ fn read_png(path: &std::path::Path) -> Picture {
 }
 
 /// Runs the demo's scripted visit under Xvfb, saving its screenshot to `shot`, with `args`
-/// after the script's; panics with its log if it fails.
-fn run_scripted_demo(shot: &std::path::Path, args: &[&str]) {
+/// after the script's and `envs` set; panics with its log if it fails.
+fn run_scripted_demo(shot: &std::path::Path, args: &[&str], envs: &[(&str, &str)]) {
     let output = Command::new("xvfb-run")
         .args(["-a", "-s", "-screen 0 1280x720x24"])
         .arg(common::example_binary("rpg"))
         .arg("--script")
         .arg(shot)
         .args(args)
+        .envs(envs.iter().copied())
         .env("WGPU_BACKEND", "vulkan")
         .output()
         .expect("xvfb-run runs (cargo xtask setup installs it)");
@@ -69,7 +70,7 @@ fn the_scripted_demo_draws_the_village_and_a_speech_bubble_with_text() {
     let _serial = common::serial();
     let dir = common::scratch_dir("rpg-screenshot");
     let shot = dir.join("rpg.png");
-    run_scripted_demo(&shot, &["--threads", "2", "--voice"]);
+    run_scripted_demo(&shot, &["--threads", "2", "--voice"], &[]);
     let picture = read_png(&shot);
     assert_eq!((picture.width, picture.height), (1280, 720));
 
@@ -170,7 +171,8 @@ fn the_scripted_demo_draws_the_village_and_a_speech_bubble_with_text() {
 }
 
 /// `--remote`: the villagers' replies come from a real `llama-server` (the default model),
-/// while the demo runs as it does on the local model.
+/// while the demo runs as it does on the local model; then again with
+/// `NPC_AI_REMOTE_ONLY=1`, the local model's weights not loaded at all.
 #[cfg(feature = "cloud")]
 #[test]
 fn the_scripted_demo_talks_through_an_inference_server_with_remote() {
@@ -180,20 +182,26 @@ fn the_scripted_demo_talks_through_an_inference_server_with_remote() {
     let server =
         servers::LlamaServer::start_serving(&common::default_model_path(), None, 1, 2, 4096);
     let dir = common::scratch_dir("rpg-remote");
-    let shot = dir.join("rpg.png");
-    run_scripted_demo(&shot, &["--threads", "1", "--remote", &server.base_url()]);
-    let note = std::fs::read_to_string(shot.with_extension("txt")).expect("bubble note");
-    println!("{note}");
-    let line = |key: &str| {
-        note.lines()
-            .find_map(|l| l.strip_prefix(key))
-            .unwrap_or_default()
-            .to_owned()
-    };
-    assert_eq!(line("source "), "Some(Remote)", "{note}");
-    let shown = line("shown ");
-    assert!(
-        shown.chars().any(char::is_alphanumeric),
-        "the bubble shows the server's reply: {note}"
-    );
+    for only in ["0", "1"] {
+        let shot = dir.join(format!("rpg-{only}.png"));
+        run_scripted_demo(
+            &shot,
+            &["--threads", "1", "--remote", &server.base_url()],
+            &[("NPC_AI_REMOTE_ONLY", only)],
+        );
+        let note = std::fs::read_to_string(shot.with_extension("txt")).expect("bubble note");
+        println!("NPC_AI_REMOTE_ONLY={only}:\n{note}");
+        let line = |key: &str| {
+            note.lines()
+                .find_map(|l| l.strip_prefix(key))
+                .unwrap_or_default()
+                .to_owned()
+        };
+        assert_eq!(line("source "), "Some(Remote)", "{note}");
+        let shown = line("shown ");
+        assert!(
+            shown.chars().any(char::is_alphanumeric),
+            "the bubble shows the server's reply: {note}"
+        );
+    }
 }

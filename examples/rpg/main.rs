@@ -12,7 +12,9 @@
 //! # talk to the villager you face (needs `cargo build --release -p npc_voice_helper`).
 //! cargo run --release -p bevy_npc_ai --example rpg --features demo -- --voice
 //! # The villagers' replies come from an inference server (llama-server, vLLM; see
-//! # docs/serving.md); the local model stays loaded and answers if the server fails.
+//! # docs/serving.md); the local model stays loaded and answers if the server fails
+//! # (with NPC_AI_REMOTE_ONLY=1 only its vocabulary is read, and a villager the server cannot
+//! # answer says its don't-know line).
 //! cargo run --release -p bevy_npc_ai --example rpg --features demo,cloud -- \
 //!     --remote http://127.0.0.1:8080/v1
 //! ```
@@ -114,7 +116,8 @@ fn main() -> ExitCode {
         ai = ai.with_threads(threads);
     }
     if let Some(url) = args.remote {
-        // The model name and key, when the server needs them: NPC_AI_REMOTE_MODEL, _KEY.
+        // The model name and key, when the server needs them: NPC_AI_REMOTE_MODEL, _KEY;
+        // NPC_AI_REMOTE_ONLY=1: no local weights.
         ai = ai.with_remote(RemoteConfig::from_env_at(url));
     }
     match args.model {
