@@ -49,8 +49,9 @@ pub(crate) fn max_logit(logits: &[f32]) -> f32 {
 ///
 /// The score needs no more: its f32 lanes, each summing about 9,500 terms, round the sums by
 /// more than that (the scan's error against f64 is the same as with a degree-6 polynomial).
-/// Reducing in base 2 (one multiply, no two-part `ln 2`) and two fewer polynomial terms cut
-/// the scan of 151,936 logits from 116 to 66 µs on an AMD EPYC core, the logits in cache.
+/// Reducing in base 2 (one multiply, no two-part `ln 2`), two fewer polynomial terms and the
+/// clamp below cut the scan of 151,936 logits from 116 to 75 µs on an AMD EPYC core, the
+/// logits in cache (docs/benchmarks.md, "Host work per step").
 #[inline(always)]
 fn exp_negative(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
