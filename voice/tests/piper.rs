@@ -78,23 +78,25 @@ fn piper_speaks_a_sentence_at_the_voices_rate_faster_than_real_time() {
     );
     assert!(synth.take_warnings().is_empty());
 
-    let slower = synth
-        .synthesize(
-            "Welcome to my forge, traveller. What do you need?",
-            &VoiceSettings {
-                length_scale: Some(1.5),
-                noise_scale: Some(0.0),
-                noise_w: Some(0.0),
-                ..settings.clone()
-            },
-        )
-        .expect("speaks");
-    assert!(
-        slower.seconds() > pcm.seconds() * 1.25,
-        "{} vs {}",
-        slower.seconds(),
-        pcm.seconds()
-    );
+    // The length scale stretches the durations: compared without noise on both sides (the
+    // voice's default `noise_w` draws each phoneme's duration, so one noisy utterance was
+    // once 1.25x the length of another).
+    let mut at = |length_scale: f32| {
+        synth
+            .synthesize(
+                "Welcome to my forge, traveller. What do you need?",
+                &VoiceSettings {
+                    length_scale: Some(length_scale),
+                    noise_scale: Some(0.0),
+                    noise_w: Some(0.0),
+                    ..settings.clone()
+                },
+            )
+            .expect("speaks")
+            .seconds()
+    };
+    let (normal, slower) = (at(1.0), at(1.5));
+    assert!(slower > normal * 1.25, "{slower} vs {normal}");
 }
 
 #[test]
