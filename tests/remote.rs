@@ -317,8 +317,7 @@ fn wait_for<T>(runtime: &Runtime, mut pick: impl FnMut(Event) -> Option<T>) -> T
 /// model too) from a prompt its cache keeps, a save carries the conversation to another
 /// NPC, and once the server is gone the NPC says its don't-know line.
 #[test]
-fn without_a_local_model_every_npc_is_served_remotely_and_a_failed_line_gets_the_dont_know_line()
-{
+fn without_a_local_model_every_npc_is_served_remotely_and_a_failed_line_gets_the_dont_know_line() {
     let _serial = common::serial();
     let server = LlamaServer::start_on_all_cores(&common::model_path());
     let config = RuntimeConfig::new(common::model_path())
@@ -339,7 +338,10 @@ fn without_a_local_model_every_npc_is_served_remotely_and_a_failed_line_gets_the
     let grown = resident_bytes().saturating_sub(before);
     let file = std::fs::metadata(common::model_path()).unwrap().len();
     println!("resident memory grew by {grown} bytes; the model file is {file}");
-    assert!(grown < file / 2, "grew by {grown} bytes, the file is {file}");
+    assert!(
+        grown < file / 2,
+        "grew by {grown} bytes, the file is {file}"
+    );
     let (brom, guard, heir) = (NpcId(1), NpcId(2), NpcId(3));
     add_npc(&runtime, brom, greedy("blacksmith"));
     let mut wants_local = greedy("guard");

@@ -61,10 +61,7 @@ impl Engine<'_, '_> {
             ));
         }
         let ctx = self.ctx.as_mut().ok_or("no local model")?;
-        let slot = self
-            .kv
-            .acquire_unused(ctx, npc)
-            .ok_or("no free KV slot")?;
+        let slot = self.kv.acquire_unused(ctx, npc).ok_or("no free KV slot")?;
         let held = self.kv.tokens_under(slot, &tag);
         let common = held.iter().zip(&target).take_while(|(a, b)| a == b).count();
         let cached = if common == target.len() {

@@ -86,7 +86,10 @@ fn serve(
     // A runtime whose every reply comes from the inference server reads the model's
     // vocabulary and template alone (`RemoteConfig::local_model` off). Without the `cloud`
     // feature there is no server client, so the model is loaded in full.
-    let remote_only = config.remote.as_ref().is_some_and(|remote| !remote.local_model);
+    let remote_only = config
+        .remote
+        .as_ref()
+        .is_some_and(|remote| !remote.local_model);
     if remote_only && cfg!(not(feature = "cloud")) {
         tracing::warn!(
             "RemoteConfig::local_model is off, but npc_native was built without the `cloud` \

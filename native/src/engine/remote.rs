@@ -261,7 +261,9 @@ impl Engine<'_, '_> {
                 .name("npc_native remote".into())
                 .spawn(move || serve_line(&client, call, &pieces, &thread_stop));
             if spawned.is_err() {
-                tracing::warn!("NPC {npc:?}: could not start a server thread; answering without it");
+                tracing::warn!(
+                    "NPC {npc:?}: could not start a server thread; answering without it"
+                );
                 return self.enqueue_local(fallback, true);
             }
         }
