@@ -8,8 +8,9 @@
 //! ```
 //!
 //! A last table splits each step into llama.cpp's `decode` and the runtime's own work around
-//! it (`ReplyTiming::steps` and `step_host`), with the default sampling threads and with
-//! sampling on the worker thread alone, in interleaved pairs.
+//! it (`ReplyTiming::steps` and `step_host`) with the default settings, against sampling on
+//! the worker thread alone and against every reply's confidence scored
+//! (`RuntimeConfig::confidence_for_every_reply`), in interleaved triples.
 //!
 //! These shared 2-core machines drift by ±20 % over minutes, so the peer and the runtime are
 //! measured in pairs, one right after the other, for every size and [`REPS`] times over; each
@@ -37,7 +38,8 @@ const GENERATE: u32 = 64;
 const CONTEXT: u32 = 1536;
 /// Measurement pairs (peer, runtime) per size.
 const REPS: usize = 5;
-/// Pairs (default sampling threads, one) per size for the host-time table.
+/// Triples (default settings, one sampling thread, every reply scored) per size for the
+/// host-time table.
 const HOST_REPS: usize = 3;
 /// The peer's prompt, and the context the runtime's NPCs hold when the timed line arrives.
 const PEER_PROMPT: usize = 1000;
@@ -379,54 +381,59 @@ fn measure(runtime: &Runtime, group: &Group, threads: u32, fa: bool, sequential:
     rows
 }
 
-/// Batched rounds on `parallel` (the default sampling threads) and `alone` (sampling on
-/// the worker thread), in interleaved pairs: per size, the median decode and host time per
-/// step of each, and the ratio of their host times (median of pairs).
-fn host_table(parallel: &Runtime, alone: &Runtime, group: &Group, threads: u32) {
+/// Batched rounds on `parallel` (the default sampling threads), `alone` (sampling on the
+/// worker thread) and `scored` (the default threads, every reply's confidence scored), in
+/// interleaved triples: per size, the median decode and host time per step of each, and the
+/// ratios of the host times to `parallel`'s (medians of the triples).
+fn host_table(parallel: &Runtime, alone: &Runtime, scored: &Runtime, group: &Group, threads: u32) {
     let line = "Say every number from 1 to 300, separated by commas, and nothing else.";
-    let mut rows: Vec<Vec<(Round, Round)>> = SIZES.iter().map(|_| Vec::new()).collect();
+    let mut rows: Vec<Vec<[Round; 3]>> = SIZES.iter().map(|_| Vec::new()).collect();
     for _ in 0..HOST_REPS {
         for (&n, row) in SIZES.iter().zip(&mut rows) {
             let (npcs, files) = group.slice(0..n);
-            let ours = round(parallel, npcs, Some(files), line);
-            let single = round(alone, npcs, Some(files), line);
-            row.push((ours, single));
+            row.push(
+                [parallel, alone, scored].map(|runtime| round(runtime, npcs, Some(files), line)),
+            );
         }
     }
     let sampling = RuntimeConfig::new(model()).effective_sampling_threads();
     println!(
-        "\nHost work per step (outside llama.cpp's decode), {threads} decode threads; \
-         {sampling} sampling threads vs 1; medians of {HOST_REPS} interleaved pairs:\n"
+        "\nHost work per step (outside llama.cpp's decode), {threads} decode threads, \
+         {sampling} sampling threads (default); against sampling on the worker alone, and \
+         against every reply's confidence scored; medians of {HOST_REPS} interleaved triples:\n"
     );
     println!(
-        "| NPCs | decode per step (ms) | host per step (µs) | host share of the step | per NPC: sampling / confidence / text (µs) | host, sampling on the worker alone (µs) | host / host alone (range) |"
+        "| NPCs | decode per step (ms) | host per step (µs) | host share of the step | per NPC: sampling / text (µs) | sampling on the worker alone: host (µs) | ratio (range) | every reply scored: host (µs) | ratio (range) | per NPC: confidence (µs) |"
     );
-    println!("|---|---:|---:|---:|---|---:|---|");
+    println!("|---|---:|---:|---:|---|---:|---|---:|---|---:|");
     for (&n, row) in SIZES.iter().zip(&rows) {
-        let decode = median(row.iter().map(|(r, _)| r.decode_per_step).collect());
-        let host = median(row.iter().map(|(r, _)| r.host_per_step).collect());
-        let single = median(row.iter().map(|(_, s)| s.host_per_step).collect());
-        let part = |of: fn(&Round) -> f64| median(row.iter().map(|(r, _)| of(r)).collect()) * 1e6;
-        let parts = format!(
-            "{:.0} / {:.0} / {:.0}",
-            part(|r| r.sampling_per_token),
-            part(|r| r.confidence_per_token),
-            part(|r| r.text_per_token)
-        );
-        let ratios: Vec<f64> = row
-            .iter()
-            .map(|(r, s)| r.host_per_step / s.host_per_step)
-            .collect();
-        let (low, high) = ratios
-            .iter()
-            .fold((f64::MAX, 0f64), |(l, h), &r| (l.min(r), h.max(r)));
+        let of = |runtime: usize, value: fn(&Round) -> f64| {
+            median(row.iter().map(|r| value(&r[runtime])).collect())
+        };
+        let (decode, host) = (of(0, |r| r.decode_per_step), of(0, |r| r.host_per_step));
+        // Medians and ranges of `runtime`'s host time over `parallel`'s, triple by triple.
+        let ratio = |runtime: usize| {
+            let ratios: Vec<f64> = row
+                .iter()
+                .map(|r| r[runtime].host_per_step / r[0].host_per_step)
+                .collect();
+            let (low, high) = ratios
+                .iter()
+                .fold((f64::MAX, 0f64), |(l, h), &r| (l.min(r), h.max(r)));
+            format!("{:.2} ({low:.2}–{high:.2})", median(ratios.clone()))
+        };
         println!(
-            "| {n} | {:.1} | {:.0} | {:.2} % | {parts} | {:.0} | {:.2} ({low:.2}–{high:.2}) |",
+            "| {n} | {:.1} | {:.0} | {:.2} % | {:.0} / {:.0} | {:.0} | {} | {:.0} | {} | {:.0} |",
             decode * 1e3,
             host * 1e6,
             100.0 * host / (host + decode),
-            single * 1e6,
-            median(ratios.clone()),
+            of(0, |r| r.sampling_per_token) * 1e6,
+            of(0, |r| r.text_per_token) * 1e6,
+            of(1, |r| r.host_per_step) * 1e6,
+            ratio(1),
+            of(2, |r| r.host_per_step) * 1e6,
+            ratio(2),
+            of(2, |r| r.confidence_per_token) * 1e6,
         );
     }
 }
@@ -468,9 +475,12 @@ fn main() {
     };
     {
         let alone = Runtime::start(config.clone().with_sampling_threads(1));
-        assert!(matches!(next(&alone), Event::ModelLoaded(_)));
-        group.adopt(&alone);
-        host_table(&runtime, &alone, &group, threads);
+        let scored = Runtime::start(config.clone().with_confidence_for_every_reply(true));
+        for other in [&alone, &scored] {
+            assert!(matches!(next(other), Event::ModelLoaded(_)));
+            group.adopt(other);
+        }
+        host_table(&runtime, &alone, &scored, &group, threads);
     }
     drop(runtime);
     if host_only {

@@ -240,12 +240,13 @@ fn routing_quality(server: &servers::LlamaServer) {
         catalog::CLOUD_STANDIN_MODEL.display_name
     );
     // One thread: this part measures answers, not speed, and one thread wastes least on a
-    // shared machine.
+    // shared machine. Every reply's confidence is scored: this part compares the signals.
     let runtime = start(
         RuntimeConfig::new(model::file_of(npc_model()))
             .with_slots(1)
             .with_threads(1)
-            .with_prewarm(false),
+            .with_prewarm(false)
+            .with_confidence_for_every_reply(true),
     );
     let mut items = Vec::new();
     for (at, q) in set.questions.iter().enumerate() {

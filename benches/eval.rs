@@ -764,8 +764,10 @@ fn main() {
     }
     // `NPC_EVAL_WITHOUT=reminder|check|guard` (comma-separated) turns one of the defaults
     // off, to measure what it does.
-    let mut config =
-        RuntimeConfig::new(model::path()).with_assets_dir(root().join("tests/data/eval"));
+    // Every reply's confidence is scored: the dump (`NPC_EVAL_DUMP`) prints it.
+    let mut config = RuntimeConfig::new(model::path())
+        .with_assets_dir(root().join("tests/data/eval"))
+        .with_confidence_for_every_reply(true);
     let without = std::env::var("NPC_EVAL_WITHOUT").unwrap_or_default();
     for feature in without.split(',').filter(|f| !f.is_empty()) {
         match feature {

@@ -2,7 +2,8 @@
 //! the same NPCs in-process, same model, same prompts, same greedy sampling: for 1, 4, 8 and
 //! 16 NPCs talking at once, generated tokens per second and time to first token (ratio
 //! remote / in-process per row, in interleaved pairs), and the server's prefix-cache share of
-//! the prompt tokens from each NPC's second turn on (its own `timings.cache_n`).
+//! the prompt tokens from each NPC's second turn on (its own `timings.cache_n`), in all and
+//! turn by turn.
 //!
 //! ```text
 //! cargo xtask bench -- --bench serving    # builds llama-server; or, with it built:
@@ -32,10 +33,12 @@ const PAIRS: usize = 2;
 /// Context per NPC, in-process and per server slot.
 const CONTEXT: usize = 1024;
 const MAX_TOKENS: u32 = 32;
-const LINES: [&str; 3] = [
+const LINES: [&str; 5] = [
     "Hello there. Who are you?",
     "What do you do here all day?",
     "Tell me something about the village.",
+    "Is there anything you need help with?",
+    "Thank you. Farewell for now.",
 ];
 
 fn threads() -> usize {
@@ -70,9 +73,8 @@ struct Run {
     generated: usize,
     wall: Duration,
     first_token: Vec<f64>,
-    /// Prompt and cached tokens from each NPC's second turn on.
-    later_prompt: usize,
-    later_cached: usize,
+    /// Prompt and cached tokens of every NPC's reply, per turn.
+    turns: [(usize, usize); LINES.len()],
     /// Every reply's prompt tokens, and the replies.
     prompt: usize,
     replies: usize,
@@ -143,10 +145,8 @@ fn talk(npcs: usize, remote: Option<&LlamaServer>) -> Run {
                     run.first_token
                         .push(stats.time_to_first_token.as_secs_f64());
                     run.sources_ok &= stats.source != other;
-                    if turn > 0 {
-                        run.later_prompt += stats.prompt_tokens;
-                        run.later_cached += stats.cached_tokens;
-                    }
+                    run.turns[turn].0 += stats.prompt_tokens;
+                    run.turns[turn].1 += stats.cached_tokens;
                 }
                 Ok(Event::Failed { error, .. }) => panic!("a line failed: {error}"),
                 Ok(Event::PersonaRejected { error, .. }) => panic!("{error}"),
@@ -157,6 +157,21 @@ fn talk(npcs: usize, remote: Option<&LlamaServer>) -> Run {
         run.wall += started.elapsed();
     }
     run
+}
+
+/// The cached share of the prompt tokens from the second turn on, then turn by turn:
+/// `86.0 % (84.1 / 87.9)`.
+fn shares(turns: &[(usize, usize)]) -> String {
+    let share = |prompt: usize, cached: usize| 100.0 * cached as f64 / prompt.max(1) as f64;
+    let later = &turns[1..];
+    let (prompt, cached) = later
+        .iter()
+        .fold((0, 0), |(p, c), turn| (p + turn.0, c + turn.1));
+    let each: Vec<String> = later
+        .iter()
+        .map(|&(p, c)| format!("{:.1}", share(p, c)))
+        .collect();
+    format!("{:.1} % ({})", share(prompt, cached), each.join(" / "))
 }
 
 fn main() {
@@ -173,14 +188,16 @@ fn main() {
     );
     println!(
         "| NPCs | in-process tok/s | remote tok/s | ratio | in-process first token (ms) | \
-         remote first token (ms) | ratio | server cache share, turn ≥ 2 | in-process KV reuse, turn ≥ 2 |"
+         remote first token (ms) | ratio | server cache share, turn ≥ 2 (turn 2 / 3 / …) | \
+         in-process KV reuse, turn ≥ 2 (turn 2 / 3 / …) |"
     );
     println!("|---|---|---|---|---|---|---|---|---|");
     let mut sizes = Vec::new();
     for &npcs in &rows {
         let mut speed = Pairs::default();
         let mut first = Pairs::default();
-        let (mut cached, mut prompt, mut local_cached, mut local_prompt) = (0, 0, 0, 0);
+        // Prompt and cached tokens per turn, over the pairs: remote, in-process.
+        let mut turns = [[(0, 0); LINES.len()]; 2];
         let (mut all_prompt, mut generated, mut replies) = (0, 0, 0);
         for _ in 0..PAIRS {
             let local = talk(npcs, None);
@@ -194,9 +211,11 @@ fn main() {
             );
             speed.push(remote.tokens_per_second(), local.tokens_per_second());
             first.push(remote.first_token_ms(), local.first_token_ms());
-            (cached, prompt) = (cached + remote.later_cached, prompt + remote.later_prompt);
-            local_cached += local.later_cached;
-            local_prompt += local.later_prompt;
+            for (sums, run) in turns.iter_mut().zip([&remote, &local]) {
+                for (sum, turn) in sums.iter_mut().zip(&run.turns) {
+                    *sum = (sum.0 + turn.0, sum.1 + turn.1);
+                }
+            }
             all_prompt += remote.prompt;
             generated += remote.generated;
             replies += remote.replies;
@@ -207,15 +226,15 @@ fn main() {
             generated / replies.max(1),
         ));
         println!(
-            "| {npcs} | {:.1} | {:.1} | {} | {:.0} | {:.0} | {} | {:.1} % | {:.1} % |",
+            "| {npcs} | {:.1} | {:.1} | {} | {:.0} | {:.0} | {} | {} | {} |",
             speed.peer(),
             speed.ours(),
             speed.ratio(),
             first.peer(),
             first.ours(),
             first.ratio(),
-            100.0 * cached as f64 / prompt.max(1) as f64,
-            100.0 * local_cached as f64 / local_prompt.max(1) as f64,
+            shares(&turns[0]),
+            shares(&turns[1]),
         );
     }
     for (npcs, prompt, generated) in sizes {

@@ -456,7 +456,8 @@ fn main() {
     println!(
         "\nMeans over the runs above, per generated token, from each reply's `ReplyStats::timing`: \
          decode is the time inside llama.cpp's decode calls; sampling the sampler chain; \
-         confidence the token's probability and entropy; text detokenizing, the stop filter \
+         confidence the token's probability and entropy (0 by default, where no threshold \
+         reads it: `RuntimeConfig::confidence_for_every_reply`); text detokenizing, the stop filter \
          and the delta event; the rest of the step is the worker's loop (inbox, scheduling, \
          batch building). Host share: everything but decode, of the time per token."
     );

@@ -204,11 +204,16 @@ fn runtime_with(escalation: EscalationConfig) -> Runtime {
 }
 
 fn runtime_on(model: std::path::PathBuf, escalation: EscalationConfig) -> Runtime {
-    let runtime = Runtime::start(
+    loaded(
         RuntimeConfig::new(model)
             .with_slots(4)
             .with_escalation(escalation),
-    );
+    )
+}
+
+/// The runtime `config` starts, once its model has loaded.
+fn loaded(config: RuntimeConfig) -> Runtime {
+    let runtime = Runtime::start(config);
     match runtime.events().recv_timeout(Duration::from_secs(120)) {
         Ok(Event::ModelLoaded(_)) => runtime,
         other => panic!("model did not load: {other:?}"),
@@ -234,7 +239,13 @@ fn stronger_cloud() -> LlamaServer {
 fn escalating_to_a_stronger_cloud(server: &LlamaServer, role: CloudRole) -> Runtime {
     let mut escalation = EscalationConfig::enabled(Some(llama_config(server)));
     escalation.cloud_role = role;
-    runtime_on(common::escalating_model_path(), escalation)
+    // Its tests read the confidence of local replies, which no threshold reads here.
+    loaded(
+        RuntimeConfig::new(common::escalating_model_path())
+            .with_slots(4)
+            .with_escalation(escalation)
+            .with_confidence_for_every_reply(true),
+    )
 }
 
 fn add_npc(runtime: &Runtime, npc: NpcId, persona: Persona) {

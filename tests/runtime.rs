@@ -1178,7 +1178,10 @@ fn a_quantized_kv_cache_replies_saves_smaller_and_refuses_f16_state() {
 /// tokens: all four asked at once (decoded in shared batches) or one after another (each
 /// decoded alone). The model's own tokens ([`plain`]).
 fn four_replies(batched: bool, line: &str, tokens: u32) -> Vec<(String, ReplyStats)> {
-    let runtime = start(plain(RuntimeConfig::new(common::model_path())));
+    // The batching test reads every reply's confidence.
+    let runtime = start(
+        plain(RuntimeConfig::new(common::model_path())).with_confidence_for_every_reply(true),
+    );
     let names = ["blacksmith", "innkeeper", "guard", "healer"];
     for (index, name) in names.iter().enumerate() {
         let mut persona = greedy(name);
@@ -1192,6 +1195,31 @@ fn four_replies(batched: bool, line: &str, tokens: u32) -> Vec<(String, ReplySta
     }
     let npcs: Vec<NpcId> = (0..names.len() as u64).map(NpcId).collect();
     said_at_once(&runtime, &npcs, line)
+}
+
+#[test]
+fn only_the_replies_something_reads_are_scored_for_confidence() {
+    let _serial = common::serial();
+    // No threshold reads it by default, so the score (a pass over the whole vocabulary for
+    // every token) is skipped; a game that studies the signal asks for it. (A threshold
+    // scores the replies it holds: tests/cloud.rs, `a_confidence_threshold_holds_…`.)
+    for every in [false, true] {
+        let runtime = start(
+            plain(RuntimeConfig::new(common::model_path())).with_confidence_for_every_reply(every),
+        );
+        accept(&runtime, NpcId(1), greedy("blacksmith"));
+        let (text, stats) = reply(&runtime, NpcId(1), "Who are you?");
+        assert!(stats.generated_tokens > 0, "{text:?}");
+        assert_eq!(stats.confidence.is_some(), every, "{stats:?}");
+        assert_eq!(stats.timing.confidence.is_zero(), !every, "{stats:?}");
+        if let Some(confidence) = stats.confidence {
+            assert!(
+                confidence.tokens >= stats.generated_tokens,
+                "{confidence:?}"
+            );
+            assert!(confidence.p10_prob > 0.0 && confidence.p10_prob <= 1.0);
+        }
+    }
 }
 
 /// `line` said to every one of `npcs` at once; their replies (text, stats) in that order.

@@ -269,7 +269,11 @@ pub struct ReplyStats {
     /// Who produced the reply. For [`ReplySource::Cloud`], `prompt_tokens` and
     /// `generated_tokens` are the cloud's own counts and `cached_tokens` is 0.
     pub source: ReplySource,
-    /// How sure the local model was of its tokens (`None` for cloud and fallback replies).
+    /// How sure the local model was of its tokens: for local replies a confidence threshold
+    /// reads ([`EscalationConfig::min_confidence`](crate::EscalationConfig::min_confidence)),
+    /// or every local reply with
+    /// [`RuntimeConfig::confidence_for_every_reply`](crate::RuntimeConfig::confidence_for_every_reply);
+    /// `None` otherwise, and for cloud, server and fallback replies.
     pub confidence: Option<ReplyConfidence>,
     /// Lore entries placed before the player's line.
     pub lore_entries: usize,

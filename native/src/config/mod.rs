@@ -215,6 +215,15 @@ pub struct RuntimeConfig {
     /// The secret guard over every reply ([`crate::guard`]): on by default. Off, replies
     /// stream exactly as the model writes them (for benchmarks and tests of raw generation).
     pub guard: bool,
+    /// Score the token confidence of every local reply into
+    /// [`ReplyStats::confidence`](crate::ReplyStats::confidence). Off (default), only the
+    /// replies a confidence threshold reads are scored
+    /// ([`EscalationConfig::min_confidence`](crate::EscalationConfig::min_confidence), or a
+    /// persona's own): the score is a pass of exponentials over the whole vocabulary for
+    /// every token, more host time than picking the token (on the default model and two CPU
+    /// cores, 74–102 µs a token against 25–40; docs/benchmarks.md, "Host work per step"). On,
+    /// for a game or tool that studies the signal, as the project's evaluation does.
+    pub confidence_for_every_reply: bool,
     /// The game's asset folder: a catalog model and a relative model path are found in it, and
     /// persona lore files ([`Persona::lore`](crate::Persona::lore)) are relative to it.
     /// Default: [`default_assets_dir`], the folder Bevy's `AssetPlugin` reads by default (the
@@ -264,6 +273,7 @@ impl Default for RuntimeConfig {
             llama_logs: false,
             prewarm: true,
             guard: true,
+            confidence_for_every_reply: false,
             kv_reuse: true,
             evicted_kv_bytes: 256 << 20,
             evicted_kv_disk_bytes: 4 << 30,
@@ -498,6 +508,14 @@ impl RuntimeConfig {
     #[must_use]
     pub fn with_guard(mut self, on: bool) -> Self {
         self.guard = on;
+        self
+    }
+
+    /// Scores every local reply's token confidence, or only those a threshold reads (see
+    /// [`RuntimeConfig::confidence_for_every_reply`]).
+    #[must_use]
+    pub fn with_confidence_for_every_reply(mut self, on: bool) -> Self {
+        self.confidence_for_every_reply = on;
         self
     }
 

@@ -122,7 +122,10 @@ impl Engine<'_, '_> {
                     ReplySource::Local
                 })
             },
-            confidence: TokenConfidence::default(),
+            // The score costs more than the pick (a pass of exponentials over the whole
+            // vocabulary, every token): only where something reads it.
+            confidence: (escalate_held || self.config.confidence_for_every_reply)
+                .then(TokenConfidence::default),
             hold: escalate_held || check_grounding,
             escalate_held,
             check_grounding,
@@ -584,16 +587,18 @@ fn pick_share(jobs: &mut [Job], logits: &[Option<&[f32]>], out: &mut [Picked]) {
     }
 }
 
-/// `job`'s next token from its `logits`, its confidence scored; `None` when its grammar
-/// allows no token. Timed into its stats.
+/// `job`'s next token from its `logits`, its confidence scored if the reply keeps a score;
+/// `None` when its grammar allows no token. Timed into its stats.
 fn pick(job: &mut Job, logits: &[f32]) -> Option<LlamaToken> {
     let started = Instant::now();
     let token = job.sampler.sample(logits);
     let scoring = Instant::now();
     job.stats.timing.sampling += scoring - started;
     let token = token?;
-    job.confidence.observe(logits, token.0);
-    job.stats.timing.confidence += scoring.elapsed();
+    if let Some(confidence) = &mut job.confidence {
+        confidence.observe(logits, token.0);
+        job.stats.timing.confidence += scoring.elapsed();
+    }
     Some(token)
 }
 

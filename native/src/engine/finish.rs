@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use crate::actions;
-use crate::escalation::Decision;
+use crate::escalation::{Decision, TokenConfidence};
 use crate::guard::ReplyGuard;
 use crate::llama::prompt::Turn;
 use crate::protocol::{Event, FinishReason, NpcError, ReplySource};
@@ -49,7 +49,7 @@ impl Engine<'_, '_> {
         }
         job.stats.timing.guard += guard_started.elapsed();
         job.stats.finish = reason;
-        job.stats.confidence = job.confidence.summary();
+        job.stats.confidence = job.confidence.as_ref().and_then(TokenConfidence::summary);
         let out = if job.hold {
             // Nothing was streamed: the whole reply goes out now, if it stays.
             match self.settle_held(&mut job) {

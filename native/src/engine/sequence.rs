@@ -87,8 +87,12 @@ pub(super) struct Reply {
     pub(super) first_token_at: Option<Instant>,
     pub(super) priority: Priority,
     pub(super) deadline: Option<Instant>,
-    /// Probability and entropy of each sampled token (local replies only).
-    pub(super) confidence: TokenConfidence,
+    /// Probability and entropy of each sampled token: local replies a confidence threshold
+    /// reads, or all of them with [`RuntimeConfig::confidence_for_every_reply`]; `None`:
+    /// not scored.
+    ///
+    /// [`RuntimeConfig::confidence_for_every_reply`]: crate::RuntimeConfig::confidence_for_every_reply
+    pub(super) confidence: Option<TokenConfidence>,
     /// Text is held back until the reply is complete: its confidence decides whether it stays
     /// local (`escalate_held`), or it answers an unfamiliar line (`check_grounding`).
     pub(super) hold: bool,
