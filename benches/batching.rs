@@ -8,9 +8,9 @@
 //! ```
 //!
 //! A last table splits each step into llama.cpp's `decode` and the runtime's own work around
-//! it (`ReplyTiming::steps` and `step_host`) with the default settings, against sampling on
-//! the worker thread alone and against every reply's confidence scored
-//! (`RuntimeConfig::confidence_for_every_reply`), in interleaved triples.
+//! it (`ReplyTiming::steps` and `step_host`) with the default settings, against every reply's
+//! confidence scored (`RuntimeConfig::confidence_for_every_reply`) on the default sampling
+//! threads and on the worker thread alone, in interleaved triples.
 //!
 //! These shared 2-core machines drift by ±20 % over minutes, so the peer and the runtime are
 //! measured in pairs, one right after the other, for every size and [`REPS`] times over; each
@@ -38,8 +38,8 @@ const GENERATE: u32 = 64;
 const CONTEXT: u32 = 1536;
 /// Measurement pairs (peer, runtime) per size.
 const REPS: usize = 5;
-/// Triples (default settings, one sampling thread, every reply scored) per size for the
-/// host-time table.
+/// Triples (default settings, every reply scored, that on one sampling thread) per size for
+/// the host-time table.
 const HOST_REPS: usize = 3;
 /// The peer's prompt, and the context the runtime's NPCs hold when the timed line arrives.
 const PEER_PROMPT: usize = 1000;
@@ -381,41 +381,39 @@ fn measure(runtime: &Runtime, group: &Group, threads: u32, fa: bool, sequential:
     rows
 }
 
-/// Batched rounds on `parallel` (the default sampling threads), `alone` (sampling on the
-/// worker thread) and `scored` (the default threads, every reply's confidence scored), in
-/// interleaved triples: per size, the median decode and host time per step of each, and the
-/// ratios of the host times to `parallel`'s (medians of the triples).
-fn host_table(parallel: &Runtime, alone: &Runtime, scored: &Runtime, group: &Group, threads: u32) {
+/// Batched rounds on `plain` (the default settings: no reply scored), `scored` (every
+/// reply's confidence scored, the default sampling threads) and `alone` (every reply scored,
+/// sampling on the worker thread), in interleaved triples: per size, the median decode and
+/// host time per step of each, and the ratios of their host times (medians of the triples).
+fn host_table(plain: &Runtime, scored: &Runtime, alone: &Runtime, group: &Group, threads: u32) {
     let line = "Say every number from 1 to 300, separated by commas, and nothing else.";
     let mut rows: Vec<Vec<[Round; 3]>> = SIZES.iter().map(|_| Vec::new()).collect();
     for _ in 0..HOST_REPS {
         for (&n, row) in SIZES.iter().zip(&mut rows) {
             let (npcs, files) = group.slice(0..n);
-            row.push(
-                [parallel, alone, scored].map(|runtime| round(runtime, npcs, Some(files), line)),
-            );
+            row.push([plain, scored, alone].map(|runtime| round(runtime, npcs, Some(files), line)));
         }
     }
     let sampling = RuntimeConfig::new(model()).effective_sampling_threads();
     println!(
-        "\nHost work per step (outside llama.cpp's decode), {threads} decode threads, \
-         {sampling} sampling threads (default); against sampling on the worker alone, and \
-         against every reply's confidence scored; medians of {HOST_REPS} interleaved triples:\n"
+        "\nHost work per step (outside llama.cpp's decode), {threads} decode threads: the \
+         default settings, against every reply's confidence scored ({sampling} sampling \
+         threads), and that on the worker alone; medians of {HOST_REPS} interleaved triples:\n"
     );
     println!(
-        "| NPCs | decode per step (ms) | host per step (µs) | host share of the step | per NPC: sampling / text (µs) | sampling on the worker alone: host (µs) | ratio (range) | every reply scored: host (µs) | ratio (range) | per NPC: confidence (µs) |"
+        "| NPCs | decode per step (ms) | host per step (µs) | host share of the step | per NPC: sampling / text (µs) | every reply scored: host (µs) | ratio (range) | per NPC: confidence (µs) | scored, sampling on the worker alone: host (µs) | ratio (range) |"
     );
-    println!("|---|---:|---:|---:|---|---:|---|---:|---|---:|");
+    println!("|---|---:|---:|---:|---|---:|---|---:|---:|---|");
     for (&n, row) in SIZES.iter().zip(&rows) {
         let of = |runtime: usize, value: fn(&Round) -> f64| {
             median(row.iter().map(|r| value(&r[runtime])).collect())
         };
         let (decode, host) = (of(0, |r| r.decode_per_step), of(0, |r| r.host_per_step));
-        // Medians and ranges of `runtime`'s host time over `parallel`'s, triple by triple.
-        let ratio = |runtime: usize| {
+        // The median and range of `runtime`'s host time over `base`'s, triple by triple.
+        let ratio = |runtime: usize, base: usize| {
             let ratios: Vec<f64> = row
                 .iter()
-                .map(|r| r[runtime].host_per_step / r[0].host_per_step)
+                .map(|r| r[runtime].host_per_step / r[base].host_per_step)
                 .collect();
             let (low, high) = ratios
                 .iter()
@@ -423,17 +421,17 @@ fn host_table(parallel: &Runtime, alone: &Runtime, scored: &Runtime, group: &Gro
             format!("{:.2} ({low:.2}–{high:.2})", median(ratios.clone()))
         };
         println!(
-            "| {n} | {:.1} | {:.0} | {:.2} % | {:.0} / {:.0} | {:.0} | {} | {:.0} | {} | {:.0} |",
+            "| {n} | {:.1} | {:.0} | {:.2} % | {:.0} / {:.0} | {:.0} | {} | {:.0} | {:.0} | {} |",
             decode * 1e3,
             host * 1e6,
             100.0 * host / (host + decode),
             of(0, |r| r.sampling_per_token) * 1e6,
             of(0, |r| r.text_per_token) * 1e6,
             of(1, |r| r.host_per_step) * 1e6,
-            ratio(1),
+            ratio(1, 0),
+            of(1, |r| r.confidence_per_token) * 1e6,
             of(2, |r| r.host_per_step) * 1e6,
-            ratio(2),
-            of(2, |r| r.confidence_per_token) * 1e6,
+            ratio(2, 1),
         );
     }
 }
@@ -474,13 +472,14 @@ fn main() {
         measure(&runtime, &group, threads, false, true)
     };
     {
-        let alone = Runtime::start(config.clone().with_sampling_threads(1));
-        let scored = Runtime::start(config.clone().with_confidence_for_every_reply(true));
-        for other in [&alone, &scored] {
+        let scored = config.clone().with_confidence_for_every_reply(true);
+        let alone = Runtime::start(scored.clone().with_sampling_threads(1));
+        let scored = Runtime::start(scored);
+        for other in [&scored, &alone] {
             assert!(matches!(next(other), Event::ModelLoaded(_)));
             group.adopt(other);
         }
-        host_table(&runtime, &alone, &scored, &group, threads);
+        host_table(&runtime, &scored, &alone, &group, threads);
     }
     drop(runtime);
     if host_only {

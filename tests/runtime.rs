@@ -1288,10 +1288,13 @@ fn batched_replies_agree_with_solo_replies_on_their_first_16_tokens() {
 /// Greedy replies (text, stats) of eight NPCs, the four shipped personas twice, to `line`,
 /// asked at once on a runtime whose steps sample on up to `threads` threads.
 fn eight_at_once(threads: u32, line: &str) -> Vec<(String, ReplyStats)> {
+    // Every reply scored: only scored replies (or a chain over the whole vocabulary) are
+    // worth another thread, so without it all eight would be sampled on the worker.
     let runtime = start(
         RuntimeConfig::new(common::model_path())
             .with_slots(8)
-            .with_sampling_threads(threads),
+            .with_sampling_threads(threads)
+            .with_confidence_for_every_reply(true),
     );
     let names = ["blacksmith", "innkeeper", "guard", "healer"];
     for index in 0..8 {
@@ -1316,6 +1319,8 @@ fn npcs_sampled_on_several_threads_say_what_one_thread_picks() {
     {
         assert_eq!(text, alone_text, "NPC {index}");
         assert_eq!(stats.generated_tokens, alone_stats.generated_tokens);
+        assert!(stats.confidence.is_some(), "NPC {index}: scored");
+        assert_eq!(stats.confidence, alone_stats.confidence, "NPC {index}");
         // Every token after the first came from a decode that carried the one before it.
         let (steps, generated) = (stats.timing.steps as usize, stats.generated_tokens);
         assert!(

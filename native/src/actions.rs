@@ -699,6 +699,12 @@ impl ReplySampler {
         }
     }
 
+    /// Whether a pick passes the chain over every vocabulary entry (no bound on the
+    /// candidates it needs), not over the best few.
+    pub(crate) fn reads_every_logit(&self) -> bool {
+        self.candidates.is_none()
+    }
+
     /// Picks the next token from one batch entry's `logits` (one per vocabulary entry) and
     /// accepts it into the chain (and the grammar). `None` only if the grammar allows no
     /// token at all. It needs no context, so the NPCs of a step can sample on several

@@ -104,9 +104,11 @@ pub struct RuntimeConfig {
     /// makes decoding several times slower, so do not oversubscribe.
     pub threads: Option<u32>,
     /// Threads that pick the next tokens of a step's NPCs (sampler chain, action grammar,
-    /// confidence), at least 4 NPCs each; `None`: the machine's cores, at most 4. They run
-    /// between decodes, when llama.cpp's CPU threads have ended, so they do not compete
-    /// with them. `1` samples on the worker thread alone.
+    /// confidence); `None`: the machine's cores, at most 4. Only a step with at least 4
+    /// replies a thread whose pick passes over the whole vocabulary (the confidence score,
+    /// or no top-k) spreads them out: a pick among the best few candidates alone costs less
+    /// than the hand-over. They run between decodes, when llama.cpp's CPU threads have ended,
+    /// so they do not compete with them. `1` samples on the worker thread alone.
     pub sampling_threads: Option<u32>,
     /// Context tokens per NPC conversation (persona + history + reply).
     pub context_size: u32,
