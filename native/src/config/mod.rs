@@ -222,9 +222,10 @@ pub struct RuntimeConfig {
     /// replies a confidence threshold reads are scored
     /// ([`EscalationConfig::min_confidence`](crate::EscalationConfig::min_confidence), or a
     /// persona's own): the score is a pass of exponentials over the whole vocabulary for
-    /// every token, more host time than picking the token (on the default model and two CPU
-    /// cores, 74–102 µs a token against 25–40; docs/benchmarks.md, "Host work per step"). On,
-    /// for a game or tool that studies the signal, as the project's evaluation does.
+    /// every token, more host time than picking the token (on the default model, 44–102 µs a
+    /// token against 21–40 on the two 2-core machines measured; docs/benchmarks.md, "Host
+    /// work per step"). On, for a game or tool that studies the signal, as the project's
+    /// evaluation does.
     pub confidence_for_every_reply: bool,
     /// The game's asset folder: a catalog model and a relative model path are found in it, and
     /// persona lore files ([`Persona::lore`](crate::Persona::lore)) are relative to it.
