@@ -134,10 +134,10 @@ impl Engine<'_, '_> {
                     LEARNED_FACT_IMPORTANCE,
                 );
             }
-            conversation.turns.push(Turn {
+            conversation.turns.push(self.prompts.sanitize_turn(Turn {
                 player: job.line,
                 npc: turn_text,
-            });
+            }));
         }
         if let Some(action) = action {
             self.emit(Event::ActionRequested {

@@ -328,11 +328,15 @@ impl Engine<'_, '_> {
         let turns = loaded.turns.len();
         let mut reveals_changed = None;
         if let Some(conversation) = self.npcs.get_mut(&npc) {
-            conversation.turns = loaded.turns;
+            // Saved text is the player's file: it enters prompts only sanitized.
+            conversation.turns = loaded
+                .turns
+                .into_iter()
+                .map(|turn| self.prompts.sanitize_turn(turn))
+                .collect();
             let mind = loaded.mind.unwrap_or_default();
             conversation.knowledge.memories = mind.memories;
             conversation.knowledge.summary = mind.summary;
-            // Saved text is the player's file: it enters prompts only sanitized.
             conversation.knowledge.sanitize(&self.prompts);
             if conversation.knowledge.revealed != mind.revealed {
                 // Only secrets of this persona count (`Persona::with_revealed`).
@@ -518,10 +522,10 @@ impl Engine<'_, '_> {
         said: String,
     ) {
         if let Some(conversation) = self.npcs.get_mut(&npc) {
-            conversation.turns.push(Turn {
+            conversation.turns.push(self.prompts.sanitize_turn(Turn {
                 player: line,
                 npc: said.clone(),
-            });
+            }));
         }
         Escalator::reply_with_fallback(self.events, npc, request, said);
     }
@@ -530,7 +534,7 @@ impl Engine<'_, '_> {
     pub(super) fn absorb_cloud_turns(&mut self) {
         for (npc, turn) in self.escalator.take_finished() {
             if let Some(conversation) = self.npcs.get_mut(&npc) {
-                conversation.turns.push(turn);
+                conversation.turns.push(self.prompts.sanitize_turn(turn));
             }
         }
     }

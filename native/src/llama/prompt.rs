@@ -62,6 +62,18 @@ impl PromptBuilder {
         clean
     }
 
+    /// `turn` safe to keep in a conversation, both sides [`sanitize`](Self::sanitize)d.
+    /// Every turn a conversation keeps passes here, wherever its text came from: the
+    /// model's reply, an inference server's or the cloud's, a fallback line, a save file.
+    /// Past turns are rendered into every later prompt, whose tokenizer reads control-token
+    /// texts as control tokens.
+    pub(crate) fn sanitize_turn(&self, turn: Turn) -> Turn {
+        Turn {
+            player: self.sanitize(&turn.player),
+            npc: self.sanitize(&turn.npc),
+        }
+    }
+
     /// The prompt text: system, past turns, then `line` (if any) and the opening of the
     /// assistant's turn.
     pub(crate) fn render(
